@@ -1,0 +1,349 @@
+// Attention with token-map extraction and key-masked attention on the CPU.
+//
+// One core serves both ops: flash-style tiles of kQueryBlock queries against
+// kKeyBlock keys with an online softmax, so no [N, L] matrix is ever held
+// (working memory per thread is one query-block x key-block tile). GEMMs on
+// tiles go to ATen (MKL); softmax and the map epilogue are plain loops.
+//
+// Maps come from the final log-sum-exp: while a key block that holds a chosen
+// column is processed, that column's raw score is kept, and after the last
+// block p = exp(score - lse). Backward recomputes P from the saved lse (never
+// stores it) and adds the map term of SPEC §2 to dP and to the row term D.
+#include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "ops.h"
+
+namespace fused_cpp {
+namespace {
+
+constexpr int64_t kQueryBlock = 128;
+constexpr int64_t kKeyBlock = 256;
+
+// Optional parts of the problem, shared by both ops.
+struct Extras {
+  const bool* key_mask = nullptr;   // [B, L] or null
+  const int64_t* index = nullptr;   // [B, T] or null
+  int64_t T = 0;
+  bool head_mean = true;
+};
+
+// Per batch row: true when its key mask hides every key. Such a row attends
+// uniformly (all scores 0), like the paper's large-negative fill.
+std::vector<char> fully_masked_rows(const Extras& ex, int64_t B, int64_t L) {
+  std::vector<char> rows(B, 0);
+  if (!ex.key_mask) return rows;
+  for (int64_t b = 0; b < B; ++b) {
+    bool any = false;
+    for (int64_t j = 0; j < L && !any; ++j) any = ex.key_mask[b * L + j];
+    rows[b] = !any;
+  }
+  return rows;
+}
+
+// Scale the raw scores of a tile in place and apply the key mask.
+template <typename scalar_t>
+void prepare_scores(scalar_t* s, int64_t rows, int64_t cols, int64_t ld, scalar_t scale,
+                    const bool* visible, bool uniform) {
+  for (int64_t i = 0; i < rows; ++i) {
+    scalar_t* row = s + i * ld;
+    if (uniform) {
+      for (int64_t j = 0; j < cols; ++j) row[j] = scalar_t(0);
+      continue;
+    }
+    for (int64_t j = 0; j < cols; ++j) row[j] *= scale;
+    if (visible) {
+      for (int64_t j = 0; j < cols; ++j)
+        if (!visible[j]) row[j] = -std::numeric_limits<scalar_t>::infinity();
+    }
+  }
+}
+
+template <typename scalar_t>
+void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Extras& ex,
+                  double scale_d, at::Tensor& out, at::Tensor& lse, at::Tensor* maps) {
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3), L = k.size(2);
+  const scalar_t scale = static_cast<scalar_t>(scale_d);
+  const scalar_t neg_inf = -std::numeric_limits<scalar_t>::infinity();
+  const auto uniform = fully_masked_rows(ex, B, L);
+  const int64_t n_blocks = (N + kQueryBlock - 1) / kQueryBlock;
+  scalar_t* out_p = out.data_ptr<scalar_t>();
+  scalar_t* lse_p = lse.data_ptr<scalar_t>();
+  scalar_t* maps_p = maps ? maps->data_ptr<scalar_t>() : nullptr;
+  const int64_t T = ex.T;
+  const auto opts = q.options();
+
+  // Tasks are (batch row, query block); heads loop inside so the head-mean
+  // of the maps accumulates without atomics or races.
+  at::parallel_for(0, B * n_blocks, 1, [&](int64_t begin, int64_t end) {
+    // Tiles are plain buffers: keep the ATen calls below autograd (the op's
+    // gradient is registered as a whole) in every worker thread.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    at::Tensor s_buf = at::empty({kQueryBlock, std::min(kKeyBlock, L)}, opts);
+    at::Tensor acc = at::empty({kQueryBlock, D}, opts);
+    std::vector<scalar_t> m(kQueryBlock), l(kQueryBlock), kept(kQueryBlock * std::max<int64_t>(T, 1));
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / n_blocks;
+      const int64_t n0 = (task % n_blocks) * kQueryBlock;
+      const int64_t bn = std::min(kQueryBlock, N - n0);
+      const bool* visible_b = ex.key_mask ? ex.key_mask + b * L : nullptr;
+      const int64_t* idx_b = ex.index ? ex.index + b * T : nullptr;
+      for (int64_t h = 0; h < H; ++h) {
+        at::Tensor qt = q[b][h].narrow(0, n0, bn);
+        at::Tensor acc_t = acc.narrow(0, 0, bn);
+        acc_t.zero_();
+        std::fill(m.begin(), m.end(), neg_inf);
+        std::fill(l.begin(), l.end(), scalar_t(0));
+        for (int64_t j0 = 0; j0 < L; j0 += kKeyBlock) {
+          const int64_t bk = std::min(kKeyBlock, L - j0);
+          at::Tensor s_t = s_buf.narrow(0, 0, bn).narrow(1, 0, bk);
+          at::mm_out(s_t, qt, k[b][h].narrow(0, j0, bk).t());
+          scalar_t* s = s_buf.data_ptr<scalar_t>();
+          const int64_t ld = s_buf.size(1);
+          prepare_scores(s, bn, bk, ld, scale, visible_b ? visible_b + j0 : nullptr, uniform[b]);
+          // Keep the raw scores of chosen columns that live in this block.
+          for (int64_t t = 0; t < T; ++t) {
+            const int64_t j = idx_b[t];
+            if (j < j0 || j >= j0 + bk) continue;
+            for (int64_t i = 0; i < bn; ++i) kept[i * T + t] = s[i * ld + (j - j0)];
+          }
+          scalar_t* a = acc_t.data_ptr<scalar_t>();
+          for (int64_t i = 0; i < bn; ++i) {
+            scalar_t* row = s + i * ld;
+            scalar_t mx = m[i];
+            for (int64_t j = 0; j < bk; ++j) mx = std::max(mx, row[j]);
+            if (mx == neg_inf) {  // every key so far is masked for this row
+              for (int64_t j = 0; j < bk; ++j) row[j] = scalar_t(0);
+              continue;
+            }
+            const scalar_t alpha = std::exp(m[i] - mx);  // 0 on the first live block
+            scalar_t rowsum = 0;
+            for (int64_t j = 0; j < bk; ++j) {
+              row[j] = std::exp(row[j] - mx);
+              rowsum += row[j];
+            }
+            l[i] = l[i] * alpha + rowsum;
+            m[i] = mx;
+            if (alpha != scalar_t(1)) {
+              for (int64_t d = 0; d < D; ++d) a[i * D + d] *= alpha;
+            }
+          }
+          acc_t.addmm_(s_t, v[b][h].narrow(0, j0, bk));
+        }
+        // Epilogue: normalise, store lse, and the chosen columns' probabilities.
+        const scalar_t* a = acc_t.data_ptr<scalar_t>();
+        scalar_t* o = out_p + ((b * H + h) * N + n0) * D;
+        scalar_t* lse_row = lse_p + (b * H + h) * N + n0;
+        for (int64_t i = 0; i < bn; ++i) {
+          const scalar_t inv = scalar_t(1) / l[i];
+          for (int64_t d = 0; d < D; ++d) o[i * D + d] = a[i * D + d] * inv;
+          lse_row[i] = m[i] + std::log(l[i]);
+        }
+        if (!maps_p) continue;
+        for (int64_t t = 0; t < T; ++t) {
+          if (idx_b[t] < 0) continue;  // no map for this slot: nothing to do
+          if (ex.head_mean) {
+            scalar_t* dst = maps_p + (b * T + t) * N + n0;
+            const scalar_t w = scalar_t(1) / static_cast<scalar_t>(H);
+            for (int64_t i = 0; i < bn; ++i) dst[i] += std::exp(kept[i * T + t] - lse_row[i]) * w;
+          } else {
+            scalar_t* dst = maps_p + ((b * H + h) * T + t) * N + n0;
+            for (int64_t i = 0; i < bn; ++i) dst[i] = std::exp(kept[i * T + t] - lse_row[i]);
+          }
+        }
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Extras& ex,
+                   const at::Tensor& out, const at::Tensor& lse, const at::Tensor& dout,
+                   const at::Tensor* dmaps, double scale_d, at::Tensor& dq, at::Tensor& dk,
+                   at::Tensor& dv) {
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3), L = k.size(2);
+  const int64_t T = ex.T;
+  const scalar_t scale = static_cast<scalar_t>(scale_d);
+  const auto uniform = fully_masked_rows(ex, B, L);
+  const scalar_t c = ex.head_mean ? scalar_t(1) / static_cast<scalar_t>(H) : scalar_t(1);
+  const scalar_t* q_p = q.data_ptr<scalar_t>();
+  const scalar_t* k_p = k.data_ptr<scalar_t>();
+  const scalar_t* o_p = out.data_ptr<scalar_t>();
+  const scalar_t* do_p = dout.data_ptr<scalar_t>();
+  const scalar_t* lse_p = lse.data_ptr<scalar_t>();
+  const scalar_t* dm_p = dmaps ? dmaps->data_ptr<scalar_t>() : nullptr;
+  const auto opts = q.options();
+
+  // Tasks are (batch row, head): dk and dv of a head are owned by one task.
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    at::Tensor p_buf = at::empty({kQueryBlock, std::min(kKeyBlock, L)}, opts);
+    at::Tensor dp_buf = at::empty({kQueryBlock, std::min(kKeyBlock, L)}, opts);
+    std::vector<scalar_t> drow(kQueryBlock);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H, h = bh % H;
+      const bool* visible_b = ex.key_mask ? ex.key_mask + b * L : nullptr;
+      const int64_t* idx_b = ex.index ? ex.index + b * T : nullptr;
+      for (int64_t n0 = 0; n0 < N; n0 += kQueryBlock) {
+        const int64_t bn = std::min(kQueryBlock, N - n0);
+        at::Tensor qt = q[b][h].narrow(0, n0, bn);
+        at::Tensor dot = dout[b][h].narrow(0, n0, bn);
+        const scalar_t* lse_row = lse_p + bh * N + n0;
+        // dM[t, i] for this head and query block, or null.
+        auto dm_at = [&](int64_t t, int64_t i) -> scalar_t {
+          return ex.head_mean ? dm_p[(b * T + t) * N + n0 + i] : dm_p[((b * H + h) * T + t) * N + n0 + i];
+        };
+        // D = rowsum(dO * O) + c * sum_t dM[t] * P[:, idx_t]
+        for (int64_t i = 0; i < bn; ++i) {
+          const scalar_t* o_row = o_p + (bh * N + n0 + i) * D;
+          const scalar_t* do_row = do_p + (bh * N + n0 + i) * D;
+          scalar_t acc = 0;
+          for (int64_t d = 0; d < D; ++d) acc += do_row[d] * o_row[d];
+          if (dm_p) {
+            const scalar_t* q_row = q_p + (bh * N + n0 + i) * D;
+            for (int64_t t = 0; t < T; ++t) {
+              const int64_t j = idx_b[t];
+              if (j < 0) continue;
+              const scalar_t* k_row = k_p + (bh * L + j) * D;
+              scalar_t sc = 0;
+              for (int64_t d = 0; d < D; ++d) sc += q_row[d] * k_row[d];
+              acc += c * dm_at(t, i) * std::exp(sc * scale - lse_row[i]);
+            }
+          }
+          drow[i] = acc;
+        }
+        for (int64_t j0 = 0; j0 < L; j0 += kKeyBlock) {
+          const int64_t bk = std::min(kKeyBlock, L - j0);
+          at::Tensor kt = k[b][h].narrow(0, j0, bk);
+          at::Tensor vt = v[b][h].narrow(0, j0, bk);
+          at::Tensor p_t = p_buf.narrow(0, 0, bn).narrow(1, 0, bk);
+          at::Tensor dp_t = dp_buf.narrow(0, 0, bn).narrow(1, 0, bk);
+          at::mm_out(p_t, qt, kt.t());
+          at::mm_out(dp_t, dot, vt.t());
+          scalar_t* p = p_buf.data_ptr<scalar_t>();
+          scalar_t* dp = dp_buf.data_ptr<scalar_t>();
+          const int64_t ld = p_buf.size(1);
+          prepare_scores(p, bn, bk, ld, scale, visible_b ? visible_b + j0 : nullptr, uniform[b]);
+          for (int64_t i = 0; i < bn; ++i)
+            for (int64_t j = 0; j < bk; ++j) p[i * ld + j] = std::exp(p[i * ld + j] - lse_row[i]);
+          if (dm_p) {  // duplicated columns add, -1 slots add nothing
+            for (int64_t t = 0; t < T; ++t) {
+              const int64_t j = idx_b[t];
+              if (j < j0 || j >= j0 + bk) continue;
+              for (int64_t i = 0; i < bn; ++i) dp[i * ld + (j - j0)] += c * dm_at(t, i);
+            }
+          }
+          for (int64_t i = 0; i < bn; ++i)
+            for (int64_t j = 0; j < bk; ++j) dp[i * ld + j] = p[i * ld + j] * (dp[i * ld + j] - drow[i]);
+          dv[b][h].narrow(0, j0, bk).addmm_(p_t.t(), dot);
+          if (!uniform[b]) {  // uniform rows have constant scores: no dq, dk
+            dq[b][h].narrow(0, n0, bn).addmm_(dp_t, kt, 1, scale);
+            dk[b][h].narrow(0, j0, bk).addmm_(dp_t.t(), qt, 1, scale);
+          }
+        }
+      }
+    }
+  });
+}
+
+void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v must be 4-D");
+  TORCH_CHECK(q.device().is_cpu(), "fused_cpp ops run on CPU tensors");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
+              "q, k, v must share one dtype");
+  TORCH_CHECK(k.sizes() == v.sizes() && q.size(0) == k.size(0) && q.size(1) == k.size(1) &&
+                  q.size(3) == k.size(3),
+              "shape mismatch between q [B,H,N,D] and k/v [B,H,L,D]");
+}
+
+void check_index(const at::Tensor& idx, int64_t B, int64_t L) {
+  TORCH_CHECK(idx.dim() == 2 && idx.size(0) == B, "token_index must be [B, T]");
+  const int64_t* p = idx.data_ptr<int64_t>();
+  for (int64_t i = 0; i < idx.numel(); ++i)
+    TORCH_CHECK(p[i] >= -1 && p[i] < L, "token_index values must lie in [-1, L-1]");
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_with_maps(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& token_index, double scale, bool head_mean) {
+  check_qkv(q_in, k_in, v_in);
+  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
+  const at::Tensor idx = token_index.to(at::kLong).contiguous();
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), T = idx.size(1);
+  check_index(idx, B, k.size(2));
+  at::Tensor out = at::empty_like(q);
+  at::Tensor lse = at::empty({B, H, N}, q.options());
+  at::Tensor maps = head_mean ? at::zeros({B, T, N}, q.options()) : at::zeros({B, H, T, N}, q.options());
+  Extras ex;
+  ex.index = idx.data_ptr<int64_t>();
+  ex.T = T;
+  ex.head_mean = head_mean;
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attention_with_maps_cpu", [&] {
+    forward_impl<scalar_t>(q, k, v, ex, scale, out, lse, &maps);
+  });
+  return {out, maps, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_with_maps_backward(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& token_index, const at::Tensor& out, const at::Tensor& lse,
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_maps, double scale,
+    bool head_mean) {
+  check_qkv(q_in, k_in, v_in);
+  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
+  const at::Tensor idx = token_index.to(at::kLong).contiguous();
+  const at::Tensor o = out.contiguous(), l = lse.contiguous(), d_o = grad_out.contiguous();
+  at::Tensor dm;
+  check_index(idx, q.size(0), k.size(2));
+  if (grad_maps.has_value()) dm = grad_maps->contiguous();
+  at::Tensor dq = at::zeros_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);
+  Extras ex;
+  ex.index = idx.data_ptr<int64_t>();
+  ex.T = idx.size(1);
+  ex.head_mean = head_mean;
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attention_with_maps_backward_cpu", [&] {
+    backward_impl<scalar_t>(q, k, v, ex, o, l, d_o, dm.defined() ? &dm : nullptr, scale, dq, dk, dv);
+  });
+  return {dq, dk, dv};
+}
+
+std::tuple<at::Tensor, at::Tensor> masked_attention(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                    const at::Tensor& v_in, const at::Tensor& key_mask,
+                                                    double scale) {
+  check_qkv(q_in, k_in, v_in);
+  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
+  const at::Tensor mask = key_mask.to(at::kBool).contiguous();
+  at::Tensor out = at::empty_like(q);
+  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
+  Extras ex;
+  ex.key_mask = mask.data_ptr<bool>();
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "masked_attention_cpu", [&] {
+    forward_impl<scalar_t>(q, k, v, ex, scale, out, lse, nullptr);
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_attention_backward(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& key_mask, const at::Tensor& out, const at::Tensor& lse,
+    const at::Tensor& grad_out, double scale) {
+  check_qkv(q_in, k_in, v_in);
+  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
+  const at::Tensor mask = key_mask.to(at::kBool).contiguous();
+  const at::Tensor o = out.contiguous(), l = lse.contiguous(), d_o = grad_out.contiguous();
+  at::Tensor dq = at::zeros_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);
+  Extras ex;
+  ex.key_mask = mask.data_ptr<bool>();
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "masked_attention_backward_cpu", [&] {
+    backward_impl<scalar_t>(q, k, v, ex, o, l, d_o, nullptr, scale, dq, dk, dv);
+  });
+  return {dq, dk, dv};
+}
+
+}  // namespace fused_cpp

@@ -1,0 +1,25 @@
+"""fused: attention with fused attention-map extraction, Otsu masks and key-masked attention.
+
+Public API (SPEC §2)::
+
+    out, maps = fused.cross_attention_with_maps(q, k, v, token_index)
+    threshold, mask = fused.otsu_mask(maps)
+    out, maps, mask = fused.cross_attention_with_mask(q, k, v, token_index)
+    out = fused.masked_attention(q, k, v, key_mask)
+    fused.available_backends()   # e.g. ['torch', 'cpp']
+
+Importing this package imports neither diffusers nor triton.
+"""
+
+from ._dispatch import available_backends
+from .ops import cross_attention_with_mask, cross_attention_with_maps, masked_attention, otsu_mask
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "available_backends",
+    "cross_attention_with_maps",
+    "cross_attention_with_mask",
+    "masked_attention",
+    "otsu_mask",
+]

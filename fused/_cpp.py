@@ -1,0 +1,220 @@
+"""JIT build and loading of the compiled kernels in ``csrc/``.
+
+The C++ (CPU) kernels are built on first use with
+``torch.utils.cpp_extension.load`` and ninja into a cache directory keyed by
+the torch version, the CUDA version and a hash of the sources, so a changed
+source or a new torch never loads a stale binary. ``csrc/`` ships inside the
+wheel as package data (``fused/csrc``); in a checkout it sits beside ``fused/``.
+
+The ops register themselves with ``TORCH_LIBRARY`` (``torch.ops.fused_cpp.*``
+and, for the CUDA Otsu kernel, ``torch.ops.fused_cuda.*``); this module gives
+them fake implementations (for ``torch.compile``) and autograd.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+CPU_SOURCES = ("attention_cpu.cpp", "otsu_cpu.cpp", "registration.cpp")
+CPU_HEADERS = ("ops.h", "otsu_rule.h")
+CUDA_SOURCES = ("otsu_cuda.cu",)
+
+
+class BuildError(RuntimeError):
+    """The compiled kernels could not be built or loaded."""
+
+
+def source_dir() -> Path:
+    """Directory holding the C++/CUDA sources (installed copy first, then checkout)."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "csrc", here.parent / "csrc"):
+        if (candidate / CPU_SOURCES[0]).is_file():
+            return candidate
+    raise BuildError(f"fused: C++ sources not found next to {here} (looked in fused/csrc and ../csrc)")
+
+
+def cache_key(files: tuple[str, ...]) -> str:
+    """torch version + CUDA version + hash of the sources (and compile flags)."""
+    src = source_dir()
+    digest = hashlib.sha256()
+    for name in sorted(files):
+        digest.update(name.encode())
+        digest.update((src / name).read_bytes())
+    digest.update(" ".join(_cflags()).encode())
+    cuda = torch.version.cuda or "cpu"
+    torch_v = torch.__version__.replace("+", "_")
+    return f"torch{torch_v}-cuda{cuda}-{digest.hexdigest()[:16]}"
+
+
+def cache_root() -> Path:
+    env = os.environ.get("FUSED_CACHE_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "fused-attn-maps"
+
+
+def _cflags() -> list[str]:
+    # -ffp-contract=off: no fused multiply-add, so the Otsu normalisation and
+    # the linspace bin edges round exactly as the PyTorch reference does.
+    return ["-O3", "-fopenmp", "-ffp-contract=off", "-std=c++17"]
+
+
+def _build(name: str, sources: tuple[str, ...], headers: tuple[str, ...], **kwargs) -> None:
+    from torch.utils import cpp_extension
+
+    src = source_dir()
+    key = cache_key(sources + headers)
+    build_dir = cache_root() / key
+    build_dir.mkdir(parents=True, exist_ok=True)
+    if not any(build_dir.glob("*.so")):
+        print(f"fused: building {name} kernels on first use (about a minute) in {build_dir}", file=sys.stderr)
+    try:
+        cpp_extension.load(
+            name=f"{name}_{key.rsplit('-', 1)[-1]}",
+            sources=[str(src / s) for s in sources],
+            extra_include_paths=[str(src)],
+            build_directory=str(build_dir),
+            is_python_module=False,
+            verbose=False,
+            **kwargs,
+        )
+    except (RuntimeError, OSError, ImportError, SystemExit) as exc:
+        raise BuildError(
+            f"fused: could not build the {name} kernels ({type(exc).__name__}: {exc}). "
+            "A C++17 compiler (g++) and ninja are needed; the PyTorch backend still works."
+        ) from exc
+
+
+@functools.cache
+def load_cpu() -> None:
+    """Build (first time) and load the CPU kernels; raises ``BuildError``."""
+    _build("fused_cpp", CPU_SOURCES, CPU_HEADERS, extra_cflags=_cflags(), extra_ldflags=["-fopenmp"])
+    _register_cpu_python_side()
+
+
+@functools.cache
+def load_cuda() -> None:
+    """Build (first time) and load the CUDA Otsu kernel; raises ``BuildError``."""
+    if not torch.cuda.is_available():
+        raise BuildError("fused: the CUDA backend needs a CUDA build of torch and a GPU")
+    _build(
+        "fused_cuda",
+        CUDA_SOURCES,
+        ("otsu_rule.h",),
+        extra_cflags=["-O3", "-std=c++17"],
+        extra_cuda_cflags=["-O3", "-std=c++17", "-fmad=false"],
+    )
+    _register_otsu_fake("fused_cuda::otsu_mask")
+
+
+def cpu_available() -> tuple[bool, str]:
+    """(True, "") when the CPU kernels load, else (False, reason)."""
+    try:
+        load_cpu()
+    except BuildError as exc:
+        return False, str(exc)
+    return True, ""
+
+
+def cuda_available() -> tuple[bool, str]:
+    try:
+        load_cuda()
+    except BuildError as exc:
+        return False, str(exc)
+    return True, ""
+
+
+# --- fake implementations and autograd -------------------------------------
+
+
+def _register_otsu_fake(qualname: str) -> None:
+    @torch.library.register_fake(qualname)
+    def _(maps, bins, mode):
+        return maps.new_empty(maps.shape[:-1]), maps.new_empty(maps.shape, dtype=torch.bool)
+
+
+def _register_cpu_python_side() -> None:
+    ops = torch.ops.fused_cpp
+
+    @torch.library.register_fake("fused_cpp::attention_with_maps")
+    def _(q, k, v, token_index, scale, head_mean):
+        B, H, N, _ = q.shape
+        T = token_index.shape[1]
+        maps_shape = (B, T, N) if head_mean else (B, H, T, N)
+        return torch.empty_like(q), q.new_empty(maps_shape), q.new_empty((B, H, N))
+
+    @torch.library.register_fake("fused_cpp::attention_with_maps_backward")
+    def _(q, k, v, token_index, out, lse, grad_out, grad_maps, scale, head_mean):
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    @torch.library.register_fake("fused_cpp::masked_attention")
+    def _(q, k, v, key_mask, scale):
+        return torch.empty_like(q), q.new_empty(q.shape[:3])
+
+    @torch.library.register_fake("fused_cpp::masked_attention_backward")
+    def _(q, k, v, key_mask, out, lse, grad_out, scale):
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    _register_otsu_fake("fused_cpp::otsu_mask")
+
+    def maps_setup(ctx, inputs, output):
+        q, k, v, token_index, scale, head_mean = inputs
+        out, _, lse = output
+        ctx.save_for_backward(q, k, v, token_index, out, lse)
+        ctx.scale, ctx.head_mean = scale, head_mean
+
+    def maps_backward(ctx, grad_out, grad_maps, _grad_lse):
+        q, k, v, token_index, out, lse = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        dq, dk, dv = ops.attention_with_maps_backward(
+            q, k, v, token_index, out, lse, grad_out, grad_maps, ctx.scale, ctx.head_mean
+        )
+        return dq, dk, dv, None, None, None
+
+    torch.library.register_autograd(
+        "fused_cpp::attention_with_maps", maps_backward, setup_context=maps_setup
+    )
+
+    def masked_setup(ctx, inputs, output):
+        q, k, v, key_mask, scale = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, key_mask, out, lse)
+        ctx.scale = scale
+
+    def masked_backward(ctx, grad_out, _grad_lse):
+        q, k, v, key_mask, out, lse = ctx.saved_tensors
+        dq, dk, dv = ops.masked_attention_backward(q, k, v, key_mask, out, lse, grad_out, ctx.scale)
+        return dq, dk, dv, None, None
+
+    torch.library.register_autograd("fused_cpp::masked_attention", masked_backward, setup_context=masked_setup)
+
+
+# --- backend functions (uniform signatures, see fused._dispatch) -----------
+
+
+def attention_with_maps(q, k, v, token_index, scale: float, head_reduce: str):
+    out, maps, _ = torch.ops.fused_cpp.attention_with_maps(q, k, v, token_index, scale, head_reduce == "mean")
+    return out, maps
+
+
+def masked_attention(q, k, v, key_mask, scale: float):
+    out, _ = torch.ops.fused_cpp.masked_attention(q, k, v, key_mask, scale)
+    return out
+
+
+def otsu_mask(maps, bins: int, mode: str):
+    if maps.dtype in (torch.float16, torch.bfloat16):
+        maps = maps.float()
+    return torch.ops.fused_cpp.otsu_mask(maps, bins, mode)
+
+
+def otsu_mask_cuda(maps, bins: int, mode: str):
+    return torch.ops.fused_cuda.otsu_mask(maps, bins, mode)

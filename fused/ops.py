@@ -1,0 +1,128 @@
+"""The public ops (SPEC §2): validate, pick a backend, run it.
+
+Every op accepts tensors in the layout of ``scaled_dot_product_attention``
+and a ``backend`` (None = automatic, see ``fused._dispatch``). The backends
+are differentiable: "torch" through autograd, "cpp" through its registered
+backward kernel (``fused._cpp``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _validate
+from ._dispatch import implementation, resolve
+
+
+def cross_attention_with_maps(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    token_index: torch.Tensor,
+    *,
+    scale: float | None = None,
+    head_reduce: str = "mean",
+    backend: str | None = None,
+    validate: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention output and the attention maps of chosen key columns, in one pass.
+
+    Args:
+        q: [B, H, N, D] queries (image tokens); k, v: [B, H, L, D]. One floating dtype.
+        token_index: int64 [B, T]; column of k whose probabilities form map t of
+            batch row b. -1 = no map (zeros, no work, no gradient); repeats allowed.
+        scale: softmax scale, default D ** -0.5.
+        head_reduce: "mean" -> maps [B, T, N] averaged over heads; "none" -> [B, H, T, N].
+        backend: None (automatic), "torch", "cpp" or "triton".
+        validate: check index values on CUDA tensors too (syncs the host).
+
+    Returns:
+        out [B, H, N, D] (what SDPA returns) and maps, both in q's dtype.
+    """
+    _validate.check_qkv(q, k, v)
+    token_index = _validate.check_token_index(token_index, q, k, validate)
+    head_reduce = _validate.check_head_reduce(head_reduce)
+    scale = _validate.check_scale(scale, q.shape[-1])
+    name = resolve("attention_with_maps", q.device.type, q.dtype, backend)
+    return implementation("attention_with_maps", name)(q, k, v, token_index, scale, head_reduce)
+
+
+def masked_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_mask: torch.Tensor,
+    *,
+    scale: float | None = None,
+    backend: str | None = None,
+    validate: bool = False,
+) -> torch.Tensor:
+    """Attention where only keys with ``key_mask[b, j]`` True are attended.
+
+    Args:
+        q: [B, H, N, D]; k, v: [B, H, L, D]; key_mask: bool [B, L].
+        A batch row whose mask is all False attends uniformly to all keys.
+        validate: accepted for symmetry with the other ops (the mask has no
+            values that can be out of range).
+
+    Returns:
+        out [B, H, N, D] in q's dtype.
+    """
+    del validate  # a bool mask cannot hold invalid values
+    _validate.check_qkv(q, k, v)
+    _validate.check_key_mask(key_mask, q, k)
+    scale = _validate.check_scale(scale, q.shape[-1])
+    name = resolve("masked_attention", q.device.type, q.dtype, backend)
+    return implementation("masked_attention", name)(q, k, v, key_mask, scale)
+
+
+def otsu_mask(
+    maps: torch.Tensor,
+    *,
+    bins: int | None = None,
+    mode: str = "vico",
+    backend: str | None = None,
+    validate: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Otsu threshold and binary mask of every map, over the last dim.
+
+    Args:
+        maps: floating [..., N]; batched over all leading dims.
+        bins: candidate count; None = 10 for "vico", 256 for "skimage".
+        mode: "vico" (the paper's rule on min-max normalised maps; threshold in
+            normalised units) or "skimage" (``threshold_otsu`` semantics; threshold
+            in map units). See SPEC §2 for the exact tie rules.
+
+    Returns:
+        threshold [...] (float32 for fp16/bf16 maps, else the maps' dtype) and
+        mask bool [..., N].
+    """
+    bins = _validate.check_otsu_args(maps, bins, mode, validate)
+    name = resolve("otsu_mask", maps.device.type, maps.dtype, backend)
+    return implementation("otsu_mask", name)(maps, bins, mode)
+
+
+def cross_attention_with_mask(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    token_index: torch.Tensor,
+    *,
+    scale: float | None = None,
+    bins: int | None = None,
+    mode: str = "vico",
+    backend: str | None = None,
+    validate: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``cross_attention_with_maps`` (head mean) then ``otsu_mask`` of the maps.
+
+    What the ViCo processor calls: the two ops back to back on the same device
+    with no host round trip. Returns out [B, H, N, D], maps [B, T, N] and the
+    Otsu mask bool [B, T, N] (computed on detached maps).
+    """
+    out, maps = cross_attention_with_maps(
+        q, k, v, token_index, scale=scale, head_reduce="mean", backend=backend, validate=validate
+    )
+    _, mask = otsu_mask(maps.detach(), bins=bins, mode=mode, backend=backend)
+    return out, maps, mask
+
