@@ -36,6 +36,7 @@ setup(
             "pytest-benchmark>=5",
             "scikit-image>=0.24",
             "hypothesis>=6",
+            "setuptools>=69",  # tests build a wheel
         ],
     },
 )

@@ -21,7 +21,7 @@
 namespace fused_cpp {
 namespace {
 
-constexpr int64_t kQueryBlock = 128;
+constexpr int64_t kQueryBlock = 256;
 constexpr int64_t kKeyBlock = 256;
 
 // Optional parts of the problem, shared by both ops.
@@ -43,6 +43,31 @@ std::vector<char> fully_masked_rows(const Extras& ex, int64_t B, int64_t L) {
     rows[b] = !any;
   }
   return rows;
+}
+
+// Row reductions with eight independent accumulators: a single running
+// sum/max is bound by the latency of one add per element and does not
+// vectorise without -ffast-math; eight partials do both.
+template <typename scalar_t>
+scalar_t row_max(const scalar_t* x, int64_t n, scalar_t init) {
+  scalar_t part[8] = {init, init, init, init, init, init, init, init};
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    for (int u = 0; u < 8; ++u) part[u] = part[u] > x[j + u] ? part[u] : x[j + u];
+  for (; j < n; ++j) part[0] = part[0] > x[j] ? part[0] : x[j];
+  scalar_t mx = part[0];
+  for (int u = 1; u < 8; ++u) mx = mx > part[u] ? mx : part[u];
+  return mx;
+}
+
+template <typename scalar_t>
+scalar_t row_sum(const scalar_t* x, int64_t n) {
+  scalar_t part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    for (int u = 0; u < 8; ++u) part[u] += x[j + u];
+  for (; j < n; ++j) part[0] += x[j];
+  return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
 }
 
 // Scale the raw scores of a tile in place and apply the key mask.
@@ -85,7 +110,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     at::Tensor s_buf = at::empty({kQueryBlock, std::min(kKeyBlock, L)}, opts);
     at::Tensor acc = at::empty({kQueryBlock, D}, opts);
-    std::vector<scalar_t> m(kQueryBlock), l(kQueryBlock), kept(kQueryBlock * std::max<int64_t>(T, 1));
+    std::vector<scalar_t> m(kQueryBlock), l(kQueryBlock), alpha(kQueryBlock), kept(kQueryBlock * std::max<int64_t>(T, 1));
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / n_blocks;
       const int64_t n0 = (task % n_blocks) * kQueryBlock;
@@ -111,25 +136,25 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
             if (j < j0 || j >= j0 + bk) continue;
             for (int64_t i = 0; i < bn; ++i) kept[i * T + t] = s[i * ld + (j - j0)];
           }
-          scalar_t* a = acc_t.data_ptr<scalar_t>();
+          // Online softmax: shift each row by its running max, exponentiate the
+          // whole tile with ATen's vectorised exp, then rescale the accumulator.
           for (int64_t i = 0; i < bn; ++i) {
             scalar_t* row = s + i * ld;
-            scalar_t mx = m[i];
-            for (int64_t j = 0; j < bk; ++j) mx = std::max(mx, row[j]);
-            if (mx == neg_inf) {  // every key so far is masked for this row
-              for (int64_t j = 0; j < bk; ++j) row[j] = scalar_t(0);
-              continue;
-            }
-            const scalar_t alpha = std::exp(m[i] - mx);  // 0 on the first live block
-            scalar_t rowsum = 0;
-            for (int64_t j = 0; j < bk; ++j) {
-              row[j] = std::exp(row[j] - mx);
-              rowsum += row[j];
-            }
-            l[i] = l[i] * alpha + rowsum;
+            const scalar_t mx = row_max(row, bk, m[i]);
+            // A row whose keys so far are all masked keeps mx = -inf; its
+            // entries stay -inf and exponentiate to 0.
+            const scalar_t shift = (mx == neg_inf) ? scalar_t(0) : mx;
+            for (int64_t j = 0; j < bk; ++j) row[j] -= shift;
+            alpha[i] = (mx == neg_inf) ? scalar_t(1) : std::exp(m[i] - mx);  // 0 on the first live block
             m[i] = mx;
-            if (alpha != scalar_t(1)) {
-              for (int64_t d = 0; d < D; ++d) a[i * D + d] *= alpha;
+          }
+          s_t.exp_();
+          scalar_t* a = acc_t.data_ptr<scalar_t>();
+          for (int64_t i = 0; i < bn; ++i) {
+            const scalar_t* row = s + i * ld;
+            l[i] = l[i] * alpha[i] + row_sum(row, bk);
+            if (alpha[i] != scalar_t(1)) {
+              for (int64_t d = 0; d < D; ++d) a[i * D + d] *= alpha[i];
             }
           }
           acc_t.addmm_(s_t, v[b][h].narrow(0, j0, bk));
@@ -229,7 +254,8 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
           const int64_t ld = p_buf.size(1);
           prepare_scores(p, bn, bk, ld, scale, visible_b ? visible_b + j0 : nullptr, uniform[b]);
           for (int64_t i = 0; i < bn; ++i)
-            for (int64_t j = 0; j < bk; ++j) p[i * ld + j] = std::exp(p[i * ld + j] - lse_row[i]);
+            for (int64_t j = 0; j < bk; ++j) p[i * ld + j] -= lse_row[i];
+          p_t.exp_();  // P recomputed from the saved lse (vectorised exp)
           if (dm_p) {  // duplicated columns add, -1 slots add nothing
             for (int64_t t = 0; t < T; ++t) {
               const int64_t j = idx_b[t];

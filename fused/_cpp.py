@@ -216,5 +216,10 @@ def otsu_mask(maps, bins: int, mode: str):
     return torch.ops.fused_cpp.otsu_mask(maps, bins, mode)
 
 
+CUDA_MAX_BINS = {"vico": 64, "skimage": 1024}  # per-thread partials / shared-memory histogram
+
+
 def otsu_mask_cuda(maps, bins: int, mode: str):
+    if bins > CUDA_MAX_BINS[mode]:
+        raise ValueError(f"bins={bins} exceeds the CUDA Otsu kernel's limit of {CUDA_MAX_BINS[mode]} for mode {mode!r}")
     return torch.ops.fused_cuda.otsu_mask(maps, bins, mode)
