@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from . import _library
+
 CPU_SOURCES = ("attention_cpu.cpp", "otsu_cpu.cpp", "registration.cpp")
 CPU_HEADERS = ("ops.h", "otsu_rule.h")
 CUDA_SOURCES = ("otsu_cuda.cu",)
@@ -96,7 +98,8 @@ def _build(name: str, sources: tuple[str, ...], headers: tuple[str, ...], **kwar
 def load_cpu() -> None:
     """Build (first time) and load the CPU kernels; raises ``BuildError``."""
     _build("fused_cpp", CPU_SOURCES, CPU_HEADERS, extra_cflags=_cflags(), extra_ldflags=["-fopenmp"])
-    _register_cpu_python_side()
+    _library.register_fakes("fused_cpp")
+    _library.register_autograd("fused_cpp")
 
 
 @functools.cache
@@ -111,7 +114,7 @@ def load_cuda() -> None:
         extra_cflags=["-O3", "-std=c++17"],
         extra_cuda_cflags=["-O3", "-std=c++17", "-fmad=false"],
     )
-    _register_otsu_fake("fused_cuda::otsu_mask")
+    _library.register_otsu_fake("fused_cuda::otsu_mask")
 
 
 def cpu_available() -> tuple[bool, str]:
@@ -131,95 +134,23 @@ def cuda_available() -> tuple[bool, str]:
     return True, ""
 
 
-# --- fake implementations and autograd -------------------------------------
-
-
-def _register_otsu_fake(qualname: str) -> None:
-    @torch.library.register_fake(qualname)
-    def _(maps, bins, mode):
-        return maps.new_empty(maps.shape[:-1]), maps.new_empty(maps.shape, dtype=torch.bool)
-
-
-def _register_cpu_python_side() -> None:
-    ops = torch.ops.fused_cpp
-
-    @torch.library.register_fake("fused_cpp::attention_with_maps")
-    def _(q, k, v, token_index, scale, head_mean):
-        B, H, N, _ = q.shape
-        T = token_index.shape[1]
-        maps_shape = (B, T, N) if head_mean else (B, H, T, N)
-        return torch.empty_like(q), q.new_empty(maps_shape), q.new_empty((B, H, N))
-
-    @torch.library.register_fake("fused_cpp::attention_with_maps_backward")
-    def _(q, k, v, token_index, out, lse, grad_out, grad_maps, scale, head_mean):
-        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-    @torch.library.register_fake("fused_cpp::masked_attention")
-    def _(q, k, v, key_mask, scale):
-        return torch.empty_like(q), q.new_empty(q.shape[:3])
-
-    @torch.library.register_fake("fused_cpp::masked_attention_backward")
-    def _(q, k, v, key_mask, out, lse, grad_out, scale):
-        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-    _register_otsu_fake("fused_cpp::otsu_mask")
-
-    def maps_setup(ctx, inputs, output):
-        q, k, v, token_index, scale, head_mean = inputs
-        out, _, lse = output
-        ctx.save_for_backward(q, k, v, token_index, out, lse)
-        ctx.scale, ctx.head_mean = scale, head_mean
-
-    def maps_backward(ctx, grad_out, grad_maps, _grad_lse):
-        q, k, v, token_index, out, lse = ctx.saved_tensors
-        if grad_out is None:
-            grad_out = torch.zeros_like(out)
-        dq, dk, dv = ops.attention_with_maps_backward(
-            q, k, v, token_index, out, lse, grad_out, grad_maps, ctx.scale, ctx.head_mean
-        )
-        return dq, dk, dv, None, None, None
-
-    torch.library.register_autograd(
-        "fused_cpp::attention_with_maps", maps_backward, setup_context=maps_setup
-    )
-
-    def masked_setup(ctx, inputs, output):
-        q, k, v, key_mask, scale = inputs
-        out, lse = output
-        ctx.save_for_backward(q, k, v, key_mask, out, lse)
-        ctx.scale = scale
-
-    def masked_backward(ctx, grad_out, _grad_lse):
-        q, k, v, key_mask, out, lse = ctx.saved_tensors
-        dq, dk, dv = ops.masked_attention_backward(q, k, v, key_mask, out, lse, grad_out, ctx.scale)
-        return dq, dk, dv, None, None
-
-    torch.library.register_autograd("fused_cpp::masked_attention", masked_backward, setup_context=masked_setup)
-
-
 # --- backend functions (uniform signatures, see fused._dispatch) -----------
 
-
-def attention_with_maps(q, k, v, token_index, scale: float, head_reduce: str):
-    out, maps, _ = torch.ops.fused_cpp.attention_with_maps(q, k, v, token_index, scale, head_reduce == "mean")
-    return out, maps
-
-
-def masked_attention(q, k, v, key_mask, scale: float):
-    out, _ = torch.ops.fused_cpp.masked_attention(q, k, v, key_mask, scale)
-    return out
-
-
-def otsu_mask(maps, bins: int, mode: str):
-    if maps.dtype in (torch.float16, torch.bfloat16):
-        maps = maps.float()
-    return torch.ops.fused_cpp.otsu_mask(maps, bins, mode)
-
+cpu_backend = _library.OpsBackend("fused_cpp", upcast_half_maps=True)
 
 CUDA_MAX_BINS = {"vico": 64, "skimage": 1024}  # per-thread partials / shared-memory histogram
 
 
-def otsu_mask_cuda(maps, bins: int, mode: str):
-    if bins > CUDA_MAX_BINS[mode]:
-        raise ValueError(f"bins={bins} exceeds the CUDA Otsu kernel's limit of {CUDA_MAX_BINS[mode]} for mode {mode!r}")
-    return torch.ops.fused_cuda.otsu_mask(maps, bins, mode)
+class _CudaOtsuBackend:
+    """The CUDA backend implements Otsu only."""
+
+    @staticmethod
+    def otsu_mask(maps, bins: int, mode: str):
+        if bins > CUDA_MAX_BINS[mode]:
+            raise ValueError(
+                f"bins={bins} exceeds the CUDA Otsu kernel's limit of {CUDA_MAX_BINS[mode]} for mode {mode!r}"
+            )
+        return torch.ops.fused_cuda.otsu_mask(maps, bins, mode)
+
+
+cuda_backend = _CudaOtsuBackend()

@@ -158,17 +158,13 @@ resolve._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def implementation(op: str, backend: str) -> Callable:
-    """The backend's function for ``op`` (uniform signatures, see ``fused.ops``)."""
+    """The backend's function for ``op`` (signatures of ``fused.reference``)."""
     if backend == "torch":
         return getattr(reference, op)
-    if backend == "cpp":
+    if backend in ("cpp", "cuda"):
         from . import _cpp
 
-        return getattr(_cpp, op)
-    if backend == "cuda":
-        from . import _cpp
-
-        return _cpp.otsu_mask_cuda
+        return getattr(_cpp.cpu_backend if backend == "cpp" else _cpp.cuda_backend, op)
     from . import triton as triton_backend  # type: ignore[attr-defined]
 
-    return getattr(triton_backend, op)
+    return getattr(triton_backend.backend, op)
