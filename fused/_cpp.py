@@ -76,7 +76,7 @@ def _build(name: str, sources: tuple[str, ...], headers: tuple[str, ...], **kwar
     build_dir = cache_root() / key
     build_dir.mkdir(parents=True, exist_ok=True)
     if not any(build_dir.glob("*.so")):
-        print(f"fused: building {name} kernels on first use (about a minute) in {build_dir}", file=sys.stderr)
+        print(f"fused: building {name} kernels on first use (15-60 s) in {build_dir}", file=sys.stderr)
     try:
         cpp_extension.load(
             name=f"{name}_{key.rsplit('-', 1)[-1]}",

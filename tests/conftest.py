@@ -1,8 +1,16 @@
-import pytest
+import importlib.util
+import os
+
 import torch
 
-import fused
-from fused import _dispatch
+# The Triton kernels run on CPU tensors in CI through the interpreter; it must
+# be switched on before triton is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from fused import _dispatch  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -14,11 +22,29 @@ def cpp_backend():
     return "cpp"
 
 
-@pytest.fixture(params=["torch", "cpp"])
+@pytest.fixture(scope="session")
+def triton_backend():
+    """The Triton backend (interpreted on CPU). Skipped only where no triton wheel
+    exists for the platform; an installed but broken triton fails."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed (no wheel for this platform)")
+    ok, why = _dispatch.backend_status("triton")
+    assert ok, why
+    return "triton"
+
+
+@pytest.fixture(params=["torch", "cpp", "triton"])
 def cpu_backend(request):
-    if request.param == "cpp":
-        request.getfixturevalue("cpp_backend")
+    """Every backend that runs on CPU tensors here."""
+    if request.param != "torch":
+        request.getfixturevalue(f"{request.param}_backend")
     return request.param
+
+
+@pytest.fixture(params=["cpp", "triton"])
+def kernel_backend(request):
+    """The compiled backends (everything but the reference)."""
+    return request.getfixturevalue(f"{request.param}_backend")
 
 
 def rand(*shape, dtype=torch.float64, seed=0, **kw):

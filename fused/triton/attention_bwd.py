@@ -1,0 +1,230 @@
+"""Backward of the attention kernels (SPEC §2), flash-attention style.
+
+P is recomputed from the saved log-sum-exp, never stored. With c = 1/H for the
+head mean (1 for per-head maps) the map gradient dM adds one term to dP,
+c·dM[t, n] at column idx[t], and one to the row term
+D = rowsum(dO ⊙ O) + c·Σ_t dM[t, n]·P[n, idx[t]]; then dS = P ⊙ (dP − D),
+dq = scale·dS·k, dk = scale·dSᵀ·q, dv = Pᵀ·dO. Three kernels: the row term,
+dk/dv (a program per key block, looping over queries) and dq (a program per
+query block, looping over keys), so no gradient needs atomics.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import INTERPRET, acc_dtype, launcher, next_pow2, tl_dtype
+from .attention_fwd import precision
+
+
+@triton.jit
+def _scores(q, k, cols, L, b, KeyMask, uniform, scale,
+            HAS_MASK: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+    """Scaled scores of a tile with hidden keys at -inf (the forward's rule)."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(ACC) * scale
+    live = cols < L
+    if HAS_MASK:
+        visible = tl.load(KeyMask + b * L + cols, mask=live, other=0) != 0
+        s = tl.where(uniform, 0.0, s)
+        live = live & (visible | uniform)
+    return tl.where(live[None, :], s, float("-inf"))
+
+
+@triton.jit
+def _map_grad_to_dp(DMaps, Index, b, h, H, N, T, offs_n, row_ok, cols, c,
+                    HEAD_MEAN: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr):
+    """c·Σ_t dM[t, n]·[idx[t] == col] for a [queries, keys] tile (duplicates add)."""
+    offs_t = tl.arange(0, BLOCK_T)
+    idx = tl.load(Index + b * T + offs_t, mask=offs_t < T, other=-1)
+    if HEAD_MEAN:
+        dm_ptrs = DMaps + (b * T + offs_t[None, :]) * N + offs_n[:, None]
+    else:
+        dm_ptrs = DMaps + ((b * H + h) * T + offs_t[None, :]) * N + offs_n[:, None]
+    dm = tl.load(dm_ptrs, mask=row_ok[:, None] & (offs_t[None, :] < T), other=0.0).to(ACC)
+    onehot = tl.where(idx[:, None] == cols[None, :], 1.0, 0.0).to(ACC)  # [T, keys]; -1 never matches
+    return c * tl.dot(dm, onehot, input_precision="ieee")
+
+
+@triton.jit
+def _attention_bwd_rowterm_kernel(
+    Q, K, Out, DOut, Lse, Delta, DMaps, Index,
+    sqb, sqh, sqn, sqd, skb, skh, skl, skd,
+    H, N, D, T, scale, c,
+    HAS_MAPS: tl.constexpr, HEAD_MEAN: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_n < N
+    tile = row_ok[:, None] & (offs_d[None, :] < D)
+    rows = (bh * N + offs_n[:, None]) * D + offs_d[None, :]
+    o = tl.load(Out + rows, mask=tile, other=0.0).to(ACC)
+    do = tl.load(DOut + rows, mask=tile, other=0.0).to(ACC)
+    delta = tl.sum(o * do, axis=1)
+    if HAS_MAPS:
+        offs_t = tl.arange(0, BLOCK_T)
+        idx = tl.load(Index + b * T + offs_t, mask=offs_t < T, other=-1)
+        if tl.max(idx, axis=0) >= 0:
+            idx_ok = idx >= 0
+            q = tl.load(Q + b * sqb + h * sqh + offs_n[:, None] * sqn + offs_d[None, :] * sqd, mask=tile, other=0.0)
+            k_sel = tl.load(
+                K + b * skb + h * skh + tl.where(idx_ok, idx, 0)[:, None] * skl + offs_d[None, :] * skd,
+                mask=idx_ok[:, None] & (offs_d[None, :] < D), other=0.0,
+            )
+            lse = tl.load(Lse + bh * N + offs_n, mask=row_ok, other=0.0)
+            s_sel = tl.dot(q, tl.trans(k_sel), input_precision=PRECISION).to(ACC) * scale
+            p_sel = tl.where(idx_ok[None, :], tl.exp(s_sel - lse[:, None]), 0.0)
+            if HEAD_MEAN:
+                dm_ptrs = DMaps + (b * T + offs_t[None, :]) * N + offs_n[:, None]
+            else:
+                dm_ptrs = DMaps + ((b * H + h) * T + offs_t[None, :]) * N + offs_n[:, None]
+            dm = tl.load(dm_ptrs, mask=row_ok[:, None] & (offs_t[None, :] < T), other=0.0).to(ACC)
+            delta += c * tl.sum(dm * p_sel, axis=1)
+    tl.store(Delta + bh * N + offs_n, delta, mask=row_ok)
+
+
+@triton.jit
+def _attention_bwd_dkdv_kernel(
+    Q, K, V, DOut, Lse, Delta, DMaps, Index, KeyMask, AnyVisible, DK, DV,
+    sqb, sqh, sqn, sqd, skb, skh, skl, skd, svb, svh, svl, svd,
+    H, N, L, D, T, scale, c,
+    HAS_MAPS: tl.constexpr, HEAD_MEAN: tl.constexpr, HAS_MASK: tl.constexpr,
+    ACC: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    pid_l = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    cols = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    offs_d = tl.arange(0, BLOCK_D)
+    col_ok = cols < L
+    d_ok = offs_d < D
+    k = tl.load(K + b * skb + h * skh + cols[:, None] * skl + offs_d[None, :] * skd,
+                mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+    v = tl.load(V + b * svb + h * svh + cols[:, None] * svl + offs_d[None, :] * svd,
+                mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+    uniform = False
+    if HAS_MASK:
+        uniform = tl.load(AnyVisible + b) == 0
+    dk = tl.zeros([BLOCK_L, BLOCK_D], dtype=ACC)
+    dv = tl.zeros([BLOCK_L, BLOCK_D], dtype=ACC)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        row_ok = offs_n < N
+        tile = row_ok[:, None] & d_ok[None, :]
+        q = tl.load(Q + b * sqb + h * sqh + offs_n[:, None] * sqn + offs_d[None, :] * sqd, mask=tile, other=0.0)
+        do = tl.load(DOut + (bh * N + offs_n[:, None]) * D + offs_d[None, :], mask=tile, other=0.0)
+        lse = tl.load(Lse + bh * N + offs_n, mask=row_ok, other=0.0)
+        delta = tl.load(Delta + bh * N + offs_n, mask=row_ok, other=0.0)
+        s = _scores(q, k, cols, L, b, KeyMask, uniform, scale, HAS_MASK, ACC, PRECISION)
+        p = tl.where(row_ok[:, None], tl.exp(s - lse[:, None]), 0.0)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION).to(ACC)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION).to(ACC)
+        if HAS_MAPS:
+            dp += _map_grad_to_dp(DMaps, Index, b, h, H, N, T, offs_n, row_ok, cols, c, HEAD_MEAN, ACC, BLOCK_T)
+        ds = p * (dp - delta[:, None])
+        if HAS_MASK:
+            ds = tl.where(uniform, 0.0, ds)  # uniform rows have constant scores
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION).to(ACC)
+    out_rows = (bh * L + cols[:, None]) * D + offs_d[None, :]
+    tl.store(DK + out_rows, (dk * scale).to(DK.dtype.element_ty), mask=col_ok[:, None] & d_ok[None, :])
+    tl.store(DV + out_rows, dv.to(DV.dtype.element_ty), mask=col_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _attention_bwd_dq_kernel(
+    Q, K, V, DOut, Lse, Delta, DMaps, Index, KeyMask, AnyVisible, DQ,
+    sqb, sqh, sqn, sqd, skb, skh, skl, skd, svb, svh, svl, svd,
+    H, N, L, D, T, scale, c,
+    HAS_MAPS: tl.constexpr, HEAD_MEAN: tl.constexpr, HAS_MASK: tl.constexpr,
+    ACC: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_n < N
+    d_ok = offs_d < D
+    tile = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + b * sqb + h * sqh + offs_n[:, None] * sqn + offs_d[None, :] * sqd, mask=tile, other=0.0)
+    do = tl.load(DOut + (bh * N + offs_n[:, None]) * D + offs_d[None, :], mask=tile, other=0.0)
+    lse = tl.load(Lse + bh * N + offs_n, mask=row_ok, other=0.0)
+    delta = tl.load(Delta + bh * N + offs_n, mask=row_ok, other=0.0)
+    uniform = False
+    if HAS_MASK:
+        uniform = tl.load(AnyVisible + b) == 0
+    dq = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
+    for j0 in range(0, L, BLOCK_L):
+        cols = j0 + tl.arange(0, BLOCK_L)
+        col_ok = cols < L
+        k = tl.load(K + b * skb + h * skh + cols[:, None] * skl + offs_d[None, :] * skd,
+                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(V + b * svb + h * svh + cols[:, None] * svl + offs_d[None, :] * svd,
+                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        s = _scores(q, k, cols, L, b, KeyMask, uniform, scale, HAS_MASK, ACC, PRECISION)
+        p = tl.exp(s - lse[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION).to(ACC)
+        if HAS_MAPS:
+            dp += _map_grad_to_dp(DMaps, Index, b, h, H, N, T, offs_n, row_ok, cols, c, HEAD_MEAN, ACC, BLOCK_T)
+        ds = p * (dp - delta[:, None])
+        if HAS_MASK:
+            ds = tl.where(uniform, 0.0, ds)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION).to(ACC)
+    tl.store(DQ + (bh * N + offs_n[:, None]) * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=tile)
+
+
+_META = dict(BLOCK_N=64, BLOCK_L=64, num_warps=4) if INTERPRET else dict(BLOCK_N=64, BLOCK_L=64, num_warps=4, num_stages=2)
+
+
+def attention_backward(q, k, v, out, lse, grad_out, scale: float, token_index=None, grad_maps=None,
+                       head_mean: bool = True, key_mask=None):
+    """dq, dk, dv of the forward kernel's op (maps term when token_index and grad_maps are given)."""
+    B, H, N, D = q.shape
+    L = k.shape[2]
+    acc = acc_dtype(q.dtype)
+    grad_out = grad_out.contiguous()
+    out = out.contiguous()
+    has_maps = token_index is not None and grad_maps is not None
+    T = token_index.shape[1] if has_maps else 1
+    index = token_index.to(torch.int64).contiguous() if has_maps else lse
+    dmaps = grad_maps.contiguous() if has_maps else lse
+    c = 1.0 / H if head_mean else 1.0
+    if key_mask is not None:
+        mask = key_mask.contiguous().to(torch.int8)
+        any_visible = key_mask.any(dim=1).to(torch.int8)
+    else:
+        mask = any_visible = lse
+    delta = torch.empty((B, H, N), dtype=acc, device=q.device)
+    dq, dk, dv = torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty(
+        (B, H, L, D), dtype=k.dtype, device=k.device), torch.empty((B, H, L, D), dtype=v.dtype, device=v.device)
+    flags = dict(HAS_MAPS=has_maps, HEAD_MEAN=head_mean, ACC=tl_dtype(acc), PRECISION=precision(q.dtype),
+                 BLOCK_D=next_pow2(D), BLOCK_T=next_pow2(T))
+    bn, bl = _META["BLOCK_N"], _META["BLOCK_L"]
+    launch_meta = {k_: v_ for k_, v_ in _META.items() if k_ not in ("BLOCK_N", "BLOCK_L")}
+    launcher(_attention_bwd_rowterm_kernel)[(triton.cdiv(N, bn), B * H)](
+        q, k, out, grad_out, lse, delta, dmaps, index,
+        *q.stride(), *k.stride(), H, N, D, T, scale, c,
+        BLOCK_N=bn, **flags, **launch_meta,
+    )
+    strides = (*q.stride(), *k.stride(), *v.stride())
+    launcher(_attention_bwd_dkdv_kernel)[(triton.cdiv(L, bl), B * H)](
+        q, k, v, grad_out, lse, delta, dmaps, index, mask, any_visible, dk, dv,
+        *strides, H, N, L, D, T, scale, c,
+        HAS_MASK=key_mask is not None, BLOCK_N=bn, BLOCK_L=bl, **flags, **launch_meta,
+    )
+    launcher(_attention_bwd_dq_kernel)[(triton.cdiv(N, bn), B * H)](
+        q, k, v, grad_out, lse, delta, dmaps, index, mask, any_visible, dq,
+        *strides, H, N, L, D, T, scale, c,
+        HAS_MASK=key_mask is not None, BLOCK_N=bn, BLOCK_L=bl, **flags, **launch_meta,
+    )
+    return dq, dk, dv

@@ -1,0 +1,165 @@
+"""Forward attention kernel with fused token-map extraction and an optional key mask.
+
+One kernel serves ``cross_attention_with_maps`` (HAS_MAPS) and
+``masked_attention`` (HAS_MASK). A program owns a block of queries of one
+batch row and loops over the heads, so the head-mean of the maps accumulates
+in registers: no atomics, no [B, H, T, N] buffer, and bit-for-bit the same
+maps on every run (which keeps the Otsu masks computed from them reproducible).
+
+Keys are visited in blocks with an online softmax, so any L works (77 text
+tokens are one block; MMDiT joint attention has thousands). The chosen
+columns' probabilities come from the final log-sum-exp in the epilogue,
+p = exp(q·k_j·scale − lse), with k_j gathered by index; a batch row whose
+indices are all −1 skips that work.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import INTERPRET, acc_dtype, launcher, next_pow2, tl_dtype
+
+
+@triton.jit
+def _attention_fwd_kernel(
+    Q, K, V, Out, Lse, Maps, Index, KeyMask, AnyVisible,
+    sqb, sqh, sqn, sqd, skb, skh, skl, skd, svb, svh, svl, svd,
+    H, N, L, D, T, scale,
+    HAS_MAPS: tl.constexpr, HEAD_MEAN: tl.constexpr, HAS_MASK: tl.constexpr,
+    ACC: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    b = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_l = tl.arange(0, BLOCK_L)
+    row_ok = offs_n < N
+    d_ok = offs_d < D  # head dims like 40/80/160 are padded here, not by the caller
+    neg_inf = float("-inf")
+
+    if HAS_MAPS:
+        offs_t = tl.arange(0, BLOCK_T)
+        idx = tl.load(Index + b * T + offs_t, mask=offs_t < T, other=-1)
+        idx_ok = idx >= 0
+        idx_safe = tl.where(idx_ok, idx, 0)
+        wants_maps = tl.max(idx, axis=0) >= 0
+        maps_acc = tl.zeros([BLOCK_N, BLOCK_T], dtype=ACC)
+    if HAS_MASK:
+        uniform = tl.load(AnyVisible + b) == 0  # every key hidden: attend uniformly
+
+    for h in range(H):
+        q = tl.load(
+            Q + b * sqb + h * sqh + offs_n[:, None] * sqn + offs_d[None, :] * sqd,
+            mask=row_ok[:, None] & d_ok[None, :], other=0.0,
+        )
+        m_i = tl.full([BLOCK_N], neg_inf, dtype=ACC)
+        l_i = tl.zeros([BLOCK_N], dtype=ACC)
+        acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
+        for j0 in range(0, L, BLOCK_L):
+            cols = j0 + offs_l
+            live = cols < L
+            k = tl.load(
+                K + b * skb + h * skh + cols[:, None] * skl + offs_d[None, :] * skd,
+                mask=live[:, None] & d_ok[None, :], other=0.0,
+            )
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(ACC) * scale
+            if HAS_MASK:
+                visible = tl.load(KeyMask + b * L + cols, mask=live, other=0) != 0
+                s = tl.where(uniform, 0.0, s)
+                live = live & (visible | uniform)
+            s = tl.where(live[None, :], s, neg_inf)
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            # Rows whose keys so far are all hidden keep m = -inf: shift by 0 so
+            # exp gives 0 instead of NaN.
+            m_safe = tl.where(m_new == neg_inf, 0.0, m_new)
+            p = tl.exp(s - m_safe[:, None])
+            alpha = tl.exp(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = tl.load(
+                V + b * svb + h * svh + cols[:, None] * svl + offs_d[None, :] * svd,
+                mask=live[:, None] & d_ok[None, :], other=0.0,
+            )
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(ACC)
+            m_i = m_new
+        l_safe = tl.where(l_i == 0, 1.0, l_i)  # only padded rows past N
+        out = acc / l_safe[:, None]
+        lse = m_i + tl.log(l_safe)
+        o_ptrs = Out + ((b * H + h) * N + offs_n[:, None]) * D + offs_d[None, :]
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(Lse + (b * H + h) * N + offs_n, lse, mask=row_ok)
+        if HAS_MAPS:
+            if wants_maps:
+                k_sel = tl.load(
+                    K + b * skb + h * skh + idx_safe[:, None] * skl + offs_d[None, :] * skd,
+                    mask=idx_ok[:, None] & d_ok[None, :], other=0.0,
+                )
+                s_sel = tl.dot(q, tl.trans(k_sel), input_precision=PRECISION).to(ACC) * scale
+                p_sel = tl.where(idx_ok[None, :], tl.exp(s_sel - lse[:, None]), 0.0)
+                if HEAD_MEAN:
+                    maps_acc += p_sel
+                else:
+                    m_ptrs = Maps + ((b * H + h) * T + offs_t[None, :]) * N + offs_n[:, None]
+                    tl.store(m_ptrs, p_sel.to(Maps.dtype.element_ty), mask=row_ok[:, None] & (offs_t[None, :] < T))
+    if HAS_MAPS:
+        if HEAD_MEAN:
+            m_ptrs = Maps + (b * T + offs_t[None, :]) * N + offs_n[:, None]
+            tl.store(m_ptrs, (maps_acc / H).to(Maps.dtype.element_ty), mask=row_ok[:, None] & (offs_t[None, :] < T))
+
+
+if INTERPRET:
+    _fwd = _attention_fwd_kernel
+    _FWD_META = dict(BLOCK_N=64, BLOCK_L=64, num_warps=4)
+else:
+    _fwd = triton.autotune(
+        configs=[
+            triton.Config({"BLOCK_N": bn, "BLOCK_L": bl}, num_warps=w, num_stages=s)
+            for bn, bl, w, s in [(32, 64, 4, 2), (64, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (32, 128, 4, 3)]
+        ],
+        key=["H", "N", "L", "D", "T", "HAS_MAPS", "HEAD_MEAN", "HAS_MASK", "BLOCK_D"],
+    )(_attention_fwd_kernel)
+    _FWD_META = {}
+
+
+def precision(dtype: torch.dtype) -> str:
+    # fp32 inputs must not go through TF32 (the ops promise ~1e-5 against fp64).
+    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+
+
+def attention_forward(q, k, v, token_index=None, key_mask=None, scale: float = 1.0, head_mean: bool = True):
+    """Launch the forward kernel. Returns out [B,H,N,D], maps (or None), lse [B,H,N] (fp32/fp64)."""
+    B, H, N, D = q.shape
+    L = k.shape[2]
+    acc = acc_dtype(q.dtype)
+    out = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, N), dtype=acc, device=q.device)
+    has_maps = token_index is not None
+    T = token_index.shape[1] if has_maps else 1
+    if has_maps:
+        # "none" rows whose indices are all -1 are skipped by the kernel: zero them here.
+        maps = torch.empty((B, T, N), dtype=q.dtype, device=q.device) if head_mean else \
+            torch.zeros((B, H, T, N), dtype=q.dtype, device=q.device)
+        index = token_index.to(torch.int64).contiguous()
+    else:
+        maps, index = out, lse  # unused placeholders
+    if key_mask is not None:
+        mask = key_mask.contiguous().to(torch.int8)
+        any_visible = key_mask.any(dim=1).to(torch.int8)
+    else:
+        mask = any_visible = lse  # unused placeholders
+
+    def grid(meta):
+        return (triton.cdiv(N, meta["BLOCK_N"]), B)
+
+    launcher(_fwd)[grid](
+        q, k, v, out, lse, maps, index, mask, any_visible,
+        *q.stride(), *k.stride(), *v.stride(),
+        H, N, L, D, T, scale,
+        HAS_MAPS=has_maps, HEAD_MEAN=head_mean, HAS_MASK=key_mask is not None,
+        ACC=tl_dtype(acc), PRECISION=precision(q.dtype),
+        BLOCK_D=next_pow2(D), BLOCK_T=next_pow2(T),
+        **_FWD_META,
+    )
+    return out, (maps if has_maps else None), lse
