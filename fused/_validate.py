@@ -127,6 +127,17 @@ def check_head_reduce(head_reduce: object) -> str:
     return head_reduce
 
 
+def check_bins(bins: object, mode: str) -> int:
+    """bins: an int >= 2, or None for the mode's default (10 "vico", 256 "skimage")."""
+    if bins is None:
+        return DEFAULT_BINS[mode]
+    if isinstance(bins, bool) or not isinstance(bins, int):
+        raise TypeError(f"bins must be an int or None, got {type(bins).__name__}")
+    if bins < 2:
+        raise ValueError(f"bins must be >= 2, got {bins}")
+    return bins
+
+
 def check_otsu_args(maps: object, bins: int | None, mode: object, validate: bool) -> int:
     """maps: floating [..., N] without NaN/Inf; returns the number of bins."""
     if mode not in OTSU_MODES:
@@ -136,11 +147,6 @@ def check_otsu_args(maps: object, bins: int | None, mode: object, validate: bool
     if maps.dim() < 1:
         raise ValueError("maps must have at least one dim [..., N], got a 0-d tensor")
     _require_nonempty("maps", maps, "[..., N]")
-    if bins is None:
-        bins = DEFAULT_BINS[mode]
-    if isinstance(bins, bool) or not isinstance(bins, int):
-        raise TypeError(f"bins must be an int or None, got {type(bins).__name__}")
-    if bins < 2:
-        raise ValueError(f"bins must be >= 2, got {bins}")
+    bins = check_bins(bins, mode)
     _data_check(lambda: torch.isfinite(maps).all(), "maps contains NaN or Inf", maps, validate)
     return bins

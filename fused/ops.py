@@ -116,13 +116,22 @@ def cross_attention_with_mask(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``cross_attention_with_maps`` (head mean) then ``otsu_mask`` of the maps.
 
-    What the ViCo processor calls: the two ops back to back on the same device
-    with no host round trip. Returns out [B, H, N, D], maps [B, T, N] and the
-    Otsu mask bool [B, T, N] (computed on detached maps).
-    """
-    out, maps = cross_attention_with_maps(
-        q, k, v, token_index, scale=scale, head_reduce="mean", backend=backend, validate=validate
-    )
-    _, mask = otsu_mask(maps.detach(), bins=bins, mode=mode, backend=backend)
-    return out, maps, mask
+    What the ViCo processor calls. Inputs are validated once, then the two
+    kernels run back to back on the same device with no host round trip and
+    no checks in between (the maps come from our own kernel).
 
+    Returns out [B, H, N, D], maps [B, T, N] and the Otsu mask bool [B, T, N]
+    (computed on detached maps; slots with index -1 have constant zero maps,
+    whose "vico" mask is all True).
+    """
+    _validate.check_qkv(q, k, v)
+    token_index = _validate.check_token_index(token_index, q, k, validate)
+    scale = _validate.check_scale(scale, q.shape[-1])
+    if mode not in _validate.OTSU_MODES:
+        raise ValueError(f"mode must be one of {_validate.OTSU_MODES}, got {mode!r}")
+    bins = _validate.check_bins(bins, mode)
+    attn = resolve("attention_with_maps", q.device.type, q.dtype, backend)
+    otsu = resolve("otsu_mask", q.device.type, q.dtype, backend)
+    out, maps = implementation("attention_with_maps", attn)(q, k, v, token_index, scale, "mean")
+    _, mask = implementation("otsu_mask", otsu)(maps.detach(), bins, mode)
+    return out, maps, mask

@@ -118,3 +118,16 @@ def test_bad_otsu_input(cpu_backend, maps, kwargs, exc, pattern):
 def test_validate_flag_checks_index_values(cpu_backend):
     with pytest.raises(ValueError, match="token_index values"):
         fused.cross_attention_with_maps(*qkv(), torch.tensor([[0], [7]]), backend=cpu_backend, validate=True)
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, pattern",
+    [
+        (dict(mode="otsu"), ValueError, r"mode must be one of"),
+        (dict(bins=1), ValueError, r"bins must be >= 2"),
+        (dict(bins="10"), TypeError, r"bins must be an int"),
+    ],
+)
+def test_bad_mask_options(kwargs, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        fused.cross_attention_with_mask(*qkv(), IDX, **kwargs)
