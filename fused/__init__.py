@@ -7,17 +7,23 @@ Public API (SPEC §2)::
     out, maps, mask = fused.cross_attention_with_mask(q, k, v, token_index)
     out = fused.masked_attention(q, k, v, key_mask)
     fused.available_backends()   # e.g. ['torch', 'cpp']
+    fused.attach(unet); unet(..., cross_attention_kwargs={"map_request": fused.MapRequest(idx)})
 
 Importing this package imports neither diffusers nor triton.
 """
 
 from ._dispatch import available_backends
 from .ops import cross_attention_with_mask, cross_attention_with_maps, masked_attention, otsu_mask
+from .processor import FusedAttnProcessor, MapRequest, attach, cross_attention_layers
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "FusedAttnProcessor",
+    "MapRequest",
+    "attach",
     "available_backends",
+    "cross_attention_layers",
     "cross_attention_with_maps",
     "cross_attention_with_mask",
     "masked_attention",

@@ -31,6 +31,12 @@ def register_otsu_fake(qualname: str) -> None:
         return thr, maps.new_empty(maps.shape, dtype=torch.bool)
 
 
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    # Kernels return contiguous tensors whatever the input strides; the fakes
+    # must say so, or a compiled graph turns a later reshape into an invalid view.
+    return t.new_empty(t.shape)
+
+
 def register_fakes(ns: str) -> None:
     """Fake implementations of the five ops of namespace ``ns``."""
 
@@ -40,20 +46,20 @@ def register_fakes(ns: str) -> None:
         T = token_index.shape[1]
         maps_shape = (B, T, N) if head_mean else (B, H, T, N)
         lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-        return torch.empty_like(q), q.new_empty(maps_shape), q.new_empty((B, H, N), dtype=lse_dtype)
+        return _dense(q), q.new_empty(maps_shape), q.new_empty((B, H, N), dtype=lse_dtype)
 
     @torch.library.register_fake(f"{ns}::attention_with_maps_backward")
     def _(q, k, v, token_index, out, lse, grad_out, grad_maps, scale, head_mean):
-        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        return _dense(q), _dense(k), _dense(v)
 
     @torch.library.register_fake(f"{ns}::masked_attention")
     def _(q, k, v, key_mask, scale):
         lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-        return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=lse_dtype)
+        return _dense(q), q.new_empty(q.shape[:3], dtype=lse_dtype)
 
     @torch.library.register_fake(f"{ns}::masked_attention_backward")
     def _(q, k, v, key_mask, out, lse, grad_out, scale):
-        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        return _dense(q), _dense(k), _dense(v)
 
     register_otsu_fake(f"{ns}::otsu_mask")
 
