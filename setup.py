@@ -15,9 +15,9 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["fused", "fused.csrc", "vico"],
+    packages=["fused", "fused.csrc", "fused.triton", "vico"],
     package_dir={"fused.csrc": "csrc"},
-    package_data={"fused.csrc": ["*.cpp", "*.h", "*.cu"]},
+    package_data={"fused.csrc": ["*.cpp", "*.h", "*.cu"], "vico": ["configs/*.json"]},
     include_package_data=False,
     # Floors are the versions this project was tested with (see README).
     install_requires=[

@@ -27,7 +27,7 @@ from typing import Any, Collection
 import torch
 import torch.nn.functional as F
 
-from .ops import cross_attention_with_mask, cross_attention_with_maps
+from .ops import cross_attention_with_mask, cross_attention_with_maps, masked_attention
 
 __all__ = ["MapRequest", "FusedAttnProcessor", "attach", "cross_attention_layers"]
 
@@ -78,20 +78,28 @@ def cross_attention_layers(model: torch.nn.Module) -> list[str]:
         name
         for name, module in model.named_modules()
         if name.endswith("attn2") and getattr(module, "is_cross_attention", False)
+        and not getattr(module, "fused_no_maps", False)
     ]
 
 
 class FusedAttnProcessor:
     """Drop-in replacement for ``AttnProcessor2_0`` that can also return maps.
 
+    Besides ``map_request`` it accepts ``key_mask`` (bool [B, L]) for
+    cross-attention: keys with False are hidden (``fused.masked_attention``;
+    a row with no visible key attends uniformly) — ViCo's image attention.
+
     Args:
         name: the layer's name, used to match ``MapRequest.layers`` and as the
             key of recorded maps; ``attach`` sets it. An unnamed processor
             records under the name ``"<unnamed>"`` when the request is for all layers.
+        records_maps: False for cross-attention layers whose keys are not text
+            tokens (an owner marks such modules with ``fused_no_maps = True``).
     """
 
-    def __init__(self, name: str | None = None):
+    def __init__(self, name: str | None = None, records_maps: bool = True):
         self.name = name
+        self.records_maps = records_maps
 
     def __call__(
         self,
@@ -101,6 +109,7 @@ class FusedAttnProcessor:
         attention_mask: torch.Tensor | None = None,
         temb: torch.Tensor | None = None,
         map_request: MapRequest | None = None,
+        key_mask: torch.Tensor | None = None,
         *args: Any,
         **kwargs: Any,
     ) -> torch.Tensor:
@@ -135,12 +144,13 @@ class FusedAttnProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        if map_request is not None and is_cross and map_request.wants(self.name):
-            if attention_mask is not None:
-                raise NotImplementedError(
-                    f"{self.name}: maps with an encoder attention mask are not supported by the fused ops"
-                )
+        wants_maps = map_request is not None and is_cross and self.records_maps and map_request.wants(self.name)
+        if (wants_maps or (key_mask is not None and is_cross)) and attention_mask is not None:
+            raise NotImplementedError(f"{self.name}: an attention_mask cannot be combined with maps or key_mask")
+        if wants_maps:
             hidden_states = self._attention_with_maps(attn, query, key, value, map_request)
+        elif key_mask is not None and is_cross:
+            hidden_states = masked_attention(query, key, value, key_mask, scale=attn.scale)
         else:
             hidden_states = F.scaled_dot_product_attention(
                 query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False, scale=attn.scale
@@ -179,7 +189,10 @@ def attach(model: torch.nn.Module) -> dict[str, FusedAttnProcessor]:
 
     Returns the processors by layer name (the keys ``MapRequest.layers`` uses).
     """
-    names = list(model.attn_processors.keys())
-    processors = {name: FusedAttnProcessor(name.removesuffix(".processor")) for name in names}
+    processors = {}
+    for key in model.attn_processors:
+        name = key.removesuffix(".processor")
+        module = model.get_submodule(name)
+        processors[key] = FusedAttnProcessor(name, records_maps=not getattr(module, "fused_no_maps", False))
     model.set_attn_processor(processors)
     return {p.name: p for p in processors.values()}

@@ -23,4 +23,6 @@ def test_wheel_ships_csrc_sources(tmp_path):
 
     for src in _cpp.CPU_SOURCES + _cpp.CPU_HEADERS + _cpp.CUDA_SOURCES:
         assert f"fused/csrc/{src}" in names, src
-    assert "fused/__init__.py" in names and "vico/__init__.py" in names
+    for module in ("fused/__init__.py", "fused/triton/otsu.py", "fused/processor.py", "vico/__init__.py",
+                   "vico/configs/sd15_unet.json"):
+        assert module in names, module

@@ -1,7 +1,12 @@
-"""vico: attention-map-driven personalization (ViCo, AttnDreamBooth, CatVersion) on ``fused``.
+"""vico: attention-map-driven personalization (ViCo first; AttnDreamBooth and
+CatVersion to follow) on the fused ops of the ``fused`` package.
 
-The method layer is being built (see the project's issues); the kernels it
-uses live in the ``fused`` package.
+Importing ``vico`` does not import diffusers; the functions that need it
+import it when called.
 """
 
+from .image_attention import ImageCrossAttention, default_image_attention_layers, inject_image_attention
+
 __version__ = "0.1.0"
+
+__all__ = ["ImageCrossAttention", "default_image_attention_layers", "inject_image_attention"]
