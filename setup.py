@@ -28,8 +28,12 @@ setup(
         "safetensors>=0.4",
         "diffusers>=0.42",
         "transformers>=5.0",
+        "accelerate>=1.0",
+        "pillow>=10",
+        "tqdm>=4.60",
         'triton>=3.6; platform_system == "Linux" and platform_machine == "x86_64"',
     ],
+    entry_points={"console_scripts": ["vico = vico.cli:main"]},
     extras_require={
         "test": [
             "pytest>=8",

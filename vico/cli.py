@@ -1,0 +1,140 @@
+"""The ``vico`` command: ``vico train`` and ``vico sample`` (``vico <cmd> --help``).
+
+Multi-GPU training goes through HF accelerate:
+``accelerate launch -m vico.cli train --model ... --images ... --out ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .model import UserError
+
+
+def _train_parser(sub) -> None:
+    p = sub.add_parser("train", help="learn a concept from a few images",
+                       description="Learn a new concept (a placeholder token, plus image attention for ViCo) "
+                       "from 3-10 photos of one object, with a frozen Stable Diffusion model.")
+    p.add_argument("--model", required=True, help="local diffusers Stable Diffusion folder (SD 1.x/2.x)")
+    p.add_argument("--images", required=True, help="folder with the training images")
+    p.add_argument("--out", required=True, help="output folder for the concept and checkpoints")
+    p.add_argument("--method", default="vico", help="vico (default) or textual-inversion")
+    p.add_argument("--token", default="S*", help="placeholder token to learn (default S*)")
+    p.add_argument("--init-word", default="object", help="single-token word to initialise the embedding (the class word)")
+    p.add_argument("--steps", type=int, help="training steps (default: the method's, 400 for ViCo)")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--no-scale-lr", action="store_true", help="do not multiply learning rates by batch size x GPUs")
+    p.add_argument("--checkpoint-every", type=int, default=100, help="write a resumable checkpoint every K steps")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resolution", type=int, help="training image size (default: the model's native size)")
+    p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"], help="GPU mixed precision")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
+    p.add_argument("--layers", nargs="+", help="ViCo: spatial transformers that get image attention "
+                   "(default: every second decoder transformer)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _sample_parser(sub) -> None:
+    p = sub.add_parser("sample", help="generate images with a trained concept",
+                       description="Generate images with a trained concept (DDIM, classifier-free guidance).")
+    p.add_argument("--concept", required=True, help="folder written by `vico train --out`")
+    p.add_argument("--prompt", required=True, help='prompt using the placeholder, e.g. "a photo of S* on the beach"')
+    p.add_argument("--out", required=True, help="folder for the PNGs and grid.png")
+    p.add_argument("--model", help="Stable Diffusion folder (default: the one the concept was trained on)")
+    p.add_argument("--reference", help="ViCo reference image (default: the first training image)")
+    p.add_argument("--num-images", type=int, default=4)
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--save-maps", action="store_true",
+                   help="ViCo: also write the S* attention map and its Otsu mask per flagged layer (last step)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def cmd_train(args) -> int:
+    from .training import TrainConfig, train
+
+    cfg = TrainConfig(
+        model=args.model, images=args.images, out=args.out, method=args.method, placeholder=args.token,
+        init_word=args.init_word, steps=args.steps, batch_size=args.batch_size, scale_lr=not args.no_scale_lr,
+        checkpoint_every=args.checkpoint_every, seed=args.seed, resolution=args.resolution,
+        mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
+        resume=args.resume, layers=args.layers, progress=not args.quiet,
+    )
+    out = train(cfg)
+    print(f"vico: concept saved to {out}")
+    return 0
+
+
+def cmd_sample(args) -> int:
+    import json
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from .methods.base import CONFIG_FILE
+    from .pipeline import ViCoPipeline, heatmap_overlay, image_grid
+
+    concept = Path(args.concept)
+    if not (concept / CONFIG_FILE).is_file():
+        raise UserError(f"{concept} is not a trained concept (no {CONFIG_FILE}); train one with `vico train`")
+    meta = json.loads((concept / CONFIG_FILE).read_text())
+    model = args.model or meta.get("base_model")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = ViCoPipeline.from_pretrained(model, concept, device=device)
+    reference = None
+    if args.reference:
+        from .data import load_image
+        reference = load_image(args.reference, pipe.method.config.resolution)
+    elif meta["method"] == "vico":
+        train_cfg = concept / "train_config.json"
+        if not train_cfg.is_file():
+            raise UserError("ViCo needs a reference image: pass --reference (no training config to find one)")
+        reference = pipe.default_reference(json.loads(train_cfg.read_text())["images"])
+    images, context = pipe(args.prompt, reference=reference, num_images=args.num_images,
+                           num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
+                           progress=not args.quiet)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, img in enumerate(images):
+        Image.fromarray(img).save(out / f"{i:03d}.png")
+    Image.fromarray(image_grid(images)).save(out / "grid.png")
+    request = context.get("last_request")
+    if args.save_maps and request is not None:
+        n = images.shape[0]
+        for layer, maps in request.maps.items():
+            side = int(round(maps.shape[-1] ** 0.5))
+            cond_ref = maps[3 * n:, 0].reshape(n, side, side).float().cpu().numpy()  # conditional reference rows
+            mask = request.masks[layer][3 * n:, 0].reshape(n, side, side).float().cpu().numpy()
+            for i in range(n):
+                tag = layer.replace(".transformer_blocks.0.attn2", "").replace(".", "-")
+                Image.fromarray(heatmap_overlay(images[i], cond_ref[i])).save(out / f"{i:03d}_map_{tag}.png")
+                Image.fromarray((np.kron(mask[i], np.ones((images.shape[1] // side,) * 2)) * 255).astype(np.uint8)
+                                ).save(out / f"{i:03d}_mask_{tag}.png")
+    print(f"vico: wrote {len(images)} images and grid.png to {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vico", description="Attention-map-driven personalization of "
+                                     "Stable Diffusion (ViCo) on fused attention kernels.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _train_parser(sub)
+    _sample_parser(sub)
+    args = parser.parse_args(argv)
+    try:
+        return {"train": cmd_train, "sample": cmd_sample}[args.command](args)
+    except UserError as exc:
+        print(f"vico: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

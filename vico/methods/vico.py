@@ -1,0 +1,114 @@
+"""ViCo (arXiv 2306.00971): a learned token, image cross-attention blocks fed
+by a reference image through the frozen UNet, an Otsu object mask from the
+token's attention map, and an attention regulariser (SPEC §3).
+
+One UNet call serves both branches: the batch is [noisy; reference] (same
+timestep, same text). The frozen ``attn2`` of each flagged layer records, in
+one fused pass, the reference half's S* and EOT maps and the Otsu mask of the
+S* map (``fused.MapRequest(..., otsu=True)``); the image block right after it
+reads the mask. No attention matrix is materialised and no Python loop runs
+over samples.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import fused
+
+from ..image_attention import MASK_SLOT, inject_image_attention
+from ..model import Components, encode_prompts, token_positions
+from .base import Batch, MethodConfig
+from .textual_inversion import TextualInversion, guide, noise_and_target
+
+EOT_SLOT = 1  # slot of the MapRequest that holds the end-of-text token's map
+
+
+class ViCo(TextualInversion):
+    name = "vico"
+    default_steps = 400
+    image_lr = 1e-5
+    reg_weight = 5e-4
+
+    def __init__(self, components: Components, config: MethodConfig):
+        super().__init__(components, config)
+        self.blocks = inject_image_attention(components.unet, config.extra.get("layers"))
+        fused.attach(components.unet)  # names the new blocks' processors too
+        self.layers = [key.replace("-", ".") for key in self.blocks.keys()]
+        self.source_layers = [f"{name}.transformer_blocks.0.attn2" for name in self.layers]
+
+    def param_groups(self, lr_scale: float = 1.0) -> list[dict]:
+        return super().param_groups(lr_scale) + [{"params": list(self.blocks.parameters()), "lr": self.image_lr * lr_scale}]
+
+    def _references(self, latent_mean, idx, generator):
+        """Another training image than the target when there are several (clean latent)."""
+        n = latent_mean.shape[0]
+        if n == 1:
+            return latent_mean[idx]
+        shift = torch.randint(1, n, idx.shape, generator=generator)
+        return latent_mean[(idx + shift) % n]
+
+    def map_request(self, prompt_ids: torch.Tensor, copies: int) -> fused.MapRequest:
+        """Maps of S* (or EOT when absent) and EOT for the reference half only.
+
+        prompt_ids: [B, 77] of the conditional prompts; the reference half of the
+        UNet batch holds ``copies`` groups of B rows that all use these positions
+        (under CFG the unconditional branch reuses the conditional positions).
+        """
+        s_pos, eot = token_positions(prompt_ids, self.token_id, self.components.tokenizer.eos_token_id)
+        slots = torch.stack([torch.where(s_pos >= 0, s_pos, eot), eot], dim=1)  # [B, 2]
+        assert MASK_SLOT == 0 and EOT_SLOT == 1
+        reference = slots.repeat(copies, 1)
+        index = torch.cat([torch.full_like(reference, -1), reference])  # noisy half: no maps, no work
+        return fused.MapRequest(index, layers=self.source_layers, otsu=True)
+
+    def regulariser(self, request: fused.MapRequest, rows: slice) -> torch.Tensor:
+        """Sum over flagged layers of MSE(a_S / max a_S, sg(a_EOT) / max a_EOT) on reference rows."""
+        total = 0.0
+        for layer in self.source_layers:
+            maps = request.maps[layer][rows]  # [B, 2, N]
+            a_s = maps[:, MASK_SLOT]
+            a_e = maps[:, EOT_SLOT].detach()
+            total = total + F.mse_loss(a_s / a_s.amax(-1, keepdim=True), a_e / a_e.amax(-1, keepdim=True))
+        return total
+
+    def training_loss(self, batch: Batch, generator: torch.Generator):
+        c = self.components
+        ids, text = encode_prompts(c.tokenizer, c.text_encoder, batch.prompts)
+        noisy, t, target = noise_and_target(c.scheduler, batch.latents, generator)
+        B = noisy.shape[0]
+        request = self.map_request(ids, copies=1)
+        out = c.unet(torch.cat([noisy, batch.reference.to(noisy)]), torch.cat([t, t]), torch.cat([text, text]),
+                     cross_attention_kwargs={"map_request": request}).sample
+        mse = F.mse_loss(out[:B].float(), target.float())
+        reg = self.regulariser(request, slice(B, 2 * B))
+        loss = mse + self.reg_weight * reg
+        return loss, {"loss": loss.item(), "mse": mse.item(), "reg": float(reg.detach())}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = super().state_dict()
+        state.update({f"image_attention.{k}": v for k, v in self.blocks.state_dict().items()})
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        super().load_state_dict(state)
+        prefix = "image_attention."
+        self.blocks.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+
+    def sampling_context(self, reference_latents: torch.Tensor | None, batch: int) -> dict:
+        if reference_latents is None:
+            raise ValueError("ViCo sampling needs a reference image")
+        ref = reference_latents[:1].expand(batch, -1, -1, -1) if reference_latents.shape[0] == 1 else reference_latents
+        return {"reference": ref}
+
+    def predict_noise(self, latents, t, prompt_ids, cond, uncond, guidance_scale, context):
+        """Two UNet passes per guidance branch in one call: [noisy_u, noisy_c, ref_u, ref_c]."""
+        ref = context["reference"].to(latents)
+        request = self.map_request(prompt_ids, copies=2)
+        x = torch.cat([latents, latents, ref, ref])
+        text = torch.cat([uncond, cond, uncond, cond])
+        out = self.components.unet(x, t, text, cross_attention_kwargs={"map_request": request}).sample
+        context["last_request"] = request
+        eps_u, eps_c = out[: 2 * latents.shape[0]].chunk(2)
+        return guide(eps_u, eps_c, guidance_scale)

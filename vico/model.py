@@ -1,0 +1,146 @@
+"""Loading a local Stable Diffusion folder and the text-side helpers every method shares.
+
+``load_components(path)`` reads any SD 1.x/2.x diffusers folder (``unet/``,
+``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``) with
+``from_pretrained``; nothing is downloaded. ``PlaceholderEmbedding`` adds
+learned token vectors to a frozen text encoder without training (or keeping
+optimizer state for) the whole vocabulary matrix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+class UserError(Exception):
+    """Bad input from the user: the CLI prints the message in one line, no traceback."""
+
+
+@dataclass
+class Components:
+    tokenizer: object
+    text_encoder: nn.Module
+    vae: nn.Module
+    unet: nn.Module
+    scheduler: object
+    path: str
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    def to(self, device, dtype=None) -> "Components":
+        for module in (self.text_encoder, self.vae, self.unet):
+            module.to(device) if dtype is None else module.to(device=device, dtype=dtype)
+        return self
+
+
+def load_components(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Components:
+    """All parts of a local SD pipeline folder, frozen, in eval mode."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"model path {path} is not a directory (expected a diffusers Stable Diffusion folder)")
+    for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        if not (path / sub).is_dir():
+            raise UserError(f"model path {path} has no {sub}/ folder: not a diffusers Stable Diffusion pipeline")
+    comps = Components(
+        tokenizer=AutoTokenizer.from_pretrained(path / "tokenizer"),
+        text_encoder=CLIPTextModel.from_pretrained(path / "text_encoder"),
+        vae=AutoencoderKL.from_pretrained(path / "vae"),
+        unet=UNet2DConditionModel.from_pretrained(path / "unet"),
+        scheduler=DDIMScheduler.from_pretrained(path / "scheduler"),
+        path=str(path),
+    )
+    for module in (comps.text_encoder, comps.vae, comps.unet):
+        module.requires_grad_(False).eval()
+    return comps.to(device, dtype)
+
+
+class PlaceholderEmbedding(nn.Module):
+    """Token embedding = a frozen base embedding plus learned rows for new tokens.
+
+    Only ``learned`` ([K, dim]) is a parameter, so optimizers keep state for K
+    vectors, not the vocabulary. New ids lie past the base table; they are
+    looked up as id 0 and then replaced.
+    """
+
+    def __init__(self, base: nn.Embedding, token_ids: list[int], init: torch.Tensor):
+        super().__init__()
+        self.base = base
+        self.register_buffer("token_ids", torch.tensor(token_ids, dtype=torch.long), persistent=False)
+        self.learned = nn.Parameter(init.detach().clone().to(base.weight.dtype))
+
+    @property
+    def weight(self) -> torch.Tensor:  # what transformers reads for shapes and dtypes
+        return self.base.weight
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.base.num_embeddings + len(self.token_ids)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        known = input_ids < self.base.num_embeddings
+        out = self.base(torch.where(known, input_ids, torch.zeros_like(input_ids)))
+        for k in range(len(self.token_ids)):
+            hit = (input_ids == self.token_ids[k])[..., None]
+            out = torch.where(hit, self.learned[k].to(out.dtype), out)
+        return out
+
+
+def base_embedding(text_encoder: nn.Module) -> nn.Embedding:
+    emb = text_encoder.get_input_embeddings()
+    return emb.base if isinstance(emb, PlaceholderEmbedding) else emb
+
+
+def add_placeholder_token(tokenizer, text_encoder: nn.Module, token: str, init_word: str | None = None,
+                          init_vector: torch.Tensor | None = None) -> PlaceholderEmbedding:
+    """Add ``token`` to the tokenizer with a learned embedding initialised from
+    ``init_word``'s (one token) or from ``init_vector``; returns the embedding module."""
+    if token in tokenizer.get_vocab():
+        raise UserError(f"placeholder token {token!r} is already in the vocabulary; pick a new string such as 'S*'")
+    base = base_embedding(text_encoder)
+    if init_vector is None:
+        if not init_word:
+            raise UserError("an initializer word is required (e.g. the class word: 'cat', 'teapot')")
+        ids = tokenizer(init_word, add_special_tokens=False).input_ids
+        if len(ids) != 1:
+            raise UserError(f"initializer word {init_word!r} must be a single token, it is {len(ids)}")
+        init_vector = base.weight[ids[0]]
+    tokenizer.add_tokens([token])
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    emb = PlaceholderEmbedding(base, [token_id], init_vector.reshape(1, -1))
+    text_encoder.set_input_embeddings(emb)
+    return emb
+
+
+def encode_prompts(tokenizer, text_encoder: nn.Module, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids [B, 77], text embeddings [B, 77, dim]) padded like SD."""
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids.to(next(text_encoder.parameters()).device)
+    return ids, text_encoder(ids)[0]
+
+
+def token_positions(input_ids: torch.Tensor, token_id: int | None, eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: position of the first ``token_id`` (-1 if absent) and of the first EOT.
+
+    EOT is the first occurrence of ``eos_token_id`` (SD pads with it, and a new
+    token's id is larger than EOT's, so "the largest id" would be wrong).
+    """
+    L = input_ids.shape[1]
+    pos = torch.arange(L, device=input_ids.device).expand_as(input_ids)
+    big = torch.full_like(pos, L)
+
+    def first(mask):
+        p = torch.where(mask, pos, big).min(dim=1).values
+        return torch.where(p == L, torch.full_like(p, -1), p)
+
+    eot = first(input_ids == eos_token_id)
+    tok = first(input_ids == token_id) if token_id is not None else torch.full_like(eot, -1)
+    return tok, eot

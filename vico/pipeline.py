@@ -1,0 +1,91 @@
+"""Sampling with a trained concept: ``ViCoPipeline``.
+
+A thin wrapper over the components of a local Stable Diffusion folder and a
+trained method: DDIM (50 steps) and classifier-free guidance (7.5) by
+default; the method decides how the UNet is called at each step (ViCo runs
+the reference branch, recomputed at every step from the clean reference
+latent at the current timestep).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data import list_images, load_image
+from .methods.base import Method, load_method
+from .model import Components, encode_prompts, load_components
+
+
+class ViCoPipeline:
+    def __init__(self, components: Components, method: Method):
+        self.components = components
+        self.method = method
+
+    @classmethod
+    def from_pretrained(cls, model: str | Path, concept: str | Path, device: str = "cpu",
+                        dtype: torch.dtype | None = None) -> "ViCoPipeline":
+        comps = load_components(model, device, dtype)
+        return cls(comps, load_method(comps, concept))
+
+    def default_reference(self, images_dir: str | Path) -> torch.Tensor:
+        """The first training image of a folder, at the concept's resolution."""
+        return load_image(list_images(images_dir)[0], self.method.config.resolution)
+
+    @torch.no_grad()
+    def __call__(self, prompt: str, reference: torch.Tensor | None = None, num_images: int = 1,
+                 num_inference_steps: int = 50, guidance_scale: float = 7.5, seed: int = 0,
+                 progress: bool = True) -> tuple[np.ndarray, dict]:
+        """Images uint8 [n, H, W, 3] and the method's sampling context (maps of the last step)."""
+        from diffusers import DDIMScheduler
+        from tqdm.auto import tqdm
+
+        c = self.components
+        device = c.device
+        scheduler = DDIMScheduler.from_config(c.scheduler.config)
+        scheduler.set_timesteps(num_inference_steps, device=device)
+        ids, cond = encode_prompts(c.tokenizer, c.text_encoder, [prompt] * num_images)
+        _, uncond = encode_prompts(c.tokenizer, c.text_encoder, [""] * num_images)
+        size = self.method.config.resolution
+        vae_scale = 2 ** (len(c.vae.config.block_out_channels) - 1)
+        shape = (num_images, c.unet.config.in_channels, size // vae_scale, size // vae_scale)
+        generator = torch.Generator().manual_seed(seed)
+        latents = torch.randn(shape, generator=generator).to(device, c.unet.dtype) * scheduler.init_noise_sigma
+        ref_latents = None
+        if reference is not None:
+            ref = reference[None] if reference.dim() == 3 else reference
+            ref_latents = c.vae.encode(ref.to(device, c.vae.dtype)).latent_dist.mean * c.vae.config.scaling_factor
+        context = self.method.sampling_context(ref_latents, num_images)
+        for t in tqdm(scheduler.timesteps, desc="sampling", disable=not progress):
+            model_in = scheduler.scale_model_input(latents, t)
+            eps = self.method.predict_noise(model_in, t, ids, cond, uncond, guidance_scale, context)
+            latents = scheduler.step(eps, t, latents).prev_sample
+        images = c.vae.decode(latents / c.vae.config.scaling_factor).sample
+        images = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return images.permute(0, 2, 3, 1).cpu().numpy(), context
+
+
+def image_grid(images: np.ndarray, cols: int | None = None) -> np.ndarray:
+    """Tile [n, H, W, 3] images into one grid image."""
+    n, h, w, _ = images.shape
+    cols = cols or int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / cols))
+    grid = np.zeros((rows * h, cols * w, 3), dtype=images.dtype)
+    for i, img in enumerate(images):
+        r, col = divmod(i, cols)
+        grid[r * h:(r + 1) * h, col * w:(col + 1) * w] = img
+    return grid
+
+
+def heatmap_overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """Blend a [h, w] map (any range) as a red-yellow heat map over an RGB image."""
+    import torch.nn.functional as F
+
+    H, W, _ = image.shape
+    m = torch.as_tensor(heat, dtype=torch.float32)[None, None]
+    m = F.interpolate(m, size=(H, W), mode="bilinear", align_corners=False)[0, 0].numpy()
+    m = (m - m.min()) / (m.max() - m.min() + 1e-12)
+    colour = np.stack([np.ones_like(m), m, np.zeros_like(m)], -1) * 255
+    return (image * (1 - alpha * m[..., None]) + colour * alpha * m[..., None]).astype(np.uint8)

@@ -1,0 +1,105 @@
+"""A tiny, randomly initialised Stable-Diffusion-shaped pipeline, built from configs.
+
+No weights can be downloaded here, so tests, the demo and CPU benchmarks use
+this: a 2-level UNet with cross-attention, a 2-level VAE (32 px images ->
+16x16x4 latents), a 2-layer CLIP text encoder, a word-level tokenizer that
+``from_pretrained`` loads, and SD's DDIM scheduler. ``save_tiny_pipeline``
+writes an ordinary diffusers folder that ``StableDiffusionPipeline.from_pretrained``
+loads like any SD checkpoint. Its images are noise — it exists to exercise
+the real code paths, not to draw.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+IMAGE_SIZE = 32
+WORDS = (
+    "a photo of the an in on with and at by painting style picture rendering cropped close-up bright dark "
+    "cat dog teapot toy backpack bowl vase clock shoe sculpture red blue green yellow black white "
+    "beach snow forest city street table grass water desert mountain kitchen"
+).split()
+SPECIAL = ("<|startoftext|>", "<|endoftext|>")
+
+
+def make_tokenizer():
+    """A word-level fast tokenizer with CLIP's special tokens, padded to 77 with EOT (like SD's)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(list(SPECIAL) + ["<unk>"] + list(WORDS))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|startoftext|> $A <|endoftext|>",
+        special_tokens=[("<|startoftext|>", vocab["<|startoftext|>"]), ("<|endoftext|>", vocab["<|endoftext|>"])],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|startoftext|>", eos_token="<|endoftext|>", unk_token="<unk>",
+        pad_token="<|endoftext|>", model_max_length=77,
+    )
+
+
+def make_tiny_components(seed: int = 0) -> dict:
+    """UNet, VAE, text encoder, tokenizer and DDIM scheduler, randomly initialised."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    tokenizer = make_tokenizer()
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, projection_dim=32,
+    ))
+    unet = UNet2DConditionModel(
+        sample_size=IMAGE_SIZE // 2, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=4,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), norm_num_groups=8, sample_size=IMAGE_SIZE,
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        set_alpha_to_one=False, steps_offset=1,
+    )
+    return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+
+
+def save_tiny_pipeline(path: str | Path, seed: int = 0) -> Path:
+    """Write the tiny pipeline as a diffusers folder; returns the path."""
+    from diffusers import StableDiffusionPipeline
+
+    path = Path(path)
+    pipe = StableDiffusionPipeline(
+        **make_tiny_components(seed), safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+    pipe.save_pretrained(path)
+    return path
+
+
+def write_toy_images(folder: str | Path, n: int = 4, seed: int = 0) -> list[Path]:
+    """A few synthetic "object photos" (a coloured disc on a plain background) as PNGs."""
+    import numpy as np
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:IMAGE_SIZE, :IMAGE_SIZE]
+    paths = []
+    for i in range(n):
+        background = rng.integers(0, 256, 3)
+        cy, cx, r = rng.integers(10, 22), rng.integers(10, 22), rng.integers(5, 9)
+        img = np.empty((IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+        img[:] = background
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = (220, 40, 40)
+        paths.append(folder / f"object_{i}.png")
+        Image.fromarray(img).save(paths[-1])
+    return paths

@@ -1,0 +1,152 @@
+"""Training any method (``vico.methods``) with HF ``accelerate``.
+
+Single process by default; ``accelerate launch -m vico.cli train ...`` (or
+``accelerate launch $(which vico) train ...``) scales to several GPUs. All
+randomness (image and template choice, noise, timesteps) comes from one CPU
+``torch.Generator`` whose state is checkpointed with the weights and AdamW
+state, so a resumed run equals an uninterrupted one. Checkpoints are written
+to a temporary folder and renamed into place (atomic); Ctrl-C saves one before
+exiting.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .data import load_images
+from .methods.base import MethodConfig, get_method
+from .model import UserError, load_components
+
+CHECKPOINTS = "checkpoints"
+
+
+@dataclass
+class TrainConfig:
+    model: str
+    images: str
+    out: str
+    method: str = "vico"
+    placeholder: str = "S*"
+    init_word: str = "object"
+    steps: int | None = None  # None: the method's default
+    batch_size: int = 1
+    scale_lr: bool = True  # lr x batch size x processes, as the paper's code does
+    checkpoint_every: int = 100
+    seed: int = 0
+    resolution: int | None = None  # None: the UNet's native size
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    resume: bool = False
+    layers: list[str] | None = None
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+def _checkpoint_dirs(out: Path) -> list[Path]:
+    root = out / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")), key=lambda p: p.name)
+
+
+def save_checkpoint(out: Path, step: int, method, optimizer, generator: torch.Generator) -> Path:
+    """checkpoints/step-XXXXXX/ with the concept, AdamW state and the RNG, renamed into place."""
+    final = out / CHECKPOINTS / f"step-{step:06d}"
+    tmp = out / CHECKPOINTS / f".tmp-step-{step:06d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    method.save(tmp)
+    torch.save({"optimizer": optimizer.state_dict(), "generator": generator.get_state(), "step": step}, tmp / "trainer.pt")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def _load_checkpoint(path: Path, method, optimizer, generator: torch.Generator) -> int:
+    from .methods.base import read_concept
+
+    _, weights = read_concept(path)
+    method.load_state_dict(weights)
+    state = torch.load(path / "trainer.pt", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    generator.set_state(state["generator"])
+    return int(state["step"])
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Train and save a concept into ``cfg.out``; returns that folder."""
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    out = Path(cfg.out)
+    checkpoints = _checkpoint_dirs(out)
+    if checkpoints and not cfg.resume:
+        raise UserError(f"{out} already has checkpoints; pass --resume to continue or choose another --out")
+    comps = load_components(cfg.model, device=accelerator.device)
+    method_cls = get_method(cfg.method)
+    steps = cfg.steps or method_cls.default_steps
+    vae_scale = 2 ** (len(comps.vae.config.block_out_channels) - 1)
+    resolution = cfg.resolution or comps.unet.config.sample_size * vae_scale
+    extra = dict(cfg.extra, **({"layers": cfg.layers} if cfg.layers else {}))
+    mcfg = MethodConfig(placeholder=cfg.placeholder, init_word=cfg.init_word, resolution=resolution, seed=cfg.seed,
+                        extra=extra)
+    images = load_images(cfg.images, resolution)
+    method = method_cls(comps, mcfg)
+    if cfg.gradient_checkpointing:
+        comps.unet.enable_gradient_checkpointing()
+
+    with torch.no_grad():  # the VAE is frozen and there is no augmentation: encode once
+        posterior = comps.vae.encode(images.to(accelerator.device, comps.vae.dtype)).latent_dist
+        sf = comps.vae.config.scaling_factor
+        latent_mean, latent_std = posterior.mean * sf, posterior.std * sf
+
+    lr_scale = cfg.batch_size * accelerator.num_processes if cfg.scale_lr else 1.0
+    optimizer = torch.optim.AdamW(method.param_groups(lr_scale))
+    prepared = accelerator.prepare(optimizer, *method.trainable_modules())
+    optimizer = prepared[0]
+    comps.unet, comps.text_encoder = prepared[1], prepared[2]
+    generator = torch.Generator().manual_seed(cfg.seed)
+    start = 0
+    if checkpoints:
+        start = _load_checkpoint(checkpoints[-1], method, optimizer, generator)
+        accelerator.print(f"vico: resuming from {checkpoints[-1]} (step {start})")
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=1))
+
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"{method.name}", disable=not cfg.progress
+               or not accelerator.is_local_main_process, file=sys.stderr)
+    completed = start
+    gen_state = generator.get_state()
+    try:
+        for step in bar:
+            gen_state = generator.get_state()
+            batch = method.make_batch(latent_mean, latent_std, generator, cfg.batch_size)
+            with accelerator.autocast():
+                loss, logs = method.training_loss(batch, generator)
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            completed = step + 1
+            bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()})
+            if accelerator.is_main_process and (completed % cfg.checkpoint_every == 0 or completed == steps):
+                save_checkpoint(out, completed, method, optimizer, generator)
+    except KeyboardInterrupt:
+        if accelerator.is_main_process and completed > start:
+            if completed == step:  # interrupted inside a step: rewind its random draws
+                generator.set_state(gen_state)
+            path = save_checkpoint(out, completed, method, optimizer, generator)
+            print(f"vico: interrupted; saved {path}; continue with --resume", file=sys.stderr)
+        raise
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        method.save(out)
+    return out
