@@ -43,7 +43,9 @@ def load_components(path: str | Path, device: str | torch.device = "cpu", dtype:
     """All parts of a local SD pipeline folder, frozen, in eval mode."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # our own bars only: loading a local folder is quick
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"model path {path} is not a directory (expected a diffusers Stable Diffusion folder)")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .data import load_images
+from .data import list_images, load_images
 from .methods.base import MethodConfig, get_method
 from .model import UserError, load_components
 
@@ -83,6 +83,7 @@ def _load_checkpoint(path: Path, method, optimizer, generator: torch.Generator) 
 def train(cfg: TrainConfig) -> Path:
     """Train and save a concept into ``cfg.out``; returns that folder."""
     from accelerate import Accelerator
+    from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
@@ -90,8 +91,9 @@ def train(cfg: TrainConfig) -> Path:
     checkpoints = _checkpoint_dirs(out)
     if checkpoints and not cfg.resume:
         raise UserError(f"{out} already has checkpoints; pass --resume to continue or choose another --out")
-    comps = load_components(cfg.model, device=accelerator.device)
     method_cls = get_method(cfg.method)
+    list_images(cfg.images)  # fail on a bad folder before loading the model
+    comps = load_components(cfg.model, device=accelerator.device)
     steps = cfg.steps or method_cls.default_steps
     vae_scale = 2 ** (len(comps.vae.config.block_out_channels) - 1)
     resolution = cfg.resolution or comps.unet.config.sample_size * vae_scale
@@ -99,6 +101,7 @@ def train(cfg: TrainConfig) -> Path:
     mcfg = MethodConfig(placeholder=cfg.placeholder, init_word=cfg.init_word, resolution=resolution, seed=cfg.seed,
                         extra=extra)
     images = load_images(cfg.images, resolution)
+    set_seed(cfg.seed)  # the new modules' initial weights
     method = method_cls(comps, mcfg)
     if cfg.gradient_checkpointing:
         comps.unet.enable_gradient_checkpointing()

@@ -1,0 +1,137 @@
+"""ViCo end to end on the tiny pipeline: train, resume, sample, bad input."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("accelerate")
+
+from safetensors.torch import load_file  # noqa: E402
+
+import fused  # noqa: E402
+from vico import cli, tiny  # noqa: E402
+from vico.methods.base import MethodConfig  # noqa: E402
+from vico.methods.vico import ViCo  # noqa: E402
+from vico.model import load_components, token_positions  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny.save_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd"))
+
+
+@pytest.fixture(scope="module")
+def images_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    tiny.write_toy_images(folder, n=3)
+    return folder
+
+
+def run(*argv):
+    return cli.main([str(a) for a in argv])
+
+
+def train_args(model_dir, images_dir, out, *extra):
+    return ["train", "--model", model_dir, "--images", images_dir, "--out", out, "--init-word", "cat", "--quiet", *extra]
+
+
+def test_train_then_sample(model_dir, images_dir, tmp_path):
+    out = tmp_path / "concept"
+    assert run(*train_args(model_dir, images_dir, out, "--steps", 3, "--checkpoint-every", 2)) == 0
+    weights = load_file(out / "concept.safetensors")
+    assert weights["embedding"].shape == (1, 32)
+    assert any(k.startswith("image_attention.") for k in weights)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000003"]
+    assert set(load_file(out / "learned_embeds.safetensors")) == {"S*"}  # diffusers' textual inversion format
+    samples = tmp_path / "samples"
+    assert run("sample", "--concept", out, "--prompt", "a photo of S* on the beach", "--out", samples,
+               "--num-images", 2, "--steps", 3, "--save-maps", "--quiet") == 0
+    names = {p.name for p in samples.iterdir()}
+    assert {"000.png", "001.png", "grid.png"} <= names
+    assert any("_map_" in n for n in names) and any("_mask_" in n for n in names)
+
+
+def test_resume_equals_uninterrupted(model_dir, images_dir, tmp_path):
+    full, split = tmp_path / "full", tmp_path / "split"
+    assert run(*train_args(model_dir, images_dir, full, "--steps", 10, "--checkpoint-every", 5)) == 0
+    assert run(*train_args(model_dir, images_dir, split, "--steps", 5, "--checkpoint-every", 5)) == 0
+    assert run(*train_args(model_dir, images_dir, split, "--steps", 5)) == 2  # refuses to overwrite
+    assert run(*train_args(model_dir, images_dir, split, "--steps", 10, "--checkpoint-every", 5, "--resume")) == 0
+    a, b = load_file(full / "concept.safetensors"), load_file(split / "concept.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    five = load_file(split / "checkpoints" / "step-000005" / "concept.safetensors")
+    assert not torch.equal(five["embedding"], a["embedding"])  # training did move the weights
+
+
+def test_textual_inversion_method(model_dir, images_dir, tmp_path):
+    out = tmp_path / "ti"
+    assert run(*train_args(model_dir, images_dir, out, "--method", "textual-inversion", "--steps", 2)) == 0
+    assert set(load_file(out / "concept.safetensors")) == {"embedding"}
+    assert json.loads((out / "concept.json").read_text())["method"] == "textual-inversion"
+    assert run("sample", "--concept", out, "--prompt", "a photo of S*", "--out", tmp_path / "s", "--num-images", 1,
+               "--steps", 2, "--quiet") == 0
+
+
+def test_vico_loss_regulariser_and_gradients(model_dir):
+    comps = load_components(model_dir)
+    comps.unet.double(), comps.text_encoder.double()
+    method = ViCo(comps, MethodConfig(init_word="cat", resolution=32))
+    g = torch.Generator().manual_seed(0)
+    mean = torch.randn(3, 4, 16, 16, generator=g, dtype=torch.float64)
+    batch = method.make_batch(mean, torch.zeros_like(mean), g, batch_size=2)
+    assert batch.reference.shape == batch.latents.shape
+    for i in range(2):  # the reference is another image than the target
+        assert not torch.equal(batch.reference[i], batch.latents[i])
+    loss, logs = method.training_loss(batch, g)
+    assert logs["reg"] > 0 and logs["loss"] == pytest.approx(logs["mse"] + 5e-4 * logs["reg"])
+    loss.backward()
+    assert method.embedding.learned.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in method.blocks.parameters() if p.dim() > 1)
+    assert all(p.grad is None for p in comps.unet.parameters() if not p.requires_grad)
+
+
+def test_eot_is_first_eos_and_request_layout(model_dir):
+    comps = load_components(model_dir)
+    method = ViCo(comps, MethodConfig(init_word="cat", resolution=32))
+    ids = comps.tokenizer(["a photo of S*", "a cat"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    s_pos, eot = token_positions(ids, method.token_id, comps.tokenizer.eos_token_id)
+    assert s_pos.tolist() == [4, -1] and eot.tolist() == [5, 3]
+    assert method.token_id > comps.tokenizer.eos_token_id  # why "largest id" would be wrong
+    req = method.map_request(ids, copies=2)
+    # noisy half: no maps; reference halves: (S* or EOT, EOT), the same for both CFG branches
+    assert req.token_index.tolist() == [[-1, -1]] * 4 + [[4, 5], [3, 3]] * 2
+    assert req.otsu and set(req.layers) == {"up_blocks.1.attentions.1.transformer_blocks.0.attn2"}
+
+
+@pytest.mark.parametrize("case", ["empty", "unreadable", "token", "no_unet", "bad_method"])
+def test_bad_input_exits_with_one_line(case, model_dir, images_dir, tmp_path, capsys):
+    images, model, extra = images_dir, model_dir, []
+    if case == "empty":
+        images = tmp_path / "empty"
+        images.mkdir()
+    elif case == "unreadable":
+        images = tmp_path / "bad"
+        images.mkdir()
+        (images / "x.png").write_bytes(b"not a png")
+    elif case == "token":
+        extra = ["--token", "cat"]
+    elif case == "no_unet":
+        model = tmp_path / "nomodel"
+        model.mkdir()
+    else:
+        extra = ["--method", "dreambooth"]
+    assert run(*train_args(model, images, tmp_path / "out", "--steps", 1, *extra)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("vico: error: ")
+    assert {"empty": "has no images", "unreadable": "cannot read image", "token": "already in the vocabulary",
+            "no_unet": "no unet/ folder", "bad_method": "unknown method"}[case] in err[0]
+
+
+def test_sample_rejects_a_folder_that_is_not_a_concept(tmp_path, capsys):
+    assert run("sample", "--concept", tmp_path, "--prompt", "x", "--out", tmp_path / "o") == 2
+    assert "is not a trained concept" in capsys.readouterr().err
