@@ -144,17 +144,7 @@ class FusedAttnProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        wants_maps = map_request is not None and is_cross and self.records_maps and map_request.wants(self.name)
-        if (wants_maps or (key_mask is not None and is_cross)) and attention_mask is not None:
-            raise NotImplementedError(f"{self.name}: an attention_mask cannot be combined with maps or key_mask")
-        if wants_maps:
-            hidden_states = self._attention_with_maps(attn, query, key, value, map_request)
-        elif key_mask is not None and is_cross:
-            hidden_states = masked_attention(query, key, value, key_mask, scale=attn.scale)
-        else:
-            hidden_states = F.scaled_dot_product_attention(
-                query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False, scale=attn.scale
-            )
+        hidden_states = self.attention(attn, query, key, value, attention_mask, is_cross, map_request, key_mask)
 
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
@@ -165,6 +155,23 @@ class FusedAttnProcessor:
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
+
+    def attention(self, attn, query, key, value, attention_mask, is_cross: bool, map_request: MapRequest | None,
+                  key_mask: torch.Tensor | None) -> torch.Tensor:
+        """The attention core on [B, H, N, D] projections (what baselines override)."""
+        wants_maps = self.wants_maps(is_cross, map_request)
+        if (wants_maps or (key_mask is not None and is_cross)) and attention_mask is not None:
+            raise NotImplementedError(f"{self.name}: an attention_mask cannot be combined with maps or key_mask")
+        if wants_maps:
+            return self._attention_with_maps(attn, query, key, value, map_request)
+        if key_mask is not None and is_cross:
+            return masked_attention(query, key, value, key_mask, scale=attn.scale)
+        return F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False, scale=attn.scale
+        )
+
+    def wants_maps(self, is_cross: bool, map_request: MapRequest | None) -> bool:
+        return map_request is not None and is_cross and self.records_maps and map_request.wants(self.name)
 
     def _attention_with_maps(self, attn, query, key, value, request: MapRequest) -> torch.Tensor:
         name = self.name or "<unnamed>"
@@ -184,15 +191,17 @@ class FusedAttnProcessor:
         return out
 
 
-def attach(model: torch.nn.Module) -> dict[str, FusedAttnProcessor]:
+def attach(model: torch.nn.Module, processor_class: type = FusedAttnProcessor) -> dict[str, FusedAttnProcessor]:
     """Install a named ``FusedAttnProcessor`` on every attention layer of a diffusers model.
 
-    Returns the processors by layer name (the keys ``MapRequest.layers`` uses).
+    ``processor_class`` may be a subclass (the benchmarks' baselines override
+    ``attention``). Returns the processors by layer name (the keys
+    ``MapRequest.layers`` uses).
     """
     processors = {}
     for key in model.attn_processors:
         name = key.removesuffix(".processor")
         module = model.get_submodule(name)
-        processors[key] = FusedAttnProcessor(name, records_maps=not getattr(module, "fused_no_maps", False))
+        processors[key] = processor_class(name, records_maps=not getattr(module, "fused_no_maps", False))
     model.set_attn_processor(processors)
     return {p.name: p for p in processors.values()}

@@ -135,3 +135,45 @@ def test_bad_input_exits_with_one_line(case, model_dir, images_dir, tmp_path, ca
 def test_sample_rejects_a_folder_that_is_not_a_concept(tmp_path, capsys):
     assert run("sample", "--concept", tmp_path, "--prompt", "x", "--out", tmp_path / "o") == 2
     assert "is not a trained concept" in capsys.readouterr().err
+
+
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    assert run("demo", "--out", tmp_path / "demo", "--steps", 2, "--sample-steps", 2, "--num-images", 1, "--quiet") == 0
+    out = capsys.readouterr().out
+    assert "tiny random model" in out and "training steps in" in out
+    assert (tmp_path / "demo" / "concept" / "concept.safetensors").is_file()
+    assert (tmp_path / "demo" / "samples" / "grid.png").is_file()
+
+
+def test_cli_help_explains_each_command(capsys):
+    for cmd in ("train", "sample", "demo"):
+        with pytest.raises(SystemExit) as exc:
+            run(cmd, "--help")
+        assert exc.value.code == 0
+        assert "--out" in capsys.readouterr().out
+
+
+def test_v_prediction_target(model_dir):
+    from diffusers import DDIMScheduler
+
+    from vico.methods.textual_inversion import noise_and_target
+
+    sched = DDIMScheduler(prediction_type="v_prediction")
+    latents = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    noisy, t, target = noise_and_target(sched, latents, g1)
+    noise = torch.randn(latents.shape, generator=g2, dtype=torch.float32).double()
+    t2 = torch.randint(0, 1000, (2,), generator=g2)
+    assert torch.equal(t, t2)
+    torch.testing.assert_close(target, sched.get_velocity(latents, noise, t))
+    with pytest.raises(ValueError, match="unsupported prediction_type"):
+        noise_and_target(DDIMScheduler(prediction_type="sample"), latents, g1)
+
+
+def test_gradient_checkpointing_gives_the_same_step(model_dir, images_dir, tmp_path):
+    plain, ckpt = tmp_path / "plain", tmp_path / "ckpt"
+    assert run(*train_args(model_dir, images_dir, plain, "--steps", 2)) == 0
+    assert run(*train_args(model_dir, images_dir, ckpt, "--steps", 2, "--gradient-checkpointing")) == 0
+    a, b = load_file(plain / "concept.safetensors"), load_file(ckpt / "concept.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)

@@ -1,4 +1,4 @@
-"""The ``vico`` command: ``vico train`` and ``vico sample`` (``vico <cmd> --help``).
+"""The ``vico`` command: ``vico train``, ``vico sample``, ``vico demo`` (``vico <cmd> --help``).
 
 Multi-GPU training goes through HF accelerate:
 ``accelerate launch -m vico.cli train --model ... --images ... --out ...``.
@@ -55,11 +55,67 @@ def _sample_parser(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _demo_parser(sub) -> None:
+    p = sub.add_parser("demo", help="train and sample a ViCo concept end to end on a small model",
+                       description="Train ViCo on a few images and sample with it, in one go. Without --model "
+                       "it builds a tiny random Stable-Diffusion-shaped model and toy images (no download; the "
+                       "pictures are noise, the code path is the real one).")
+    p.add_argument("--out", default="vico-demo", help="output folder (default vico-demo)")
+    p.add_argument("--model", help="a local Stable Diffusion folder instead of the tiny random model")
+    p.add_argument("--images", help="training images (default: generated toy images)")
+    p.add_argument("--init-word", default="cat", help="class word (default cat)")
+    p.add_argument("--steps", type=int, default=30, help="training steps (default 30)")
+    p.add_argument("--sample-steps", type=int, default=20, help="DDIM steps (default 20)")
+    p.add_argument("--num-images", type=int, default=4)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def cmd_demo(args) -> int:
+    import shutil
+    import time
+
+    from . import tiny
+
+    out = Path(args.out)
+    model = args.model
+    if model is None:
+        model = out / "tiny-sd"
+        if not (model / "unet").is_dir():
+            tiny.save_tiny_pipeline(model)
+        print(f"vico demo: no --model given; using a tiny random model in {model} (its pictures are noise)")
+    images = args.images
+    if images is None:
+        images = out / "images"
+        tiny.write_toy_images(images, n=4)
+    concept = out / "concept"
+    shutil.rmtree(concept, ignore_errors=True)  # a demo starts fresh
+    t0 = time.perf_counter()
+    cmd_train(_train_parser_defaults(model=model, images=images, out=concept, init_word=args.init_word,
+                                     steps=args.steps, quiet=args.quiet))
+    train_s = time.perf_counter() - t0
+    samples = out / "samples"
+    cmd_sample(argparse.Namespace(concept=concept, prompt="a photo of S* on the beach", out=samples, model=None,
+                                  reference=None, num_images=args.num_images, steps=args.sample_steps,
+                                  guidance=7.5, seed=0, device=None, save_maps=True, quiet=args.quiet))
+    print(f"vico demo: {args.steps} training steps in {train_s:.1f} s ({train_s / max(args.steps, 1):.3f} s/step "
+          f"incl. loading); concept in {concept}, images and S* maps/masks in {samples}")
+    return 0
+
+
+def _train_parser_defaults(**overrides) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    _train_parser(parser.add_subparsers())
+    args = parser.parse_args(["train", "--model", "m", "--images", "i", "--out", "o"])
+    for key, value in overrides.items():
+        setattr(args, key, value)
+    return args
+
+
 def cmd_train(args) -> int:
     from .training import TrainConfig, train
 
     cfg = TrainConfig(
-        model=args.model, images=args.images, out=args.out, method=args.method, placeholder=args.token,
+        model=str(args.model), images=str(args.images), out=str(args.out), method=args.method, placeholder=args.token,
         init_word=args.init_word, steps=args.steps, batch_size=args.batch_size, scale_lr=not args.no_scale_lr,
         checkpoint_every=args.checkpoint_every, seed=args.seed, resolution=args.resolution,
         mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
@@ -126,9 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _sample_parser(sub)
+    _demo_parser(sub)
     args = parser.parse_args(argv)
     try:
-        return {"train": cmd_train, "sample": cmd_sample}[args.command](args)
+        return {"train": cmd_train, "sample": cmd_sample, "demo": cmd_demo}[args.command](args)
     except UserError as exc:
         print(f"vico: error: {exc}", file=sys.stderr)
         return 2

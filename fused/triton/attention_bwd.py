@@ -48,6 +48,23 @@ def _map_grad_to_dp(DMaps, Index, b, h, H, N, T, offs_n, row_ok, cols, c,
 
 
 @triton.jit
+def _probs_and_dscores(q, k, v, do, lse, delta, cols, L, b, h, H, N, T, offs_n, row_ok, KeyMask, uniform,
+                       DMaps, Index, scale, c,
+                       HAS_MAPS: tl.constexpr, HEAD_MEAN: tl.constexpr, HAS_MASK: tl.constexpr,
+                       ACC: tl.constexpr, PRECISION: tl.constexpr, BLOCK_T: tl.constexpr):
+    """P (recomputed from lse) and dS = P * (dP - D) of a [queries, keys] tile."""
+    s = _scores(q, k, cols, L, b, KeyMask, uniform, scale, HAS_MASK, ACC, PRECISION)
+    p = tl.where(row_ok[:, None], tl.exp(s - lse[:, None]), 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION).to(ACC)
+    if HAS_MAPS:
+        dp += _map_grad_to_dp(DMaps, Index, b, h, H, N, T, offs_n, row_ok, cols, c, HEAD_MEAN, ACC, BLOCK_T)
+    ds = p * (dp - delta[:, None])
+    if HAS_MASK:
+        ds = tl.where(uniform, 0.0, ds)  # uniform rows have constant scores: no dq, dk
+    return p, ds
+
+
+@triton.jit
 def _attention_bwd_rowterm_kernel(
     Q, K, Out, DOut, Lse, Delta, DMaps, Index,
     sqb, sqh, sqn, sqd, skb, skh, skl, skd,
@@ -123,15 +140,10 @@ def _attention_bwd_dkdv_kernel(
         do = tl.load(DOut + (bh * N + offs_n[:, None]) * D + offs_d[None, :], mask=tile, other=0.0)
         lse = tl.load(Lse + bh * N + offs_n, mask=row_ok, other=0.0)
         delta = tl.load(Delta + bh * N + offs_n, mask=row_ok, other=0.0)
-        s = _scores(q, k, cols, L, b, KeyMask, uniform, scale, HAS_MASK, ACC, PRECISION)
-        p = tl.where(row_ok[:, None], tl.exp(s - lse[:, None]), 0.0)
+        p, ds = _probs_and_dscores(q, k, v, do, lse, delta, cols, L, b, h, H, N, T, offs_n, row_ok, KeyMask,
+                                   uniform, DMaps, Index, scale, c, HAS_MAPS, HEAD_MEAN, HAS_MASK, ACC, PRECISION,
+                                   BLOCK_T)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION).to(ACC)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION).to(ACC)
-        if HAS_MAPS:
-            dp += _map_grad_to_dp(DMaps, Index, b, h, H, N, T, offs_n, row_ok, cols, c, HEAD_MEAN, ACC, BLOCK_T)
-        ds = p * (dp - delta[:, None])
-        if HAS_MASK:
-            ds = tl.where(uniform, 0.0, ds)  # uniform rows have constant scores
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION).to(ACC)
     out_rows = (bh * L + cols[:, None]) * D + offs_d[None, :]
     tl.store(DK + out_rows, (dk * scale).to(DK.dtype.element_ty), mask=col_ok[:, None] & d_ok[None, :])
@@ -171,14 +183,9 @@ def _attention_bwd_dq_kernel(
                     mask=col_ok[:, None] & d_ok[None, :], other=0.0)
         v = tl.load(V + b * svb + h * svh + cols[:, None] * svl + offs_d[None, :] * svd,
                     mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        s = _scores(q, k, cols, L, b, KeyMask, uniform, scale, HAS_MASK, ACC, PRECISION)
-        p = tl.exp(s - lse[:, None])
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION).to(ACC)
-        if HAS_MAPS:
-            dp += _map_grad_to_dp(DMaps, Index, b, h, H, N, T, offs_n, row_ok, cols, c, HEAD_MEAN, ACC, BLOCK_T)
-        ds = p * (dp - delta[:, None])
-        if HAS_MASK:
-            ds = tl.where(uniform, 0.0, ds)
+        _, ds = _probs_and_dscores(q, k, v, do, lse, delta, cols, L, b, h, H, N, T, offs_n, row_ok, KeyMask,
+                                   uniform, DMaps, Index, scale, c, HAS_MAPS, HEAD_MEAN, HAS_MASK, ACC, PRECISION,
+                                   BLOCK_T)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION).to(ACC)
     tl.store(DQ + (bh * N + offs_n[:, None]) * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=tile)
 
