@@ -69,19 +69,6 @@ def copy_bandwidth(device: torch.device, measure) -> float:
     return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
 
 
-def paper_maps(q, k, v, idx):
-    """The ViCo code's way: materialise the probabilities, index, average heads."""
-    p = torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1)
-    out = p @ v
-    maps = p.gather(-1, idx.clamp(min=0)[:, None, None, :].expand(*p.shape[:3], idx.shape[1])).mean(1)
-    return out, maps.transpose(-1, -2)
-
-
-def paper_otsu_loop(maps):
-    """Per-sample Python loop like the paper's code (one map at a time)."""
-    return [reference.otsu_vico(m, 10) for m in maps]
-
-
 def max_err(got, want):
     return max(float((a.detach().double() - b.detach().double()).abs().max()) for a, b in zip(got, want))
 
@@ -169,39 +156,16 @@ def check_cuda_graph(device, rows):
     return ok
 
 
-def benchmark(device, attn2, image_attn, dtype, measure, bandwidth, rows):
-    B, H, T = 2, 8, 2
-    for N, D in attn2:
-        q, k, v = (torch.randn(B, H, n, D, device=device, dtype=dtype) for n in (N, 77, 77))
-        idx = torch.tensor([[5, 9]] * B, device=device)
-        t_fused = measure(lambda: fused.cross_attention_with_maps(q, k, v, idx))
-        t_paper = measure(lambda: paper_maps(q, k, v, idx))
-        t_sdpa = measure(lambda: F.scaled_dot_product_attention(q, k, v))
-        moved = (q.numel() + k.numel() + v.numel() + q.numel()) * q.element_size() + B * T * N * q.element_size()
-        rows.append(dict(op="cross_attention_with_maps fwd", shape=f"{B}x{H}x{N}x77x{D}", fused_ms=t_fused,
-                         paper_ms=t_paper, sdpa_ms=t_sdpa, vs_paper=t_paper / t_fused, vs_sdpa=t_fused / t_sdpa,
-                         gbps=moved / (t_fused * 1e-3) / 1e9, copy_gbps=bandwidth,
-                         map_overhead_pct=100 * (t_fused - t_sdpa) / t_sdpa))
-    for N, D in image_attn:
-        q, k, v = (torch.randn(B, H, N, D, device=device, dtype=dtype) for _ in range(3))
-        key_mask = torch.rand(B, N, device=device) > 0.5
-        attn_mask = key_mask[:, None, None, :]
-        t_fused = measure(lambda: fused.masked_attention(q, k, v, key_mask))
-        t_sdpa = measure(lambda: F.scaled_dot_product_attention(q, k, v))
-        t_sdpa_mask = measure(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask))
-        rows.append(dict(op="masked_attention fwd", shape=f"{B}x{H}x{N}x{N}x{D}", fused_ms=t_fused,
-                         paper_ms=t_sdpa_mask, sdpa_ms=t_sdpa, vs_paper=t_sdpa_mask / t_fused,
-                         vs_sdpa=t_fused / t_sdpa, gbps=4 * q.numel() * q.element_size() / (t_fused * 1e-3) / 1e9,
-                         copy_gbps=bandwidth, map_overhead_pct=float("nan")))
-    n_maps, n = 64, attn2[0][0]
-    maps = torch.rand(n_maps, n, device=device).pow(4)
-    t_fused = measure(lambda: fused.otsu_mask(maps))
-    t_torch = measure(lambda: reference.otsu_vico(maps, 10))
-    t_loop = measure(lambda: paper_otsu_loop(maps), repeat=5)
-    rows.append(dict(op="otsu_mask (vico)", shape=f"{n_maps}x{n}", fused_ms=t_fused, paper_ms=t_loop,
-                     sdpa_ms=float("nan"), vs_paper=t_loop / t_fused, vs_sdpa=float("nan"),
-                     gbps=maps.numel() * 5 / (t_fused * 1e-3) / 1e9, copy_gbps=bandwidth,
-                     map_overhead_pct=float("nan"), vs_batched_torch=t_torch / t_fused))
+def benchmark(device, size, dtype, bandwidth, rows):
+    """fused.benchmark rows plus the device's copy bandwidth and the cost of maps over SDPA."""
+    from fused.benchmark import run
+
+    for row in run(size, device, dtype, repeat=20, progress=False):
+        row["copy_gbps"] = bandwidth
+        if "sdpa_ms" in row and row["op"] == "cross_attention_with_maps":
+            row["map_overhead_pct"] = 100 * (row["fused_ms"] - row["sdpa_ms"]) / row["sdpa_ms"]
+        row["shape"] = "x".join(map(str, row["shape"]))
+        rows.append(row)
 
 
 def markdown(rows, keys):
@@ -234,11 +198,13 @@ def main(argv=None) -> int:
     if not opts.skip_bench:
         bandwidth = copy_bandwidth(device, measure)
         bench_dtype = torch.float16 if device.type == "cuda" else torch.float32
-        benchmark(device, attn2, image_attn, bench_dtype, measure, bandwidth, bench)
-        print(markdown(bench, ["op", "shape", "fused_ms", "paper_ms", "sdpa_ms", "vs_paper", "vs_sdpa", "gbps",
-                               "copy_gbps", "map_overhead_pct", "vs_batched_torch"]))
-        print("paper_ms: materialise+index (attention), SDPA with the mask as attn_mask (masked), "
-              "per-sample Python loop (Otsu); vs_sdpa = fused_ms / sdpa_ms")
+        size = "tiny" if opts.tiny else ("gpu" if device.type == "cuda" else "cpu")
+        benchmark(device, size, bench_dtype, bandwidth, bench)
+        print(markdown(bench, ["op", "shape", "dtype", "fused_ms", "paper_ms", "sdpa_ms", "torch_ms", "speedup_vs_paper",
+                               "speedup_vs_torch", "ratio_to_sdpa", "gbps", "copy_gbps", "peak_mb",
+                               "map_overhead_pct"]))
+        print("paper_ms: materialise+index+mean (attention), SDPA with the mask as attn_mask (masked), "
+              "per-sample Python loop (Otsu); torch_ms: batched torch Otsu; ratio_to_sdpa = fused_ms / sdpa_ms")
     if opts.out:
         opts.out.write_text(json.dumps(dict(info=info, checks=checks, bench=bench), indent=1, default=str))
     print("gpu_check: " + ("all checks passed" if ok else "SOME CHECKS FAILED"), file=sys.stderr)

@@ -21,5 +21,5 @@ def test_gpu_check_tiny_run(tmp_path, cpp_backend, triton_backend):
     for op in ("cross_attention_with_maps", "masked_attention", "otsu_mask/vico", "otsu_mask/skimage"):
         assert (op, "cpp") in checked and (op, "triton") in checked
     assert all(r["ok"] for r in report["checks"])
-    assert {r["op"] for r in report["bench"]} >= {"cross_attention_with_maps fwd", "masked_attention fwd", "otsu_mask (vico)"}
+    assert {r["op"] for r in report["bench"]} == {"cross_attention_with_maps", "masked_attention", "otsu_mask"}
     assert all(r["fused_ms"] > 0 for r in report["bench"])

@@ -177,3 +177,12 @@ def test_gradient_checkpointing_gives_the_same_step(model_dir, images_dir, tmp_p
     a, b = load_file(plain / "concept.safetensors"), load_file(ckpt / "concept.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_bench_prints_json_rows(capsys):
+    assert run("bench", "--size", "tiny", "--repeat", "1", "--json") == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["op"] for r in rows] == ["cross_attention_with_maps", "masked_attention", "otsu_mask"]
+    for r in rows:
+        assert r["fused_ms"] > 0 and r["speedup_vs_paper"] > 0 and r["gbps"] > 0
+    assert "ratio_to_sdpa" in rows[0] and "speedup_vs_torch" in rows[2]

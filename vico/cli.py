@@ -1,4 +1,4 @@
-"""The ``vico`` command: ``vico train``, ``vico sample``, ``vico demo`` (``vico <cmd> --help``).
+"""The ``vico`` command: ``vico train``, ``vico sample``, ``vico demo``, ``vico bench`` (``vico <cmd> --help``).
 
 Multi-GPU training goes through HF accelerate:
 ``accelerate launch -m vico.cli train --model ... --images ... --out ...``.
@@ -111,6 +111,40 @@ def _train_parser_defaults(**overrides) -> argparse.Namespace:
     return args
 
 
+def _bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="time the fused ops against the paper's way and SDPA on this device",
+                       description="Quick op benchmark on whatever device is present: fused cross-attention "
+                       "with maps, masked attention and Otsu vs the `paper` baseline (materialise + index; "
+                       "per-sample Otsu loop; SDPA with a boolean mask) and SDPA without maps.")
+    p.add_argument("--size", choices=["tiny", "cpu", "gpu"], help="shape set (default: gpu on CUDA, else cpu)")
+    p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="default fp16 on CUDA, fp32 on CPU")
+    p.add_argument("--backend", help="force a fused backend (torch, cpp, triton)")
+    p.add_argument("--repeat", type=int, default=5, help="best of N (default 5)")
+    p.add_argument("--json", action="store_true", help="print only JSON on stdout")
+
+
+def cmd_bench(args) -> int:
+    import json
+
+    import torch
+
+    from fused.benchmark import format_table, run
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[
+        args.dtype or ("fp16" if device.type == "cuda" else "fp32")]
+    size = args.size or ("gpu" if device.type == "cuda" else "cpu")
+    rows = run(size, device, dtype, repeat=args.repeat, progress=True, backend=args.backend)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        print(f"vico bench: {device} {str(dtype)[6:]}, torch {torch.__version__}, best of {args.repeat}; "
+              "vs paper/torch = baseline time / fused time; / sdpa = fused time / SDPA time (no maps)")
+        print(format_table(rows))
+    return 0
+
+
 def cmd_train(args) -> int:
     from .training import TrainConfig, train
 
@@ -183,9 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     _train_parser(sub)
     _sample_parser(sub)
     _demo_parser(sub)
+    _bench_parser(sub)
     args = parser.parse_args(argv)
     try:
-        return {"train": cmd_train, "sample": cmd_sample, "demo": cmd_demo}[args.command](args)
+        return {"train": cmd_train, "sample": cmd_sample, "demo": cmd_demo, "bench": cmd_bench}[args.command](args)
     except UserError as exc:
         print(f"vico: error: {exc}", file=sys.stderr)
         return 2
