@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from fused import FusedAttnProcessor, reference
+from fused.benchmark import paper_otsu_loop
 
 
 def _materialised_maps(attn, query, key, value, request):
@@ -42,9 +43,7 @@ class PaperAttnProcessor(FusedAttnProcessor):
             if self.wants_maps(is_cross, map_request):
                 map_request.maps[self.name] = maps
                 if map_request.otsu:
-                    flat = maps.detach().reshape(-1, maps.shape[-1])
-                    masks = [reference.otsu_vico(flat[i], 10)[1] for i in range(flat.shape[0])]  # per sample
-                    map_request.masks[self.name] = torch.stack(masks).reshape(maps.shape)
+                    map_request.masks[self.name] = paper_otsu_loop(maps.detach())  # per sample, per candidate
             return out
         return F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=attn.scale)
 

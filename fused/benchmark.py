@@ -39,9 +39,26 @@ def paper_maps(q, k, v, token_index):
     return out, p.gather(-1, cols).mean(1).transpose(-1, -2)
 
 
-def paper_otsu_loop(maps):
-    """One map at a time, like the paper's per-sample Python loop."""
-    return [reference.otsu_vico(m, 10) for m in maps.reshape(-1, maps.shape[-1])]
+def paper_otsu_loop(maps: torch.Tensor, bins: int = 10) -> torch.Tensor:
+    """Otsu masks the way ViCo's public code computes them: a Python loop over
+    the maps and over the candidates, boolean indexing for each class and a
+    Python comparison of the scores (a host sync per candidate on a GPU).
+    An empty class gives a NaN score, which never wins. Returns bool [..., N]."""
+    flat = maps.reshape(-1, maps.shape[-1])
+    lo, hi = flat.min(-1, keepdim=True)[0], flat.max(-1, keepdim=True)[0]
+    norm = (flat - lo) / (hi - lo)
+    n = flat.shape[-1]
+    masks = []
+    for i in range(flat.shape[0]):
+        m = norm[i]
+        best_g, best_t = 0.0, 0.0
+        for t in range(bins):
+            low, high = m[m < t / bins], m[m >= t / bins]
+            g = (low.shape[0] / n) * (high.shape[0] / n) * (low.mean() - high.mean()) ** 2
+            if g > best_g:
+                best_g, best_t = g, t / bins
+        masks.append(m >= best_t if best_t > 0 else m > 0)
+    return torch.stack(masks).reshape(maps.shape)
 
 
 @dataclass
