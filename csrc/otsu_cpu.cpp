@@ -13,7 +13,8 @@ namespace {
 
 template <typename scalar_t>
 void otsu_vico_one(const scalar_t* x, int64_t n, int64_t bins, scalar_t* thr, bool* mask,
-                   std::vector<double>& count, std::vector<double>& sum) {
+                   std::vector<double>& count, std::vector<double>& sum, std::vector<scalar_t>& tau,
+                   std::vector<scalar_t>& xn) {
   scalar_t lo = x[0], hi = x[0];
   for (int64_t i = 1; i < n; ++i) {
     lo = std::min(lo, x[i]);
@@ -27,20 +28,21 @@ void otsu_vico_one(const scalar_t* x, int64_t n, int64_t bins, scalar_t* thr, bo
   }
   std::fill(count.begin(), count.end(), 0.0);
   std::fill(sum.begin(), sum.end(), 0.0);
+  for (int64_t t = 1; t < bins; ++t) tau[t - 1] = fused_otsu::vico_candidate<scalar_t>(t, bins);
+  for (int64_t i = 0; i < n; ++i) xn[i] = (x[i] - lo) / span;  // IEEE division: correctly rounded
   for (int64_t i = 0; i < n; ++i) {
-    const scalar_t xn = (x[i] - lo) / span;  // IEEE division: correctly rounded
-    const int b = fused_otsu::vico_bucket(xn, bins);
+    const int b = fused_otsu::vico_bucket(xn[i], tau.data(), bins);
     count[b] += 1.0;
-    sum[b] += static_cast<double>(xn);
+    sum[b] += static_cast<double>(xn[i]);
   }
   const int64_t best =
       fused_otsu::vico_best_candidate(count.data(), sum.data(), bins, static_cast<double>(n));
-  const scalar_t tau = best > 0 ? static_cast<scalar_t>(best) / static_cast<scalar_t>(bins)
-                                : scalar_t(0);
-  *thr = tau;
-  for (int64_t i = 0; i < n; ++i) {
-    const scalar_t xn = (x[i] - lo) / span;
-    mask[i] = tau > scalar_t(0) ? (xn >= tau) : (xn > scalar_t(0));
+  const scalar_t threshold = best > 0 ? tau[best - 1] : scalar_t(0);
+  *thr = threshold;
+  if (threshold > scalar_t(0)) {
+    for (int64_t i = 0; i < n; ++i) mask[i] = xn[i] >= threshold;
+  } else {
+    for (int64_t i = 0; i < n; ++i) mask[i] = xn[i] > scalar_t(0);
   }
 }
 
@@ -96,10 +98,10 @@ std::tuple<at::Tensor, at::Tensor> otsu_mask(const at::Tensor& maps_in, int64_t 
     scalar_t* t = thr.data_ptr<scalar_t>();
     at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
       std::vector<double> count(bins), aux(bins);
-      std::vector<scalar_t> edges(bins + 1);
+      std::vector<scalar_t> edges(bins + 1), normalised(vico ? n : 0);
       for (int64_t r = begin; r < end; ++r) {
         if (vico) {
-          otsu_vico_one<scalar_t>(x + r * n, n, bins, t + r, mask_ptr + r * n, count, aux);
+          otsu_vico_one<scalar_t>(x + r * n, n, bins, t + r, mask_ptr + r * n, count, aux, edges, normalised);
         } else {
           otsu_skimage_one<scalar_t>(x + r * n, n, bins, t + r, mask_ptr + r * n, count, aux, edges);
         }

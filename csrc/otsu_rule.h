@@ -14,16 +14,28 @@
 
 namespace fused_otsu {
 
+// Candidate threshold tau_t = t/bins rounded once to scalar_t (IEEE division).
+template <typename scalar_t>
+FUSED_HD scalar_t vico_candidate(int64_t t, int64_t bins) {
+  return static_cast<scalar_t>(t) / static_cast<scalar_t>(bins);
+}
+
 // Bucket of a normalised value for mode "vico": the number of candidates
-// tau_t = t/bins (t = 1..bins-1, rounded to scalar_t) with tau_t <= x.
-// Membership is decided only by that comparison, so x == tau_t goes high.
+// tau_t (t = 1..bins-1) with tau_t <= x. Membership is decided only by that
+// comparison, so x == tau_t goes high.
 template <typename scalar_t>
 FUSED_HD int vico_bucket(scalar_t x, int64_t bins) {
   int bucket = 0;
-  for (int64_t t = 1; t < bins; ++t) {
-    const scalar_t tau = static_cast<scalar_t>(t) / static_cast<scalar_t>(bins);
-    bucket += (x >= tau) ? 1 : 0;
-  }
+  for (int64_t t = 1; t < bins; ++t) bucket += (x >= vico_candidate<scalar_t>(t, bins)) ? 1 : 0;
+  return bucket;
+}
+
+// The same with the candidates precomputed: tau[t-1] = vico_candidate(t, bins).
+// Branch-free on purpose: a guess-and-correct search was slower on CPU.
+template <typename scalar_t>
+FUSED_HD int vico_bucket(scalar_t x, const scalar_t* tau, int64_t bins) {
+  int bucket = 0;
+  for (int64_t t = 1; t < bins; ++t) bucket += (x >= tau[t - 1]) ? 1 : 0;
   return bucket;
 }
 
