@@ -23,3 +23,16 @@ def test_gpu_check_tiny_run(tmp_path, cpp_backend, triton_backend):
     assert all(r["ok"] for r in report["checks"])
     assert {r["op"] for r in report["bench"]} == {"cross_attention_with_maps", "masked_attention", "otsu_mask"}
     assert all(r["fused_ms"] > 0 for r in report["bench"])
+
+
+def test_scaling_script_small_run(tmp_path, cpp_backend):
+    spec = importlib.util.spec_from_file_location("scaling", SCRIPT.parent / "scaling.py")
+    scaling = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scaling)
+    assert scaling.main(["--latents", "4", "8", "--repeat", "1", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "scaling.json").read_text())
+    fused_maps = [r["maps_mb_analytic"] for r in report["rows"] if r["path"] == "fused" and r["maps_mb_analytic"] is not None]
+    paper_maps = [r["maps_mb_analytic"] for r in report["rows"] if r["path"] == "paper" and r["maps_mb_analytic"] is not None]
+    assert fused_maps[1] == 4 * fused_maps[0] and paper_maps[1] == 4 * paper_maps[0]  # O(N) both, paper x H*L/T
+    assert paper_maps[0] / fused_maps[0] == pytest.approx(8 * 77 / 2)
+    assert (tmp_path / "scaling.md").is_file()
