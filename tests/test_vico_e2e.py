@@ -156,7 +156,7 @@ def test_cli_help_explains_each_command(capsys):
 def test_v_prediction_target(model_dir):
     from diffusers import DDIMScheduler
 
-    from vico.methods.textual_inversion import noise_and_target
+    from vico.methods.base import noise_and_target
 
     sched = DDIMScheduler(prediction_type="v_prediction")
     latents = torch.randn(2, 4, 8, 8, dtype=torch.float64)

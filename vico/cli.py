@@ -20,12 +20,17 @@ def _train_parser(sub) -> None:
     p.add_argument("--model", required=True, help="local diffusers Stable Diffusion folder (SD 1.x/2.x)")
     p.add_argument("--images", required=True, help="folder with the training images")
     p.add_argument("--out", required=True, help="output folder for the concept and checkpoints")
-    p.add_argument("--method", default="vico", help="vico (default) or textual-inversion")
+    p.add_argument("--method", default="vico",
+                   help="vico (default), textual-inversion, attndreambooth or catversion")
     p.add_argument("--token", default="S*", help="placeholder token to learn (default S*)")
-    p.add_argument("--init-word", default="object", help="single-token word to initialise the embedding (the class word)")
-    p.add_argument("--steps", type=int, help="training steps (default: the method's, 400 for ViCo)")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--no-scale-lr", action="store_true", help="do not multiply learning rates by batch size x GPUs")
+    p.add_argument("--init-word", default="object",
+                   help="the class word: initialises the token embedding (ViCo, TI), is the [category] of "
+                   "AttnDreamBooth and CatVersion's caption; must be a single token")
+    p.add_argument("--steps", type=int, help="training steps (default: the method's, 400 for ViCo); for "
+                   "AttnDreamBooth, steps of every stage")
+    p.add_argument("--batch-size", type=int, help="batch size (default: the method's)")
+    p.add_argument("--scale-lr", action=argparse.BooleanOptionalAction, default=None,
+                   help="multiply learning rates by batch size x GPUs (default: as the method's paper code does)")
     p.add_argument("--checkpoint-every", type=int, default=100, help="write a resumable checkpoint every K steps")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--seed", type=int, default=0)
@@ -150,7 +155,7 @@ def cmd_train(args) -> int:
 
     cfg = TrainConfig(
         model=str(args.model), images=str(args.images), out=str(args.out), method=args.method, placeholder=args.token,
-        init_word=args.init_word, steps=args.steps, batch_size=args.batch_size, scale_lr=not args.no_scale_lr,
+        init_word=args.init_word, steps=args.steps, batch_size=args.batch_size, scale_lr=args.scale_lr,
         checkpoint_every=args.checkpoint_every, seed=args.seed, resolution=args.resolution,
         mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
         resume=args.resume, layers=args.layers, progress=not args.quiet,

@@ -1,8 +1,8 @@
 """Sampling with a trained concept: ``ViCoPipeline``.
 
 A thin wrapper over the components of a local Stable Diffusion folder and a
-trained method: DDIM (50 steps) and classifier-free guidance (7.5) by
-default; the method decides how the UNet is called at each step (ViCo runs
+trained method: DDIM (DPM-Solver for AttnDreamBooth), 50 steps, and
+classifier-free guidance 7.5 by default; the method decides how the UNet is called at each step (ViCo runs
 the reference branch, recomputed at every step from the clean reference
 latent at the current timestep).
 """
@@ -39,12 +39,13 @@ class ViCoPipeline:
                  num_inference_steps: int = 50, guidance_scale: float = 7.5, seed: int = 0,
                  progress: bool = True) -> tuple[np.ndarray, dict]:
         """Images uint8 [n, H, W, 3] and the method's sampling context (maps of the last step)."""
-        from diffusers import DDIMScheduler
+        from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
         from tqdm.auto import tqdm
 
         c = self.components
         device = c.device
-        scheduler = DDIMScheduler.from_config(c.scheduler.config)
+        sampler = DPMSolverMultistepScheduler if self.method.sampler == "dpm-solver" else DDIMScheduler
+        scheduler = sampler.from_config(c.scheduler.config)
         scheduler.set_timesteps(num_inference_steps, device=device)
         ids, cond = encode_prompts(c.tokenizer, c.text_encoder, [prompt] * num_images)
         _, uncond = encode_prompts(c.tokenizer, c.text_encoder, [""] * num_images)

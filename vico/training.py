@@ -35,9 +35,9 @@ class TrainConfig:
     method: str = "vico"
     placeholder: str = "S*"
     init_word: str = "object"
-    steps: int | None = None  # None: the method's default
-    batch_size: int = 1
-    scale_lr: bool = True  # lr x batch size x processes, as the paper's code does
+    steps: int | None = None  # None: the method's default (per stage for multi-stage methods)
+    batch_size: int | None = None  # None: the method's default
+    scale_lr: bool | None = None  # lr x batch size x processes; None: the method's default
     checkpoint_every: int = 100
     seed: int = 0
     resolution: int | None = None  # None: the UNet's native size
@@ -56,28 +56,29 @@ def _checkpoint_dirs(out: Path) -> list[Path]:
     return sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")), key=lambda p: p.name)
 
 
-def save_checkpoint(out: Path, step: int, method, optimizer, generator: torch.Generator) -> Path:
-    """checkpoints/step-XXXXXX/ with the concept, AdamW state and the RNG, renamed into place."""
+def save_checkpoint(out: Path, step: int, method, optimizer, generator: torch.Generator, stage: int = 0) -> Path:
+    """checkpoints/step-XXXXXX/ with the concept, AdamW state, stage and RNG, renamed into place."""
     final = out / CHECKPOINTS / f"step-{step:06d}"
     tmp = out / CHECKPOINTS / f".tmp-step-{step:06d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     method.save(tmp)
-    torch.save({"optimizer": optimizer.state_dict(), "generator": generator.get_state(), "step": step}, tmp / "trainer.pt")
+    torch.save({"optimizer": optimizer.state_dict(), "generator": generator.get_state(), "step": step,
+                "stage": stage}, tmp / "trainer.pt")
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     return final
 
 
-def _load_checkpoint(path: Path, method, optimizer, generator: torch.Generator) -> int:
+def _load_checkpoint(path: Path, method, generator: torch.Generator) -> dict:
+    """Restore weights and RNG; returns the trainer state (step, stage, optimizer)."""
     from .methods.base import read_concept
 
     _, weights = read_concept(path)
     method.load_state_dict(weights)
     state = torch.load(path / "trainer.pt", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
     generator.set_state(state["generator"])
-    return int(state["step"])
+    return state
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -94,7 +95,6 @@ def train(cfg: TrainConfig) -> Path:
     method_cls = get_method(cfg.method)
     list_images(cfg.images)  # fail on a bad folder before loading the model
     comps = load_components(cfg.model, device=accelerator.device)
-    steps = cfg.steps or method_cls.default_steps
     vae_scale = 2 ** (len(comps.vae.config.block_out_channels) - 1)
     resolution = cfg.resolution or comps.unet.config.sample_size * vae_scale
     extra = dict(cfg.extra, **({"layers": cfg.layers} if cfg.layers else {}))
@@ -106,49 +106,74 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.gradient_checkpointing:
         comps.unet.enable_gradient_checkpointing()
 
-    with torch.no_grad():  # the VAE is frozen and there is no augmentation: encode once
+    with torch.no_grad():  # the VAE is frozen: encode once (flipped copies too when the method flips)
+        if method.hflip_prob > 0:
+            images = torch.cat([images, images.flip(-1)])
         posterior = comps.vae.encode(images.to(accelerator.device, comps.vae.dtype)).latent_dist
         sf = comps.vae.config.scaling_factor
         latent_mean, latent_std = posterior.mean * sf, posterior.std * sf
 
-    lr_scale = cfg.batch_size * accelerator.num_processes if cfg.scale_lr else 1.0
-    optimizer = torch.optim.AdamW(method.param_groups(lr_scale))
-    prepared = accelerator.prepare(optimizer, *method.trainable_modules())
-    optimizer = prepared[0]
-    comps.unet, comps.text_encoder = prepared[1], prepared[2]
+    stages = method.stages(cfg.steps, cfg.batch_size)
+    total = sum(s.steps for s in stages)
+    scale_lr = method.scale_lr if cfg.scale_lr is None else cfg.scale_lr
     generator = torch.Generator().manual_seed(cfg.seed)
-    start = 0
+    start, resume_state = 0, None
     if checkpoints:
-        start = _load_checkpoint(checkpoints[-1], method, optimizer, generator)
+        resume_state = _load_checkpoint(checkpoints[-1], method, generator)
+        start = int(resume_state["step"])
         accelerator.print(f"vico: resuming from {checkpoints[-1]} (step {start})")
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=1))
 
-    bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"{method.name}", disable=not cfg.progress
-               or not accelerator.is_local_main_process, file=sys.stderr)
-    completed = start
-    gen_state = generator.get_state()
-    try:
-        for step in bar:
-            gen_state = generator.get_state()
-            batch = method.make_batch(latent_mean, latent_std, generator, cfg.batch_size)
-            with accelerator.autocast():
-                loss, logs = method.training_loss(batch, generator)
-            accelerator.backward(loss)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            completed = step + 1
-            bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()})
-            if accelerator.is_main_process and (completed % cfg.checkpoint_every == 0 or completed == steps):
-                save_checkpoint(out, completed, method, optimizer, generator)
-    except KeyboardInterrupt:
-        if accelerator.is_main_process and completed > start:
-            if completed == step:  # interrupted inside a step: rewind its random draws
-                generator.set_state(gen_state)
-            path = save_checkpoint(out, completed, method, optimizer, generator)
-            print(f"vico: interrupted; saved {path}; continue with --resume", file=sys.stderr)
-        raise
+    bar = tqdm(total=total, initial=start, desc=method.name, file=sys.stderr,
+               disable=not cfg.progress or not accelerator.is_local_main_process)
+    completed, first = start, 0
+    # Wrap the models once (DDP when launched on several GPUs). DDP fixes the set of
+    # trainable parameters at wrapping time, so multi-stage methods whose trainable
+    # set changes between stages are single-process only for now.
+    first_stage = next(i for i, s in enumerate(stages) if start < sum(x.steps for x in stages[: i + 1]))
+    method.begin_stage(first_stage)
+    if len(stages) > 1 and accelerator.num_processes > 1:
+        raise UserError(f"{method.name} trains in stages and runs on one process only for now")
+    prepared = accelerator.prepare(*method.trainable_modules())
+    comps.unet, comps.text_encoder = prepared[0], prepared[1]
+    for index, stage in enumerate(stages):
+        last = first + stage.steps
+        if start >= last:  # finished before the checkpoint we resumed from
+            first = last
+            continue
+        method.begin_stage(index)
+        lr_scale = stage.batch_size * accelerator.num_processes if scale_lr else 1.0
+        optimizer = accelerator.prepare(torch.optim.AdamW(method.param_groups(lr_scale, stage=index)))
+        if resume_state is not None and int(resume_state.get("stage", 0)) == index and start > first:
+            optimizer.load_state_dict(resume_state["optimizer"])
+        if len(stages) > 1:
+            bar.set_description(f"{method.name} [{stage.name}]")
+        gen_state = generator.get_state()
+        try:
+            for step in range(max(start, first), last):
+                gen_state = generator.get_state()
+                batch = method.make_batch(latent_mean, latent_std, generator, stage.batch_size)
+                with accelerator.autocast():
+                    loss, logs = method.training_loss(batch, generator)
+                accelerator.backward(loss)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                completed = step + 1
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()})
+                if accelerator.is_main_process and (completed % cfg.checkpoint_every == 0 or completed == total):
+                    save_checkpoint(out, completed, method, optimizer, generator, stage=index)
+        except KeyboardInterrupt:
+            if accelerator.is_main_process and completed > start:
+                if completed == step:  # interrupted inside a step: rewind its random draws
+                    generator.set_state(gen_state)
+                path = save_checkpoint(out, completed, method, optimizer, generator, stage=index)
+                print(f"vico: interrupted; saved {path}; continue with --resume", file=sys.stderr)
+            raise
+        first = last
+    bar.close()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         method.save(out)

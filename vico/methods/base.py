@@ -1,10 +1,12 @@
 """The interface every personalization method implements.
 
-A method says what it trains (``param_groups``), what it asks the UNet for
-(a ``fused.MapRequest`` built per batch), its loss, how its trained state is
-saved and loaded (safetensors + a JSON config), and how it denoises at
-sampling time (``predict_noise``). Training (``vico.training``) and sampling
-(``vico.pipeline``) are written once against this interface.
+A method says what it trains in each stage (``stages`` and ``param_groups``),
+what it asks the UNet for (a ``fused.MapRequest`` built per batch), its loss,
+how its trained state is saved and loaded (safetensors + a JSON config), and
+how it denoises at sampling time (``predict_noise``). Training
+(``vico.training``) and sampling (``vico.pipeline``) are written once against
+this interface. The defaults here are the plain diffusion objective and
+classifier-free guidance; methods override what they change.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 
-from ..model import Components, UserError
+from ..model import Components, UserError, encode_prompts
 
 CONFIG_FILE = "concept.json"
 WEIGHTS_FILE = "concept.safetensors"
@@ -42,23 +45,89 @@ class Batch:
     reference: torch.Tensor | None = None  # [B, 4, h, w] clean reference latents
 
 
+@dataclass
+class Stage:
+    name: str
+    steps: int
+    batch_size: int
+
+
+def noise_and_target(scheduler, latents: torch.Tensor, generator: torch.Generator):
+    """Noisy latents, timesteps and the regression target (epsilon or v), drawn from ``generator``."""
+    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents.device, latents.dtype)
+    steps = scheduler.config.num_train_timesteps
+    t = torch.randint(0, steps, (latents.shape[0],), generator=generator).to(latents.device)
+    noisy = scheduler.add_noise(latents, noise, t)
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        target = noise
+    elif kind == "v_prediction":
+        target = scheduler.get_velocity(latents, noise, t)
+    else:
+        raise ValueError(f"unsupported prediction_type {kind!r} (epsilon or v_prediction)")
+    return noisy, t, target
+
+
+def guide(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, scale: float) -> torch.Tensor:
+    return eps_uncond + scale * (eps_cond - eps_uncond)
+
+
 class Method(ABC):
     name: ClassVar[str]
     default_steps: ClassVar[int] = 400
     default_batch_size: ClassVar[int] = 1
+    scale_lr: ClassVar[bool] = False  # multiply lrs by batch x processes (the LDM-based codes do)
+    hflip_prob: ClassVar[float] = 0.0  # training augmentation; the trainer caches flipped latents
+    sampler: ClassVar[str] = "ddim"  # or "dpm-solver"
 
     def __init__(self, components: Components, config: MethodConfig):
         self.components = components
         self.config = config
 
     # --- training --------------------------------------------------------
-    @abstractmethod
-    def param_groups(self, lr_scale: float = 1.0) -> list[dict]:
-        """AdamW parameter groups (params and lr)."""
+    def stages(self, steps: int | None = None, batch_size: int | None = None) -> list[Stage]:
+        """The training stages; ``steps``/``batch_size`` override every stage's."""
+        return [Stage("train", steps or self.default_steps, batch_size or self.default_batch_size)]
+
+    def begin_stage(self, index: int) -> None:
+        """Set what is trainable in stage ``index`` (called before its optimizer is built)."""
 
     @abstractmethod
+    def param_groups(self, lr_scale: float = 1.0, stage: int = 0) -> list[dict]:
+        """AdamW parameter groups (params and lr) of a stage."""
+
+    @abstractmethod
+    def prompt(self, generator: torch.Generator) -> str:
+        """A training caption (drawn from ``generator`` when there are several)."""
+
+    def make_batch(self, latent_mean: torch.Tensor, latent_std: torch.Tensor, generator: torch.Generator,
+                   batch_size: int) -> Batch:
+        """Random training images (latents sampled from the VAE posterior) and captions.
+
+        With ``hflip_prob > 0`` the second half of ``latent_mean`` holds the
+        flipped images (the trainer encodes them once).
+        """
+        n = latent_mean.shape[0] // (2 if self.hflip_prob > 0 else 1)
+        idx = torch.randint(0, n, (batch_size,), generator=generator)
+        if self.hflip_prob > 0:
+            idx = idx + n * (torch.rand(batch_size, generator=generator) < self.hflip_prob).long()
+        eps = torch.randn((batch_size, *latent_mean.shape[1:]), generator=generator).to(latent_mean)
+        latents = latent_mean[idx] + latent_std[idx] * eps
+        prompts = [self.prompt(generator) for _ in range(batch_size)]
+        return Batch(latents=latents, prompts=prompts, reference=self.references(latent_mean[:n], idx % n, generator))
+
+    def references(self, latent_mean: torch.Tensor, idx: torch.Tensor, generator: torch.Generator):
+        """Reference latents for a batch (ViCo); None for methods without a reference branch."""
+        return None
+
     def training_loss(self, batch: Batch, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
-        """Loss for one batch (noise and timesteps drawn from ``generator``) and logs."""
+        """The plain diffusion objective; methods add their terms."""
+        c = self.components
+        _, text = encode_prompts(c.tokenizer, c.text_encoder, batch.prompts)
+        noisy, t, target = noise_and_target(c.scheduler, batch.latents, generator)
+        pred = c.unet(noisy, t, text).sample
+        loss = F.mse_loss(pred.float(), target.float())
+        return loss, {"loss": loss.item()}
 
     @abstractmethod
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -72,13 +141,15 @@ class Method(ABC):
         return [self.components.unet, self.components.text_encoder]
 
     # --- sampling --------------------------------------------------------
-    @abstractmethod
     def predict_noise(self, latents: torch.Tensor, t: torch.Tensor, prompt_ids: torch.Tensor,
                       cond: torch.Tensor, uncond: torch.Tensor, guidance_scale: float,
                       context: dict) -> torch.Tensor:
         """Guided noise prediction for ``latents`` [B, 4, h, w] at timestep ``t``."""
+        out = self.components.unet(torch.cat([latents, latents]), t, torch.cat([uncond, cond])).sample
+        eps_u, eps_c = out.chunk(2)
+        return guide(eps_u, eps_c, guidance_scale)
 
-    def sampling_context(self, reference_images: torch.Tensor | None, batch: int) -> dict:
+    def sampling_context(self, reference_latents: torch.Tensor | None, batch: int) -> dict:
         """Per-run state for ``predict_noise`` (e.g. encoded reference latents)."""
         return {}
 
@@ -118,10 +189,12 @@ def read_concept(concept_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]
 
 
 def available_methods() -> dict[str, type[Method]]:
+    from .attndreambooth import AttnDreamBooth
+    from .catversion import CatVersion
     from .textual_inversion import TextualInversion
     from .vico import ViCo
 
-    return {m.name: m for m in (ViCo, TextualInversion)}
+    return {m.name: m for m in (ViCo, TextualInversion, AttnDreamBooth, CatVersion)}
 
 
 def get_method(name: str) -> type[Method]:

@@ -19,8 +19,8 @@ import fused
 
 from ..image_attention import MASK_SLOT, inject_image_attention
 from ..model import Components, encode_prompts, token_positions
-from .base import Batch, MethodConfig
-from .textual_inversion import TextualInversion, guide, noise_and_target
+from .base import Batch, MethodConfig, guide, noise_and_target
+from .textual_inversion import TextualInversion
 
 EOT_SLOT = 1  # slot of the MapRequest that holds the end-of-text token's map
 
@@ -38,10 +38,10 @@ class ViCo(TextualInversion):
         self.layers = [key.replace("-", ".") for key in self.blocks.keys()]
         self.source_layers = [f"{name}.transformer_blocks.0.attn2" for name in self.layers]
 
-    def param_groups(self, lr_scale: float = 1.0) -> list[dict]:
+    def param_groups(self, lr_scale: float = 1.0, stage: int = 0) -> list[dict]:
         return super().param_groups(lr_scale) + [{"params": list(self.blocks.parameters()), "lr": self.image_lr * lr_scale}]
 
-    def _references(self, latent_mean, idx, generator):
+    def references(self, latent_mean, idx, generator):
         """Another training image than the target when there are several (clean latent)."""
         n = latent_mean.shape[0]
         if n == 1:

@@ -1,0 +1,122 @@
+"""AttnDreamBooth (arXiv 2406.05000) on the fused map infrastructure (SPEC §4).
+
+Prompt "a photo of a [V] [category]". Three stages: (1) the [V] embedding
+alone, lr 1e-3, 60 steps, batch 8; (2) all text cross-attention (attn2)
+parameters, lr 2e-5, 100 steps; (3) the whole UNet, lr 2e-6, 500 steps
+("fast" preset: lr 1e-5, 200 steps); batch 4 after stage 1. The regulariser
+uses per-head maps of [V] and [category] from every attn2 layer, extracted by
+the fused op with ``head_reduce="none"`` (no attention matrix): per layer and
+batch row, the mean and unbiased variance over heads and positions;
+L = mean over layers of Σ_b λμ(μ_V − μ_C)² + λσ(σ²_V − σ²_C)², with
+(λμ, λσ) = (0.1, 0) in stage 1 and (2, 5) after. Sampling: DPM-Solver.
+The saved concept holds the embedding and the full fine-tuned UNet weights.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import fused
+
+from ..model import Components, UserError, add_placeholder_token, encode_prompts, token_positions
+from .base import Batch, Method, MethodConfig, Stage, noise_and_target
+
+STAGES = {  # name: (lr, steps, batch size, (lambda_mu, lambda_sigma))
+    "embedding": (1e-3, 60, 8, (0.1, 0.0)),
+    "cross-attention": (2e-5, 100, 4, (2.0, 5.0)),
+    "unet": (2e-6, 500, 4, (2.0, 5.0)),
+}
+FAST_UNET = (1e-5, 200, 4, (2.0, 5.0))
+
+
+def mean_variance_regulariser(maps: dict[str, torch.Tensor], lam_mu: float, lam_sigma: float) -> torch.Tensor:
+    """maps: layer -> per-head maps [B, H, 2, N] of ([V], [category]); see the module docstring."""
+    terms = []
+    for m in maps.values():
+        flat_v = m[:, :, 0].flatten(1)  # [B, H*N]
+        flat_c = m[:, :, 1].flatten(1)
+        mu = (flat_v.mean(1) - flat_c.mean(1)) ** 2
+        var = (flat_v.var(1, unbiased=True) - flat_c.var(1, unbiased=True)) ** 2
+        terms.append((lam_mu * mu + lam_sigma * var).sum())
+    return torch.stack(terms).mean()
+
+
+class AttnDreamBooth(Method):
+    name = "attndreambooth"
+    default_steps = sum(s[1] for s in STAGES.values())
+    default_batch_size = 4
+    sampler = "dpm-solver"
+
+    def __init__(self, components: Components, config: MethodConfig):
+        super().__init__(components, config)
+        tok = components.tokenizer
+        if len(tok(config.init_word, add_special_tokens=False).input_ids) != 1:
+            raise UserError(f"category word {config.init_word!r} must be a single token")
+        self.embedding = add_placeholder_token(tok, components.text_encoder, config.placeholder, config.init_word)
+        self.token_id = tok.convert_tokens_to_ids(config.placeholder)
+        self.category_id = tok(config.init_word, add_special_tokens=False).input_ids[0]
+        fused.attach(components.unet)
+        self.layers = fused.cross_attention_layers(components.unet)
+        self.fast = bool(config.extra.get("fast", False))
+        self.stage = 0
+
+    def _stage_table(self):
+        table = list(STAGES.values())
+        if self.fast:
+            table[2] = FAST_UNET
+        return table
+
+    def stages(self, steps: int | None = None, batch_size: int | None = None) -> list[Stage]:
+        return [Stage(name, steps or spec[1], batch_size or spec[2])
+                for name, spec in zip(STAGES, self._stage_table())]
+
+    def begin_stage(self, index: int) -> None:
+        self.stage = index
+        unet = self.components.unet
+        unet.requires_grad_(False)
+        self.embedding.learned.requires_grad_(index == 0)
+        if index == 1:
+            for name in self.layers:
+                unet.get_submodule(name).requires_grad_(True)
+        elif index == 2:
+            unet.requires_grad_(True)
+
+    def param_groups(self, lr_scale: float = 1.0, stage: int = 0) -> list[dict]:
+        lr = self._stage_table()[stage][0] * lr_scale
+        if stage == 0:
+            return [{"params": [self.embedding.learned], "lr": lr}]
+        unet = self.components.unet
+        params = [p for n in self.layers for p in unet.get_submodule(n).parameters()] if stage == 1 \
+            else list(unet.parameters())
+        return [{"params": params, "lr": lr}]
+
+    def prompt(self, generator: torch.Generator) -> str:
+        return f"a photo of a {self.config.placeholder} {self.config.init_word}"
+
+    def map_request(self, prompt_ids: torch.Tensor) -> fused.MapRequest:
+        v_pos, _ = token_positions(prompt_ids, self.token_id, self.components.tokenizer.eos_token_id)
+        c_pos, _ = token_positions(prompt_ids, self.category_id, self.components.tokenizer.eos_token_id)
+        return fused.MapRequest(torch.stack([v_pos, c_pos], dim=1), layers=self.layers, head_reduce="none")
+
+    def training_loss(self, batch: Batch, generator: torch.Generator):
+        c = self.components
+        ids, text = encode_prompts(c.tokenizer, c.text_encoder, batch.prompts)
+        noisy, t, target = noise_and_target(c.scheduler, batch.latents, generator)
+        request = self.map_request(ids)
+        pred = c.unet(noisy, t, text, cross_attention_kwargs={"map_request": request}).sample
+        mse = F.mse_loss(pred.float(), target.float())
+        lam_mu, lam_sigma = self._stage_table()[self.stage][3]
+        reg = mean_variance_regulariser(request.maps, lam_mu, lam_sigma)
+        loss = mse + reg
+        return loss, {"loss": loss.item(), "mse": mse.item(), "reg": float(reg.detach())}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {"embedding": self.embedding.learned}
+        state.update({f"unet.{k}": v for k, v in self.components.unet.state_dict().items()})
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            self.embedding.learned.copy_(state["embedding"])
+        self.components.unet.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("unet.")})

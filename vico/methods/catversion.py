@@ -1,0 +1,120 @@
+"""CatVersion (arXiv 2311.14631): learned key/value vectors concatenated in the
+last self-attention layers of the frozen CLIP text encoder (SPEC §5).
+
+In each of the last three ``CLIPAttention`` layers one learned key and one
+learned value vector (hidden size each) are prepended to the projected keys
+and values, visible to every token: 6 vectors, 4,608 parameters for CLIP-L.
+The attention module is swapped for ``PrefixKVAttention`` (which reuses the
+original projections) and swapped back by ``remove_prefix_kv``. On
+transformers 5.x the encoder's SDPA path runs with ``is_causal=True`` and no
+mask, so the prefix needs an explicit [L, L+1] mask: causal over the tokens,
+the prefix column visible to all.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..model import Components
+from .base import Method, MethodConfig
+
+
+class PrefixKVAttention(nn.Module):
+    """A CLIP self-attention with one learned key/value prepended (after projection)."""
+
+    def __init__(self, attn: nn.Module, key: torch.Tensor, value: torch.Tensor):
+        super().__init__()
+        self.inner = attn
+        self.prefix_key = nn.Parameter(key.detach().clone())
+        self.prefix_value = nn.Parameter(value.detach().clone())
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        a = self.inner
+        B, L, E = hidden_states.shape
+        heads, head_dim = a.num_heads, a.head_dim
+
+        def split(x):
+            return x.view(B, -1, heads, head_dim).transpose(1, 2)
+
+        q = split(a.q_proj(hidden_states))
+        k = split(torch.cat([self.prefix_key.to(hidden_states).expand(B, 1, E), a.k_proj(hidden_states)], dim=1))
+        v = split(torch.cat([self.prefix_value.to(hidden_states).expand(B, 1, E), a.v_proj(hidden_states)], dim=1))
+        if attention_mask is None:
+            causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
+            mask = torch.cat([torch.ones(L, 1, dtype=torch.bool, device=q.device), causal], dim=1)
+        elif attention_mask.dtype == torch.bool:
+            mask = F.pad(attention_mask, (1, 0), value=True)
+        else:  # additive float mask [B, 1, L, L]
+            mask = F.pad(attention_mask, (1, 0), value=0.0)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=a.scale)
+        return a.out_proj(out.transpose(1, 2).reshape(B, L, E)), None
+
+
+def _clip_attention_layers(text_encoder: nn.Module) -> list[tuple[str, nn.Module]]:
+    from transformers.models.clip.modeling_clip import CLIPAttention
+
+    # Found by type, not by attribute path: transformers 5 dropped `.text_model`.
+    return [(n, m) for n, m in text_encoder.named_modules()
+            if isinstance(m, CLIPAttention) or isinstance(m, PrefixKVAttention)]
+
+
+def install_prefix_kv(text_encoder: nn.Module, num_layers: int = 3, generator: torch.Generator | None = None,
+                      layers: list[str] | None = None) -> dict[str, PrefixKVAttention]:
+    """Swap the last ``num_layers`` CLIP attention layers (or ``layers``) for prefix-KV ones."""
+    found = [(n, m) for n, m in _clip_attention_layers(text_encoder) if not isinstance(m, PrefixKVAttention)]
+    chosen = [(n, m) for n, m in found if n in layers] if layers else found[-num_layers:]
+    installed = {}
+    for name, attn in chosen:
+        dim = attn.embed_dim
+        param = attn.q_proj.weight
+        key = torch.randn(dim, generator=generator).to(param)  # random-normal init
+        value = torch.randn(dim, generator=generator).to(param)
+        module = PrefixKVAttention(attn, key, value)
+        parent_name, _, child = name.rpartition(".")
+        setattr(text_encoder.get_submodule(parent_name) if parent_name else text_encoder, child, module)
+        installed[name] = module
+    return installed
+
+
+def remove_prefix_kv(text_encoder: nn.Module) -> None:
+    """Put the original attention modules back (the encoder is untouched again)."""
+    for name, module in list(text_encoder.named_modules()):
+        if isinstance(module, PrefixKVAttention):
+            parent_name, _, child = name.rpartition(".")
+            setattr(text_encoder.get_submodule(parent_name) if parent_name else text_encoder, child, module.inner)
+
+
+class CatVersion(Method):
+    name = "catversion"
+    default_steps = 1000
+    default_batch_size = 2
+    hflip_prob = 0.5
+    lr = 1e-2
+
+    def __init__(self, components: Components, config: MethodConfig):
+        super().__init__(components, config)
+        gen = torch.Generator().manual_seed(config.seed)
+        self.prefix = install_prefix_kv(components.text_encoder, generator=gen, layers=config.extra.get("catversion_layers"))
+        config.extra["catversion_layers"] = list(self.prefix)
+
+    def param_groups(self, lr_scale: float = 1.0, stage: int = 0) -> list[dict]:
+        params = [p for m in self.prefix.values() for p in (m.prefix_key, m.prefix_value)]
+        return [{"params": params, "lr": self.lr * lr_scale}]
+
+    def prompt(self, generator: torch.Generator) -> str:
+        return self.config.init_word  # the class word alone
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {}
+        for name, m in self.prefix.items():
+            state[f"{name}.prefix_key"] = m.prefix_key
+            state[f"{name}.prefix_value"] = m.prefix_value
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for name, m in self.prefix.items():
+                m.prefix_key.copy_(state[f"{name}.prefix_key"])
+                m.prefix_value.copy_(state[f"{name}.prefix_value"])
