@@ -1,4 +1,4 @@
-"""The ``vico`` command: ``vico train``, ``vico sample``, ``vico demo``, ``vico bench`` (``vico <cmd> --help``).
+"""The ``vico`` command: ``vico train|sample|eval|demo|bench`` (``vico <cmd> --help``).
 
 Multi-GPU training goes through HF accelerate:
 ``accelerate launch -m vico.cli train --model ... --images ... --out ...``.
@@ -150,6 +150,141 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _eval_parser(sub) -> None:
+    p = sub.add_parser("eval", help="CLIP-I, CLIP-T, DINO and masked CLIP-I of generated images",
+                       description="Score generated images against the real training images with locally "
+                       "stored CLIP and DINO models. Either score one folder written by `vico sample` "
+                       "(--generated), or sample and score a prompt set for a trained concept (--prompts).")
+    p.add_argument("--clip", required=True, help="local CLIPModel folder (e.g. openai/clip-vit-base-patch32 saved)")
+    p.add_argument("--dino", help="local DINO ViTModel folder (e.g. facebook/dino-vits16 saved)")
+    p.add_argument("--generated", help="folder written by `vico sample` (images + prompt.txt)")
+    p.add_argument("--concept", help="trained concept: its training images are the real set; needed for --prompts")
+    p.add_argument("--real", help="real images folder (default: the concept's training images)")
+    p.add_argument("--real-masks", help="foreground masks of the real images (PNGs, same order)")
+    p.add_argument("--class-word", help="replaces the placeholder in prompts for CLIP-T (default: the concept's)")
+    p.add_argument("--prompts", nargs="?", const="", default=None,
+                   help="sample and score a prompt set: the shipped one, or a file with {} for the subject")
+    p.add_argument("--num-images", type=int, default=4, help="--prompts: images per prompt")
+    p.add_argument("--steps", type=int, default=50, help="--prompts: sampling steps")
+    p.add_argument("--out", help="JSON report path (--generated) or output folder (--prompts)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--quiet", action="store_true")
+
+
+def cmd_eval(args) -> int:
+    import json
+
+    import numpy as np
+    import torch
+
+    from . import metrics
+    from .data import list_images
+    from .methods.base import CONFIG_FILE
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    meta = {}
+    if args.concept:
+        if not (Path(args.concept) / CONFIG_FILE).is_file():
+            raise UserError(f"{args.concept} is not a trained concept (no {CONFIG_FILE})")
+        meta = json.loads((Path(args.concept) / CONFIG_FILE).read_text())
+    placeholder = meta.get("config", {}).get("placeholder", "S*")
+    class_word = args.class_word or meta.get("config", {}).get("init_word")
+    if not class_word:
+        raise UserError("pass --class-word (or --concept) so CLIP-T can replace the placeholder")
+    real_dir = args.real
+    if real_dir is None and args.concept:
+        train_cfg = Path(args.concept) / "train_config.json"
+        real_dir = json.loads(train_cfg.read_text())["images"] if train_cfg.is_file() else None
+    if real_dir is None:
+        raise UserError("pass --real DIR (or a --concept trained from an image folder)")
+    real = metrics.read_image_files(list_images(real_dir))
+    enc = metrics.load_encoders(args.clip, args.dino, device)
+    real_masks, real_mask_source = _real_masks(args, meta, real_dir)
+
+    def score(folder: Path) -> dict:
+        gen = metrics.read_images(folder)
+        if not gen:
+            raise UserError(f"{folder} has no generated images (000.png, 001.png, ...)")
+        prompt_file = folder / "prompt.txt"
+        if not prompt_file.is_file():
+            raise UserError(f"{folder} has no prompt.txt (write it, or generate with `vico sample`)")
+        prompt = prompt_file.read_text().strip().replace(placeholder, class_word)
+        gen_masks = _generated_masks(folder, len(gen))
+        report = metrics.evaluate(enc, gen, real, [prompt] * len(gen),
+                                  gen_masks if real_masks is not None else None, real_masks)
+        report["prompt"] = prompt
+        report["masks"] = {"generated": "ViCo Otsu masks saved by --save-maps" if gen_masks else "none",
+                           "real": real_mask_source if gen_masks else "none"}
+        return report
+
+    if args.prompts is None:
+        if not args.generated:
+            raise UserError("pass --generated DIR, or --concept with --prompts")
+        report = score(Path(args.generated))
+        text = json.dumps(report, indent=1)
+        if args.out:
+            Path(args.out).write_text(text)
+        print(text)
+        return 0
+
+    if not args.concept:
+        raise UserError("--prompts needs --concept")
+    out = Path(args.out or "vico-eval")
+    rows = []
+    for i, template in enumerate(metrics.load_eval_prompts(args.prompts or None)):
+        folder = out / f"prompt-{i:02d}"
+        cmd_sample(argparse.Namespace(concept=args.concept, prompt=template.format(placeholder), out=folder,
+                                      model=None, reference=None, num_images=args.num_images, steps=args.steps,
+                                      guidance=7.5, seed=i, device=device, save_maps=True, quiet=args.quiet))
+        rows.append(score(folder))
+    keys = [k for k in ("clip_i", "clip_t", "dino", "masked_clip_i") if k in rows[0]]
+    summary = {k: float(np.mean([r[k] for r in rows])) for k in keys}
+    (out / "report.json").write_text(json.dumps({"summary": summary, "per_prompt": rows}, indent=1))
+    print("| prompt | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys))
+    for r in rows:
+        print(f"| {r['prompt']} | " + " | ".join(f"{r[k]:.4f}" for k in keys) + " |")
+    print("| **mean** | " + " | ".join(f"{summary[k]:.4f}" for k in keys) + " |")
+    return 0
+
+
+def _generated_masks(folder: Path, n: int):
+    """Per image, the Otsu mask of the last (highest-resolution in SD) flagged layer saved by --save-maps."""
+    import numpy as np
+    from PIL import Image
+
+    masks = []
+    for i in range(n):
+        files = sorted(folder.glob(f"{i:03d}_mask_*.png"))
+        if not files:
+            return None
+        masks.append(np.asarray(Image.open(files[-1]).convert("L")) > 127)
+    return masks
+
+
+def _real_masks(args, meta, real_dir):
+    import numpy as np
+    from PIL import Image
+
+    if args.real_masks:
+        files = sorted(p for p in Path(args.real_masks).iterdir() if p.suffix.lower() == ".png")
+        return [np.asarray(Image.open(p).convert("L")) > 127 for p in files], f"user masks from {args.real_masks}"
+    if meta.get("method") != "vico":
+        return None, "none"
+    import torch
+
+    from .data import load_images
+    from .pipeline import ViCoPipeline
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = ViCoPipeline.from_pretrained(meta["base_model"], args.concept, device=device)
+    c = pipe.components
+    images = load_images(real_dir, pipe.method.config.resolution).to(device, c.vae.dtype)
+    with torch.no_grad():
+        latents = c.vae.encode(images).latent_dist.mean * c.vae.config.scaling_factor
+        masks = pipe.method.object_masks(latents)
+    return [m.cpu().numpy() for m in masks], "Otsu mask of the S* map from the reference branch (ViCo)"
+
+
 def cmd_train(args) -> int:
     from .training import TrainConfig, train
 
@@ -199,6 +334,7 @@ def cmd_sample(args) -> int:
     for i, img in enumerate(images):
         Image.fromarray(img).save(out / f"{i:03d}.png")
     Image.fromarray(image_grid(images)).save(out / "grid.png")
+    (out / "prompt.txt").write_text(args.prompt + "\n")  # what `vico eval` scores CLIP-T against
     request = context.get("last_request")
     if args.save_maps and request is not None:
         n = images.shape[0]
@@ -223,9 +359,11 @@ def main(argv: list[str] | None = None) -> int:
     _sample_parser(sub)
     _demo_parser(sub)
     _bench_parser(sub)
+    _eval_parser(sub)
     args = parser.parse_args(argv)
+    commands = {"train": cmd_train, "sample": cmd_sample, "demo": cmd_demo, "bench": cmd_bench, "eval": cmd_eval}
     try:
-        return {"train": cmd_train, "sample": cmd_sample, "demo": cmd_demo, "bench": cmd_bench}[args.command](args)
+        return commands[args.command](args)
     except UserError as exc:
         print(f"vico: error: {exc}", file=sys.stderr)
         return 2

@@ -103,3 +103,37 @@ def write_toy_images(folder: str | Path, n: int = 4, seed: int = 0) -> list[Path
         paths.append(folder / f"object_{i}.png")
         Image.fromarray(img).save(paths[-1])
     return paths
+
+
+def save_tiny_clip(path: str | Path, seed: int = 0) -> Path:
+    """A tiny random CLIPModel + tokenizer + image processor folder (for metric tests)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    torch.manual_seed(seed)
+    tok = make_tokenizer()
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=77, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=IMAGE_SIZE, patch_size=8),
+        projection_dim=16,
+    )
+    path = Path(path)
+    CLIPModel(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+                       ).save_pretrained(path)
+    return path
+
+
+def save_tiny_dino(path: str | Path, seed: int = 0) -> Path:
+    """A tiny random ViTModel + image processor folder standing in for DINO ViT-S/16."""
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    torch.manual_seed(seed)
+    path = Path(path)
+    ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                       image_size=IMAGE_SIZE, patch_size=8), add_pooling_layer=False).save_pretrained(path)
+    ViTImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}).save_pretrained(path)
+    return path

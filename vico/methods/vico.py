@@ -112,3 +112,18 @@ class ViCo(TextualInversion):
         context["last_request"] = request
         eps_u, eps_c = out[: 2 * latents.shape[0]].chunk(2)
         return guide(eps_u, eps_c, guidance_scale)
+
+    @torch.no_grad()
+    def object_masks(self, latents: torch.Tensor, timestep: int = 500) -> torch.Tensor:
+        """Otsu object masks [B, h, w] of real images from the reference branch: the S*
+        map of the highest-resolution flagged layer, as in training (the image is both halves)."""
+        c = self.components
+        B = latents.shape[0]
+        ids, text = encode_prompts(c.tokenizer, c.text_encoder, [f"a photo of {self.config.placeholder}"] * B)
+        request = self.map_request(ids, copies=1)
+        t = torch.full((2 * B,), timestep, device=latents.device)
+        c.unet(torch.cat([latents, latents]), t, torch.cat([text, text]), cross_attention_kwargs={"map_request": request})
+        masks = {layer: request.masks[layer][B:, MASK_SLOT] for layer in self.source_layers}
+        layer = max(masks, key=lambda k: masks[k].shape[-1])
+        side = int(round(masks[layer].shape[-1] ** 0.5))
+        return masks[layer].reshape(B, side, side)
