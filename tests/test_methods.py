@@ -179,3 +179,45 @@ def test_save_load_sample_reproduces_images(name, model_dir, images_dir, tmp_pat
     assert not (other == first).all()  # the learned weights do matter
     if name == "attndreambooth":
         assert pipe.method.sampler == "dpm-solver"
+
+
+def test_cli_fast_preset_reaches_the_method(model_dir, images_dir, tmp_path):  # noqa: F811
+    import json
+
+    from vico import cli
+
+    out = tmp_path / "adb"
+    assert cli.main(["train", "--model", str(model_dir), "--images", str(images_dir), "--out", str(out),
+                     "--method", "attndreambooth", "--init-word", "cat", "--steps", "1", "--fast", "--quiet"]) == 0
+    meta = json.loads((out / "concept.json").read_text())
+    assert meta["method"] == "attndreambooth" and meta["config"]["extra"]["fast"] is True
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000003"]  # 3 stages x 1 step
+
+
+def test_interrupted_multistage_run_resumes_to_the_same_result(model_dir, images_dir, tmp_path, monkeypatch):  # noqa: F811
+    from safetensors.torch import load_file
+
+    def cfg(out, resume=False):
+        return TrainConfig(model=str(model_dir), images=str(images_dir), out=str(out), method="attndreambooth",
+                           init_word="cat", steps=2, batch_size=1, progress=False, checkpoint_every=100,
+                           resume=resume)
+
+    train(cfg(tmp_path / "full"))
+    real_loss = AttnDreamBooth.training_loss
+    calls = {"n": 0}
+
+    def interrupting(self, batch, generator):
+        calls["n"] += 1
+        if calls["n"] == 4:  # inside the second step of stage 2 (cross-attention)
+            raise KeyboardInterrupt
+        return real_loss(self, batch, generator)
+
+    monkeypatch.setattr(AttnDreamBooth, "training_loss", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg(tmp_path / "split"))
+    monkeypatch.setattr(AttnDreamBooth, "training_loss", real_loss)
+    assert [p.name for p in (tmp_path / "split" / "checkpoints").iterdir()] == ["step-000003"]
+    train(cfg(tmp_path / "split", resume=True))
+    a, b = load_file(tmp_path / "full" / "concept.safetensors"), load_file(tmp_path / "split" / "concept.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -39,6 +39,8 @@ def _train_parser(sub) -> None:
     p.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
     p.add_argument("--layers", nargs="+", help="ViCo: spatial transformers that get image attention "
                    "(default: every second decoder transformer)")
+    p.add_argument("--fast", action="store_true",
+                   help="AttnDreamBooth's fast preset (stage 3: lr 1e-5, 200 steps)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -294,6 +296,7 @@ def cmd_train(args) -> int:
         checkpoint_every=args.checkpoint_every, seed=args.seed, resolution=args.resolution,
         mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
         resume=args.resume, layers=args.layers, progress=not args.quiet,
+        extra={"fast": True} if getattr(args, "fast", False) else {},
     )
     out = train(cfg)
     print(f"vico: concept saved to {out}")
