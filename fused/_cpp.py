@@ -117,21 +117,21 @@ def load_cuda() -> None:
     _library.register_otsu_fake("fused_cuda::otsu_mask")
 
 
-def cpu_available() -> tuple[bool, str]:
-    """(True, "") when the CPU kernels load, else (False, reason)."""
+def _status(load) -> tuple[bool, str]:
+    """(True, "") when ``load()`` succeeds, else (False, reason)."""
     try:
-        load_cpu()
+        load()
     except BuildError as exc:
         return False, str(exc)
     return True, ""
+
+
+def cpu_available() -> tuple[bool, str]:
+    return _status(load_cpu)
 
 
 def cuda_available() -> tuple[bool, str]:
-    try:
-        load_cuda()
-    except BuildError as exc:
-        return False, str(exc)
-    return True, ""
+    return _status(load_cuda)
 
 
 # --- backend functions (uniform signatures, see fused._dispatch) -----------
