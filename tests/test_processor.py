@@ -122,3 +122,41 @@ def test_compiled_unet_with_processor_has_no_graph_break(cpp_backend):
         got = compiled(x, t, ctx, cross_attention_kwargs={"map_request": request2}).sample
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert set(request2.maps) == set(request.maps)
+
+
+def tiny_sdxl_unet(seed=0):
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=48, attention_head_dim=(2, 4), transformer_layers_per_block=(1, 2), norm_num_groups=8,
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=8 * 6 + 48,
+    ).eval()
+
+
+def test_sdxl_style_unet_processor_and_maps(cpu_backend):
+    """SDXL-like UNet (text_time added embeddings, wider context, 2 transformer layers per block)."""
+    unet = tiny_sdxl_unet().double()
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64)
+    ctx = torch.randn(2, 9, 48, generator=g, dtype=torch.float64)
+    added = {"text_embeds": torch.randn(2, 48, generator=g, dtype=torch.float64),
+             "time_ids": torch.randn(2, 6, generator=g, dtype=torch.float64)}
+    t = torch.tensor([10, 900])
+    index = torch.tensor([[1, 8], [-1, 3]])
+    want = {}
+    unet.set_attn_processor({n: MaterialisingRecorder(n.removesuffix(".processor"), want, index)
+                             for n in unet.attn_processors})
+    with torch.no_grad():
+        ref = unet(x, t, ctx, added_cond_kwargs=added).sample
+    fused.attach(unet)
+    request = fused.MapRequest(index, backend=cpu_backend)
+    with torch.no_grad():
+        got = unet(x, t, ctx, added_cond_kwargs=added, cross_attention_kwargs={"map_request": request}).sample
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
+    layers = fused.cross_attention_layers(unet)
+    assert len(layers) == 2 + 2 * 2 + 2  # down (2 layers), up (2 attentions x 2 layers), mid (2 layers)
+    assert set(request.maps) == set(layers)
+    for name in layers:
+        torch.testing.assert_close(request.maps[name], want[name], rtol=1e-10, atol=1e-12)
