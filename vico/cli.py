@@ -1,4 +1,4 @@
-"""The ``vico`` command: ``vico train|sample|eval|demo|bench`` (``vico <cmd> --help``).
+"""The ``vico`` command: ``vico train|sample|eval|maps|demo|bench`` (``vico <cmd> --help``).
 
 Multi-GPU training goes through HF accelerate:
 ``accelerate launch -m vico.cli train --model ... --images ... --out ...``.
@@ -287,6 +287,70 @@ def _real_masks(args, meta, real_dir):
     return [m.cpu().numpy() for m in masks], "Otsu mask of the S* map from the reference branch (ViCo)"
 
 
+def _maps_parser(sub) -> None:
+    p = sub.add_parser("maps", help="per-word attention heat maps of a generation (DAAM-style)",
+                       description="Generate an image and write, per word, its cross-attention heat map "
+                       "summed over layers and timesteps (overlaid on the image) and its Otsu mask. Maps come "
+                       "from the fused op: no attention matrix is materialised.")
+    p.add_argument("--model", required=True, help="local diffusers pipeline folder (SD 1.x/2.x or SDXL)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--words", nargs="+", required=True, help="words of the prompt to map (all their sub-tokens)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--layers", nargs="+", help="only layers whose name contains one of these (e.g. up_blocks)")
+    p.add_argument("--timesteps", nargs=2, type=float, metavar=("LOW", "HIGH"), help="aggregate only these timesteps")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+
+
+def cmd_maps(args) -> int:
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    import fused
+    from fused import maps as fused_maps
+
+    from .pipeline import heatmap_overlay, image_grid
+
+    if not (Path(args.model) / "model_index.json").is_file():
+        raise UserError(f"{args.model} is not a diffusers pipeline folder (no model_index.json)")
+    from diffusers import DiffusionPipeline
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = DiffusionPipeline.from_pretrained(args.model).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    try:
+        with fused_maps.trace(pipe, args.prompt, args.words, layers=args.layers,
+                              timesteps=tuple(args.timesteps) if args.timesteps else None,
+                              guided=args.guidance > 1) as tr:
+            image = pipe(args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
+                         generator=torch.Generator().manual_seed(args.seed), output_type="np").images[0]
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
+    image = (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(out / "image.png")
+    tiles = [image]
+    for word, heat in tr.heatmaps().items():
+        overlay = heatmap_overlay(image, heat.numpy())
+        _, mask = fused.otsu_mask(heat.flatten()[None].double())
+        side = heat.shape[-1]
+        mask_img = np.asarray(Image.fromarray(mask.reshape(side, side).numpy().astype(np.uint8) * 255).resize(
+            image.shape[1::-1], Image.Resampling.NEAREST))
+        safe = "".join(ch if ch.isalnum() else "_" for ch in word)
+        Image.fromarray(overlay).save(out / f"map_{safe}.png")
+        Image.fromarray(mask_img).save(out / f"mask_{safe}.png")
+        tiles += [overlay, np.repeat(mask_img[..., None], 3, axis=-1)]
+    Image.fromarray(image_grid(np.stack(tiles), cols=len(tiles))).save(out / "grid.png")
+    print(f"vico maps: {len(tr.heatmaps())} words over {len(tr.layers)} layers and {tr.calls} UNet calls -> {out}")
+    return 0
+
+
 def cmd_train(args) -> int:
     from .training import TrainConfig, train
 
@@ -363,8 +427,10 @@ def main(argv: list[str] | None = None) -> int:
     _demo_parser(sub)
     _bench_parser(sub)
     _eval_parser(sub)
+    _maps_parser(sub)
     args = parser.parse_args(argv)
-    commands = {"train": cmd_train, "sample": cmd_sample, "demo": cmd_demo, "bench": cmd_bench, "eval": cmd_eval}
+    commands = {"train": cmd_train, "sample": cmd_sample, "demo": cmd_demo, "bench": cmd_bench, "eval": cmd_eval,
+                "maps": cmd_maps}
     try:
         return commands[args.command](args)
     except UserError as exc:
