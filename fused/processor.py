@@ -45,6 +45,8 @@ class MapRequest:
         head_reduce: "mean" -> maps [B, T, N]; "none" -> [B, H, T, N].
         otsu: also threshold each recorded map with Otsu ("vico" mode, head
             mean only) in the same call; masks land in ``masks``.
+        text_len: number of text tokens at the start of a joint sequence (FLUX
+            single-stream blocks, where the processor cannot see it).
         maps, masks: filled as the layers run, keyed by layer name.
     """
 
@@ -53,6 +55,7 @@ class MapRequest:
     head_reduce: str = "mean"
     otsu: bool = False
     backend: str | None = None
+    text_len: int | None = None
     maps: dict[str, torch.Tensor] = field(default_factory=dict)
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
 
