@@ -36,3 +36,12 @@ def test_scaling_script_small_run(tmp_path, cpp_backend):
     assert fused_maps[1] == 4 * fused_maps[0] and paper_maps[1] == 4 * paper_maps[0]  # O(N) both, paper x H*L/T
     assert paper_maps[0] / fused_maps[0] == pytest.approx(8 * 77 / 2)
     assert (tmp_path / "scaling.md").is_file()
+
+
+def test_joint_maps_benchmark_small_run(capsys):
+    spec = importlib.util.spec_from_file_location("bench_joint_maps", SCRIPT.parent / "bench_joint_maps.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    row = mod.run_one("fused", 16, 5, 2, 8, "cpu", 1)
+    assert row["best_ms"] > 0 and row["variant"] == "fused"
+    assert mod.run_one("materialised", 16, 5, 2, 8, "cpu", 1)["best_ms"] > 0
