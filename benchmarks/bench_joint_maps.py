@@ -30,7 +30,7 @@ def run_one(variant: str, n_image: int, n_text: int, heads: int, dim: int, devic
     dtype = torch.float16 if device == "cuda" else torch.float32
     S = n_image + n_text
     q, k, v = (torch.randn(1, heads, S, dim, device=device, dtype=dtype) for _ in range(3))
-    words = torch.tensor([[n_image + 3, n_image + 7, n_image + 8, n_image + 20]], device=device)  # joint positions
+    words = torch.tensor([[n_image + p % n_text for p in (3, 7, 8, 20)]], device=device)  # joint positions of 4 words
 
     def fused_maps():
         out, maps = fused.cross_attention_with_maps(q, k, v, words)
