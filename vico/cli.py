@@ -179,7 +179,7 @@ def cmd_eval(args) -> int:
     import numpy as np
     import torch
 
-    from . import metrics
+    from . import evaluation, metrics
     from .data import list_images
     from .methods.base import CONFIG_FILE
 
@@ -201,7 +201,7 @@ def cmd_eval(args) -> int:
         raise UserError("pass --real DIR (or a --concept trained from an image folder)")
     real = metrics.read_image_files(list_images(real_dir))
     enc = metrics.load_encoders(args.clip, args.dino, device)
-    real_masks, real_mask_source = _real_masks(args, meta, real_dir)
+    real_masks, real_mask_source = evaluation.real_masks(args.real_masks, meta, args.concept, real_dir, device)
 
     def score(folder: Path) -> dict:
         gen = metrics.read_images(folder)
@@ -211,7 +211,7 @@ def cmd_eval(args) -> int:
         if not prompt_file.is_file():
             raise UserError(f"{folder} has no prompt.txt (write it, or generate with `vico sample`)")
         prompt = prompt_file.read_text().strip().replace(placeholder, class_word)
-        gen_masks = _generated_masks(folder, len(gen))
+        gen_masks = evaluation.generated_masks(folder, len(gen))
         report = metrics.evaluate(enc, gen, real, [prompt] * len(gen),
                                   gen_masks if real_masks is not None else None, real_masks)
         report["prompt"] = prompt
@@ -247,44 +247,6 @@ def cmd_eval(args) -> int:
         print(f"| {r['prompt']} | " + " | ".join(f"{r[k]:.4f}" for k in keys) + " |")
     print("| **mean** | " + " | ".join(f"{summary[k]:.4f}" for k in keys) + " |")
     return 0
-
-
-def _generated_masks(folder: Path, n: int):
-    """Per image, the Otsu mask of the last (highest-resolution in SD) flagged layer saved by --save-maps."""
-    import numpy as np
-    from PIL import Image
-
-    masks = []
-    for i in range(n):
-        files = sorted(folder.glob(f"{i:03d}_mask_*.png"))
-        if not files:
-            return None
-        masks.append(np.asarray(Image.open(files[-1]).convert("L")) > 127)
-    return masks
-
-
-def _real_masks(args, meta, real_dir):
-    import numpy as np
-    from PIL import Image
-
-    if args.real_masks:
-        files = sorted(p for p in Path(args.real_masks).iterdir() if p.suffix.lower() == ".png")
-        return [np.asarray(Image.open(p).convert("L")) > 127 for p in files], f"user masks from {args.real_masks}"
-    if meta.get("method") != "vico":
-        return None, "none"
-    import torch
-
-    from .data import load_images
-    from .pipeline import ViCoPipeline
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = ViCoPipeline.from_pretrained(meta["base_model"], args.concept, device=device)
-    c = pipe.components
-    images = load_images(real_dir, pipe.method.config.resolution).to(device, c.vae.dtype)
-    with torch.no_grad():
-        latents = c.vae.encode(images).latent_dist.mean * c.vae.config.scaling_factor
-        masks = pipe.method.object_masks(latents)
-    return [m.cpu().numpy() for m in masks], "Otsu mask of the S* map from the reference branch (ViCo)"
 
 
 def _maps_parser(sub) -> None:

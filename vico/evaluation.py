@@ -1,0 +1,41 @@
+"""Where `vico eval` gets its foreground masks for masked CLIP-I (SPEC §6)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .data import load_images
+from .pipeline import ViCoPipeline
+
+
+def generated_masks(folder: Path, n: int) -> list[np.ndarray] | None:
+    """Per image, the Otsu mask of the last (highest-resolution in SD) flagged layer saved by --save-maps."""
+    masks = []
+    for i in range(n):
+        files = sorted(folder.glob(f"{i:03d}_mask_*.png"))
+        if not files:
+            return None
+        masks.append(np.asarray(Image.open(files[-1]).convert("L")) > 127)
+    return masks
+
+
+def real_masks(mask_dir: str | None, meta: dict, concept: str | None, real_dir: str,
+               device: str) -> tuple[list[np.ndarray] | None, str]:
+    """(masks, where they came from): a user folder of PNGs, else for a ViCo concept the
+    Otsu mask of S* from the reference branch (the real image seen as the reference)."""
+    if mask_dir:
+        files = sorted(p for p in Path(mask_dir).iterdir() if p.suffix.lower() == ".png")
+        return [np.asarray(Image.open(p).convert("L")) > 127 for p in files], f"user masks from {mask_dir}"
+    if meta.get("method") != "vico":
+        return None, "none"
+    pipe = ViCoPipeline.from_pretrained(meta["base_model"], concept, device=device)
+    c = pipe.components
+    images = load_images(real_dir, pipe.method.config.resolution).to(device, c.vae.dtype)
+    with torch.no_grad():
+        latents = c.vae.encode(images).latent_dist.mean * c.vae.config.scaling_factor
+        masks = pipe.method.object_masks(latents)
+    return [m.cpu().numpy() for m in masks], "Otsu mask of the S* map from the reference branch (ViCo)"
