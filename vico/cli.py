@@ -364,18 +364,15 @@ def cmd_sample(args) -> int:
         Image.fromarray(img).save(out / f"{i:03d}.png")
     Image.fromarray(image_grid(images)).save(out / "grid.png")
     (out / "prompt.txt").write_text(args.prompt + "\n")  # what `vico eval` scores CLIP-T against
-    request = context.get("last_request")
-    if args.save_maps and request is not None:
-        n = images.shape[0]
-        for layer, maps in request.maps.items():
-            side = int(round(maps.shape[-1] ** 0.5))
-            cond_ref = maps[3 * n:, 0].reshape(n, side, side).float().cpu().numpy()  # conditional reference rows
-            mask = request.masks[layer][3 * n:, 0].reshape(n, side, side).float().cpu().numpy()
-            for i in range(n):
-                tag = layer.replace(".transformer_blocks.0.attn2", "").replace(".", "-")
-                Image.fromarray(heatmap_overlay(images[i], cond_ref[i])).save(out / f"{i:03d}_map_{tag}.png")
-                Image.fromarray((np.kron(mask[i], np.ones((images.shape[1] // side,) * 2)) * 255).astype(np.uint8)
-                                ).save(out / f"{i:03d}_mask_{tag}.png")
+    if args.save_maps and hasattr(pipe.method, "sampled_maps") and "last_request" in context:
+        for layer, (maps, masks) in pipe.method.sampled_maps(context).items():
+            side = maps.shape[-1]
+            tag = layer.replace(".", "-")
+            for i in range(len(images)):
+                Image.fromarray(heatmap_overlay(images[i], maps[i].float().cpu().numpy())).save(
+                    out / f"{i:03d}_map_{tag}.png")
+                big = np.kron(masks[i].cpu().numpy(), np.ones((images.shape[1] // side,) * 2))
+                Image.fromarray((big * 255).astype(np.uint8)).save(out / f"{i:03d}_mask_{tag}.png")
     print(f"vico: wrote {len(images)} images and grid.png to {out}")
     return 0
 

@@ -113,6 +113,19 @@ class ViCo(TextualInversion):
         eps_u, eps_c = out[: 2 * latents.shape[0]].chunk(2)
         return guide(eps_u, eps_c, guidance_scale)
 
+    def sampled_maps(self, context: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per flagged layer (the spatial transformer's name), the S* map and its Otsu mask
+        [n, side, side] of the conditional reference rows of the last sampling step."""
+        request = context["last_request"]
+        out = {}
+        for layer, source in zip(self.layers, self.source_layers):
+            maps = request.maps[source]
+            n = maps.shape[0] // 4  # rows: [noisy_uncond, noisy_cond, ref_uncond, ref_cond]
+            side = int(round(maps.shape[-1] ** 0.5))
+            out[layer] = (maps[3 * n:, MASK_SLOT].reshape(n, side, side),
+                          request.masks[source][3 * n:, MASK_SLOT].reshape(n, side, side))
+        return out
+
     @torch.no_grad()
     def object_masks(self, latents: torch.Tensor, timestep: int = 500) -> torch.Tensor:
         """Otsu object masks [B, h, w] of real images from the reference branch: the S*
