@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# One GPU session's work, for the `device` tool (each call <= 10 minutes, 30 device-minutes per session).
+#
+# Prepare once on the CPU machine (the GPU machine has torch+triton+transformers but no diffusers,
+# accelerate or registry access):
+#   pip download diffusers==0.42.1 accelerate==1.15.0 ninja --no-deps --python-version 3.12 \
+#       --only-binary=:all: -d .wheels && echo .wheels >> .git/info/exclude
+# Then run, carrying .wheels:
+#   bash benchmarks/gpu_session.sh check   # gpu_check.py: correctness fp32/fp16/bf16, CUDA graph, op timings
+#   bash benchmarks/gpu_session.sh bench   # scaling (latent 32..128), joint-attention maps, ViCo steps at 64x64
+# Everything lands in $OUT (at most 8 files come back).
+set -euo pipefail
+OUT=${OUT:-/tmp/gpu-out}
+mkdir -p "$OUT"
+if [ -d .wheels ]; then pip install -q --no-deps .wheels/*.whl; fi
+pip install -q --no-build-isolation --no-deps -e . >/dev/null
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
+case "${1:-check}" in
+  check)
+    python benchmarks/gpu_check.py --out "$OUT/gpu_check.json" | tee "$OUT/gpu_check.md"
+    ;;
+  bench)
+    python benchmarks/scaling.py --out "$OUT/scaling" > /dev/null
+    cp "$OUT/scaling/scaling.md" "$OUT/scaling.md"; cp "$OUT/scaling/scaling.png" "$OUT/scaling.png" 2>/dev/null || true
+    rm -rf "$OUT/scaling"
+    python benchmarks/bench_joint_maps.py | tee "$OUT/joint_maps.md"
+    if python -c "import diffusers, accelerate" 2>/dev/null; then
+      python benchmarks/bench_vico_step.py --model sd15 --latent 64 --repeat 5 | tee "$OUT/vico_step.md"
+    else
+      echo "diffusers/accelerate missing: carry .wheels for the ViCo step benchmark" | tee "$OUT/vico_step.md"
+    fi
+    ;;
+  *) echo "usage: $0 check|bench" >&2; exit 2 ;;
+esac
