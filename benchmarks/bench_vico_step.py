@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def build_components(model: str, device: str):
+def build_components(model: str, device: str, dtype: torch.dtype = torch.float32):
     from vico import tiny
     from vico.model import Components
 
@@ -45,21 +45,21 @@ def build_components(model: str, device: str):
     c = Components(path=f"<{model}>", **comps)
     for m in (c.unet, c.text_encoder, c.vae):
         m.requires_grad_(False).eval()
-    return c.to(device)
+    return c.to(device, dtype)
 
 
-def run_one(processor: str, model: str, latent: int, repeat: int, device: str) -> dict:
+def run_one(processor: str, model: str, latent: int, repeat: int, device: str, dtype: torch.dtype) -> dict:
     import fused
     from benchmarks.baselines import BASELINES
     from vico.methods.base import MethodConfig
     from vico.methods.vico import ViCo
 
     torch.manual_seed(0)
-    comps = build_components(model, device)
+    comps = build_components(model, device, dtype)
     method = ViCo(comps, MethodConfig(init_word="cat", resolution=latent * 2))
     fused.attach(comps.unet, BASELINES[processor])
     g = torch.Generator().manual_seed(0)
-    mean = torch.randn(3, 4, latent, latent, generator=g).to(device)
+    mean = torch.randn(3, 4, latent, latent, generator=g).to(device, dtype)
 
     def sync():
         if device == "cuda":
@@ -97,7 +97,7 @@ def run_one(processor: str, model: str, latent: int, repeat: int, device: str) -
     train_peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
     sample_ms = best(sample_step)
     peak = train_peak if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return dict(processor=processor, model=model, latent=latent, device=device, train_ms=train_ms,
+    return dict(processor=processor, model=model, latent=latent, device=device, dtype=str(dtype)[6:], train_ms=train_ms,
                 sample_ms=sample_ms, peak_mb=peak, threads=torch.get_num_threads())
 
 
@@ -107,16 +107,19 @@ def main(argv=None) -> int:
     p.add_argument("--latent", type=int, default=16, help="latent side (16 tiny; 32 or 64 for sd15)")
     p.add_argument("--repeat", type=int, default=5, help="best of N")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="default fp16 on CUDA, fp32 on CPU")
     p.add_argument("--one", help=argparse.SUPPRESS)
     p.add_argument("--json", action="store_true", help="print only JSON")
     opts = p.parse_args(argv)
+    opts.dtype = opts.dtype or ("fp16" if opts.device == "cuda" else "fp32")
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[opts.dtype]
     if opts.one:
-        print(json.dumps(run_one(opts.one, opts.model, opts.latent, opts.repeat, opts.device)))
+        print(json.dumps(run_one(opts.one, opts.model, opts.latent, opts.repeat, opts.device, dtype)))
         return 0
     rows = []
     for name in ("fused", "paper", "diffusers+maps"):
         cmd = [sys.executable, __file__, "--one", name, "--model", opts.model, "--latent", str(opts.latent),
-               "--repeat", str(opts.repeat), "--device", opts.device]
+               "--repeat", str(opts.repeat), "--device", opts.device, "--dtype", opts.dtype]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:
             print(res.stderr, file=sys.stderr)
@@ -129,7 +132,7 @@ def main(argv=None) -> int:
     if opts.json:
         print(json.dumps(rows, indent=1))
         return 0
-    print(f"ViCo step, {opts.model} UNet, latent {opts.latent}x{opts.latent}, {opts.device}, "
+    print(f"ViCo step, {opts.model} UNet, latent {opts.latent}x{opts.latent}, {opts.device} {opts.dtype}, "
           f"torch {torch.__version__}, {rows[0]['threads']} threads, best of {opts.repeat}")
     print("| processor | train step ms | sample step ms | peak MB | fused speed-up (train) | fused speed-up (sample) |")
     print("|---|---|---|---|---|---|")

@@ -45,3 +45,14 @@ def test_joint_maps_benchmark_small_run(capsys):
     row = mod.run_one("fused", 16, 5, 2, 8, "cpu", 1)
     assert row["best_ms"] > 0 and row["variant"] == "fused"
     assert mod.run_one("materialised", 16, 5, 2, 8, "cpu", 1)["best_ms"] > 0
+
+
+def test_vico_step_benchmark_runs_each_processor_once():
+    import torch
+
+    spec = importlib.util.spec_from_file_location("bench_vico_step", SCRIPT.parent / "bench_vico_step.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    for processor in ("fused", "paper", "diffusers+maps"):
+        row = mod.run_one(processor, "tiny", 16, 1, "cpu", torch.float32)
+        assert row["train_ms"] > 0 and row["sample_ms"] > 0 and row["processor"] == processor
