@@ -4,8 +4,10 @@
         image = pipe(prompt).images[0]
     heat = tr.heatmaps()            # {"cat": [h, w], "hat": [h, w]}, normalised to [0, 1]
 
-``trace`` installs ``FusedAttnProcessor`` on the pipeline's UNet and a forward
-pre-hook (removed on exit) that passes a ``MapRequest`` into every UNet call;
+``trace`` installs the fused processors on the pipeline's denoiser (a UNet:
+``FusedAttnProcessor``; an SD3 or FLUX transformer: the joint-attention
+processors, image->text block only) and a forward pre-hook (removed on exit)
+that passes a ``MapRequest`` into every call;
 each call's per-layer maps of the prompt's tokens (all sub-tokens of each
 word) are upsampled to the largest map size and summed over layers and
 timesteps. Under classifier-free guidance only the conditional half asks for
@@ -21,7 +23,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .processor import MapRequest, attach, cross_attention_layers
+from .joint_processor import FusedFluxAttnProcessor, FusedJointAttnProcessor
+from .processor import FusedAttnProcessor, MapRequest, attach, cross_attention_layers
 
 
 def word_token_positions(tokenizer, prompt: str, words: list[str]) -> dict[str, list[int]]:
@@ -56,11 +59,11 @@ class MapTrace:
     def _slots(self) -> list[int]:
         return [p for word in self.positions for p in self.positions[word]]
 
-    def request(self, batch: int, cond_rows: slice) -> MapRequest:
+    def request(self, batch: int, cond_rows: slice, text_len: int | None = None) -> MapRequest:
         slots = torch.tensor(self._slots())
         index = torch.full((batch, len(slots)), -1, dtype=torch.long)
         index[cond_rows] = slots
-        return MapRequest(index, layers=self.layers)
+        return MapRequest(index, layers=self.layers, text_len=text_len)
 
     def add(self, request: MapRequest, cond_rows: slice) -> None:
         side = max(int(round(m.shape[-1] ** 0.5)) for m in request.maps.values())
@@ -82,37 +85,46 @@ class MapTrace:
 @contextmanager
 def trace(pipe, prompt: str, words: list[str], layers: list[str] | None = None,
           timesteps: tuple[float, float] | None = None, guided: bool = True):
-    """Record aggregated maps of ``words`` while ``pipe`` (a diffusers UNet pipeline) generates ``prompt``.
+    """Record aggregated maps of ``words`` while ``pipe`` (SD 1.x/2.x, SDXL, SD3 or FLUX) generates ``prompt``.
 
     ``layers``: substrings selecting cross-attention layers (default all);
     ``timesteps``: (low, high) range of the scheduler's timesteps to aggregate;
     ``guided``: the pipeline runs classifier-free guidance, so each UNet batch is
     [uncond; cond] and only the second half is traced.
     """
-    if not hasattr(pipe, "unet"):
-        raise ValueError(f"{type(pipe).__name__}: only UNet pipelines (SD 1.x/2.x, SDXL) can be traced so far")
-    unet = pipe.unet
-    names = cross_attention_layers(unet)
+    if getattr(pipe, "unet", None) is not None:
+        model, processor, kwarg, tokenizer = pipe.unet, FusedAttnProcessor, "cross_attention_kwargs", pipe.tokenizer
+        names = cross_attention_layers(model)
+    elif getattr(pipe, "transformer", None) is not None:
+        model = pipe.transformer
+        flux = "Flux" in type(model).__name__
+        processor = FusedFluxAttnProcessor if flux else FusedJointAttnProcessor
+        kwarg = "joint_attention_kwargs"
+        tokenizer = pipe.tokenizer_2 if flux else pipe.tokenizer  # FLUX's text stream is T5; SD3's starts with CLIP
+        names = [n.removesuffix(".processor") for n in model.attn_processors]
+    else:
+        raise ValueError(f"{type(pipe).__name__}: no UNet or transformer to trace")
     if layers:
         names = [n for n in names if any(sel in n for sel in layers)]
         if not names:
-            raise ValueError(f"no cross-attention layer matches {layers}")
-    tr = MapTrace(word_token_positions(pipe.tokenizer, prompt, words), names, timesteps)
-    previous = unet.attn_processors
-    attach(unet)
+            raise ValueError(f"no attention layer matches {layers}")
+    tr = MapTrace(word_token_positions(tokenizer, prompt, words), names, timesteps)
+    previous = model.attn_processors
+    attach(model, processor)
 
     pending: list = []
 
     def pre_hook(module, args, kwargs):
-        sample = args[0] if args else kwargs["sample"]
+        sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
         t = args[1] if len(args) > 1 else kwargs["timestep"]
         t_value = float(t.flatten()[0]) if torch.is_tensor(t) else float(t)
         if tr.timesteps and not (tr.timesteps[0] <= t_value <= tr.timesteps[1]):
             return None
         batch = sample.shape[0]
         cond = slice(batch // 2, batch) if guided else slice(0, batch)
-        request = tr.request(batch, cond)
-        kwargs["cross_attention_kwargs"] = dict(kwargs.get("cross_attention_kwargs") or {}, map_request=request)
+        text = kwargs.get("encoder_hidden_states")
+        request = tr.request(batch, cond, text_len=None if text is None else text.shape[1])
+        kwargs[kwarg] = dict(kwargs.get(kwarg) or {}, map_request=request)
         pending.append((request, cond))
         return args, kwargs
 
@@ -120,11 +132,11 @@ def trace(pipe, prompt: str, words: list[str], layers: list[str] | None = None,
         while pending:
             tr.add(*pending.pop())
 
-    handles = [unet.register_forward_pre_hook(pre_hook, with_kwargs=True),
-               unet.register_forward_hook(post_hook, with_kwargs=True)]
+    handles = [model.register_forward_pre_hook(pre_hook, with_kwargs=True),
+               model.register_forward_hook(post_hook, with_kwargs=True)]
     try:
         yield tr
     finally:
         for h in handles:
             h.remove()
-        unet.set_attn_processor(previous)
+        model.set_attn_processor(previous)

@@ -79,3 +79,60 @@ def test_vico_maps_writes_one_overlay_per_word(model_dir, tmp_path, capsys):  # 
     assert cli.main(["maps", "--model", str(model_dir), "--prompt", "a photo of a cat", "--words", "dog",
                      "--out", str(out), "--steps", "2"]) == 2
     assert "word 'dog' does not occur in the prompt" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def sd3_dir(tmp_path_factory):
+    from vico import tiny
+
+    return tiny.save_tiny_sd3_pipeline(tmp_path_factory.mktemp("tiny-sd3"))
+
+
+@pytest.fixture(scope="module")
+def flux_dir(tmp_path_factory):
+    from vico import tiny
+
+    return tiny.save_tiny_flux_pipeline(tmp_path_factory.mktemp("tiny-flux"))
+
+
+def test_trace_sd3_equals_materialised_joint_attention(sd3_dir):
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+    from vico.model import load_pipeline
+
+    pipe = load_pipeline(sd3_dir)
+    prompt = "a photo of a red cat"
+    kw = dict(num_inference_steps=2, height=32, width=32, output_type="np", max_sequence_length=8,
+              generator=torch.Generator().manual_seed(0))
+    positions = fused_maps.word_token_positions(pipe.tokenizer, prompt, ["cat"])
+    with fused_maps.trace(pipe, prompt, ["cat"]) as tr:
+        pipe(prompt, **kw)
+    got = tr.heatmaps()["cat"]
+
+    total = {}
+
+    class Recorder(JointAttnProcessor2_0):
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, *a, **k):
+            B, n = hidden_states.shape[:2]
+            split = lambda y: y.view(B, -1, attn.heads, y.shape[-1] // attn.heads).transpose(1, 2)  # noqa: E731
+            q = torch.cat([split(attn.to_q(hidden_states)), split(attn.add_q_proj(encoder_hidden_states))], 2)
+            key = torch.cat([split(attn.to_k(hidden_states)), split(attn.add_k_proj(encoder_hidden_states))], 2)
+            p = torch.softmax(q @ key.transpose(-1, -2) * attn.scale, -1).mean(1)  # [B, S, S]
+            m = p[B // 2:, :n][..., [n + i for i in positions["cat"]]].sum(-1)[0]  # cond half, image rows
+            total["sum"] = total.get("sum", 0) + m
+            return super().__call__(attn, hidden_states, encoder_hidden_states, *a, **k)
+
+    pipe.transformer.set_attn_processor(Recorder())
+    kw["generator"] = torch.Generator().manual_seed(0)
+    pipe(prompt, **kw)
+    s = total["sum"].reshape(8, 8)
+    torch.testing.assert_close(got, (s - s.min()) / (s.max() - s.min()), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("which", ["sd3", "flux"])
+def test_vico_maps_on_joint_attention_pipelines(which, sd3_dir, flux_dir, tmp_path):
+    model = sd3_dir if which == "sd3" else flux_dir
+    out = tmp_path / which
+    assert cli.main(["maps", "--model", str(model), "--prompt", "a photo of a red cat", "--words", "cat", "red",
+                     "--out", str(out), "--steps", "2"]) == 0
+    assert {"map_cat.png", "map_red.png", "mask_cat.png", "grid.png"} <= {p.name for p in out.iterdir()}

@@ -254,7 +254,7 @@ def _maps_parser(sub) -> None:
                        description="Generate an image and write, per word, its cross-attention heat map "
                        "summed over layers and timesteps (overlaid on the image) and its Otsu mask. Maps come "
                        "from the fused op: no attention matrix is materialised.")
-    p.add_argument("--model", required=True, help="local diffusers pipeline folder (SD 1.x/2.x or SDXL)")
+    p.add_argument("--model", required=True, help="local diffusers pipeline folder (SD 1.x/2.x, SDXL, SD3, FLUX)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--words", nargs="+", required=True, help="words of the prompt to map (all their sub-tokens)")
     p.add_argument("--out", required=True, help="output folder")
@@ -276,19 +276,15 @@ def cmd_maps(args) -> int:
 
     from .pipeline import heatmap_overlay, image_grid
 
-    if not (Path(args.model) / "model_index.json").is_file():
-        raise UserError(f"{args.model} is not a diffusers pipeline folder (no model_index.json)")
-    from diffusers import DiffusionPipeline
-    from transformers.utils import logging as hf_logging
+    from .model import load_pipeline
 
-    hf_logging.disable_progress_bar()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = DiffusionPipeline.from_pretrained(args.model).to(device)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = load_pipeline(args.model, device)
+    # FLUX runs guidance through an embedding: one conditional batch, no [uncond; cond] halves.
+    guided = args.guidance > 1 and "Flux" not in type(pipe).__name__
     try:
         with fused_maps.trace(pipe, args.prompt, args.words, layers=args.layers,
-                              timesteps=tuple(args.timesteps) if args.timesteps else None,
-                              guided=args.guidance > 1) as tr:
+                              timesteps=tuple(args.timesteps) if args.timesteps else None, guided=guided) as tr:
             image = pipe(args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
                          generator=torch.Generator().manual_seed(args.seed), output_type="np").images[0]
     except ValueError as exc:

@@ -146,3 +146,23 @@ def token_positions(input_ids: torch.Tensor, token_id: int | None, eos_token_id:
     eot = first(input_ids == eos_token_id)
     tok = first(input_ids == token_id) if token_id is not None else torch.full_like(eot, -1)
     return tok, eot
+
+
+def load_pipeline(path: str | Path, device: str | torch.device = "cpu"):
+    """Any local diffusers pipeline folder; components recorded as null (e.g. an SD3
+    folder without T5) are passed as None, which ``from_pretrained`` needs."""
+    import json
+
+    from diffusers import DiffusionPipeline
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    path = Path(path)
+    index_file = path / "model_index.json"
+    if not index_file.is_file():
+        raise UserError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
+    index = json.loads(index_file.read_text())
+    absent = {k: None for k, v in index.items() if isinstance(v, list) and v == [None, None]}
+    pipe = DiffusionPipeline.from_pretrained(path, **absent).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

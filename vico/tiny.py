@@ -11,6 +11,7 @@ the real code paths, not to draw.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -136,4 +137,67 @@ def save_tiny_dino(path: str | Path, seed: int = 0) -> Path:
     ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
                        image_size=IMAGE_SIZE, patch_size=8), add_pooling_layer=False).save_pretrained(path)
     ViTImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}).save_pretrained(path)
+    return path
+
+
+def save_tiny_sd3_pipeline(path: str | Path, seed: int = 0) -> Path:
+    """A tiny random SD3-shaped pipeline (MMDiT, two CLIP text encoders, no T5) as a diffusers folder."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    tok = make_tokenizer()
+
+    def clip():
+        return CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=len(tok), hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+            max_position_embeddings=77, projection_dim=8, bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+
+    pipe = StableDiffusion3Pipeline(
+        transformer=SD3Transformer2DModel(sample_size=IMAGE_SIZE // 2, patch_size=2, in_channels=4, num_layers=2,
+                                          attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                          caption_projection_dim=16, pooled_projection_dim=16, out_channels=4),
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+                          down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                          norm_num_groups=8, sample_size=IMAGE_SIZE, shift_factor=0.0),
+        text_encoder=clip(), tokenizer=tok, text_encoder_2=clip(), tokenizer_2=make_tokenizer(),
+        text_encoder_3=None, tokenizer_3=None,
+    )
+    path = Path(path)
+    pipe.save_pretrained(path)
+    # Record the absent T5 so `from_pretrained(path)` passes None for it.
+    index = json.loads((path / "model_index.json").read_text())
+    index.update(text_encoder_3=[None, None], tokenizer_3=[None, None])
+    (path / "model_index.json").write_text(json.dumps(index, indent=2))
+    return path
+
+
+def save_tiny_flux_pipeline(path: str | Path, seed: int = 0) -> Path:
+    """A tiny random FLUX-shaped pipeline (double + single stream blocks, CLIP + T5) as a diffusers folder."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    tok = make_tokenizer()
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+                          down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                          norm_num_groups=8, sample_size=IMAGE_SIZE, shift_factor=0.0),
+        text_encoder=CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(tok), hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+            max_position_embeddings=77, projection_dim=8, bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)),
+        tokenizer=tok,
+        text_encoder_2=T5EncoderModel(T5Config(vocab_size=len(tok), d_model=16, d_kv=8, d_ff=32, num_layers=1,
+                                               num_heads=2)),
+        tokenizer_2=make_tokenizer(),
+        transformer=FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                           attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                           pooled_projection_dim=8, axes_dims_rope=(2, 2, 4)),
+    )
+    path = Path(path)
+    pipe.save_pretrained(path)
     return path
