@@ -70,20 +70,62 @@ scalar_t row_sum(const scalar_t* x, int64_t n) {
   return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
 }
 
+// Per key block of one batch row: additive bias (0 visible, -inf hidden) that
+// keeps hidden keys out of the row max, and a keep factor (1 / 0) applied
+// after the exp. Branch-free element loops vectorise.
+template <typename scalar_t>
+struct KeyBlockMask {
+  std::vector<scalar_t> bias, keep;
+  bool active = false;
+
+  void set(const bool* visible, int64_t cols, bool uniform) {
+    active = visible != nullptr && !uniform;
+    if (!active) return;
+    bias.resize(cols);
+    keep.resize(cols);
+    for (int64_t j = 0; j < cols; ++j) {
+      bias[j] = visible[j] ? scalar_t(0) : -std::numeric_limits<scalar_t>::infinity();
+      keep[j] = visible[j] ? scalar_t(1) : scalar_t(0);
+    }
+  }
+};
+
+// exp of a tile of (shifted) scores, in place. Inputs below -87 (exp < 1.7e-38),
+// and -inf for hidden keys, send ATen's vectorised exp down a slow path (7-30x
+// slower per element), so they are clamped first; hidden keys are then set to
+// exactly 0, so masking stays exact.
+template <typename scalar_t>
+void exp_tile(at::Tensor& tile, scalar_t* s, int64_t rows, int64_t cols, int64_t ld,
+              const KeyBlockMask<scalar_t>& mask) {
+  const scalar_t floor = scalar_t(-87);
+  for (int64_t i = 0; i < rows; ++i) {
+    scalar_t* row = s + i * ld;
+    for (int64_t j = 0; j < cols; ++j) row[j] = row[j] < floor ? floor : row[j];
+  }
+  tile.exp_();
+  if (!mask.active) return;
+  const scalar_t* keep = mask.keep.data();
+  for (int64_t i = 0; i < rows; ++i) {
+    scalar_t* row = s + i * ld;
+    for (int64_t j = 0; j < cols; ++j) row[j] *= keep[j];
+  }
+}
+
 // Scale the raw scores of a tile in place and apply the key mask.
 template <typename scalar_t>
 void prepare_scores(scalar_t* s, int64_t rows, int64_t cols, int64_t ld, scalar_t scale,
-                    const bool* visible, bool uniform) {
+                    const KeyBlockMask<scalar_t>& mask, bool uniform) {
   for (int64_t i = 0; i < rows; ++i) {
     scalar_t* row = s + i * ld;
     if (uniform) {
       for (int64_t j = 0; j < cols; ++j) row[j] = scalar_t(0);
       continue;
     }
-    for (int64_t j = 0; j < cols; ++j) row[j] *= scale;
-    if (visible) {
-      for (int64_t j = 0; j < cols; ++j)
-        if (!visible[j]) row[j] = -std::numeric_limits<scalar_t>::infinity();
+    if (mask.active) {
+      const scalar_t* bias = mask.bias.data();
+      for (int64_t j = 0; j < cols; ++j) row[j] = row[j] * scale + bias[j];
+    } else {
+      for (int64_t j = 0; j < cols; ++j) row[j] *= scale;
     }
   }
 }
@@ -110,6 +152,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     at::Tensor s_buf = at::empty({kQueryBlock, std::min(kKeyBlock, L)}, opts);
     at::Tensor acc = at::empty({kQueryBlock, D}, opts);
+    KeyBlockMask<scalar_t> key_mask;
     std::vector<scalar_t> m(kQueryBlock), l(kQueryBlock), alpha(kQueryBlock), kept(kQueryBlock * std::max<int64_t>(T, 1));
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / n_blocks;
@@ -129,7 +172,8 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
           at::mm_out(s_t, qt, k[b][h].narrow(0, j0, bk).t());
           scalar_t* s = s_buf.data_ptr<scalar_t>();
           const int64_t ld = s_buf.size(1);
-          prepare_scores(s, bn, bk, ld, scale, visible_b ? visible_b + j0 : nullptr, uniform[b]);
+          key_mask.set(visible_b ? visible_b + j0 : nullptr, bk, uniform[b]);
+          prepare_scores(s, bn, bk, ld, scale, key_mask, uniform[b]);
           // Keep the raw scores of chosen columns that live in this block.
           for (int64_t t = 0; t < T; ++t) {
             const int64_t j = idx_b[t];
@@ -148,7 +192,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
             alpha[i] = (mx == neg_inf) ? scalar_t(1) : std::exp(m[i] - mx);  // 0 on the first live block
             m[i] = mx;
           }
-          s_t.exp_();
+          exp_tile(s_t, s, bn, bk, ld, key_mask);
           scalar_t* a = acc_t.data_ptr<scalar_t>();
           for (int64_t i = 0; i < bn; ++i) {
             const scalar_t* row = s + i * ld;
@@ -209,6 +253,7 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
     at::Tensor p_buf = at::empty({kQueryBlock, std::min(kKeyBlock, L)}, opts);
     at::Tensor dp_buf = at::empty({kQueryBlock, std::min(kKeyBlock, L)}, opts);
     std::vector<scalar_t> drow(kQueryBlock);
+    KeyBlockMask<scalar_t> key_mask;
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
       const bool* visible_b = ex.key_mask ? ex.key_mask + b * L : nullptr;
@@ -252,10 +297,12 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
           scalar_t* p = p_buf.data_ptr<scalar_t>();
           scalar_t* dp = dp_buf.data_ptr<scalar_t>();
           const int64_t ld = p_buf.size(1);
-          prepare_scores(p, bn, bk, ld, scale, visible_b ? visible_b + j0 : nullptr, uniform[b]);
+          key_mask.set(visible_b ? visible_b + j0 : nullptr, bk, uniform[b]);
+          prepare_scores(p, bn, bk, ld, scale, key_mask, uniform[b]);
           for (int64_t i = 0; i < bn; ++i)
             for (int64_t j = 0; j < bk; ++j) p[i * ld + j] -= lse_row[i];
-          p_t.exp_();  // P recomputed from the saved lse (vectorised exp)
+          // P recomputed from the saved lse
+          exp_tile(p_t, p, bn, bk, ld, key_mask);
           if (dm_p) {  // duplicated columns add, -1 slots add nothing
             for (int64_t t = 0; t < T; ++t) {
               const int64_t j = idx_b[t];
