@@ -25,12 +25,12 @@ WORDS = (
 SPECIAL = ("<|startoftext|>", "<|endoftext|>")
 
 
-def make_tokenizer():
+def make_tokenizer(words=WORDS):
     """A word-level fast tokenizer with CLIP's special tokens, padded to 77 with EOT (like SD's)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate(list(SPECIAL) + ["<unk>"] + list(WORDS))}
+    vocab = {tok: i for i, tok in enumerate(list(SPECIAL) + ["<unk>"] + list(words))}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.post_processor = processors.TemplateProcessing(
