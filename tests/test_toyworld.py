@@ -37,3 +37,23 @@ def test_checker_on_an_empty_image():
     blank = np.full((32, 32, 3), 128, np.uint8)
     got = checker.read(blank)
     assert got["background"] == "gray" and got["shape"] is None
+
+
+def test_training_resumes_to_the_same_weights_and_exports_a_pipeline(tmp_path):
+    import torch
+
+    from vico.toyworld import evaluate, train
+
+    full, split = tmp_path / "full", tmp_path / "split"
+    kw = dict(minutes=10, vae_steps=2, batch=2, checkpoint_every=100, seed=0)
+    train.train(full, resume=False, max_steps=4, **kw)
+    train.train(split, resume=False, max_steps=2, **kw)
+    path = train.train(split, resume=True, max_steps=4, **kw)
+    a = torch.load(full / "checkpoint" / "state.pt", weights_only=False)
+    b = torch.load(split / "checkpoint" / "state.pt", weights_only=False)
+    assert a["step"] == b["step"] == 4 and a["scaling"] == b["scaling"]
+    for part in ("vae", "unet", "text_encoder"):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+    report = evaluate.evaluate(path, n=2, cfgs=(3.0,), steps=2)
+    assert set(report) == {"seen@cfg3", "held_out@cfg3"}
+    assert set(report["seen@cfg3"]) == {"background", "colour", "shape", "texture", "size"}

@@ -81,7 +81,7 @@ def export(out: Path, models: dict, scaling: float) -> Path:
 
 
 def train(out: Path, minutes: float, vae_steps: int, batch: int, checkpoint_every: int, resume: bool,
-          seed: int = 0, max_steps: int | None = None) -> Path:
+          seed: int = 0, max_steps: int | None = None) -> Path | None:
     from tqdm.auto import tqdm
 
     out.mkdir(parents=True, exist_ok=True)
@@ -158,8 +158,9 @@ def train(out: Path, minutes: float, vae_steps: int, batch: int, checkpoint_ever
         print(f"toyworld: interrupted at step {step}; continue with --resume", file=sys.stderr)
         raise
     save_checkpoint(out, state())
-    if scaling is None:
-        raise SystemExit("toyworld: the time budget ended inside the VAE stage; resume with more --minutes")
+    if scaling is None:  # stopped inside the VAE stage: nothing to export yet
+        print(f"toyworld: stopped at step {step}, still training the VAE; continue with --resume", file=sys.stderr)
+        return None
     path = export(out, models, scaling)
     print(f"toyworld: {step} steps in {elapsed / 60:.1f} min -> {path}", file=sys.stderr)
     return path
