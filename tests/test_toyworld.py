@@ -57,3 +57,18 @@ def test_training_resumes_to_the_same_weights_and_exports_a_pipeline(tmp_path):
     report = evaluate.evaluate(path, n=2, cfgs=(3.0,), steps=2)
     assert set(report) == {"seen@cfg3", "held_out@cfg3"}
     assert set(report["seen@cfg3"]) == {"background", "colour", "shape", "texture", "size"}
+
+
+def test_toy_demo_writes_grid_and_metrics(tmp_path):
+    import json
+
+    from vico.toyworld import demo, train
+
+    model = train.train(tmp_path / "toy", minutes=10, vae_steps=1, batch=2, checkpoint_every=100, resume=False,
+                        max_steps=2)
+    metrics = demo.run(model, tmp_path / "demo", steps=1, sample_steps=1, quiet=True)
+    assert (tmp_path / "demo" / "grid.png").is_file()
+    saved = json.loads((tmp_path / "demo" / "metrics.json").read_text())
+    assert saved["steps"] == 1 and len(saved["samples"]) == 2 * len(demo.world.BACKGROUNDS)
+    for key in ("identity_shape", "identity_colour", "text_background"):
+        assert 0.0 <= metrics[key] <= 1.0

@@ -82,9 +82,17 @@ def cmd_demo(args) -> int:
     import time
 
     from . import tiny
+    from .toyworld import demo as toy_demo
 
     out = Path(args.out)
     model = args.model
+    if model is None and args.images is None and toy_demo.shipped_model() is not None:
+        metrics = toy_demo.run(toy_demo.shipped_model(), out, steps=args.steps, sample_steps=args.sample_steps,
+                               quiet=args.quiet)
+        print(f"vico demo: toy-world concept (a red checkered square) -> {out}/grid.png, {out}/metrics.json: "
+              f"identity shape {metrics['identity_shape']:.2f}, colour {metrics['identity_colour']:.2f}, "
+              f"text (background) {metrics['text_background']:.2f}")
+        return 0
     if model is None:
         model = out / "tiny-sd"
         if not (model / "unet").is_dir():
