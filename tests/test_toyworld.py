@@ -72,3 +72,15 @@ def test_toy_demo_writes_grid_and_metrics(tmp_path):
     assert saved["steps"] == 1 and len(saved["samples"]) == 2 * len(demo.world.BACKGROUNDS)
     for key in ("identity_shape", "identity_colour", "text_background"):
         assert 0.0 <= metrics[key] <= 1.0
+
+
+def test_personalization_benchmark_runs_every_method(tmp_path):
+    from vico.toyworld import benchmark, train
+
+    model = train.train(tmp_path / "toy", minutes=10, vae_steps=1, batch=2, checkpoint_every=100, resume=False,
+                        max_steps=2)
+    rows = benchmark.run(model, tmp_path / "bench", steps=1, samples=1, sample_steps=1)
+    assert [r["method"] for r in rows] == list(benchmark.METHODS)
+    for r in rows:
+        assert 0 <= r["identity_shape"] <= 1 and 0 <= r["text_background"] <= 1 and r["pixel_l1"] >= 0
+    assert "| vico | 1 |" in benchmark.table(rows)
