@@ -17,7 +17,8 @@ setup(
     python_requires=">=3.10",
     packages=["fused", "fused.csrc", "fused.triton", "vico"],
     package_dir={"fused.csrc": "csrc"},
-    package_data={"fused.csrc": ["*.cpp", "*.h", "*.cu"], "vico": ["configs/*.json", "prompts/*.txt"]},
+    package_data={"fused.csrc": ["*.cpp", "*.h", "*.cu"],
+                  "vico": ["configs/*.json", "prompts/*.txt", "toyworld/model/*.json", "toyworld/model/*/*"]},
     include_package_data=False,
     # Floors are the versions this project was tested with (see README).
     install_requires=[
