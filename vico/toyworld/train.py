@@ -166,6 +166,19 @@ def train(out: Path, minutes: float, vae_steps: int, batch: int, checkpoint_ever
     return path
 
 
+def export_checkpoint(out: Path, to: Path | None = None) -> Path:
+    """Export the latest checkpoint (e.g. of a run still going) as a pipeline folder."""
+    st = torch.load(out / "checkpoint" / "state.pt", weights_only=False)
+    if st["scaling"] is None:
+        raise SystemExit("toyworld: the checkpoint is still in the VAE stage")
+    models = make_models()
+    for name in ("vae", "unet", "text_encoder"):
+        models[name].load_state_dict(st[name])
+    path = export(to or out, models, st["scaling"])
+    print(f"toyworld: exported step {st['step']} ({st['elapsed'] / 60:.1f} min) -> {path}", file=sys.stderr)
+    return path
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m vico.toyworld.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, type=Path)
@@ -176,7 +189,12 @@ def main(argv=None) -> int:
     p.add_argument("--max-steps", type=int, help="stop after this many steps (tests)")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--export-only", type=Path, metavar="DIR",
+                   help="write the latest checkpoint's pipeline under DIR/pipeline and exit (no training)")
     o = p.parse_args(argv)
+    if o.export_only:
+        export_checkpoint(o.out, o.export_only)
+        return 0
     torch.set_num_threads(max(1, torch.get_num_threads()))
     train(o.out, o.minutes, o.vae_steps, o.batch, o.checkpoint_every, o.resume, o.seed, o.max_steps)
     return 0
