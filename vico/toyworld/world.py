@@ -84,9 +84,9 @@ def render(scene: Scene) -> np.ndarray:
     elif scene.texture == "striped":
         dark = (yy // 2) % 2 == 1
         fill = np.where(dark[..., None], colour * 0.45, colour)
-    else:  # checkered: the novel concept's pattern (object colour and its complement)
+    else:  # checkered: the novel concept's pattern (3-px cells of the colour and a dark shade of it)
         check = ((yy // 3) + (xx // 3)) % 2 == 1
-        fill = np.where(check[..., None], 255 - colour, colour)
+        fill = np.where(check[..., None], colour * 0.3, colour)
     img[mask] = fill[mask]
     return img.clip(0, 255).astype(np.uint8)
 
