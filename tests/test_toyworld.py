@@ -84,3 +84,12 @@ def test_personalization_benchmark_runs_every_method(tmp_path):
     for r in rows:
         assert 0 <= r["identity_shape"] <= 1 and 0 <= r["text_background"] <= 1 and r["pixel_l1"] >= 0
     assert "| vico | 1 |" in benchmark.table(rows)
+
+
+def test_shipped_toy_model_draws_what_it_is_asked():
+    """A small check of the shipped base model with the checker (the full table is in RESULTS.md)."""
+    from vico.toyworld import demo, evaluate
+
+    report = evaluate.evaluate(demo.shipped_model(), n=6, cfgs=(5.0,), steps=20)
+    seen = report["seen@cfg5"]
+    assert seen["background"] >= 0.8 and seen["colour"] >= 0.8

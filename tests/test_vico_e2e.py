@@ -137,12 +137,22 @@ def test_sample_rejects_a_folder_that_is_not_a_concept(tmp_path, capsys):
     assert "is not a trained concept" in capsys.readouterr().err
 
 
-def test_demo_runs_end_to_end(tmp_path, capsys):
-    assert run("demo", "--out", tmp_path / "demo", "--steps", 2, "--sample-steps", 2, "--num-images", 1, "--quiet") == 0
+def test_demo_on_a_given_model_runs_end_to_end(model_dir, images_dir, tmp_path, capsys):
+    assert run("demo", "--out", tmp_path / "demo", "--model", model_dir, "--images", images_dir, "--steps", 2,
+               "--sample-steps", 2, "--num-images", 1, "--quiet") == 0
     out = capsys.readouterr().out
-    assert "tiny random model" in out and "training steps in" in out
+    assert "training steps in" in out
     assert (tmp_path / "demo" / "concept" / "concept.safetensors").is_file()
     assert (tmp_path / "demo" / "samples" / "grid.png").is_file()
+
+
+def test_default_demo_uses_the_shipped_toy_model(tmp_path, capsys):
+    from vico.toyworld import demo
+
+    assert demo.shipped_model() is not None, "the trained toy model ships with the package"
+    assert run("demo", "--out", tmp_path / "demo", "--steps", 3, "--sample-steps", 2, "--quiet") == 0
+    assert "toy-world concept" in capsys.readouterr().out
+    assert (tmp_path / "demo" / "grid.png").is_file() and (tmp_path / "demo" / "metrics.json").is_file()
 
 
 def test_cli_help_explains_each_command(capsys):

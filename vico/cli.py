@@ -71,7 +71,7 @@ def _demo_parser(sub) -> None:
     p.add_argument("--model", help="a local Stable Diffusion folder instead of the tiny random model")
     p.add_argument("--images", help="training images (default: generated toy images)")
     p.add_argument("--init-word", default="cat", help="class word (default cat)")
-    p.add_argument("--steps", type=int, default=30, help="training steps (default 30)")
+    p.add_argument("--steps", type=int, help="training steps (default 150 on the toy model, 30 on the random one)")
     p.add_argument("--sample-steps", type=int, default=20, help="DDIM steps (default 20)")
     p.add_argument("--num-images", type=int, default=4)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -87,8 +87,8 @@ def cmd_demo(args) -> int:
     out = Path(args.out)
     model = args.model
     if model is None and args.images is None and toy_demo.shipped_model() is not None:
-        metrics = toy_demo.run(toy_demo.shipped_model(), out, steps=args.steps, sample_steps=args.sample_steps,
-                               quiet=args.quiet)
+        metrics = toy_demo.run(toy_demo.shipped_model(), out, steps=args.steps or 150,
+                               sample_steps=args.sample_steps, quiet=args.quiet)
         print(f"vico demo: toy-world concept (a red checkered square) -> {out}/grid.png, {out}/metrics.json: "
               f"identity shape {metrics['identity_shape']:.2f}, colour {metrics['identity_colour']:.2f}, "
               f"text (background) {metrics['text_background']:.2f}")
@@ -105,14 +105,15 @@ def cmd_demo(args) -> int:
     concept = out / "concept"
     shutil.rmtree(concept, ignore_errors=True)  # a demo starts fresh
     t0 = time.perf_counter()
+    steps = args.steps or 30
     cmd_train(_train_parser_defaults(model=model, images=images, out=concept, init_word=args.init_word,
-                                     steps=args.steps, quiet=args.quiet))
+                                     steps=steps, quiet=args.quiet))
     train_s = time.perf_counter() - t0
     samples = out / "samples"
     cmd_sample(argparse.Namespace(concept=concept, prompt="a photo of S* on the beach", out=samples, model=None,
                                   reference=None, num_images=args.num_images, steps=args.sample_steps,
                                   guidance=7.5, seed=0, device=None, save_maps=True, quiet=args.quiet))
-    print(f"vico demo: {args.steps} training steps in {train_s:.1f} s ({train_s / max(args.steps, 1):.3f} s/step "
+    print(f"vico demo: {steps} training steps in {train_s:.1f} s ({train_s / max(steps, 1):.3f} s/step "
           f"incl. loading); concept in {concept}, images and S* maps/masks in {samples}")
     return 0
 
