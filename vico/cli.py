@@ -319,8 +319,9 @@ def cmd_maps(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .training import TrainConfig, train
+    from .training import TrainConfig, save_on_signals, train
 
+    save_on_signals()
     cfg = TrainConfig(
         model=str(args.model), images=str(args.images), out=str(args.out), method=args.method, placeholder=args.token,
         init_word=args.init_word, steps=args.steps, batch_size=args.batch_size, scale_lr=args.scale_lr,

@@ -27,6 +27,22 @@ from .model import UserError, load_components
 CHECKPOINTS = "checkpoints"
 
 
+def save_on_signals() -> None:
+    """Make SIGINT and SIGTERM raise KeyboardInterrupt, so training saves a checkpoint before it exits.
+
+    A job started in the background by a non-interactive shell inherits SIGINT
+    as *ignored*, and schedulers stop jobs with SIGTERM: both would otherwise
+    kill the run without its last checkpoint.
+    """
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 @dataclass
 class TrainConfig:
     model: str

@@ -195,7 +195,9 @@ def main(argv=None) -> int:
     if o.export_only:
         export_checkpoint(o.out, o.export_only)
         return 0
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    from ..training import save_on_signals
+
+    save_on_signals()
     train(o.out, o.minutes, o.vae_steps, o.batch, o.checkpoint_every, o.resume, o.seed, o.max_steps)
     return 0
 
