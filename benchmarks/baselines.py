@@ -22,13 +22,9 @@ from fused.benchmark import paper_otsu_loop
 
 
 def _materialised_maps(attn, query, key, value, request):
-    probs = torch.softmax(query @ key.transpose(-1, -2) * attn.scale, dim=-1)  # [B, H, N, L]
-    out = probs @ value
+    # The PyTorch reference materialises softmax(QKᵀ) and indexes it: exactly the baselines' way.
     index = request.token_index.to(query.device)
-    B, H, N, _ = probs.shape
-    picked = probs.gather(-1, index.clamp(min=0)[:, None, None, :].expand(B, H, N, index.shape[1]))
-    maps = (picked * (index >= 0)[:, None, None, :]).transpose(-1, -2)  # [B, H, T, N]
-    return out, (maps.mean(1) if request.head_reduce == "mean" else maps)
+    return reference.attention_with_maps(query, key, value, index, attn.scale, request.head_reduce)
 
 
 class PaperAttnProcessor(FusedAttnProcessor):

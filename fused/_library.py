@@ -19,15 +19,13 @@ from __future__ import annotations
 
 import torch
 
-
-def _otsu_threshold_dtype(maps: torch.Tensor) -> torch.dtype:
-    return torch.float32 if maps.dtype in (torch.float16, torch.bfloat16) else maps.dtype
+from .reference import otsu_compute_dtype
 
 
 def register_otsu_fake(qualname: str) -> None:
     @torch.library.register_fake(qualname)
     def _(maps, bins, mode):
-        thr = maps.new_empty(maps.shape[:-1], dtype=_otsu_threshold_dtype(maps))
+        thr = maps.new_empty(maps.shape[:-1], dtype=otsu_compute_dtype(maps))
         return thr, maps.new_empty(maps.shape, dtype=torch.bool)
 
 

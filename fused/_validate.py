@@ -127,6 +127,12 @@ def check_head_reduce(head_reduce: object) -> str:
     return head_reduce
 
 
+def check_mode(mode: object) -> str:
+    if mode not in OTSU_MODES:
+        raise ValueError(f"mode must be one of {OTSU_MODES}, got {mode!r}")
+    return mode
+
+
 def check_bins(bins: object, mode: str) -> int:
     """bins: an int >= 2, or None for the mode's default (10 "vico", 256 "skimage")."""
     if bins is None:
@@ -140,8 +146,7 @@ def check_bins(bins: object, mode: str) -> int:
 
 def check_otsu_args(maps: object, bins: int | None, mode: object, validate: bool) -> int:
     """maps: floating [..., N] without NaN/Inf; returns the number of bins."""
-    if mode not in OTSU_MODES:
-        raise ValueError(f"mode must be one of {OTSU_MODES}, got {mode!r}")
+    check_mode(mode)
     _require_tensor("maps", maps)
     _require_float("maps", maps)
     if maps.dim() < 1:

@@ -32,11 +32,8 @@ SIZES = {
 
 
 def paper_maps(q, k, v, token_index):
-    """The ViCo code's way: materialise softmax(QKᵀ), index, average heads."""
-    p = torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1)
-    out = p @ v
-    cols = token_index.clamp(min=0)[:, None, None, :].expand(*p.shape[:3], token_index.shape[1])
-    return out, p.gather(-1, cols).mean(1).transpose(-1, -2)
+    """The ViCo code's way: materialise softmax(QKᵀ), index, average heads (the reference does exactly that)."""
+    return reference.attention_with_maps(q, k, v, token_index, q.shape[-1] ** -0.5, "mean")
 
 
 def paper_otsu_loop(maps: torch.Tensor, bins: int = 10) -> torch.Tensor:

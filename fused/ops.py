@@ -127,9 +127,7 @@ def cross_attention_with_mask(
     _validate.check_qkv(q, k, v)
     token_index = _validate.check_token_index(token_index, q, k, validate)
     scale = _validate.check_scale(scale, q.shape[-1])
-    if mode not in _validate.OTSU_MODES:
-        raise ValueError(f"mode must be one of {_validate.OTSU_MODES}, got {mode!r}")
-    bins = _validate.check_bins(bins, mode)
+    bins = _validate.check_bins(bins, _validate.check_mode(mode))
     attn = resolve("attention_with_maps", q.device.type, q.dtype, backend)
     otsu = resolve("otsu_mask", q.device.type, q.dtype, backend)
     out, maps = implementation("attention_with_maps", attn)(q, k, v, token_index, scale, "mean")

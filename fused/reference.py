@@ -20,6 +20,7 @@ __all__ = [
     "otsu_vico",
     "otsu_skimage",
     "otsu_stat_dtype",
+    "otsu_compute_dtype",
 ]
 
 
@@ -84,7 +85,8 @@ def otsu_stat_dtype() -> torch.dtype:
     return torch.float64
 
 
-def _compute_dtype(maps: torch.Tensor) -> torch.dtype:
+def otsu_compute_dtype(maps: torch.Tensor) -> torch.dtype:
+    """Dtype Otsu decides membership in (and returns thresholds in): fp32 for fp16/bf16 maps."""
     return torch.float32 if maps.dtype in (torch.float16, torch.bfloat16) else maps.dtype
 
 
@@ -94,7 +96,7 @@ def otsu_vico(maps: torch.Tensor, bins: int) -> tuple[torch.Tensor, torch.Tensor
     maps: [..., N] floating. Returns threshold [...] (normalised units, fp32 for
     fp16/bf16 maps, else the map's dtype) and mask bool [..., N].
     """
-    x = maps.to(_compute_dtype(maps))
+    x = maps.to(otsu_compute_dtype(maps))
     n = x.shape[-1]
     lo = x.amin(dim=-1, keepdim=True)
     hi = x.amax(dim=-1, keepdim=True)
@@ -133,7 +135,7 @@ def otsu_skimage(maps: torch.Tensor, bins: int) -> tuple[torch.Tensor, torch.Ten
     bin centres, first argmax. mask = m > threshold. A constant map gives its
     value as threshold and an all-False mask.
     """
-    x = maps.to(_compute_dtype(maps))
+    x = maps.to(otsu_compute_dtype(maps))
     lo = x.amin(dim=-1, keepdim=True)
     hi = x.amax(dim=-1, keepdim=True)
     constant = (hi == lo)[..., 0]

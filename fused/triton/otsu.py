@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..reference import otsu_compute_dtype
 from ._common import INTERPRET, launcher, next_pow2, tl_dtype
 
 
@@ -123,7 +124,7 @@ def _otsu_kernel(
 
 def otsu_forward(maps: torch.Tensor, bins: int, mode: str):
     """Threshold [...] (float32 for fp16/bf16 maps) and mask bool [..., N], one launch."""
-    compute = torch.float32 if maps.dtype in (torch.float16, torch.bfloat16) else maps.dtype
+    compute = otsu_compute_dtype(maps)
     n = maps.shape[-1]
     flat = maps.reshape(-1, n).contiguous()
     rows = flat.shape[0]
