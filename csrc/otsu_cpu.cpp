@@ -3,6 +3,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <limits>
 #include <vector>
 
 #include "ops.h"
@@ -13,7 +14,7 @@ namespace {
 
 template <typename scalar_t>
 void otsu_vico_one(const scalar_t* x, int64_t n, int64_t bins, scalar_t* thr, bool* mask,
-                   std::vector<double>& count, std::vector<double>& sum, std::vector<scalar_t>& tau,
+                   std::vector<double>& count, std::vector<double>& sum, std::vector<scalar_t>& fence,
                    std::vector<scalar_t>& xn) {
   scalar_t lo = x[0], hi = x[0];
   for (int64_t i = 1; i < n; ++i) {
@@ -28,16 +29,18 @@ void otsu_vico_one(const scalar_t* x, int64_t n, int64_t bins, scalar_t* thr, bo
   }
   std::fill(count.begin(), count.end(), 0.0);
   std::fill(sum.begin(), sum.end(), 0.0);
-  for (int64_t t = 1; t < bins; ++t) tau[t - 1] = fused_otsu::vico_candidate<scalar_t>(t, bins);
+  fence[0] = -std::numeric_limits<scalar_t>::infinity();
+  for (int64_t t = 1; t < bins; ++t) fence[t] = fused_otsu::vico_candidate<scalar_t>(t, bins);
+  fence[bins] = std::numeric_limits<scalar_t>::infinity();
   for (int64_t i = 0; i < n; ++i) xn[i] = (x[i] - lo) / span;  // IEEE division: correctly rounded
   for (int64_t i = 0; i < n; ++i) {
-    const int b = fused_otsu::vico_bucket(xn[i], tau.data(), bins);
+    const int b = fused_otsu::vico_bucket_fenced(xn[i], fence.data(), bins);
     count[b] += 1.0;
     sum[b] += static_cast<double>(xn[i]);
   }
   const int64_t best =
       fused_otsu::vico_best_candidate(count.data(), sum.data(), bins, static_cast<double>(n));
-  const scalar_t threshold = best > 0 ? tau[best - 1] : scalar_t(0);
+  const scalar_t threshold = best > 0 ? fence[best] : scalar_t(0);
   *thr = threshold;
   if (threshold > scalar_t(0)) {
     for (int64_t i = 0; i < n; ++i) mask[i] = xn[i] >= threshold;

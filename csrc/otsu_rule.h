@@ -30,13 +30,17 @@ FUSED_HD int vico_bucket(scalar_t x, int64_t bins) {
   return bucket;
 }
 
-// The same with the candidates precomputed: tau[t-1] = vico_candidate(t, bins).
-// Branch-free on purpose: a guess-and-correct search was slower on CPU.
+// The same in O(1) per element: guess floor(x * bins), then correct by one
+// in either direction. fl(x * bins) and tau_t = fl(t / bins) are both within
+// a few ulps of the exact values while candidates are 1/bins apart, so the
+// guess is off by at most one. `fence` has bins + 1 entries: fence[0] = -inf,
+// fence[t] = tau_t for t in 1..bins-1, fence[bins] = +inf, so both corrections
+// are branch-free table reads. x must be in [0, 1].
 template <typename scalar_t>
-FUSED_HD int vico_bucket(scalar_t x, const scalar_t* tau, int64_t bins) {
-  int bucket = 0;
-  for (int64_t t = 1; t < bins; ++t) bucket += (x >= tau[t - 1]) ? 1 : 0;
-  return bucket;
+FUSED_HD int vico_bucket_fenced(scalar_t x, const scalar_t* fence, int64_t bins) {
+  int64_t guess = static_cast<int64_t>(x * static_cast<scalar_t>(bins));
+  guess = guess < 0 ? 0 : (guess > bins - 1 ? bins - 1 : guess);
+  return static_cast<int>(guess - (x < fence[guess] ? 1 : 0) + (x >= fence[guess + 1] ? 1 : 0));
 }
 
 // Mode "vico": given per-bucket element counts and sums of normalised values

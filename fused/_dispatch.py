@@ -83,7 +83,13 @@ def _runs_on(name: str, device_type: str) -> bool:
     return name == "triton" and device_type == "cpu" and _triton_interpreted()
 
 
-def _supports_dtype(name: str, op: str, dtype: torch.dtype) -> bool:
+def _supports_dtype(name: str, op: str, dtype: torch.dtype, device_type: str) -> bool:
+    if name == "triton" and device_type == "cuda" and dtype == torch.float64 and op != "otsu_mask":
+        # Triton 3.6 cannot compile the float64 attention kernels for a GPU: fp64 tl.dot
+        # with a head dim of 160 trips "fp64 don't support largeK MMA", and the tiles
+        # need up to 650 KB of shared memory (benchmarks/triton_compile_check.py
+        # --dtype fp64). float64 attention stays a CPU (gradcheck) dtype for Triton.
+        return False
     # The C++ Otsu kernel upcasts fp16/bf16 maps to fp32 (the compute dtype).
     return dtype in _INFO[name].dtypes or (name == "cpp" and op == "otsu_mask" and dtype in _ALL_FLOATS)
 
@@ -125,8 +131,8 @@ def resolve(op: str, device_type: str, dtype: torch.dtype, backend: str | None) 
         if not _runs_on(backend, device_type):
             hint = " (set TRITON_INTERPRET=1 to run Triton on CPU)" if backend == "triton" else ""
             raise ValueError(f"backend {backend!r} does not run on {device_type} tensors{hint}")
-        if not _supports_dtype(backend, op, dtype):
-            raise TypeError(f"backend {backend!r} does not support {dtype} for {op}")
+        if not _supports_dtype(backend, op, dtype, device_type):
+            raise TypeError(f"backend {backend!r} does not support {dtype} for {op} on {device_type} tensors")
         ok, why = backend_status(backend)
         if not ok:
             raise RuntimeError(f"backend {backend!r} is not available: {why}")
@@ -137,7 +143,7 @@ def resolve(op: str, device_type: str, dtype: torch.dtype, backend: str | None) 
         info = _INFO[name]
         if op not in info.ops:
             continue
-        if not _supports_dtype(name, op, dtype):
+        if not _supports_dtype(name, op, dtype, device_type):
             skipped.append(f"{name} has no {dtype} kernel")
             continue
         ok, why = backend_status(name)

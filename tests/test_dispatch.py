@@ -65,3 +65,18 @@ def test_import_fused_imports_neither_diffusers_nor_triton():
     code = "import sys, fused; print(sorted(m for m in ('diffusers', 'triton', 'torch._dynamo') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_float64_attention_on_cuda_skips_triton_with_warning(triton_backend):
+    """Triton cannot compile the fp64 attention kernels for a GPU (see _supports_dtype);
+    on CUDA tensors fp64 attention goes to the reference with a warning, fp64 Otsu and
+    every other dtype stay on Triton. Decided from the device *type*: no GPU needed."""
+    _dispatch._warn_once.cache_clear()
+    with pytest.warns(RuntimeWarning, match="falls back to the PyTorch reference .*triton has no torch.float64 kernel"):
+        assert _dispatch.resolve("attention_with_maps", "cuda", torch.float64, None) == "torch"
+    with pytest.raises(TypeError, match="does not support torch.float64 for masked_attention on cuda"):
+        _dispatch.resolve("masked_attention", "cuda", torch.float64, "triton")
+    assert _dispatch.resolve("otsu_mask", "cuda", torch.float64, None) == "triton"
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        assert _dispatch.resolve("attention_with_maps", "cuda", dtype, None) == "triton"
+    assert _dispatch.resolve("attention_with_maps", "cpu", torch.float64, "triton") == "triton"  # interpreter

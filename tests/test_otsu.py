@@ -68,6 +68,31 @@ def test_vico_values_exactly_on_candidates(cpu_backend, dtype):
         assert torch.equal(mask[i], maps[i] >= thr[i])  # on-threshold values are high
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bins", [10, 256, 1000])
+def test_vico_bucket_of_values_on_and_beside_every_candidate(cpu_backend, dtype, bins):
+    """One probe value v per map, between a cluster at 0 and a cluster at 1: v joins
+    the 0s, so the threshold is the first candidate above v, i.e. tau_{b+1} with
+    b = #{t : tau_t <= v}. A bucket off by one in either direction (the C++ kernel
+    guesses floor(v * bins) and corrects) moves the threshold. Probes sit exactly on
+    candidates of the lower half (about 100 of them) and one ulp either side."""
+    t = torch.arange(1, bins, dtype=torch.int64)
+    taus = t.to(dtype) / torch.tensor(bins, dtype=dtype)  # tau_t rounded once, as SPEC §2 says
+    taus = taus[taus < 0.45]  # above ~0.5 v joins the 1s and the first candidate wins regardless
+    taus = taus[::max(1, len(taus) // 100)]  # keeps the interpreted Triton run short
+    probes = torch.cat([taus, torch.nextafter(taus, torch.zeros_like(taus)),
+                        torch.nextafter(taus, torch.ones_like(taus))])
+    maps = torch.cat([torch.zeros(len(probes), 8, dtype=dtype), probes[:, None],
+                      torch.ones(len(probes), 8, dtype=dtype)], dim=1)
+    thr, mask = fused.otsu_mask(maps, bins=bins, mode="vico", backend=cpu_backend)
+    all_taus = t.to(dtype) / torch.tensor(bins, dtype=dtype)
+    bucket = (all_taus[None, :] <= probes[:, None]).sum(dim=1)
+    assert torch.equal(thr, all_taus[bucket])  # tau_{b+1} is all_taus[b]
+    assert not mask[:, 8].any() and mask[:, 9:].all() and not mask[:, :8].any()
+    want_thr, want_mask = fused.reference.otsu_vico(maps, bins)
+    assert torch.equal(thr, want_thr) and torch.equal(mask, want_mask)
+
+
 def test_vico_constant_and_two_valued_maps(cpu_backend):
     maps = torch.tensor(
         [[0.3] * 8, [0.0] * 8, [0.2, 0.2, 0.2, 0.9, 0.9, 0.2, 0.9, 0.2], [1.0] + [0.0] * 7],

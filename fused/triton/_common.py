@@ -32,6 +32,34 @@ def tl_dtype(dtype: torch.dtype):
     return _TL_DTYPE[dtype]
 
 
+def autotuned_by_head_dim(kernel, configs: dict[int, list[tuple[int, int, int, int]]], key: list[str]):
+    """One autotuner per padded head dim: ``{BLOCK_D: [(BLOCK_N, BLOCK_L, num_warps, num_stages), ...]}``.
+
+    Returns ``pick(block_d)`` giving the kernel to launch (autotuned over that head
+    dim's list on a GPU; the plain kernel under the interpreter, launched with
+    INTERPRET_META). A list per head dim, not one list pruned at launch, keeps the
+    launch the plain ``kernel[grid](...)`` that torch.compile traces. The lists come
+    from compiling for sm_80/sm_90 without a GPU (benchmarks/triton_config_sweep.py):
+    configurations that spill registers were dropped, and every list holds one that
+    fits in 99 KB of shared memory (sm_86/sm_89 consumer cards).
+    """
+    if INTERPRET:
+        return lambda block_d: kernel
+    tuned = {
+        d: triton.autotune(
+            configs=[triton.Config({"BLOCK_N": n, "BLOCK_L": l}, num_warps=w, num_stages=s) for n, l, w, s in rows],
+            key=key,
+        )(kernel)
+        for d, rows in configs.items()
+    }
+    dims = sorted(tuned)
+    return lambda block_d: tuned[next((d for d in dims if d >= block_d), dims[-1])]
+
+
+# One configuration under the interpreter: it runs programs one by one in numpy.
+INTERPRET_META = dict(BLOCK_N=64, BLOCK_L=64, num_warps=4)
+
+
 def launcher(kernel):
     """``kernel`` wrapped so torch.compile sees the launch inside a ``triton_op``
     (GPU); under the interpreter the ops are plain custom ops and launch directly."""

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, acc_dtype, launcher, next_pow2, tl_dtype
+from ._common import INTERPRET, INTERPRET_META, acc_dtype, autotuned_by_head_dim, launcher, next_pow2, tl_dtype
 from .attention_fwd import precision
 
 
@@ -190,7 +190,24 @@ def _attention_bwd_dq_kernel(
     tl.store(DQ + (bh * N + offs_n[:, None]) * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=tile)
 
 
-_META = dict(BLOCK_N=64, BLOCK_L=64, num_warps=4) if INTERPRET else dict(BLOCK_N=64, BLOCK_L=64, num_warps=4, num_stages=2)
+# Chosen like the forward's (benchmarks/triton_config_sweep.py, fp16, sm_90). At
+# D=160 every dk/dv configuration spills a little (96-300 B); these spill least.
+DKDV_CONFIGS = {
+    64: [(64, 64, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2)],
+    128: [(32, 64, 8, 2), (64, 32, 4, 2), (32, 32, 4, 2)],
+    256: [(64, 32, 4, 2), (32, 64, 8, 2), (32, 32, 4, 2)],
+}
+DQ_CONFIGS = {
+    64: [(64, 64, 8, 2), (32, 64, 8, 2), (64, 32, 4, 2)],
+    128: [(64, 64, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2)],
+    256: [(32, 64, 8, 2), (32, 32, 4, 2)],
+}
+_TUNE_KEY = ["H", "N", "L", "D", "T", "HAS_MAPS", "HEAD_MEAN", "HAS_MASK"]
+_dkdv_kernel = autotuned_by_head_dim(_attention_bwd_dkdv_kernel, DKDV_CONFIGS, _TUNE_KEY)
+_dq_kernel = autotuned_by_head_dim(_attention_bwd_dq_kernel, DQ_CONFIGS, _TUNE_KEY)
+# The row term is cheap and never spills (<= 126 registers): one configuration.
+_ROWTERM_META = dict(BLOCK_N=64, num_warps=4) if INTERPRET else dict(BLOCK_N=64, num_warps=4, num_stages=2)
+_TILE_META = INTERPRET_META if INTERPRET else {}
 
 
 def attention_backward(q, k, v, out, lse, grad_out, scale: float, token_index=None, grad_maps=None,
@@ -216,22 +233,18 @@ def attention_backward(q, k, v, out, lse, grad_out, scale: float, token_index=No
         (B, H, L, D), dtype=k.dtype, device=k.device), torch.empty((B, H, L, D), dtype=v.dtype, device=v.device)
     flags = dict(HAS_MAPS=has_maps, HEAD_MEAN=head_mean, ACC=tl_dtype(acc), PRECISION=precision(q.dtype),
                  BLOCK_D=next_pow2(D), BLOCK_T=next_pow2(T))
-    bn, bl = _META["BLOCK_N"], _META["BLOCK_L"]
-    launch_meta = {k_: v_ for k_, v_ in _META.items() if k_ not in ("BLOCK_N", "BLOCK_L")}
+    bn = _ROWTERM_META["BLOCK_N"]
     launcher(_attention_bwd_rowterm_kernel)[(triton.cdiv(N, bn), B * H)](
         q, k, out, grad_out, lse, delta, dmaps, index,
-        *q.stride(), *k.stride(), H, N, D, T, scale, c,
-        BLOCK_N=bn, **flags, **launch_meta,
+        *q.stride(), *k.stride(), H, N, D, T, scale, c, **flags, **_ROWTERM_META,
     )
     strides = (*q.stride(), *k.stride(), *v.stride())
-    launcher(_attention_bwd_dkdv_kernel)[(triton.cdiv(L, bl), B * H)](
+    launcher(_dkdv_kernel(flags["BLOCK_D"]))[lambda meta: (triton.cdiv(L, meta["BLOCK_L"]), B * H)](
         q, k, v, grad_out, lse, delta, dmaps, index, mask, any_visible, dk, dv,
-        *strides, H, N, L, D, T, scale, c,
-        HAS_MASK=key_mask is not None, BLOCK_N=bn, BLOCK_L=bl, **flags, **launch_meta,
+        *strides, H, N, L, D, T, scale, c, HAS_MASK=key_mask is not None, **flags, **_TILE_META,
     )
-    launcher(_attention_bwd_dq_kernel)[(triton.cdiv(N, bn), B * H)](
+    launcher(_dq_kernel(flags["BLOCK_D"]))[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * H)](
         q, k, v, grad_out, lse, delta, dmaps, index, mask, any_visible, dq,
-        *strides, H, N, L, D, T, scale, c,
-        HAS_MASK=key_mask is not None, BLOCK_N=bn, BLOCK_L=bl, **flags, **launch_meta,
+        *strides, H, N, L, D, T, scale, c, HAS_MASK=key_mask is not None, **flags, **_TILE_META,
     )
     return dq, dk, dv

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, acc_dtype, launcher, next_pow2, tl_dtype
+from ._common import INTERPRET, INTERPRET_META, acc_dtype, autotuned_by_head_dim, launcher, next_pow2, tl_dtype
 
 
 @triton.jit
@@ -109,18 +109,16 @@ def _attention_fwd_kernel(
             tl.store(m_ptrs, (maps_acc / H).to(Maps.dtype.element_ty), mask=row_ok[:, None] & (offs_t[None, :] < T))
 
 
-if INTERPRET:
-    _fwd = _attention_fwd_kernel
-    _FWD_META = dict(BLOCK_N=64, BLOCK_L=64, num_warps=4)
-else:
-    _fwd = triton.autotune(
-        configs=[
-            triton.Config({"BLOCK_N": bn, "BLOCK_L": bl}, num_warps=w, num_stages=s)
-            for bn, bl, w, s in [(32, 64, 4, 2), (64, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (32, 128, 4, 3)]
-        ],
-        key=["H", "N", "L", "D", "T", "HAS_MAPS", "HEAD_MEAN", "HAS_MASK", "BLOCK_D"],
-    )(_attention_fwd_kernel)
-    _FWD_META = {}
+# Chosen from compile-only register/spill/shared-memory data (fp16, sm_90):
+# every configuration here compiles without spills for maps and key-mask launches.
+FORWARD_CONFIGS = {
+    64: [(32, 64, 8, 2), (64, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (32, 128, 4, 3)],
+    128: [(32, 64, 8, 2), (64, 64, 8, 2), (128, 64, 8, 2), (64, 128, 8, 2), (128, 32, 8, 2)],
+    256: [(32, 64, 8, 2), (32, 32, 4, 2)],
+}
+_forward_kernel = autotuned_by_head_dim(
+    _attention_fwd_kernel, FORWARD_CONFIGS, key=["H", "N", "L", "D", "T", "HAS_MAPS", "HEAD_MEAN", "HAS_MASK"])
+_FWD_META = INTERPRET_META if INTERPRET else {}
 
 
 def precision(dtype: torch.dtype) -> str:
@@ -153,13 +151,14 @@ def attention_forward(q, k, v, token_index=None, key_mask=None, scale: float = 1
     def grid(meta):
         return (triton.cdiv(N, meta["BLOCK_N"]), B)
 
-    launcher(_fwd)[grid](
+    block_d = next_pow2(D)
+    launcher(_forward_kernel(block_d))[grid](
         q, k, v, out, lse, maps, index, mask, any_visible,
         *q.stride(), *k.stride(), *v.stride(),
         H, N, L, D, T, scale,
         HAS_MAPS=has_maps, HEAD_MEAN=head_mean, HAS_MASK=key_mask is not None,
         ACC=tl_dtype(acc), PRECISION=precision(q.dtype),
-        BLOCK_D=next_pow2(D), BLOCK_T=next_pow2(T),
+        BLOCK_D=block_d, BLOCK_T=next_pow2(T),
         **_FWD_META,
     )
     return out, (maps if has_maps else None), lse

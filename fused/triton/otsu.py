@@ -132,8 +132,9 @@ def otsu_forward(maps: torch.Tensor, bins: int, mode: str):
     mask = torch.empty((rows, n), dtype=torch.bool, device=maps.device)
     vico = mode == "vico"
     block_c = next_pow2(bins - 1 if vico else bins, minimum=2)
-    # [candidates, chunk] tiles: keep them around 16K elements on a GPU.
-    chunk = min(next_pow2(n, minimum=16), 1024 if INTERPRET else max(16, 16384 // block_c))
+    # [candidates, chunk] tiles; sizes without register spills on sm_90 (triton_config_sweep.py).
+    tile = 16384 if block_c <= 16 else 8192
+    chunk = min(next_pow2(n, minimum=16), 1024 if INTERPRET else max(16, tile // block_c))
     extra = {} if INTERPRET else dict(num_warps=8, enable_fp_fusion=False)
     launcher(_otsu_kernel)[(rows,)](
         flat, thr, mask, n, bins,
