@@ -17,9 +17,11 @@ import triton_compile_check as tcc  # noqa: E402  (sets up compile-only Triton f
 
 import torch  # noqa: E402
 
-BACKWARD = [(64, 64, 4), (32, 64, 4), (64, 32, 4), (32, 32, 4), (64, 64, 8), (32, 64, 8), (128, 64, 8)]
+BACKWARD = [(64, 64, 4), (32, 64, 4), (64, 32, 4), (32, 32, 4), (64, 64, 8), (32, 64, 8), (128, 64, 8),
+            (32, 32, 8), (16, 32, 4), (32, 16, 4), (16, 64, 4), (64, 16, 4)]
 FORWARD = [(32, 64, 4, 2), (32, 32, 4, 2), (64, 32, 4, 2), (32, 64, 8, 2), (64, 64, 8, 2), (128, 64, 8, 2),
-           (64, 128, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2), (32, 128, 4, 3), (128, 128, 8, 2)]
+           (64, 128, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2), (32, 128, 4, 3), (128, 128, 8, 2),
+           (32, 32, 8, 2), (16, 64, 4, 2), (16, 32, 4, 2), (64, 32, 8, 2)]
 
 
 def main(argv=None) -> int:
@@ -34,7 +36,7 @@ def main(argv=None) -> int:
     tcc.triton_driver.set_active(tcc.TargetOnlyDriver(args.arch))
     print("| forward | D | BLOCK_N | BLOCK_L | warps | stages | regs | stack B | shared KB |\n"
           "|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    attention_fwd._forward_kernel = lambda block_d: attention_fwd._attention_fwd_kernel  # one config at a time
+    attention_fwd._forward_kernel = lambda block_d, dtype: attention_fwd._attention_fwd_kernel  # one config at a time
     for D in (40, 80, 160):
         q = torch.zeros(2, 8, 1024, D, dtype=dtype)
         k = v = torch.zeros(2, 8, 77, D, dtype=dtype)
@@ -53,8 +55,8 @@ def main(argv=None) -> int:
         k = v = torch.zeros(2, 8, 77, D, dtype=dtype)
         lse = torch.zeros(2, 8, 1024)
         for bn, bl, warps in BACKWARD:
-            attention_bwd._dkdv_kernel = lambda block_d: attention_bwd._attention_bwd_dkdv_kernel
-            attention_bwd._dq_kernel = lambda block_d: attention_bwd._attention_bwd_dq_kernel
+            attention_bwd._dkdv_kernel = lambda block_d, dtype: attention_bwd._attention_bwd_dkdv_kernel
+            attention_bwd._dq_kernel = lambda block_d, dtype: attention_bwd._attention_bwd_dq_kernel
             attention_bwd._TILE_META = dict(BLOCK_N=bn, BLOCK_L=bl, num_warps=warps, num_stages=2)
             with tcc.CompileRecorder() as rec:
                 rec.arch = args.arch

@@ -153,5 +153,8 @@ def check_otsu_args(maps: object, bins: int | None, mode: object, validate: bool
         raise ValueError("maps must have at least one dim [..., N], got a 0-d tensor")
     _require_nonempty("maps", maps, "[..., N]")
     bins = check_bins(bins, mode)
-    _data_check(lambda: torch.isfinite(maps).all(), "maps contains NaN or Inf", maps, validate)
+    # min and max carry any NaN or Inf, and one fused min/max pass costs ~5x less
+    # than materialising isfinite(maps) (measurable next to the ~0.1 ms C++ Otsu).
+    _data_check(lambda: torch.isfinite(torch.stack(torch.aminmax(maps))).all(), "maps contains NaN or Inf", maps,
+                validate)
     return bins

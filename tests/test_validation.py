@@ -100,6 +100,9 @@ def test_bad_key_mask(cpu_backend, mask, exc, pattern):
     [
         (torch.tensor([[0.1, float("nan")]]), {}, ValueError, r"maps contains NaN or Inf"),
         (torch.tensor([[0.1, float("inf")]]), {}, ValueError, r"maps contains NaN or Inf"),
+        (torch.tensor([[-float("inf"), 0.1]]), {}, ValueError, r"maps contains NaN or Inf"),
+        (torch.tensor([[0.1, 0.2], [float("nan"), 0.3]]).half(), {}, ValueError, r"maps contains NaN or Inf"),
+        (torch.tensor([[0.1, 0.2], [0.5, float("nan")]]).bfloat16(), {}, ValueError, r"maps contains NaN or Inf"),
         (torch.ones(3, 4, dtype=torch.int64), {}, TypeError, r"maps must be a floating tensor"),
         (torch.ones(3, 0), {}, ValueError, r"maps is empty"),
         (torch.tensor(1.0), {}, ValueError, r"maps must have at least one dim"),

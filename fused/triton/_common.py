@@ -32,28 +32,38 @@ def tl_dtype(dtype: torch.dtype):
     return _TL_DTYPE[dtype]
 
 
-def autotuned_by_head_dim(kernel, configs: dict[int, list[tuple[int, int, int, int]]], key: list[str]):
-    """One autotuner per padded head dim: ``{BLOCK_D: [(BLOCK_N, BLOCK_L, num_warps, num_stages), ...]}``.
+Configs = dict[int, dict[int, list[tuple[int, int, int, int]]]]
 
-    Returns ``pick(block_d)`` giving the kernel to launch (autotuned over that head
-    dim's list on a GPU; the plain kernel under the interpreter, launched with
-    INTERPRET_META). A list per head dim, not one list pruned at launch, keeps the
-    launch the plain ``kernel[grid](...)`` that torch.compile traces. The lists come
-    from compiling for sm_80/sm_90 without a GPU (benchmarks/triton_config_sweep.py):
-    configurations that spill registers were dropped, and every list holds one that
-    fits in 99 KB of shared memory (sm_86/sm_89 consumer cards).
+
+def autotuned_by_head_dim(kernel, configs: Configs, key: list[str]):
+    """One autotuner per (element size, padded head dim).
+
+    ``configs[itemsize][BLOCK_D]`` lists ``(BLOCK_N, BLOCK_L, num_warps, num_stages)``
+    for 16-bit (2) and 32-bit (4) inputs. Returns ``pick(block_d, dtype)`` giving the
+    kernel to launch: autotuned over that list on a GPU, the plain kernel under the
+    interpreter (launched with INTERPRET_META). A list per case, not one list pruned
+    at launch, keeps the launch the plain ``kernel[grid](...)`` that torch.compile
+    traces. The lists come from compiling for sm_90 without a GPU
+    (benchmarks/triton_config_sweep.py): the configurations that spill least, and
+    every list holds one that fits in 99 KB of shared memory (sm_86/sm_89 cards).
     """
     if INTERPRET:
-        return lambda block_d: kernel
+        return lambda block_d, dtype: kernel
     tuned = {
-        d: triton.autotune(
+        (size, d): triton.autotune(
             configs=[triton.Config({"BLOCK_N": n, "BLOCK_L": l}, num_warps=w, num_stages=s) for n, l, w, s in rows],
             key=key,
         )(kernel)
-        for d, rows in configs.items()
+        for size, by_dim in configs.items()
+        for d, rows in by_dim.items()
     }
-    dims = sorted(tuned)
-    return lambda block_d: tuned[next((d for d in dims if d >= block_d), dims[-1])]
+
+    def pick(block_d: int, dtype: torch.dtype):
+        size = 2 if dtype.itemsize <= 2 else 4
+        dims = sorted(d for s, d in tuned if s == size)
+        return tuned[size, next((d for d in dims if d >= block_d), dims[-1])]
+
+    return pick
 
 
 # One configuration under the interpreter: it runs programs one by one in numpy.

@@ -190,17 +190,31 @@ def _attention_bwd_dq_kernel(
     tl.store(DQ + (bh * N + offs_n[:, None]) * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=tile)
 
 
-# Chosen like the forward's (benchmarks/triton_config_sweep.py, fp16, sm_90). At
-# D=160 every dk/dv configuration spills a little (96-300 B); these spill least.
+# Chosen like the forward's (sm_90, benchmarks/triton_config_sweep.py). 16-bit: only
+# dk/dv at D=160 spills (48-300 B). fp32 spills much more (KBs at D=160).
 DKDV_CONFIGS = {
-    64: [(64, 64, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2)],
-    128: [(32, 64, 8, 2), (64, 32, 4, 2), (32, 32, 4, 2)],
-    256: [(64, 32, 4, 2), (32, 64, 8, 2), (32, 32, 4, 2)],
+    2: {
+        64: [(64, 64, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2)],
+        128: [(32, 64, 8, 2), (64, 32, 4, 2), (32, 32, 4, 2)],
+        256: [(64, 32, 4, 2), (32, 64, 8, 2), (32, 32, 4, 2)],
+    },
+    4: {
+        64: [(32, 32, 8, 2), (16, 32, 4, 2), (32, 16, 4, 2), (16, 64, 4, 2)],
+        128: [(16, 32, 4, 2), (32, 64, 8, 2)],
+        256: [(64, 16, 4, 2), (32, 16, 4, 2), (16, 16, 4, 2)],
+    },
 }
 DQ_CONFIGS = {
-    64: [(64, 64, 8, 2), (32, 64, 8, 2), (64, 32, 4, 2)],
-    128: [(64, 64, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2)],
-    256: [(32, 64, 8, 2), (32, 32, 4, 2)],
+    2: {
+        64: [(64, 64, 8, 2), (32, 64, 8, 2), (64, 32, 4, 2)],
+        128: [(64, 64, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2)],
+        256: [(32, 64, 8, 2), (32, 32, 4, 2)],
+    },
+    4: {
+        64: [(32, 32, 4, 2), (16, 32, 4, 2), (32, 64, 8, 2), (64, 32, 4, 2)],
+        128: [(16, 32, 4, 2), (32, 32, 8, 2), (32, 64, 8, 2)],
+        256: [(16, 32, 4, 2), (16, 16, 4, 2), (16, 64, 4, 2)],
+    },
 }
 _TUNE_KEY = ["H", "N", "L", "D", "T", "HAS_MAPS", "HEAD_MEAN", "HAS_MASK"]
 _dkdv_kernel = autotuned_by_head_dim(_attention_bwd_dkdv_kernel, DKDV_CONFIGS, _TUNE_KEY)
@@ -239,11 +253,11 @@ def attention_backward(q, k, v, out, lse, grad_out, scale: float, token_index=No
         *q.stride(), *k.stride(), H, N, D, T, scale, c, **flags, **_ROWTERM_META,
     )
     strides = (*q.stride(), *k.stride(), *v.stride())
-    launcher(_dkdv_kernel(flags["BLOCK_D"]))[lambda meta: (triton.cdiv(L, meta["BLOCK_L"]), B * H)](
+    launcher(_dkdv_kernel(flags["BLOCK_D"], q.dtype))[lambda meta: (triton.cdiv(L, meta["BLOCK_L"]), B * H)](
         q, k, v, grad_out, lse, delta, dmaps, index, mask, any_visible, dk, dv,
         *strides, H, N, L, D, T, scale, c, HAS_MASK=key_mask is not None, **flags, **_TILE_META,
     )
-    launcher(_dq_kernel(flags["BLOCK_D"]))[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * H)](
+    launcher(_dq_kernel(flags["BLOCK_D"], q.dtype))[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * H)](
         q, k, v, grad_out, lse, delta, dmaps, index, mask, any_visible, dq,
         *strides, H, N, L, D, T, scale, c, HAS_MASK=key_mask is not None, **flags, **_TILE_META,
     )

@@ -109,12 +109,21 @@ def _attention_fwd_kernel(
             tl.store(m_ptrs, (maps_acc / H).to(Maps.dtype.element_ty), mask=row_ok[:, None] & (offs_t[None, :] < T))
 
 
-# Chosen from compile-only register/spill/shared-memory data (fp16, sm_90):
-# every configuration here compiles without spills for maps and key-mask launches.
+# Chosen from compile-only register/spill/shared-memory data (sm_90,
+# benchmarks/triton_config_sweep.py). 16-bit: none of these spills. fp32 (tf32x3
+# dots on fp32 tiles) spills at every size; at D=160 by 2-3 KB per thread, which
+# only splitting the head dim inside the kernel would cure.
 FORWARD_CONFIGS = {
-    64: [(32, 64, 8, 2), (64, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (32, 128, 4, 3)],
-    128: [(32, 64, 8, 2), (64, 64, 8, 2), (128, 64, 8, 2), (64, 128, 8, 2), (128, 32, 8, 2)],
-    256: [(32, 64, 8, 2), (32, 32, 4, 2)],
+    2: {
+        64: [(32, 64, 8, 2), (64, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (32, 128, 4, 3)],
+        128: [(32, 64, 8, 2), (64, 64, 8, 2), (128, 64, 8, 2), (64, 128, 8, 2), (128, 32, 8, 2)],
+        256: [(32, 64, 8, 2), (32, 32, 4, 2)],
+    },
+    4: {
+        64: [(32, 32, 8, 2), (16, 32, 4, 2), (32, 64, 8, 2), (128, 32, 8, 2)],
+        128: [(16, 32, 4, 2), (32, 32, 8, 2), (32, 64, 8, 2)],
+        256: [(16, 32, 4, 2), (32, 32, 8, 2), (16, 16, 4, 2)],
+    },
 }
 _forward_kernel = autotuned_by_head_dim(
     _attention_fwd_kernel, FORWARD_CONFIGS, key=["H", "N", "L", "D", "T", "HAS_MAPS", "HEAD_MEAN", "HAS_MASK"])
@@ -122,8 +131,15 @@ _FWD_META = INTERPRET_META if INTERPRET else {}
 
 
 def precision(dtype: torch.dtype) -> str:
-    # fp32 inputs must not go through TF32 (the ops promise ~1e-5 against fp64).
-    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+    """``input_precision`` of every tl.dot. fp32 must not drop to plain TF32 (the ops
+    promise ~1e-5 against fp64). On a GPU it uses "tf32x3" (three TF32 tensor-core
+    products per dot, ~fp32 accuracy): compiled for sm_90, "ieee" fp32 dots become
+    scalar FMA code that spills 2-24 KB per thread and needs up to 214 KB of shared
+    memory at D=160 (benchmarks/triton_compile_check.py --dtype fp32). The
+    interpreter computes in numpy fp32/fp64 either way."""
+    if dtype == torch.float64 or (dtype == torch.float32 and INTERPRET):
+        return "ieee"
+    return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
 def attention_forward(q, k, v, token_index=None, key_mask=None, scale: float = 1.0, head_mean: bool = True):
@@ -152,7 +168,7 @@ def attention_forward(q, k, v, token_index=None, key_mask=None, scale: float = 1
         return (triton.cdiv(N, meta["BLOCK_N"]), B)
 
     block_d = next_pow2(D)
-    launcher(_forward_kernel(block_d))[grid](
+    launcher(_forward_kernel(block_d, q.dtype))[grid](
         q, k, v, out, lse, maps, index, mask, any_visible,
         *q.stride(), *k.stride(), *v.stride(),
         H, N, L, D, T, scale,
