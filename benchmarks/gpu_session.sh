@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# One GPU session's work, for the `device` tool (each call <= 10 minutes, 30 device-minutes per session).
+# One GPU session's work, for the `device` tool (each call <= 10 minutes; a session has 15
+# device-minutes including the machine's start, so run `check`, then `bench`, then `check-more`
+# only if time is left). The Triton kernels compile on first use (~260 kernels for sm_90 over
+# all dtypes: minutes), which is why the dtypes are split over two calls.
 #
 # Prepare once on the CPU machine (the GPU machine has torch+triton+transformers but no diffusers,
 # accelerate or registry access):
 #   pip download diffusers==0.42.1 accelerate==1.15.0 ninja --no-deps --python-version 3.12 \
 #       --only-binary=:all: -d .wheels && echo .wheels >> .git/info/exclude
 # Then run, carrying .wheels:
-#   bash benchmarks/gpu_session.sh check   # gpu_check.py: correctness fp32/fp16/bf16, CUDA graph, op timings
-#   bash benchmarks/gpu_session.sh bench   # scaling (latent 32..128), joint-attention maps, ViCo steps at 64x64
+#   bash benchmarks/gpu_session.sh check       # gpu_check.py: fp16 correctness, CUDA graph, op timings
+#   bash benchmarks/gpu_session.sh check-more  # gpu_check.py: bf16 and fp32 correctness
+#   bash benchmarks/gpu_session.sh bench       # ViCo steps at 64x64 (fp16), scaling (latent 32..128), joint maps
 # Everything lands in $OUT (at most 8 files come back).
 set -euo pipefail
 OUT=${OUT:-/tmp/gpu-out}
@@ -17,18 +21,22 @@ pip install -q --no-build-isolation --no-deps -e . >/dev/null
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
 case "${1:-check}" in
   check)
-    python benchmarks/gpu_check.py --out "$OUT/gpu_check.json" | tee "$OUT/gpu_check.md"
+    python benchmarks/gpu_check.py --dtypes fp16 --out "$OUT/gpu_check.json" | tee "$OUT/gpu_check.md"
     ;;
-  bench)
-    python benchmarks/scaling.py --out "$OUT/scaling" > /dev/null
-    cp "$OUT/scaling/scaling.md" "$OUT/scaling.md"; cp "$OUT/scaling/scaling.png" "$OUT/scaling.png" 2>/dev/null || true
-    rm -rf "$OUT/scaling"
-    python benchmarks/bench_joint_maps.py | tee "$OUT/joint_maps.md"
+  check-more)
+    python benchmarks/gpu_check.py --dtypes bf16 fp32 --skip-bench --out "$OUT/gpu_check_more.json" \
+      | tee "$OUT/gpu_check_more.md"
+    ;;
+  bench)  # the ViCo step first: it carries the headline targets
     if python -c "import diffusers, accelerate" 2>/dev/null; then
       python benchmarks/bench_vico_step.py --model sd15 --latent 64 --repeat 5 | tee "$OUT/vico_step.md"
     else
       echo "diffusers/accelerate missing: carry .wheels for the ViCo step benchmark" | tee "$OUT/vico_step.md"
     fi
+    python benchmarks/scaling.py --out "$OUT/scaling" > /dev/null
+    cp "$OUT/scaling/scaling.md" "$OUT/scaling.md"; cp "$OUT/scaling/scaling.png" "$OUT/scaling.png" 2>/dev/null || true
+    rm -rf "$OUT/scaling"
+    python benchmarks/bench_joint_maps.py | tee "$OUT/joint_maps.md"
     ;;
-  *) echo "usage: $0 check|bench" >&2; exit 2 ;;
+  *) echo "usage: $0 check|check-more|bench" >&2; exit 2 ;;
 esac
