@@ -99,6 +99,7 @@ class CompileRecorder:
     def __init__(self, all_configs: bool = True):
         self.kernels: dict[tuple, dict] = {}
         self.variant = ""
+        self.dtype = ""
         self.all_configs = all_configs
 
     def __enter__(self):
@@ -114,8 +115,8 @@ class CompileRecorder:
             meta = {p.name: _plain(bound[p.name]) for p in fn.params if p.is_constexpr and p.name in bound}
             meta |= {k: v for k, v in kwargs.items() if k.startswith("num_")}
             entry = recorder.kernels.setdefault((kernel.hash, recorder.arch), dict(
-                kernel=fn.fn.__name__, arch=recorder.arch, variant=recorder.variant, meta=meta, compiled=kernel,
-                variants=[]))
+                kernel=fn.fn.__name__, arch=recorder.arch, dtype=recorder.dtype, variant=recorder.variant, meta=meta,
+                compiled=kernel, variants=[]))
             if recorder.variant not in entry["variants"]:
                 entry["variants"].append(recorder.variant)
             return kernel
@@ -142,8 +143,8 @@ def launch_everything(dtype: torch.dtype, shapes, recorder: CompileRecorder) -> 
 
     errors = []
 
-    def attempt(variant, fn):
-        recorder.variant = variant
+    def attempt(variant, fn, dtype=dtype):
+        recorder.variant, recorder.dtype = variant, str(dtype).removeprefix("torch.")
         try:
             fn()
         except Exception as exc:  # report every failure, keep compiling the rest
@@ -173,7 +174,7 @@ def launch_everything(dtype: torch.dtype, shapes, recorder: CompileRecorder) -> 
         attempt(f"otsu {str(dtype)[6:]} 16x4096 {mode}", lambda: otsu_forward(torch.rand(16, 4096).to(dtype), 256, mode))
         # fp64 Otsu does run on Triton on CUDA (only fp64 attention is dispatched elsewhere)
         attempt(f"otsu float64 16x4096 {mode}",
-                lambda: otsu_forward(torch.rand(16, 4096, dtype=torch.float64), 256, mode))
+                lambda: otsu_forward(torch.rand(16, 4096, dtype=torch.float64), 256, mode), dtype=torch.float64)
     return errors
 
 
@@ -236,6 +237,20 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def summary(rows: list[dict]) -> str:
+    """One line per (arch, dtype, kernel, padded head dim) over its configurations."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["arch"], r["dtype"], r["kernel"].strip("_"), r["meta"].get("BLOCK_D", 0)), []).append(r)
+    lines = ["| arch | dtype | kernel | BLOCK_D | compiled (variants x configs) | without spills | max stack B | max regs | max shared KB |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for (arch, dtype, kernel, block_d), rs in sorted(groups.items()):
+        lines.append(f"| sm_{arch} | {dtype} | {kernel} | {block_d or '-'} | {len(rs)} | "
+                     f"{sum(r['stack_bytes'] == 0 for r in rs)} | {max(r['stack_bytes'] for r in rs)} | "
+                     f"{max(r['registers'] for r in rs)} | {max(r['shared_bytes'] for r in rs) / 1024:.1f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -247,6 +262,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="two shapes instead of all SD 1.5 shapes")
     parser.add_argument("--first-config", action="store_true",
                         help="only the first autotune configuration of each kernel (CI: fewer compiles)")
+    parser.add_argument("--summary", action="store_true",
+                        help="one line per kernel, dtype and head dim instead of one per configuration")
     parser.add_argument("--json", action="store_true", help="print JSON only")
     args = parser.parse_args(argv)
 
@@ -271,7 +288,7 @@ def main(argv=None) -> int:
     else:
         print(f"triton {triton.__version__}, {len(rows)} kernels compiled in {report['seconds']} s, "
               f"{len(errors)} errors\n")
-        print(table(rows))
+        print(summary(rows) if args.summary else table(rows))
         for e in errors:
             print("ERROR", e)
     return 1 if errors else 0
