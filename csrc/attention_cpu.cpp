@@ -3,7 +3,8 @@
 // One core serves both ops: flash-style tiles of kQueryBlock queries against
 // kKeyBlock keys with an online softmax, so no [N, L] matrix is ever held
 // (working memory per thread is one query-block x key-block tile). GEMMs on
-// tiles go to ATen (MKL); softmax and the map epilogue are plain loops.
+// tiles go straight to BLAS (gemm_rm below); softmax and the map epilogue are
+// plain loops.
 //
 // Maps come from the final log-sum-exp: while a key block that holds a chosen
 // column is processed, that column's raw score is kept, and after the last
@@ -11,8 +12,11 @@
 // stores it) and adds the map term of SPEC §2 to dP and to the row term D.
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
+#include <c10/util/TypeCast.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <type_traits>
 #include <limits>
 #include <vector>
 
@@ -23,6 +27,50 @@ namespace {
 
 constexpr int64_t kQueryBlock = 256;
 constexpr int64_t kKeyBlock = 256;
+
+// Fortran BLAS, which libtorch_cpu exports (MKL) on x86_64 Linux. Weak: where the
+// symbols are absent they are null and gemm_rm takes the ATen route instead.
+extern "C" {
+void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
+            const int*, const float*, const int*, const float*, float*, const int*) __attribute__((weak));
+void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*,
+            const int*, const double*, const int*, const double*, double*, const int*) __attribute__((weak));
+}
+
+// C[m x n] = alpha * opA . opB + beta * C on row-major tiles given by pointer and
+// leading dimension. opA is A ([m x k] stored) or, with a_t, the transpose of a
+// stored [k x m]; likewise opB with b_t. Why not at::mm_out on tensor views: per
+// tile that route costs about a dozen dispatcher calls (select, narrow, t, mm),
+// a large share of the work when L = 77. BLAS is column-major, so it computes
+// C^T = opB^T . opA^T.
+template <typename scalar_t>
+void gemm_rm(bool a_t, bool b_t, int64_t m, int64_t n, int64_t k, scalar_t alpha, const scalar_t* a, int64_t lda,
+             const scalar_t* b, int64_t ldb, scalar_t beta, scalar_t* c, int64_t ldc) {
+  const char ta = b_t ? 'T' : 'N', tb = a_t ? 'T' : 'N';
+  const int M = static_cast<int>(n), N = static_cast<int>(m), K = static_cast<int>(k);
+  const int LDA = static_cast<int>(ldb), LDB = static_cast<int>(lda), LDC = static_cast<int>(ldc);
+  // FUSED_CPP_ATEN_GEMM=1 forces the ATen route (tests exercise it that way).
+  static const bool blas = std::getenv("FUSED_CPP_ATEN_GEMM") == nullptr;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (blas && sgemm_) return sgemm_(&ta, &tb, &M, &N, &K, &alpha, b, &LDA, a, &LDB, &beta, c, &LDC);
+  } else if constexpr (std::is_same_v<scalar_t, double>) {
+    if (blas && dgemm_) return dgemm_(&ta, &tb, &M, &N, &K, &alpha, b, &LDA, a, &LDB, &beta, c, &LDC);
+  }
+  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value);
+  auto view = [&](const scalar_t* p, int64_t rows, int64_t cols, int64_t ld, bool t) {
+    at::Tensor x = at::from_blob(const_cast<scalar_t*>(p), {rows, cols}, {ld, 1}, opts);
+    return t ? x.t() : x;
+  };
+  at::Tensor A = a_t ? view(a, k, m, lda, true) : view(a, m, k, lda, false);
+  at::Tensor B = b_t ? view(b, n, k, ldb, true) : view(b, k, n, ldb, false);
+  at::Tensor C = view(c, m, n, ldc, false);
+  if (beta == scalar_t(0)) {
+    at::mm_out(C, A, B);
+    if (alpha != scalar_t(1)) C.mul_(alpha);
+  } else {
+    C.addmm_(A, B, beta, alpha);
+  }
+}
 
 // Optional parts of the problem, shared by both ops.
 struct Extras {
@@ -138,6 +186,9 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const scalar_t neg_inf = -std::numeric_limits<scalar_t>::infinity();
   const auto uniform = fully_masked_rows(ex, B, L);
   const int64_t n_blocks = (N + kQueryBlock - 1) / kQueryBlock;
+  const scalar_t* q_p = q.data_ptr<scalar_t>();
+  const scalar_t* k_p = k.data_ptr<scalar_t>();
+  const scalar_t* v_p = v.data_ptr<scalar_t>();
   scalar_t* out_p = out.data_ptr<scalar_t>();
   scalar_t* lse_p = lse.data_ptr<scalar_t>();
   scalar_t* maps_p = maps ? maps->data_ptr<scalar_t>() : nullptr;
@@ -161,17 +212,19 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       const bool* visible_b = ex.key_mask ? ex.key_mask + b * L : nullptr;
       const int64_t* idx_b = ex.index ? ex.index + b * T : nullptr;
       for (int64_t h = 0; h < H; ++h) {
-        at::Tensor qt = q[b][h].narrow(0, n0, bn);
-        at::Tensor acc_t = acc.narrow(0, 0, bn);
-        acc_t.zero_();
+        const scalar_t* qt = q_p + ((b * H + h) * N + n0) * D;
+        const scalar_t* kh = k_p + (b * H + h) * L * D;
+        const scalar_t* vh = v_p + (b * H + h) * L * D;
+        scalar_t* a = acc.data_ptr<scalar_t>();
+        std::fill(a, a + bn * D, scalar_t(0));
         std::fill(m.begin(), m.end(), neg_inf);
         std::fill(l.begin(), l.end(), scalar_t(0));
         for (int64_t j0 = 0; j0 < L; j0 += kKeyBlock) {
           const int64_t bk = std::min(kKeyBlock, L - j0);
-          at::Tensor s_t = s_buf.narrow(0, 0, bn).narrow(1, 0, bk);
-          at::mm_out(s_t, qt, k[b][h].narrow(0, j0, bk).t());
+          at::Tensor s_t = s_buf.narrow(0, 0, bn).narrow(1, 0, bk);  // for exp_tile's vectorised exp
           scalar_t* s = s_buf.data_ptr<scalar_t>();
           const int64_t ld = s_buf.size(1);
+          gemm_rm<scalar_t>(false, true, bn, bk, D, scalar_t(1), qt, D, kh + j0 * D, D, scalar_t(0), s, ld);
           key_mask.set(visible_b ? visible_b + j0 : nullptr, bk, uniform[b]);
           prepare_scores(s, bn, bk, ld, scale, key_mask, uniform[b]);
           // Keep the raw scores of chosen columns that live in this block.
@@ -193,7 +246,6 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
             m[i] = mx;
           }
           exp_tile(s_t, s, bn, bk, ld, key_mask);
-          scalar_t* a = acc_t.data_ptr<scalar_t>();
           for (int64_t i = 0; i < bn; ++i) {
             const scalar_t* row = s + i * ld;
             l[i] = l[i] * alpha[i] + row_sum(row, bk);
@@ -201,10 +253,9 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
               for (int64_t d = 0; d < D; ++d) a[i * D + d] *= alpha[i];
             }
           }
-          acc_t.addmm_(s_t, v[b][h].narrow(0, j0, bk));
+          gemm_rm<scalar_t>(false, false, bn, D, bk, scalar_t(1), s, ld, vh + j0 * D, D, scalar_t(1), a, D);
         }
         // Epilogue: normalise, store lse, and the chosen columns' probabilities.
-        const scalar_t* a = acc_t.data_ptr<scalar_t>();
         scalar_t* o = out_p + ((b * H + h) * N + n0) * D;
         scalar_t* lse_row = lse_p + (b * H + h) * N + n0;
         for (int64_t i = 0; i < bn; ++i) {
@@ -245,6 +296,10 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   const scalar_t* do_p = dout.data_ptr<scalar_t>();
   const scalar_t* lse_p = lse.data_ptr<scalar_t>();
   const scalar_t* dm_p = dmaps ? dmaps->data_ptr<scalar_t>() : nullptr;
+  const scalar_t* v_p = v.data_ptr<scalar_t>();
+  scalar_t* dq_p = dq.data_ptr<scalar_t>();
+  scalar_t* dk_p = dk.data_ptr<scalar_t>();
+  scalar_t* dv_p = dv.data_ptr<scalar_t>();
   const auto opts = q.options();
 
   // Tasks are (batch row, head): dk and dv of a head are owned by one task.
@@ -260,8 +315,8 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
       const int64_t* idx_b = ex.index ? ex.index + b * T : nullptr;
       for (int64_t n0 = 0; n0 < N; n0 += kQueryBlock) {
         const int64_t bn = std::min(kQueryBlock, N - n0);
-        at::Tensor qt = q[b][h].narrow(0, n0, bn);
-        at::Tensor dot = dout[b][h].narrow(0, n0, bn);
+        const scalar_t* qt = q_p + (bh * N + n0) * D;
+        const scalar_t* dot = do_p + (bh * N + n0) * D;
         const scalar_t* lse_row = lse_p + bh * N + n0;
         // dM[t, i] for this head and query block, or null.
         auto dm_at = [&](int64_t t, int64_t i) -> scalar_t {
@@ -288,15 +343,14 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
         }
         for (int64_t j0 = 0; j0 < L; j0 += kKeyBlock) {
           const int64_t bk = std::min(kKeyBlock, L - j0);
-          at::Tensor kt = k[b][h].narrow(0, j0, bk);
-          at::Tensor vt = v[b][h].narrow(0, j0, bk);
-          at::Tensor p_t = p_buf.narrow(0, 0, bn).narrow(1, 0, bk);
-          at::Tensor dp_t = dp_buf.narrow(0, 0, bn).narrow(1, 0, bk);
-          at::mm_out(p_t, qt, kt.t());
-          at::mm_out(dp_t, dot, vt.t());
+          const scalar_t* kt = k_p + (bh * L + j0) * D;
+          const scalar_t* vt = v_p + (bh * L + j0) * D;
+          at::Tensor p_t = p_buf.narrow(0, 0, bn).narrow(1, 0, bk);  // for exp_tile's vectorised exp
           scalar_t* p = p_buf.data_ptr<scalar_t>();
           scalar_t* dp = dp_buf.data_ptr<scalar_t>();
           const int64_t ld = p_buf.size(1);
+          gemm_rm<scalar_t>(false, true, bn, bk, D, scalar_t(1), qt, D, kt, D, scalar_t(0), p, ld);
+          gemm_rm<scalar_t>(false, true, bn, bk, D, scalar_t(1), dot, D, vt, D, scalar_t(0), dp, ld);
           key_mask.set(visible_b ? visible_b + j0 : nullptr, bk, uniform[b]);
           prepare_scores(p, bn, bk, ld, scale, key_mask, uniform[b]);
           for (int64_t i = 0; i < bn; ++i)
@@ -312,10 +366,10 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
           }
           for (int64_t i = 0; i < bn; ++i)
             for (int64_t j = 0; j < bk; ++j) dp[i * ld + j] = p[i * ld + j] * (dp[i * ld + j] - drow[i]);
-          dv[b][h].narrow(0, j0, bk).addmm_(p_t.t(), dot);
+          gemm_rm<scalar_t>(true, false, bk, D, bn, scalar_t(1), p, ld, dot, D, scalar_t(1), dv_p + (bh * L + j0) * D, D);
           if (!uniform[b]) {  // uniform rows have constant scores: no dq, dk
-            dq[b][h].narrow(0, n0, bn).addmm_(dp_t, kt, 1, scale);
-            dk[b][h].narrow(0, j0, bk).addmm_(dp_t.t(), qt, 1, scale);
+            gemm_rm<scalar_t>(false, false, bn, D, bk, scale, dp, ld, kt, D, scalar_t(1), dq_p + (bh * N + n0) * D, D);
+            gemm_rm<scalar_t>(true, false, bk, D, bn, scale, dp, ld, qt, D, scalar_t(1), dk_p + (bh * L + j0) * D, D);
           }
         }
       }

@@ -155,3 +155,21 @@ def test_otsu_many_large_maps_in_one_call(kernel_backend):
         got = fused.otsu_mask(maps, mode=mode, backend=kernel_backend)
         want = reference.otsu_mask(maps, 10 if mode == "vico" else 256, mode)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_cpp_aten_gemm_route(cpp_backend):
+    """csrc/attention_cpu.cpp calls BLAS (sgemm_/dgemm_) directly and takes ATen's mm
+    where no BLAS symbol exists. FUSED_CPP_ATEN_GEMM=1 forces that route; the C++
+    forward/backward tests above must pass through it too (a fresh process, since the
+    kernel reads the variable once)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, FUSED_CPP_ATEN_GEMM="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "cpp and forward_backward"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert " passed" in proc.stdout and " failed" not in proc.stdout
