@@ -16,6 +16,7 @@
 
 #include <cmath>
 #include <cstdlib>
+#include <mutex>
 #include <type_traits>
 #include <limits>
 #include <vector>
@@ -70,6 +71,18 @@ void gemm_rm(bool a_t, bool b_t, int64_t m, int64_t n, int64_t k, scalar_t alpha
   } else {
     C.addmm_(A, B, beta, alpha);
   }
+}
+
+// MKL sets itself up on its first call. Make that call here, on one thread, before
+// the tile GEMMs run in several OpenMP workers at once (a precaution: two unexplained
+// one-off test failures were seen on first use right after switching to direct BLAS).
+template <typename scalar_t>
+void init_blas_once() {
+  static std::once_flag flag;
+  std::call_once(flag, [] {
+    scalar_t a = 1, b = 1, c = 0;
+    gemm_rm<scalar_t>(false, false, 1, 1, 1, scalar_t(1), &a, 1, &b, 1, scalar_t(0), &c, 1);
+  });
 }
 
 // Optional parts of the problem, shared by both ops.
@@ -185,6 +198,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const scalar_t scale = static_cast<scalar_t>(scale_d);
   const scalar_t neg_inf = -std::numeric_limits<scalar_t>::infinity();
   const auto uniform = fully_masked_rows(ex, B, L);
+  init_blas_once<scalar_t>();
   const int64_t n_blocks = (N + kQueryBlock - 1) / kQueryBlock;
   const scalar_t* q_p = q.data_ptr<scalar_t>();
   const scalar_t* k_p = k.data_ptr<scalar_t>();
@@ -290,6 +304,7 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   const scalar_t scale = static_cast<scalar_t>(scale_d);
   const auto uniform = fully_masked_rows(ex, B, L);
   const scalar_t c = ex.head_mean ? scalar_t(1) / static_cast<scalar_t>(H) : scalar_t(1);
+  init_blas_once<scalar_t>();
   const scalar_t* q_p = q.data_ptr<scalar_t>();
   const scalar_t* k_p = k.data_ptr<scalar_t>();
   const scalar_t* o_p = out.data_ptr<scalar_t>();
