@@ -1,8 +1,8 @@
 """The Triton kernels compile to sm_90 cubins on a machine without a GPU.
 
 The interpreter tests check the kernels' numbers; this checks that Triton's real
-compiler accepts them (layouts, dtype constexprs, shared-memory budget) at SD 1.5
-shapes in fp16, using benchmarks/triton_compile_check.py in a subprocess (it must
+compiler accepts them (layouts, dtype constexprs, tf32x3 dots, shared-memory budget)
+at SD 1.5 shapes in fp16 and fp32, using benchmarks/triton_compile_check.py in a subprocess (it must
 import triton without TRITON_INTERPRET)."""
 
 import importlib.util
@@ -23,7 +23,7 @@ def test_kernels_compile_for_sm90_without_a_gpu():
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "triton_compile_check.py"),
-         "--arch", "90", "--dtype", "fp16", "--quick", "--first-config", "--json"],
+         "--arch", "90", "--dtype", "fp16", "fp32", "--quick", "--first-config", "--json"],
         capture_output=True, text=True, env=env, timeout=900,
     )
     assert proc.returncode in (0, 1), proc.stderr[-3000:]
@@ -34,6 +34,9 @@ def test_kernels_compile_for_sm90_without_a_gpu():
         "_attention_fwd_kernel", "_attention_bwd_rowterm_kernel", "_attention_bwd_dkdv_kernel",
         "_attention_bwd_dq_kernel", "_otsu_kernel"}
     assert all(k["fits_shared"] and 0 < k["registers"] <= 255 for k in kernels)
-    # The hot path (SD 1.5's 64x64 latents: D=40, padded to 64) must not spill registers.
-    hot = [k for k in kernels if k["kernel"] == "_attention_fwd_kernel" and k["meta"]["BLOCK_D"] == 64]
+    assert {k["dtype"] for k in kernels} >= {"float16", "float32", "float64"}  # fp64: Otsu only
+    # The hot path (SD 1.5's 64x64 latents: D=40, padded to 64) in fp16 must not spill registers
+    # (fp32 tiles spill a little at every size: see RESULTS.md).
+    hot = [k for k in kernels
+           if k["kernel"] == "_attention_fwd_kernel" and k["meta"]["BLOCK_D"] == 64 and k["dtype"] == "float16"]
     assert hot and all(k["stack_bytes"] == 0 for k in hot), hot
