@@ -157,18 +157,24 @@ struct KeyBlockMask {
   }
 };
 
-// exp of a tile of (shifted) scores, in place. Inputs below -87 (exp < 1.7e-38),
-// and -inf for hidden keys, send ATen's vectorised exp down a slow path (7-30x
-// slower per element), so they are clamped first; hidden keys are then set to
-// exactly 0, so masking stays exact.
+// Shift a row of scores by `shift` and clamp at -87 in one pass. Inputs below -87
+// (exp < 1.7e-38), and -inf for hidden keys, send ATen's vectorised exp down a slow
+// path (7-30x slower per element), so they are clamped before exp_tile; hidden keys
+// are set to exactly 0 after it, so masking stays exact.
+template <typename scalar_t>
+void shift_and_clamp(scalar_t* row, int64_t cols, scalar_t shift) {
+  const scalar_t floor = scalar_t(-87);
+  for (int64_t j = 0; j < cols; ++j) {
+    const scalar_t x = row[j] - shift;
+    row[j] = x < floor ? floor : x;
+  }
+}
+
+// exp of a tile of shifted, clamped scores (shift_and_clamp), in place, then zero
+// the hidden keys.
 template <typename scalar_t>
 void exp_tile(at::Tensor& tile, scalar_t* s, int64_t rows, int64_t cols, int64_t ld,
               const KeyBlockMask<scalar_t>& mask) {
-  const scalar_t floor = scalar_t(-87);
-  for (int64_t i = 0; i < rows; ++i) {
-    scalar_t* row = s + i * ld;
-    for (int64_t j = 0; j < cols; ++j) row[j] = row[j] < floor ? floor : row[j];
-  }
   tile.exp_();
   if (!mask.active) return;
   const scalar_t* keep = mask.keep.data();
@@ -178,22 +184,21 @@ void exp_tile(at::Tensor& tile, scalar_t* s, int64_t rows, int64_t cols, int64_t
   }
 }
 
-// Scale the raw scores of a tile in place and apply the key mask.
+// Apply the key mask to a tile of scaled scores (the GEMM applies the scale):
+// hidden keys get -inf, a batch row with every key hidden gets all zeros (uniform
+// attention). Nothing to do without a mask.
 template <typename scalar_t>
-void prepare_scores(scalar_t* s, int64_t rows, int64_t cols, int64_t ld, scalar_t scale,
-                    const KeyBlockMask<scalar_t>& mask, bool uniform) {
+void mask_scores(scalar_t* s, int64_t rows, int64_t cols, int64_t ld, const KeyBlockMask<scalar_t>& mask,
+                 bool uniform) {
+  if (!uniform && !mask.active) return;
   for (int64_t i = 0; i < rows; ++i) {
     scalar_t* row = s + i * ld;
     if (uniform) {
       for (int64_t j = 0; j < cols; ++j) row[j] = scalar_t(0);
       continue;
     }
-    if (mask.active) {
-      const scalar_t* bias = mask.bias.data();
-      for (int64_t j = 0; j < cols; ++j) row[j] = row[j] * scale + bias[j];
-    } else {
-      for (int64_t j = 0; j < cols; ++j) row[j] *= scale;
-    }
+    const scalar_t* bias = mask.bias.data();
+    for (int64_t j = 0; j < cols; ++j) row[j] += bias[j];
   }
 }
 
@@ -244,9 +249,9 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
           at::Tensor s_t = s_buf.narrow(0, 0, bn).narrow(1, 0, bk);  // for exp_tile's vectorised exp
           scalar_t* s = s_buf.data_ptr<scalar_t>();
           const int64_t ld = s_buf.size(1);
-          gemm_rm<scalar_t>(false, true, bn, bk, D, scalar_t(1), qt, D, kh + j0 * D, D, scalar_t(0), s, ld);
+          gemm_rm<scalar_t>(false, true, bn, bk, D, scale, qt, D, kh + j0 * D, D, scalar_t(0), s, ld);
           key_mask.set(visible_b ? visible_b + j0 : nullptr, bk, uniform[b]);
-          prepare_scores(s, bn, bk, ld, scale, key_mask, uniform[b]);
+          mask_scores(s, bn, bk, ld, key_mask, uniform[b]);
           // Keep the raw scores of chosen columns that live in this block.
           for (int64_t t = 0; t < T; ++t) {
             const int64_t j = idx_b[t];
@@ -261,7 +266,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
             // A row whose keys so far are all masked keeps mx = -inf; its
             // entries stay -inf and exponentiate to 0.
             const scalar_t shift = (mx == neg_inf) ? scalar_t(0) : mx;
-            for (int64_t j = 0; j < bk; ++j) row[j] -= shift;
+            shift_and_clamp(row, bk, shift);
             alpha[i] = (mx == neg_inf) ? scalar_t(1) : std::exp(m[i] - mx);  // 0 on the first live block
             m[i] = mx;
           }
@@ -370,12 +375,11 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
           scalar_t* p = p_buf.data_ptr<scalar_t>();
           scalar_t* dp = dp_buf.data_ptr<scalar_t>();
           const int64_t ld = p_buf.size(1);
-          gemm_rm<scalar_t>(false, true, bn, bk, D, scalar_t(1), qt, D, kt, D, scalar_t(0), p, ld);
+          gemm_rm<scalar_t>(false, true, bn, bk, D, scale, qt, D, kt, D, scalar_t(0), p, ld);
           gemm_rm<scalar_t>(false, true, bn, bk, D, scalar_t(1), dot, D, vt, D, scalar_t(0), dp, ld);
           key_mask.set(visible_b ? visible_b + j0 : nullptr, bk, uniform[b]);
-          prepare_scores(p, bn, bk, ld, scale, key_mask, uniform[b]);
-          for (int64_t i = 0; i < bn; ++i)
-            for (int64_t j = 0; j < bk; ++j) p[i * ld + j] -= lse_row[i];
+          mask_scores(p, bn, bk, ld, key_mask, uniform[b]);
+          for (int64_t i = 0; i < bn; ++i) shift_and_clamp(p + i * ld, bk, lse_row[i]);
           // P recomputed from the saved lse
           exp_tile(p_t, p, bn, bk, ld, key_mask);
           if (dm_p) {  // duplicated columns add, -1 slots add nothing
