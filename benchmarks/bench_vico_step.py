@@ -24,6 +24,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from fused.benchmark import DTYPES  # noqa: E402
 
 
 def build_components(model: str, device: str, dtype: torch.dtype = torch.float32):
@@ -112,7 +113,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true", help="print only JSON")
     opts = p.parse_args(argv)
     opts.dtype = opts.dtype or ("fp16" if opts.device == "cuda" else "fp32")
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[opts.dtype]
+    dtype = DTYPES[opts.dtype]
     if opts.one:
         print(json.dumps(run_one(opts.one, opts.model, opts.latent, opts.repeat, opts.device, dtype)))
         return 0

@@ -31,8 +31,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import fused  # noqa: E402
 from fused import reference  # noqa: E402
+from fused.benchmark import DTYPES  # noqa: E402
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SD15_ATTN2 = [(4096, 40), (1024, 80), (256, 160), (64, 160)]  # (N, D) of the text cross-attention layers
 SD15_IMAGE_ATTN = [(256, 160), (1024, 80), (4096, 40)]  # ViCo image cross-attention, N = L
 TINY_ATTN2 = [(64, 40), (32, 64)]
@@ -181,7 +181,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (CPU/interpreter smoke run)")
     parser.add_argument("--out", type=Path, help="also write the rows as JSON here")
     parser.add_argument("--skip-bench", action="store_true")
-    parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp16", "bf16", "fp32"],
+    parser.add_argument("--dtypes", nargs="+", choices=["fp16", "bf16", "fp32"], default=["fp16", "bf16", "fp32"],
                         help="dtypes to check on CUDA, in this order (CPU checks fp32 only); a 15-minute GPU "
                              "session splits them over two calls (benchmarks/gpu_session.sh)")
     opts = parser.parse_args(argv)

@@ -44,13 +44,12 @@ from triton.runtime.autotuner import Autotuner  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from fused.benchmark import DTYPES, SD15_ATTN2, SD15_IMAGE  # noqa: E402
 
 # Usable shared memory per block (opt-in maximum) in bytes, from NVIDIA's CUDA C guide.
 SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
 # (B, H, N, L, D): SD 1.5 text cross-attention (L=77) at every resolution, and ViCo's image attention.
-SD15_SHAPES = [(2, 8, 4096, 77, 40), (2, 8, 1024, 77, 80), (2, 8, 256, 77, 160), (2, 8, 256, 256, 160),
-               (2, 8, 1024, 1024, 80)]
+SD15_SHAPES = SD15_ATTN2 + SD15_IMAGE
 QUICK_SHAPES = [(2, 8, 4096, 77, 40), (2, 8, 256, 77, 160), (2, 8, 256, 256, 160)]
 
 

@@ -264,7 +264,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
             scalar_t* row = s + i * ld;
             const scalar_t mx = row_max(row, bk, m[i]);
             // A row whose keys so far are all masked keeps mx = -inf; its
-            // entries stay -inf and exponentiate to 0.
+            // entries are clamped to -87 and the key mask zeroes them after the exp.
             const scalar_t shift = (mx == neg_inf) ? scalar_t(0) : mx;
             shift_and_clamp(row, bk, shift);
             alpha[i] = (mx == neg_inf) ? scalar_t(1) : std::exp(m[i] - mx);  // 0 on the first live block

@@ -21,6 +21,9 @@ import torch.nn.functional as F
 from . import reference
 from .ops import cross_attention_with_maps, masked_attention, otsu_mask
 
+# Command-line dtype names, shared by `vico bench` and the scripts in benchmarks/.
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
+
 # (B, H, N, L, D) of SD 1.5's text cross-attention at 512 px, and ViCo's image attention (N = L).
 SD15_ATTN2 = [(2, 8, 4096, 77, 40), (2, 8, 1024, 77, 80), (2, 8, 256, 77, 160), (2, 8, 64, 77, 160)]
 SD15_IMAGE = [(2, 8, 256, 256, 160), (2, 8, 1024, 1024, 80), (2, 8, 4096, 4096, 40)]

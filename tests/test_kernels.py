@@ -7,6 +7,10 @@ Triton runs interpreted on CPU, so its shapes stay small (N <= 256, L <= 128
 plus one long-L case, head dims 40 and 64, B*H <= 8) but still cross its
 64-wide blocks."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -162,10 +166,6 @@ def test_cpp_aten_gemm_route(cpp_backend):
     where no BLAS symbol exists. FUSED_CPP_ATEN_GEMM=1 forces that route; the C++
     forward/backward tests above must pass through it too (a fresh process, since the
     kernel reads the variable once)."""
-    import os
-    import subprocess
-    import sys
-
     env = dict(os.environ, FUSED_CPP_ATEN_GEMM="1")
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "cpp and forward_backward"],
@@ -193,10 +193,6 @@ def test_cpp_first_call_in_a_process(cpp_backend):
     ~1e-9 in about 1 run in 8 (a race in the lazy set-up of ATen's exp, see
     init_library_state_once in csrc/attention_cpu.cpp). Sixteen fresh processes: with
     that bug back, all pass with probability (7/8)^16 = 12%."""
-    import os
-    import subprocess
-    import sys
-
     env = dict(os.environ, OMP_NUM_THREADS="2")
     errors = [float(subprocess.run([sys.executable, "-c", FIRST_CALL], env=env, capture_output=True, text=True,
                                    check=True, timeout=300).stdout.strip().splitlines()[-1]) for _ in range(16)]

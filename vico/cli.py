@@ -145,11 +145,10 @@ def cmd_bench(args) -> int:
 
     import torch
 
-    from fused.benchmark import format_table, run
+    from fused.benchmark import DTYPES, format_table, run
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[
-        args.dtype or ("fp16" if device.type == "cuda" else "fp32")]
+    dtype = DTYPES[args.dtype or ("fp16" if device.type == "cuda" else "fp32")]
     size = args.size or ("gpu" if device.type == "cuda" else "cpu")
     rows = run(size, device, dtype, repeat=args.repeat, progress=True, backend=args.backend)
     if args.json:

@@ -33,9 +33,11 @@ def tl_dtype(dtype: torch.dtype):
 
 
 Configs = dict[int, dict[int, list[tuple[int, int, int, int]]]]
+# What the attention kernels' best configuration depends on (autotune cache key).
+ATTENTION_TUNE_KEY = ["H", "N", "L", "D", "T", "HAS_MAPS", "HEAD_MEAN", "HAS_MASK"]
 
 
-def autotuned_by_head_dim(kernel, configs: Configs, key: list[str]):
+def autotuned_by_head_dim(kernel, configs: Configs, key: list[str] = ATTENTION_TUNE_KEY):
     """One autotuner per (element size, padded head dim).
 
     ``configs[itemsize][BLOCK_D]`` lists ``(BLOCK_N, BLOCK_L, num_warps, num_stages)``
@@ -58,10 +60,11 @@ def autotuned_by_head_dim(kernel, configs: Configs, key: list[str]):
         for d, rows in by_dim.items()
     }
 
+    dims = {size: sorted(by_dim) for size, by_dim in configs.items()}
+
     def pick(block_d: int, dtype: torch.dtype):
         size = 2 if dtype.itemsize <= 2 else 4
-        dims = sorted(d for s, d in tuned if s == size)
-        return tuned[size, next((d for d in dims if d >= block_d), dims[-1])]
+        return tuned[size, next((d for d in dims[size] if d >= block_d), dims[size][-1])]
 
     return pick
 

@@ -216,9 +216,8 @@ DQ_CONFIGS = {
         256: [(16, 32, 4, 2), (16, 16, 4, 2), (16, 64, 4, 2)],
     },
 }
-_TUNE_KEY = ["H", "N", "L", "D", "T", "HAS_MAPS", "HEAD_MEAN", "HAS_MASK"]
-_dkdv_kernel = autotuned_by_head_dim(_attention_bwd_dkdv_kernel, DKDV_CONFIGS, _TUNE_KEY)
-_dq_kernel = autotuned_by_head_dim(_attention_bwd_dq_kernel, DQ_CONFIGS, _TUNE_KEY)
+_dkdv_kernel = autotuned_by_head_dim(_attention_bwd_dkdv_kernel, DKDV_CONFIGS)
+_dq_kernel = autotuned_by_head_dim(_attention_bwd_dq_kernel, DQ_CONFIGS)
 # The row term is cheap and never spills (<= 126 registers): one configuration.
 _ROWTERM_META = dict(BLOCK_N=64, num_warps=4) if INTERPRET else dict(BLOCK_N=64, num_warps=4, num_stages=2)
 _TILE_META = INTERPRET_META if INTERPRET else {}

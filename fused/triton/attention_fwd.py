@@ -125,8 +125,7 @@ FORWARD_CONFIGS = {
         256: [(16, 32, 4, 2), (32, 32, 8, 2), (16, 16, 4, 2)],
     },
 }
-_forward_kernel = autotuned_by_head_dim(
-    _attention_fwd_kernel, FORWARD_CONFIGS, key=["H", "N", "L", "D", "T", "HAS_MAPS", "HEAD_MEAN", "HAS_MASK"])
+_forward_kernel = autotuned_by_head_dim(_attention_fwd_kernel, FORWARD_CONFIGS)
 _FWD_META = INTERPRET_META if INTERPRET else {}
 
 

@@ -132,7 +132,8 @@ def otsu_forward(maps: torch.Tensor, bins: int, mode: str):
     mask = torch.empty((rows, n), dtype=torch.bool, device=maps.device)
     vico = mode == "vico"
     block_c = next_pow2(bins - 1 if vico else bins, minimum=2)
-    # [candidates, chunk] tiles; sizes without register spills on sm_90 (triton_config_sweep.py).
+    # [candidates, chunk] tiles; sizes without register spills on sm_90 (compiled without a
+    # GPU: 16K elements spill 408 B at 256 candidates, 8K none; benchmarks/RESULTS.md).
     tile = 16384 if block_c <= 16 else 8192
     chunk = min(next_pow2(n, minimum=16), 1024 if INTERPRET else max(16, tile // block_c))
     extra = {} if INTERPRET else dict(num_warps=8, enable_fp_fusion=False)
