@@ -13,9 +13,12 @@ them fake implementations (for ``torch.compile``) and autograd.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
+import json
 import os
+import stat
 import sys
 from pathlib import Path
 
@@ -68,30 +71,107 @@ def _cflags() -> list[str]:
     return ["-O3", "-fopenmp", "-ffp-contract=off", "-std=c++17"]
 
 
+MANIFEST = "manifest.json"  # sha256 of the library this process built, checked before every later load
+STALE_LOCKS = ("lock", ".ninja_lock")  # left behind by a build that was killed
+
+
+def _check_owned(path: Path) -> None:
+    """Refuse a cache folder or library that another user owns or that others can write to.
+
+    A library in the cache is loaded into the process (its constructors run), so
+    anybody who can put a file there can run code as the user.
+    """
+    st = path.stat()
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        raise BuildError(f"fused: refusing the kernel cache {path}: it belongs to uid {st.st_uid}, not to you "
+                         f"(uid {os.getuid()}); set FUSED_CACHE_DIR to a folder of your own")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise BuildError(f"fused: refusing the kernel cache {path}: others can write to it (mode "
+                         f"{stat.S_IMODE(st.st_mode):o}); run `chmod go-w {path}` or set FUSED_CACHE_DIR")
+
+
+def _private_dir(path: Path) -> Path:
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _check_owned(path)
+    return path
+
+
+@contextlib.contextmanager
+def _build_lock(build_dir: Path):
+    """An exclusive ``flock`` on the build folder: the kernel releases it when its holder dies, so a
+    killed build never blocks later processes (torch's own ``lock`` file would, forever)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no cross-process lock, and torch's own baton remains
+        yield
+        return
+    with open(build_dir / "build.lock", "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"fused: waiting for another process building the kernels in {build_dir}", file=sys.stderr)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _verified_library(build_dir: Path, library: Path) -> bool:
+    """True when ``library`` is the one a build of this user recorded; anything else is removed."""
+    if not library.exists():
+        return False
+    _check_owned(library)
+    try:
+        recorded = json.loads((build_dir / MANIFEST).read_text())[library.name]
+    except (OSError, ValueError, KeyError, TypeError):
+        recorded = None
+    if recorded is not None and recorded == _sha256(library):
+        return True
+    why = "no record of building it" if recorded is None else \
+        "it differs from the library that was built here (truncated or replaced)"
+    print(f"fused: rebuilding {library}: {why}", file=sys.stderr)
+    library.unlink()
+    return False
+
+
 def _build(name: str, sources: tuple[str, ...], headers: tuple[str, ...], **kwargs) -> None:
     from torch.utils import cpp_extension
 
     src = source_dir()
     key = cache_key(sources + headers)
-    build_dir = cache_root() / key
-    build_dir.mkdir(parents=True, exist_ok=True)
-    if not any(build_dir.glob("*.so")):
-        print(f"fused: building {name} kernels on first use (15-60 s) in {build_dir}", file=sys.stderr)
-    try:
-        cpp_extension.load(
-            name=f"{name}_{key.rsplit('-', 1)[-1]}",
-            sources=[str(src / s) for s in sources],
-            extra_include_paths=[str(src)],
-            build_directory=str(build_dir),
-            is_python_module=False,
-            verbose=False,
-            **kwargs,
-        )
-    except (RuntimeError, OSError, ImportError, SystemExit) as exc:
-        raise BuildError(
-            f"fused: could not build the {name} kernels ({type(exc).__name__}: {exc}). "
-            "A C++17 compiler (g++) and ninja are needed; the PyTorch backend still works."
-        ) from exc
+    build_dir = _private_dir(cache_root()) / key
+    _private_dir(build_dir)
+    ext_name = f"{name}_{key.rsplit('-', 1)[-1]}"
+    library = build_dir / f"{ext_name}.so"
+    with _build_lock(build_dir):
+        for stale in STALE_LOCKS:  # we hold the lock: whoever left these is gone
+            (build_dir / stale).unlink(missing_ok=True)
+        built_before = _verified_library(build_dir, library)
+        if not built_before:
+            print(f"fused: building {name} kernels on first use (15-60 s) in {build_dir}", file=sys.stderr)
+        try:
+            cpp_extension.load(
+                name=ext_name,
+                sources=[str(src / s) for s in sources],
+                extra_include_paths=[str(src)],
+                build_directory=str(build_dir),
+                is_python_module=False,
+                verbose=False,
+                **kwargs,
+            )
+        except (RuntimeError, OSError, ImportError, SystemExit) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise BuildError(
+                f"fused: could not build the {name} kernels ({type(exc).__name__}: {first[:300]}). "
+                "A C++17 compiler (g++) and ninja are needed; the PyTorch backend still works."
+            ) from exc
+        if not built_before and library.exists():
+            (build_dir / MANIFEST).write_text(json.dumps({library.name: _sha256(library)}))
 
 
 @functools.cache

@@ -1,6 +1,7 @@
 """The toy world generator and its checker."""
 
 import numpy as np
+import pytest
 
 from vico.toyworld import checker, world
 
@@ -12,25 +13,49 @@ def test_generator_is_deterministic_and_holds_out_pairs():
     _, scenes = world.dataset(500, seed=4)
     assert not any((s.shape, s.colour) in world.HELD_OUT for s in scenes)
     assert not any(s.texture in world.NOVEL_TEXTURES for s in scenes)
+    rng = np.random.default_rng(0)
+    captions = [world.training_caption(s, rng)[1] for s in scenes]
+    assert not any(t in c.split() for c in captions for t in world.NOVEL_TEXTURES)
     _, held = world.dataset(20, seed=5, held_out=True)
     assert all((s.shape, s.colour) in world.HELD_OUT for s in held)
     assert scenes[0].caption().startswith(f"a {scenes[0].size} {scenes[0].colour} ")
     assert set(scenes[0].caption().split()) <= set(world.vocabulary())
 
 
-def test_checker_reads_generator_images_exactly():
-    imgs, scenes = world.dataset(200, seed=0)
+@pytest.mark.parametrize("texture", list(world.ALL_TEXTURES))
+def test_checker_reads_generator_images_exactly(texture):
+    imgs, scenes = world.dataset(60, seed=0, texture=texture)
     acc = checker.accuracy(imgs, scenes)
     assert acc == {"background": 1.0, "colour": 1.0, "shape": 1.0, "texture": 1.0, "size": 1.0}
-    held, hs = world.dataset(60, seed=2, held_out=True)
+    held, hs = world.dataset(20, seed=2, held_out=True, texture=texture)
     assert min(checker.accuracy(held, hs).values()) == 1.0
+    for img, scene in zip(imgs, scenes):  # the object mask it reads is the true one
+        assert checker.iou(checker.object_mask(img), scene.mask()) >= 0.9
 
 
-def test_checker_is_robust_to_sample_noise():
-    imgs, scenes = world.dataset(200, seed=1)
+@pytest.mark.parametrize("texture", list(world.ALL_TEXTURES))
+def test_checker_is_robust_to_sample_noise(texture):
+    imgs, scenes = world.dataset(60, seed=1, texture=texture)
     noisy = np.clip(imgs.astype(float) + np.random.default_rng(0).normal(0, 15, imgs.shape), 0, 255).astype(np.uint8)
     acc = checker.accuracy(noisy, scenes)
-    assert acc["background"] == 1.0 and acc["colour"] >= 0.98 and acc["shape"] >= 0.9 and acc["size"] >= 0.95
+    assert acc["background"] == 1.0 and acc["colour"] >= 0.98 and acc["texture"] >= 0.95
+    assert acc["shape"] >= 0.9 and acc["size"] >= 0.95
+
+
+def test_checker_reads_a_texture_added_to_the_world(monkeypatch):
+    """Template matching covers any texture of the world, not a fixed list."""
+    monkeypatch.setitem(world.NOVEL_TEXTURES, "columns", lambda yy, xx: (xx // 2) % 2 == 1)
+    monkeypatch.setitem(world.ALL_TEXTURES, "columns", world.NOVEL_TEXTURES["columns"])
+    imgs, scenes = world.dataset(30, seed=5, texture="columns")
+    assert checker.accuracy(imgs, scenes)["texture"] == 1.0
+
+
+def test_generic_family_is_broad():
+    rng = np.random.default_rng(0)
+    imgs = np.stack([world.generic_image(rng) for _ in range(64)])
+    assert imgs.shape == (64, 32, 32, 3) and imgs.dtype == np.uint8
+    colours = {tuple(c) for c in imgs.reshape(-1, 3)[::7]}
+    assert len(colours) > 300  # any colour, not the world's palette of 7
 
 
 def test_checker_on_an_empty_image():
@@ -49,8 +74,7 @@ def test_training_resumes_to_the_same_weights_and_exports_a_pipeline(tmp_path):
     train.train(full, resume=False, max_steps=4, **kw)
     train.train(split, resume=False, max_steps=2, **kw)
     path = train.train(split, resume=True, max_steps=4, **kw)
-    a = torch.load(full / "checkpoint" / "state.pt", weights_only=False)
-    b = torch.load(split / "checkpoint" / "state.pt", weights_only=False)
+    a, b = train.load_checkpoint(full), train.load_checkpoint(split)
     assert a["step"] == b["step"] == 4 and a["scaling"] == b["scaling"]
     for part in ("vae", "unet", "text_encoder"):
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part

@@ -10,7 +10,7 @@ from .model import UserError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
-# Textual Inversion's small template list, which ViCo trains with.
+# Textual Inversion's small template list (27 prompts).
 IMAGENET_TEMPLATES_SMALL = [
     "a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}",
     "a photo of a clean {}", "a photo of a dirty {}", "a dark photo of the {}", "a photo of my {}",
@@ -19,6 +19,14 @@ IMAGENET_TEMPLATES_SMALL = [
     "a rendition of the {}", "a photo of the clean {}", "a rendition of a {}", "a photo of a nice {}",
     "a good photo of a {}", "a photo of the nice {}", "a photo of the small {}", "a photo of the weird {}",
     "a photo of the large {}", "a photo of a cool {}", "a photo of a small {}",
+]
+
+# ViCo's list (its ldm/data/personalized.py, 81 prompts): Textual Inversion's 27, then the same 27 with
+# "a photo of" made "an illustration of", then "a depiction of" (prompts not starting so repeat as they are).
+VICO_TEMPLATES = [
+    t if i == 0 or not t.startswith("a photo of ") else t.replace("a photo of", ("", "an illustration of",
+                                                                              "a depiction of")[i], 1)
+    for i in range(3) for t in IMAGENET_TEMPLATES_SMALL
 ]
 
 

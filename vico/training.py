@@ -92,8 +92,27 @@ def _load_checkpoint(path: Path, method, generator: torch.Generator) -> dict:
 
     _, weights = read_concept(path)
     method.load_state_dict(weights)
-    state = torch.load(path / "trainer.pt", weights_only=False)
+    state = load_trainer_state(path / "trainer.pt")
     generator.set_state(state["generator"])
+    return state
+
+
+def load_trainer_state(path: Path) -> dict:
+    """The optimizer/RNG/step state of a checkpoint, read with ``weights_only=True``.
+
+    A checkpoint folder is something users are handed: a pickle that names any
+    global other than tensors and plain containers is refused, never run.
+    """
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except FileNotFoundError:
+        raise UserError(f"checkpoint file {path} is missing") from None
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"refusing to load checkpoint file {path}: not a plain tensor checkpoint ({first[:200]})") \
+            from None
+    if not isinstance(state, dict) or not {"optimizer", "generator", "step"} <= set(state):
+        raise UserError(f"checkpoint file {path} is not a vico trainer state (keys optimizer, generator, step)")
     return state
 
 
@@ -138,6 +157,13 @@ def train(cfg: TrainConfig) -> Path:
         resume_state = _load_checkpoint(checkpoints[-1], method, generator)
         start = int(resume_state["step"])
         accelerator.print(f"vico: resuming from {checkpoints[-1]} (step {start})")
+    elif cfg.resume:
+        accelerator.print(f"vico: nothing to resume in {out}; starting fresh")
+    if start >= total:  # finished, or killed between the last checkpoint and the final save
+        if accelerator.is_main_process:
+            method.save(out)
+        accelerator.print(f"vico: {out} already finished ({start} of {total} steps); concept in {out}")
+        return out
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=1))

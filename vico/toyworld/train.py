@@ -3,10 +3,21 @@
     python -m vico.toyworld.train --out toy-sd --minutes 140        # in the background: nohup ... &
     python -m vico.toyworld.train --out toy-sd --minutes 140 --resume
 
-Stage 1 trains a 2-level AutoencoderKL (32x32 RGB -> 16x16x4); stage 2 trains
-a small UNet2DConditionModel (attention at 8x8 only) and a 2-layer CLIPTextModel
-jointly on the frozen VAE's latents, with 10% empty captions for guidance.
-Data is generated on the fly from one seeded numpy generator. Every
+Stage 1 trains a 2-level AutoencoderKL (32x32 RGB -> 16x16x4) on the broad
+``world.generic_image`` family (stripes, checkers, dots, rings, noise,
+gradients in any colour), not on the concepts. Stage 2 trains a small
+UNet2DConditionModel, with text cross-attention at 16x16 and 8x8 in encoder,
+middle and decoder, and a 2-layer CLIPTextModel jointly on the frozen VAE's
+latents of toy-world scenes with varied captions and 10% empty ones (for
+guidance). The noise-prediction loss has one addition: an attention
+localisation term (``ATTN_WEIGHT``) that asks the head-averaged map of each
+object word (shape, colour, texture, size) and of the end-of-text token to
+match the object's true mask, and that of the background words its
+complement. A web-scale model learns this from its data; a model trained for
+an hour on a few thousand toy batches does not, and attention-map methods
+(ViCo's mask and regulariser, AttnDreamBooth, map tracing) depend on it.
+Both learning rates decay on a cosine over their stage. Data is generated on
+the fly from one seeded numpy generator. Every
 ``--checkpoint-every`` steps (and on Ctrl-C) the weights, AdamW state, RNG
 state, step and elapsed time are written atomically to ``OUT/checkpoint``;
 ``--resume`` continues from there. The result is a diffusers folder at
@@ -38,7 +49,7 @@ def make_models(seed: int = 0):
 
     torch.manual_seed(seed)
     tokenizer = make_tokenizer(world.vocabulary())
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(48, 96),
                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                         layers_per_block=1, norm_num_groups=16, sample_size=world.SIZE)
     text_encoder = CLIPTextModel(CLIPTextConfig(
@@ -47,66 +58,155 @@ def make_models(seed: int = 0):
         pad_token_id=tokenizer.pad_token_id))
     unet = UNet2DConditionModel(
         sample_size=world.SIZE // 2, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(64, 128),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        down_block_types=("CrossAttnDownBlock2D",) * 2, up_block_types=("CrossAttnUpBlock2D",) * 2,
         cross_attention_dim=64, attention_head_dim=4, norm_num_groups=16)
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                               set_alpha_to_one=False, steps_offset=1)
     return dict(tokenizer=tokenizer, vae=vae, text_encoder=text_encoder, unet=unet, scheduler=scheduler)
 
 
-def batch_images(rng: np.random.Generator, n: int) -> tuple[torch.Tensor, list[str]]:
-    scenes = [world.random_scene(rng) for _ in range(n)]
-    imgs = np.stack([world.render(s) for s in scenes])
-    x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1
-    return x, [s.caption() for s in scenes]
+ATTN_WEIGHT = 0.05  # weight of the attention localisation term against the noise MSE
+ATTN_MAX_T = 700  # no localisation asked of nearly pure noise, where the object has no place yet
+TEXT_SLOTS = 8  # supervised token positions per caption
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 [n, 32, 32, 3] -> float [n, 3, 32, 32] in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def generic_batch(rng: np.random.Generator, n: int) -> torch.Tensor:
+    return to_tensor(np.stack([world.generic_image(rng) for _ in range(n)]))
+
+
+def scene_batch(rng: np.random.Generator, n: int) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+    """Images, varied captions and true object masks (float [n, 1, 32, 32]) of n base-training scenes."""
+    pairs = [world.training_caption(world.random_scene(rng), rng) for _ in range(n)]
+    scenes = [scene for scene, _ in pairs]
+    masks = torch.from_numpy(np.stack([s.mask() for s in scenes])).float()[:, None]
+    return to_tensor(np.stack([world.render(s) for s in scenes])), [c for _, c in pairs], masks
+
+
+def attention_targets(captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token positions to supervise and what each map should cover.
+
+    Returns ``index`` int64 [B, TEXT_SLOTS] (-1 = none) and ``on_object`` bool
+    [B, TEXT_SLOTS]: True for object words and the first end-of-text token
+    (the map should be the object mask), False for the background words (its
+    complement). Positions follow the word-level tokenizer: BOS, one token per
+    word, EOT.
+    """
+    object_words = set(world.SHAPES) | set(world.COLOURS) | set(world.ALL_TEXTURES) | set(world.SIZES)
+    index = torch.full((len(captions), TEXT_SLOTS), -1, dtype=torch.long)
+    on_object = torch.zeros((len(captions), TEXT_SLOTS), dtype=torch.bool)
+    for b, caption in enumerate(captions):
+        words = caption.split()
+        if not words:
+            continue
+        slots = [(len(words) + 1, True)]  # EOT
+        for i, w in enumerate(words):
+            if w in object_words:
+                slots.append((i + 1, True))
+            elif w == "background" or (w in world.BACKGROUNDS and i + 1 < len(words) and words[i + 1] == "background"):
+                slots.append((i + 1, False))
+        for j, (pos, obj) in enumerate(slots[:TEXT_SLOTS]):
+            index[b, j], on_object[b, j] = pos, obj
+    return index, on_object
+
+
+def attention_loss(request, masks: torch.Tensor, on_object: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Mean over layers of MSE(map / max map, target) over the supervised (row, slot) pairs."""
+    valid = (request.token_index >= 0) & rows[:, None]
+    if not valid.any():
+        return torch.zeros(())
+    total = 0.0
+    for maps in request.maps.values():  # [B, T, N]
+        side = int(round(maps.shape[-1] ** 0.5))
+        obj = F.adaptive_avg_pool2d(masks, side).flatten(1)[:, None]  # [B, 1, N]
+        target = torch.where(on_object[..., None], obj, 1 - obj)
+        norm = maps / maps.amax(-1, keepdim=True).clamp_min(1e-8)
+        err = (norm - target).pow(2).mean(-1)  # [B, T]
+        total = total + err[valid].mean()
+    return total / len(request.maps)
+
+
+def cosine_lr(base: float, progress: float) -> float:
+    return float(base * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * min(max(progress, 0.0), 1.0)))))
 
 
 def save_checkpoint(out: Path, state: dict) -> None:
+    """Atomic: a temporary folder renamed into place (tensors and plain data only, loadable with weights_only)."""
     final, tmp = out / "checkpoint", out / f".checkpoint-tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    state = dict(state)
+    rng_state = state.pop("rng_state", None)  # numpy's 128-bit integers: JSON
     torch.save(state, tmp / "state.pt")
+    (tmp / "rng.json").write_text(json.dumps(rng_state))
+    old = out / f".checkpoint-old-{os.getpid()}"
     if final.exists():
-        shutil.rmtree(final)
+        os.replace(final, old)
     os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(out: Path) -> dict:
+    """The checkpoint's state; never unpickles code (``weights_only=True``)."""
+    path = out / "checkpoint" / "state.pt"
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as exc:  # a crafted or truncated file: refuse, one line
+        raise SystemExit(f"toyworld: cannot load checkpoint {path}: {type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
 
 
 def export(out: Path, models: dict, scaling: float) -> Path:
     from diffusers import StableDiffusionPipeline
 
     models["vae"].register_to_config(scaling_factor=scaling)
+    unet = models["unet"]
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    unet.set_attn_processor(AttnProcessor2_0())  # the saved model carries no processor of this project
     pipe = StableDiffusionPipeline(**models, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(out / "pipeline")
     return out / "pipeline"
 
 
 def train(out: Path, minutes: float, vae_steps: int, batch: int, checkpoint_every: int, resume: bool,
-          seed: int = 0, max_steps: int | None = None) -> Path | None:
+          seed: int = 0, max_steps: int | None = None, vae_minutes: float | None = None) -> Path | None:
+    """Stage 1 for ``vae_steps`` steps, then stage 2 until ``minutes`` of wall clock (both stages) or ``max_steps``."""
     from tqdm.auto import tqdm
+
+    import fused
 
     out.mkdir(parents=True, exist_ok=True)
     models = make_models(seed)
     vae, unet, text_encoder, tok, sched = (models[k] for k in ("vae", "unet", "text_encoder", "tokenizer", "scheduler"))
+    fused.attach(unet)
     opt_vae = torch.optim.AdamW(vae.parameters(), lr=1e-3)
-    opt = torch.optim.AdamW(list(unet.parameters()) + list(text_encoder.parameters()), lr=5e-4, weight_decay=1e-2)
+    unet_lr = 5e-4
+    opt = torch.optim.AdamW(list(unet.parameters()) + list(text_encoder.parameters()), lr=unet_lr, weight_decay=1e-2)
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
-    step, elapsed, scaling = 0, 0.0, None
+    step, elapsed, scaling, unet_start = 0, 0.0, None, None
     if resume and (out / "checkpoint" / "state.pt").is_file():
-        st = torch.load(out / "checkpoint" / "state.pt", weights_only=False)
+        st = load_checkpoint(out)
         for name in ("vae", "unet", "text_encoder"):
             models[name].load_state_dict(st[name])
         opt_vae.load_state_dict(st["opt_vae"])
         opt.load_state_dict(st["opt"])
-        rng.bit_generator.state = st["rng"]
+        rng.bit_generator.state = json.loads((out / "checkpoint" / "rng.json").read_text())
         gen.set_state(st["gen"])
-        step, elapsed, scaling = st["step"], st["elapsed"], st["scaling"]
+        step, elapsed, scaling, unet_start = st["step"], st["elapsed"], st["scaling"], st.get("unet_start")
         print(f"toyworld: resumed at step {step} ({elapsed / 60:.1f} min)", file=sys.stderr)
+    elif resume:
+        print(f"toyworld: nothing to resume in {out}; starting fresh", file=sys.stderr)
 
     def state():
         return dict(vae=vae.state_dict(), unet=unet.state_dict(), text_encoder=text_encoder.state_dict(),
-                    opt_vae=opt_vae.state_dict(), opt=opt.state_dict(), rng=rng.bit_generator.state,
-                    gen=gen.get_state(), step=step, elapsed=elapsed, scaling=scaling)
+                    opt_vae=opt_vae.state_dict(), opt=opt.state_dict(), rng_state=rng.bit_generator.state,
+                    gen=gen.get_state(), step=step, elapsed=elapsed, scaling=scaling, unet_start=unet_start)
 
     log = open(out / "train_log.jsonl", "a")
     budget = minutes * 60
@@ -114,8 +214,10 @@ def train(out: Path, minutes: float, vae_steps: int, batch: int, checkpoint_ever
     start = time.perf_counter() - elapsed
     try:
         while elapsed < budget and (max_steps is None or step < max_steps):
-            x, captions = batch_images(rng, batch)
-            if step < vae_steps:  # stage 1: the autoencoder
+            if step < vae_steps:  # stage 1: the autoencoder, on the broad family
+                x = generic_batch(rng, batch)
+                for group in opt_vae.param_groups:
+                    group["lr"] = cosine_lr(1e-3, step / max(vae_steps, 1))
                 post = vae.encode(x).latent_dist
                 z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
                 recon = vae.decode(z).sample
@@ -124,13 +226,18 @@ def train(out: Path, minutes: float, vae_steps: int, batch: int, checkpoint_ever
                 opt_vae.zero_grad()
                 loss.backward()
                 opt_vae.step()
-                stage = "vae"
+                stage, extra = "vae", {}
             else:  # stage 2: UNet + text encoder on the frozen VAE's latents
                 if scaling is None:
                     with torch.no_grad():
-                        z = torch.cat([vae.encode(batch_images(rng, 64)[0]).latent_dist.mean for _ in range(4)])
+                        z = torch.cat([vae.encode(scene_batch(rng, 64)[0]).latent_dist.mean for _ in range(4)])
                     scaling = float(1.0 / z.std())
-                    vae.requires_grad_(False)
+                    unet_start = elapsed
+                vae.requires_grad_(False)
+                progress = (elapsed - unet_start) / max(budget - unet_start, 1.0)
+                for group in opt.param_groups:
+                    group["lr"] = cosine_lr(unet_lr, progress)
+                x, captions, masks = scene_batch(rng, batch)
                 with torch.no_grad():
                     latents = vae.encode(x).latent_dist.mean * scaling
                 drop = torch.rand(batch, generator=gen) < 0.1
@@ -138,18 +245,23 @@ def train(out: Path, minutes: float, vae_steps: int, batch: int, checkpoint_ever
                 ids = tok(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
                 noise = torch.randn(latents.shape, generator=gen)
                 t = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=gen)
-                pred = unet(sched.add_noise(latents, noise, t), t, text_encoder(ids)[0]).sample
-                loss = F.mse_loss(pred, noise)
+                index, on_object = attention_targets(captions)
+                request = fused.MapRequest(index)
+                pred = unet(sched.add_noise(latents, noise, t), t, text_encoder(ids)[0],
+                            cross_attention_kwargs={"map_request": request}).sample
+                mse = F.mse_loss(pred, noise)
+                attn = attention_loss(request, masks, on_object, (~drop) & (t < ATTN_MAX_T))
+                loss = mse + ATTN_WEIGHT * attn
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-                stage = "unet"
+                stage, extra = "unet", {"mse": mse.item(), "attn": float(attn)}
             step += 1
             elapsed = time.perf_counter() - start
             bar.update(1)
             bar.set_postfix(stage=stage, loss=f"{loss.item():.4f}")
             if step % 50 == 0:
-                log.write(json.dumps(dict(step=step, stage=stage, loss=loss.item(), minutes=elapsed / 60)) + "\n")
+                log.write(json.dumps(dict(step=step, stage=stage, loss=loss.item(), minutes=elapsed / 60, **extra)) + "\n")
                 log.flush()
             if step % checkpoint_every == 0:
                 save_checkpoint(out, state())
@@ -168,7 +280,7 @@ def train(out: Path, minutes: float, vae_steps: int, batch: int, checkpoint_ever
 
 def export_checkpoint(out: Path, to: Path | None = None) -> Path:
     """Export the latest checkpoint (e.g. of a run still going) as a pipeline folder."""
-    st = torch.load(out / "checkpoint" / "state.pt", weights_only=False)
+    st = load_checkpoint(out)
     if st["scaling"] is None:
         raise SystemExit("toyworld: the checkpoint is still in the VAE stage")
     models = make_models()
@@ -183,7 +295,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m vico.toyworld.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--minutes", type=float, default=140.0, help="wall-clock budget, resumed runs included")
-    p.add_argument("--vae-steps", type=int, default=1500)
+    p.add_argument("--vae-steps", type=int, default=1200)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--checkpoint-every", type=int, default=200)
     p.add_argument("--max-steps", type=int, help="stop after this many steps (tests)")

@@ -1,16 +1,27 @@
 """The toy world: 32x32 RGB images of one object on a plain background.
 
 Attributes: shape (circle, square, triangle), colour (red, green, blue, yellow),
-texture (solid, striped), size (small, large), position (random), background
-(white, black, gray). Captions: "a large red striped circle on a gray background".
-Some (shape, colour) pairs are held out of base training, and the texture
-"checkered" never appears in it (the demo's novel concept).
+texture, size (small, large), position (random), background (white, black,
+gray). Captions: "a large red striped circle on a gray background", and
+varied forms of it (attributes left out, prompt templates around it) so that
+the model follows prompts like "a photo of a S* on a gray background".
+
+Textures are patterns of the object's colour and a dark shade of it, anchored
+to image coordinates. ``TEXTURES`` are seen in base training; ``NOVEL_TEXTURES``
+never are: they are the concepts personalization has to learn from a few
+images. Some (shape, colour) pairs are held out of base training too.
 Everything is deterministic from a seed.
+
+``generic_image`` is a different, much broader family (any colour, stripes at
+any angle and period, checkers of any cell size, dots, rings, noise,
+gradients, several shapes): what the toy autoencoder learns from, so that,
+like SD's VAE, it was not trained on the concepts users bring.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Callable
 
 import numpy as np
 
@@ -18,10 +29,30 @@ SIZE = 32
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 205, 40)}
 BACKGROUNDS = {"white": (240, 240, 240), "black": (18, 18, 18), "gray": (128, 128, 128)}
-TEXTURES = ("solid", "striped")
-NOVEL_TEXTURES = ("checkered",)
 SIZES = {"small": (6, 8), "large": (10, 13)}  # half-extent range in pixels
 HELD_OUT = {("triangle", "yellow"), ("circle", "blue")}  # never in base training
+DARK_SHADE = 0.35  # a texture's dark cells are the colour times this
+
+Pattern = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (yy, xx) -> bool "dark" mask
+
+# Seen in base training.
+TEXTURES: dict[str, Pattern] = {
+    "solid": lambda yy, xx: np.zeros(yy.shape, bool),
+    "striped": lambda yy, xx: (yy // 2) % 2 == 1,  # horizontal, 2-px bands
+}
+# Never in base training: the personalization concepts' patterns.
+NOVEL_TEXTURES: dict[str, Pattern] = {
+    "checkered": lambda yy, xx: ((yy // 3) + (xx // 3)) % 2 == 1,  # 3-px cells
+    "dotted": lambda yy, xx: ((yy % 4) < 2) & ((xx % 4) < 2),  # 2-px dots every 4 px
+    "diagonal": lambda yy, xx: ((yy + xx) // 3) % 2 == 1,  # 45-degree bands
+}
+ALL_TEXTURES: dict[str, Pattern] = {**TEXTURES, **NOVEL_TEXTURES}
+
+
+def _templates() -> list[str]:
+    from ..data import VICO_TEMPLATES, IMAGENET_TEMPLATES_SMALL
+
+    return sorted(set(VICO_TEMPLATES) | set(IMAGENET_TEMPLATES_SMALL))
 
 
 @dataclass(frozen=True)
@@ -38,10 +69,16 @@ class Scene:
     def caption(self) -> str:
         return f"a {self.size} {self.colour} {self.texture} {self.shape} on a {self.background} background"
 
+    def mask(self) -> np.ndarray:
+        """The object's true mask, bool [32, 32]."""
+        return shape_mask(self.shape, self.cy, self.cx, self.r)
+
 
 def vocabulary() -> list[str]:
-    words = {"a", "on", "background", "photo", "of", "the", "in", "with"}
-    words |= set(SHAPES) | set(COLOURS) | set(BACKGROUNDS) | set(TEXTURES) | set(NOVEL_TEXTURES) | set(SIZES)
+    words = {"a", "an", "on", "background", "photo", "of", "the", "in", "with"}
+    words |= set(SHAPES) | set(COLOURS) | set(BACKGROUNDS) | set(ALL_TEXTURES) | set(SIZES)
+    for template in _templates():
+        words |= set(template.replace("{}", " ").split())
     return sorted(words)
 
 
@@ -56,8 +93,37 @@ def random_scene(rng: np.random.Generator, held_out: bool = False, texture: str 
     lo, hi = SIZES[size]
     r = int(rng.integers(lo, hi + 1))
     cy, cx = (int(rng.integers(r + 1, SIZE - r - 1)) for _ in range(2))
-    return Scene(shape, colour, texture or TEXTURES[rng.integers(len(TEXTURES))], size,
+    return Scene(shape, colour, texture or list(TEXTURES)[rng.integers(len(TEXTURES))], size,
                  list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))], cy, cx, r)
+
+
+def training_caption(scene: Scene, rng: np.random.Generator) -> tuple[Scene, str]:
+    """A varied caption of ``scene`` for base training (and the scene, resized when a template names a size).
+
+    Half the captions are the full form; the others leave out some of size,
+    colour, texture and background, and may be wrapped in one of the prompt
+    templates personalization trains with ("a photo of the small {}"), so the
+    model knows those words and what an attribute left unsaid means.
+    """
+    if rng.random() < 0.5:
+        return scene, scene.caption()
+    words = [w for w, keep in ((scene.size, 0.5), (scene.colour, 0.7), (scene.texture, 0.6)) if rng.random() < keep]
+    template = "a {}"
+    if rng.random() < 0.6:
+        templates = _templates()
+        template = templates[rng.integers(len(templates))]
+        named = [s for s in SIZES if s in template.split()]
+        if named:  # "a photo of the small {}" must show a small object, and says its size itself
+            words = [w for w in words if w not in SIZES]
+            if scene.size != named[0]:
+                lo, hi = SIZES[named[0]]
+                r = int(rng.integers(lo, hi + 1))
+                cy, cx = (int(rng.integers(r + 1, SIZE - r - 1)) for _ in range(2))
+                scene = replace(scene, size=named[0], r=r, cy=cy, cx=cx)
+    phrase = template.format(" ".join(words + [scene.shape]))
+    if rng.random() < 0.8:
+        phrase += f" on a {scene.background} background"
+    return scene, phrase
 
 
 def shape_mask(shape: str, cy: int, cx: int, r: int) -> np.ndarray:
@@ -76,17 +142,11 @@ def render(scene: Scene) -> np.ndarray:
     """uint8 [32, 32, 3]."""
     img = np.empty((SIZE, SIZE, 3), np.float32)
     img[:] = BACKGROUNDS[scene.background]
-    mask = shape_mask(scene.shape, scene.cy, scene.cx, scene.r)
+    mask = scene.mask()
     colour = np.array(COLOURS[scene.colour], np.float32)
     yy, xx = np.mgrid[:SIZE, :SIZE]
-    if scene.texture == "solid":
-        fill = np.broadcast_to(colour, img.shape)
-    elif scene.texture == "striped":
-        dark = (yy // 2) % 2 == 1
-        fill = np.where(dark[..., None], colour * 0.45, colour)
-    else:  # checkered: the novel concept's pattern (3-px cells of the colour and a dark shade of it)
-        check = ((yy // 3) + (xx // 3)) % 2 == 1
-        fill = np.where(check[..., None], colour * 0.3, colour)
+    dark = ALL_TEXTURES[scene.texture](yy, xx)
+    fill = np.where(dark[..., None], colour * DARK_SHADE, colour)
     img[mask] = fill[mask]
     return img.clip(0, 255).astype(np.uint8)
 
@@ -96,3 +156,78 @@ def dataset(n: int, seed: int, held_out: bool = False, texture: str | None = Non
     rng = np.random.default_rng(seed)
     scenes = [random_scene(rng, held_out, texture) for _ in range(n)]
     return np.stack([render(s) for s in scenes]), scenes
+
+
+# --- the autoencoder's broad family -------------------------------------------------------------------------
+
+
+def _generic_pattern(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+    """A float map in [0, 1] from a parametric family of patterns (0 = first colour, 1 = second)."""
+    kind = rng.integers(8)
+    theta = rng.uniform(0, np.pi)
+    u = yy * np.cos(theta) + xx * np.sin(theta)
+    y0, x0 = rng.uniform(0, 8, 2)
+    if kind == 0:  # solid
+        return np.zeros(yy.shape)
+    if kind == 1:  # stripes at any angle and period
+        return ((u + y0) // rng.uniform(1, 5) % 2).astype(float)
+    if kind == 2:  # axis-aligned stripes, integer widths (pixel-exact)
+        w = int(rng.integers(1, 5))
+        return (((yy if rng.random() < 0.5 else xx) + int(y0)) // w % 2).astype(float)
+    if kind == 3:  # checkers of any cell size, axis-aligned or rotated
+        c = int(rng.integers(1, 7))
+        if rng.random() < 0.7:
+            return (((yy + int(y0)) // c + (xx + int(x0)) // c) % 2).astype(float)
+        v = -yy * np.sin(theta) + xx * np.cos(theta)
+        return ((np.floor(u / c) + np.floor(v / c)) % 2).astype(float)
+    if kind == 4:  # dots or holes on a grid
+        p, rad = int(rng.integers(3, 8)), rng.uniform(0.5, 2.5)
+        d2 = ((yy + y0) % p - p / 2) ** 2 + ((xx + x0) % p - p / 2) ** 2
+        return (d2 <= rad * rad).astype(float)
+    if kind == 5:  # concentric rings
+        return (np.hypot(yy - rng.uniform(0, SIZE), xx - rng.uniform(0, SIZE)) // rng.uniform(1, 4) % 2).astype(float)
+    if kind == 6:  # per-pixel noise, binary or continuous
+        noise = rng.random(yy.shape)
+        return (noise < 0.5).astype(float) if rng.random() < 0.5 else noise
+    return np.clip((u - u.min()) / max(np.ptp(u), 1e-6), 0, 1)  # linear gradient
+
+
+def _generic_shape(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+    cy, cx = rng.uniform(0, SIZE, 2)
+    ry, rx = rng.uniform(2, 14, 2)
+    kind = rng.integers(4)
+    if kind == 0:
+        return ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
+    if kind == 1:
+        return (abs(yy - cy) <= ry) & (abs(xx - cx) <= rx)
+    if kind == 2:
+        return shape_mask("triangle", int(cy), int(cx), int(ry))
+    return shape_mask(SHAPES[rng.integers(3)], int(cy), int(cx), int(rng.integers(3, 14)))
+
+
+def _two_colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    a = rng.uniform(0, 255, 3)
+    b = a * rng.uniform(0.2, 0.6) if rng.random() < 0.5 else rng.uniform(0, 255, 3)  # shade or any colour
+    return a, b
+
+
+def generic_image(rng: np.random.Generator) -> np.ndarray:
+    """uint8 [32, 32, 3] from the broad family: a patterned background and 0-3 patterned shapes.
+
+    A quarter of the images are toy-world renders of the seen textures, so the
+    autoencoder is exact on what the UNet sees; the rest never show the novel
+    textures as such, only the general families they belong to.
+    """
+    if rng.random() < 0.25:
+        return render(random_scene(rng))
+    yy, xx = np.mgrid[:SIZE, :SIZE].astype(float)
+    a, b = _two_colours(rng)
+    plain = rng.random() < 0.6
+    t = np.zeros((SIZE, SIZE)) if plain else _generic_pattern(rng, yy, xx)
+    img = a * (1 - t[..., None]) + b * t[..., None]
+    for _ in range(rng.integers(0, 4)):
+        mask = _generic_shape(rng, yy, xx)
+        a, b = _two_colours(rng)
+        t = _generic_pattern(rng, yy, xx)
+        img[mask] = (a * (1 - t[..., None]) + b * t[..., None])[mask]
+    return img.clip(0, 255).astype(np.uint8)
