@@ -1,4 +1,4 @@
-"""The two baselines of SPEC §7, as processors that plug into the same map
+"""The two baselines of docs/shapes.md §4, as processors that plug into the same map
 requests as ``fused.FusedAttnProcessor`` (so ViCo runs unchanged on them):
 
 - ``PaperAttnProcessor`` — what ViCo's public code does: materialise the

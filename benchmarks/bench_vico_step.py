@@ -1,5 +1,5 @@
 """ViCo training and sampling step time (and peak memory) with the fused
-processor vs the `paper` and `diffusers+maps` baselines (SPEC §7).
+processor vs the `paper` and `diffusers+maps` baselines (docs/shapes.md §4).
 
     python benchmarks/bench_vico_step.py --model tiny            # tiny pipeline, latent 16x16
     python benchmarks/bench_vico_step.py --model sd15 --latent 32 # SD 1.5-sized UNet, random weights

@@ -1,6 +1,6 @@
 """pytest-benchmark suites. Plain `pytest` (CI) runs each benchmark once at a tiny
 shape as a smoke test; `pytest benchmarks/ --benchmark-only` measures at SD 1.5
-shapes (a reduced set on CPU, all of SPEC §7 on a GPU)."""
+shapes (a reduced set on CPU, all of docs/shapes.md §1 and §2 on a GPU)."""
 
 import os
 

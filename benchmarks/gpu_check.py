@@ -1,4 +1,4 @@
-"""One run that checks and benchmarks every kernel on a GPU (SPEC §7 shapes).
+"""One run that checks and benchmarks every kernel on a GPU (docs/shapes.md §1 and §2 shapes).
 
     python benchmarks/gpu_check.py [--out results.json]          # on a CUDA machine
     TRITON_INTERPRET=1 python benchmarks/gpu_check.py --tiny      # CPU smoke run (CI)
@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import fused  # noqa: E402
@@ -182,8 +181,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, help="also write the rows as JSON here")
     parser.add_argument("--skip-bench", action="store_true")
     parser.add_argument("--dtypes", nargs="+", choices=["fp16", "bf16", "fp32"], default=["fp16", "bf16", "fp32"],
-                        help="dtypes to check on CUDA, in this order (CPU checks fp32 only); a 15-minute GPU "
-                             "session splits them over two calls (benchmarks/gpu_session.sh)")
+                        help="dtypes to check on CUDA, in this order (CPU checks fp32 only); "
+                             "benchmarks/gpu_session.sh splits them over two shorter runs")
     opts = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     attn2, image_attn = (TINY_ATTN2, TINY_IMAGE_ATTN) if opts.tiny else (SD15_ATTN2, SD15_IMAGE_ATTN)

@@ -1,18 +1,17 @@
 #!/usr/bin/env bash
-# One GPU session's work, for the `device` tool (each call <= 10 minutes; a session has 15
-# device-minutes including the machine's start, so run `check`, then `bench`, then `check-more`
-# only if time is left). The Triton kernels compile on first use (~260 kernels for sm_90 over
-# all dtypes: minutes), which is why the dtypes are split over two calls.
-#
-# Prepare once on the CPU machine (the GPU machine has torch+triton+transformers but no diffusers,
-# accelerate or registry access):
-#   pip download diffusers==0.42.1 accelerate==1.15.0 ninja --no-deps --python-version 3.12 \
-#       --only-binary=:all: -d .wheels && echo .wheels >> .git/info/exclude
-# Then run, carrying .wheels:
+# The GPU checks and benchmarks in three parts, each a few minutes, for an environment that
+# has a CUDA build of torch and triton (docs/developing.md §5). The Triton kernels compile on
+# first use (about 260 kernels for sm_90 over all dtypes: minutes), which is why the dtypes are
+# split over two parts. Run `check` first, then `bench`, then `check-more`:
 #   bash benchmarks/gpu_session.sh check       # gpu_check.py: fp16 correctness, CUDA graph, op timings
 #   bash benchmarks/gpu_session.sh check-more  # gpu_check.py: bf16 and fp32 correctness
 #   bash benchmarks/gpu_session.sh bench       # ViCo steps at 64x64 (fp16), scaling (latent 32..128), joint maps
-# Everything lands in $OUT (at most 8 files come back).
+# Results land in $OUT (default /tmp/gpu-out): markdown tables and JSON.
+#
+# The script installs this checkout into the current environment without touching its
+# packages (pip --no-deps). The ViCo step benchmark also needs diffusers and accelerate. On a
+# machine that cannot download packages, bring them as wheels in .wheels/ (made elsewhere
+# with `pip download ... -d .wheels`, docs/developing.md §5.1); the script installs them first.
 set -euo pipefail
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
@@ -31,7 +30,7 @@ case "${1:-check}" in
     if python -c "import diffusers, accelerate" 2>/dev/null; then
       python benchmarks/bench_vico_step.py --model sd15 --latent 64 --repeat 5 | tee "$OUT/vico_step.md"
     else
-      echo "diffusers/accelerate missing: carry .wheels for the ViCo step benchmark" | tee "$OUT/vico_step.md"
+      echo "diffusers/accelerate missing: install them (or bring wheels in .wheels/) for the ViCo step benchmark" | tee "$OUT/vico_step.md"
     fi
     python benchmarks/scaling.py --out "$OUT/scaling" > /dev/null
     cp "$OUT/scaling/scaling.md" "$OUT/scaling.md"; cp "$OUT/scaling/scaling.png" "$OUT/scaling.png" 2>/dev/null || true

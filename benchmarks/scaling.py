@@ -1,4 +1,4 @@
-"""Memory and time of extracting maps as the image grows (SPEC §7, issue "benchmarks").
+"""Memory and time of extracting maps as the image grows (docs/shapes.md §5).
 
     python benchmarks/scaling.py --out scaling            # GPU: latents 32, 64, 96, 128 (256-1024 px)
     python benchmarks/scaling.py --latents 8 16 --out s   # CPU smoke run

@@ -3,7 +3,7 @@
     python benchmarks/triton_compile_check.py                 # sm_80 and sm_90, SD 1.5 shapes, fp32/fp16/bf16
     python benchmarks/triton_compile_check.py --arch 90 --quick --json
 
-Why: most sessions have no GPU, and the interpreter (TRITON_INTERPRET=1) runs
+Why: a machine without a GPU can still compile, and the interpreter (TRITON_INTERPRET=1) runs
 the kernels' Python, not the compiler. This script drives the real launch
 wrappers (``fused/triton/*``) with CPU tensors of the real shapes, but swaps
 Triton's active driver for one that only *names* a target (``GPUTarget``), and

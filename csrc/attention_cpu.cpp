@@ -9,7 +9,7 @@
 // Maps come from the final log-sum-exp: while a key block that holds a chosen
 // column is processed, that column's raw score is kept, and after the last
 // block p = exp(score - lse). Backward recomputes P from the saved lse (never
-// stores it) and adds the map term of SPEC §2 to dP and to the row term D.
+// stores it) and adds the map term of docs/ops.md §2.5 to dP and to the row term D.
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <c10/util/TypeCast.h>
@@ -137,25 +137,48 @@ scalar_t row_sum(const scalar_t* x, int64_t n) {
   return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
 }
 
-// Per key block of one batch row: additive bias (0 visible, -inf hidden) that
-// keeps hidden keys out of the row max, and a keep factor (1 / 0) applied
-// after the exp. Branch-free element loops vectorise.
+// Per key block of one batch row: a keep factor (1 visible / 0 hidden). Hidden
+// keys' scores are *replaced* by -inf (mask_scores), never added to: -inf + NaN
+// is NaN, and one NaN or Inf stored in a hidden key then spread to the whole
+// row. Branch-free element loops vectorise.
 template <typename scalar_t>
 struct KeyBlockMask {
-  std::vector<scalar_t> bias, keep;
-  bool active = false;
+  std::vector<scalar_t> keep;
+  bool active = false;      // a mask applies to this block (not a uniform row)
+  bool any_hidden = false;  // ... and hides at least one of its keys
 
   void set(const bool* visible, int64_t cols, bool uniform) {
     active = visible != nullptr && !uniform;
+    any_hidden = false;
     if (!active) return;
-    bias.resize(cols);
     keep.resize(cols);
     for (int64_t j = 0; j < cols; ++j) {
-      bias[j] = visible[j] ? scalar_t(0) : -std::numeric_limits<scalar_t>::infinity();
       keep[j] = visible[j] ? scalar_t(1) : scalar_t(0);
+      any_hidden = any_hidden || !visible[j];
     }
   }
 };
+
+// A [cols x D] key or value block with the rows of hidden keys set to 0, so a NaN
+// or Inf stored in a hidden key or value never meets a GEMM: a zero probability
+// does not keep it out (0 * NaN and 0 * Inf are NaN). Returns `src` itself when
+// the block hides nothing; otherwise a copy in `buf` (cols * D elements, about
+// 1/kQueryBlock of the GEMM work that reads it).
+template <typename scalar_t>
+const scalar_t* visible_rows(const scalar_t* src, int64_t cols, int64_t D, const KeyBlockMask<scalar_t>& mask,
+                             std::vector<scalar_t>& buf) {
+  if (!mask.any_hidden) return src;
+  buf.resize(cols * D);
+  for (int64_t j = 0; j < cols; ++j) {
+    scalar_t* dst = buf.data() + j * D;
+    if (mask.keep[j] != scalar_t(0)) {
+      std::copy(src + j * D, src + (j + 1) * D, dst);
+    } else {
+      std::fill(dst, dst + D, scalar_t(0));
+    }
+  }
+  return buf.data();
+}
 
 // Shift a row of scores by `shift` and clamp at -87 in one pass. Inputs below -87
 // (exp < 1.7e-38), and -inf for hidden keys, send ATen's vectorised exp down a slow
@@ -176,7 +199,7 @@ template <typename scalar_t>
 void exp_tile(at::Tensor& tile, scalar_t* s, int64_t rows, int64_t cols, int64_t ld,
               const KeyBlockMask<scalar_t>& mask) {
   tile.exp_();
-  if (!mask.active) return;
+  if (!mask.any_hidden) return;
   const scalar_t* keep = mask.keep.data();
   for (int64_t i = 0; i < rows; ++i) {
     scalar_t* row = s + i * ld;
@@ -185,20 +208,22 @@ void exp_tile(at::Tensor& tile, scalar_t* s, int64_t rows, int64_t cols, int64_t
 }
 
 // Apply the key mask to a tile of scaled scores (the GEMM applies the scale):
-// hidden keys get -inf, a batch row with every key hidden gets all zeros (uniform
-// attention). Nothing to do without a mask.
+// hidden keys' scores are replaced by -inf, a batch row with every key hidden
+// gets all zeros (uniform attention). Replacing, not adding, keeps whatever a
+// hidden key holds (NaN, Inf) out of the row. Nothing to do without a mask.
 template <typename scalar_t>
 void mask_scores(scalar_t* s, int64_t rows, int64_t cols, int64_t ld, const KeyBlockMask<scalar_t>& mask,
                  bool uniform) {
-  if (!uniform && !mask.active) return;
+  if (!uniform && !mask.any_hidden) return;
+  const scalar_t neg_inf = -std::numeric_limits<scalar_t>::infinity();
   for (int64_t i = 0; i < rows; ++i) {
     scalar_t* row = s + i * ld;
     if (uniform) {
       for (int64_t j = 0; j < cols; ++j) row[j] = scalar_t(0);
       continue;
     }
-    const scalar_t* bias = mask.bias.data();
-    for (int64_t j = 0; j < cols; ++j) row[j] += bias[j];
+    const scalar_t* keep = mask.keep.data();
+    for (int64_t j = 0; j < cols; ++j) row[j] = keep[j] != scalar_t(0) ? row[j] : neg_inf;
   }
 }
 
@@ -229,6 +254,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     at::Tensor s_buf = at::empty({kQueryBlock, std::min(kKeyBlock, L)}, opts);
     at::Tensor acc = at::empty({kQueryBlock, D}, opts);
     KeyBlockMask<scalar_t> key_mask;
+    std::vector<scalar_t> v_clean;
     std::vector<scalar_t> m(kQueryBlock), l(kQueryBlock), alpha(kQueryBlock), kept(kQueryBlock * std::max<int64_t>(T, 1));
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / n_blocks;
@@ -278,7 +304,9 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
               for (int64_t d = 0; d < D; ++d) a[i * D + d] *= alpha[i];
             }
           }
-          gemm_rm<scalar_t>(false, false, bn, D, bk, scalar_t(1), s, ld, vh + j0 * D, D, scalar_t(1), a, D);
+          // Hidden keys' scores were replaced above, so only their values need cleaning.
+          const scalar_t* vt = visible_rows(vh + j0 * D, bk, D, key_mask, v_clean);
+          gemm_rm<scalar_t>(false, false, bn, D, bk, scalar_t(1), s, ld, vt, D, scalar_t(1), a, D);
         }
         // Epilogue: normalise, store lse, and the chosen columns' probabilities.
         scalar_t* o = out_p + ((b * H + h) * N + n0) * D;
@@ -334,6 +362,7 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
     at::Tensor p_buf = at::empty({kQueryBlock, std::min(kKeyBlock, L)}, opts);
     at::Tensor dp_buf = at::empty({kQueryBlock, std::min(kKeyBlock, L)}, opts);
     std::vector<scalar_t> drow(kQueryBlock);
+    std::vector<scalar_t> k_clean, v_clean;
     KeyBlockMask<scalar_t> key_mask;
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
@@ -369,15 +398,17 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
         }
         for (int64_t j0 = 0; j0 < L; j0 += kKeyBlock) {
           const int64_t bk = std::min(kKeyBlock, L - j0);
-          const scalar_t* kt = k_p + (bh * L + j0) * D;
-          const scalar_t* vt = v_p + (bh * L + j0) * D;
+          key_mask.set(visible_b ? visible_b + j0 : nullptr, bk, uniform[b]);
+          // Hidden keys and values as zeros: dP = dO.V^T and dq = dS.K must not
+          // meet a NaN or Inf they hold (their dS is 0, but 0 * NaN is NaN).
+          const scalar_t* kt = visible_rows(k_p + (bh * L + j0) * D, bk, D, key_mask, k_clean);
+          const scalar_t* vt = visible_rows(v_p + (bh * L + j0) * D, bk, D, key_mask, v_clean);
           at::Tensor p_t = p_buf.narrow(0, 0, bn).narrow(1, 0, bk);  // for exp_tile's vectorised exp
           scalar_t* p = p_buf.data_ptr<scalar_t>();
           scalar_t* dp = dp_buf.data_ptr<scalar_t>();
           const int64_t ld = p_buf.size(1);
           gemm_rm<scalar_t>(false, true, bn, bk, D, scale, qt, D, kt, D, scalar_t(0), p, ld);
           gemm_rm<scalar_t>(false, true, bn, bk, D, scalar_t(1), dot, D, vt, D, scalar_t(0), dp, ld);
-          key_mask.set(visible_b ? visible_b + j0 : nullptr, bk, uniform[b]);
           mask_scores(p, bn, bk, ld, key_mask, uniform[b]);
           for (int64_t i = 0; i < bn; ++i) shift_and_clamp(p + i * ld, bk, lse_row[i]);
           // P recomputed from the saved lse
@@ -402,21 +433,66 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   });
 }
 
-void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v must be 4-D");
-  TORCH_CHECK(q.device().is_cpu(), "fused_cpp ops run on CPU tensors");
-  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
-              "q, k, v must share one dtype");
-  TORCH_CHECK(k.sizes() == v.sizes() && q.size(0) == k.size(0) && q.size(1) == k.size(1) &&
-                  q.size(3) == k.size(3),
-              "shape mismatch between q [B,H,N,D] and k/v [B,H,L,D]");
+// Argument checks. torch.ops.fused_cpp.* is public and reached without fused's
+// Python validation, so every entry point checks every tensor's device, dtype and
+// shape before a pointer into it is read: a wrong size would read out of bounds.
+void check_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.defined(), "fused_cpp: ", name, " is an undefined tensor");
+  TORCH_CHECK(t.device().is_cpu(), "fused_cpp: ", name, " must be a CPU tensor, got one on ", t.device());
 }
 
-void check_index(const at::Tensor& idx, int64_t B, int64_t L) {
-  TORCH_CHECK(idx.dim() == 2 && idx.size(0) == B, "token_index must be [B, T]");
-  const int64_t* p = idx.data_ptr<int64_t>();
-  for (int64_t i = 0; i < idx.numel(); ++i)
-    TORCH_CHECK(p[i] >= -1 && p[i] < L, "token_index values must lie in [-1, L-1]");
+// A tensor of q's dtype with exactly the shape `want`.
+void check_like_q(const at::Tensor& t, const char* name, const at::Tensor& q, at::IntArrayRef want) {
+  check_cpu(t, name);
+  TORCH_CHECK(t.scalar_type() == q.scalar_type(), "fused_cpp: ", name, " must have q's dtype ", q.scalar_type(),
+              ", got ", t.scalar_type());
+  TORCH_CHECK(t.sizes() == want, "fused_cpp: ", name, " must have shape ", want, ", got ", t.sizes());
+}
+
+void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  check_cpu(q, "q");
+  check_cpu(k, "k");
+  check_cpu(v, "v");
+  TORCH_CHECK(q.dim() == 4, "fused_cpp: q must be 4-D [B, H, N, D], got shape ", q.sizes());
+  TORCH_CHECK(k.dim() == 4, "fused_cpp: k must be 4-D [B, H, L, D], got shape ", k.sizes());
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble,
+              "fused_cpp: q must be float32 or float64, got ", q.scalar_type());
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "fused_cpp: q, k, v must share one dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
+              v.scalar_type());
+  TORCH_CHECK(q.size(0) == k.size(0) && q.size(1) == k.size(1) && q.size(3) == k.size(3),
+              "fused_cpp: k must be [B, H, L, D] with q's B, H and D; q is ", q.sizes(), ", k is ", k.sizes());
+  TORCH_CHECK(v.sizes() == k.sizes(), "fused_cpp: v must have k's shape ", k.sizes(), ", got ", v.sizes());
+  // An empty key set has no softmax; a zero head dim is an invalid BLAS leading dimension.
+  TORCH_CHECK(k.size(2) >= 1 && k.size(3) >= 1, "fused_cpp: k needs L >= 1 keys and D >= 1, got shape ",
+              k.sizes());
+}
+
+void check_index(const at::Tensor& idx, const at::Tensor& q, const at::Tensor& k) {
+  check_cpu(idx, "token_index");
+  TORCH_CHECK(idx.scalar_type() == at::kLong, "fused_cpp: token_index must be int64, got ", idx.scalar_type());
+  TORCH_CHECK(idx.dim() == 2 && idx.size(0) == q.size(0), "fused_cpp: token_index must be [B=", q.size(0),
+              ", T], got shape ", idx.sizes());
+  const at::Tensor c = idx.contiguous();
+  const int64_t* p = c.data_ptr<int64_t>();
+  const int64_t L = k.size(2);
+  for (int64_t i = 0; i < c.numel(); ++i)
+    TORCH_CHECK(p[i] >= -1 && p[i] < L, "fused_cpp: token_index values must lie in [-1, ", L - 1, "], got ", p[i]);
+}
+
+void check_key_mask(const at::Tensor& key_mask, const at::Tensor& q, const at::Tensor& k) {
+  check_cpu(key_mask, "key_mask");
+  TORCH_CHECK(key_mask.scalar_type() == at::kBool, "fused_cpp: key_mask must be bool, got ",
+              key_mask.scalar_type());
+  TORCH_CHECK(key_mask.dim() == 2 && key_mask.size(0) == q.size(0) && key_mask.size(1) == k.size(2),
+              "fused_cpp: key_mask must have shape [B=", q.size(0), ", L=", k.size(2), "], got ", key_mask.sizes());
+}
+
+// What a backward op receives from its forward: out and grad_out like q, lse [B, H, N].
+void check_saved(const at::Tensor& q, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& grad_out) {
+  check_like_q(out, "out", q, q.sizes());
+  check_like_q(grad_out, "grad_out", q, q.sizes());
+  check_like_q(lse, "lse", q, {q.size(0), q.size(1), q.size(2)});
 }
 
 }  // namespace
@@ -425,10 +501,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_with_maps(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& token_index, double scale, bool head_mean) {
   check_qkv(q_in, k_in, v_in);
+  check_index(token_index, q_in, k_in);
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
-  const at::Tensor idx = token_index.to(at::kLong).contiguous();
+  const at::Tensor idx = token_index.contiguous();
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), T = idx.size(1);
-  check_index(idx, B, k.size(2));
   at::Tensor out = at::empty_like(q);
   at::Tensor lse = at::empty({B, H, N}, q.options());
   at::Tensor maps = head_mean ? at::zeros({B, T, N}, q.options()) : at::zeros({B, H, T, N}, q.options());
@@ -448,16 +524,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_with_maps_backward(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_maps, double scale,
     bool head_mean) {
   check_qkv(q_in, k_in, v_in);
+  check_index(token_index, q_in, k_in);
+  check_saved(q_in, out, lse, grad_out);
+  const int64_t B = q_in.size(0), H = q_in.size(1), N = q_in.size(2), T = token_index.size(1);
+  if (grad_maps.has_value()) {
+    const std::vector<int64_t> want = head_mean ? std::vector<int64_t>{B, T, N} : std::vector<int64_t>{B, H, T, N};
+    check_like_q(*grad_maps, "grad_maps", q_in, want);
+  }
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
-  const at::Tensor idx = token_index.to(at::kLong).contiguous();
+  const at::Tensor idx = token_index.contiguous();
   const at::Tensor o = out.contiguous(), l = lse.contiguous(), d_o = grad_out.contiguous();
   at::Tensor dm;
-  check_index(idx, q.size(0), k.size(2));
   if (grad_maps.has_value()) dm = grad_maps->contiguous();
   at::Tensor dq = at::zeros_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);
   Extras ex;
   ex.index = idx.data_ptr<int64_t>();
-  ex.T = idx.size(1);
+  ex.T = T;
   ex.head_mean = head_mean;
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attention_with_maps_backward_cpu", [&] {
     backward_impl<scalar_t>(q, k, v, ex, o, l, d_o, dm.defined() ? &dm : nullptr, scale, dq, dk, dv);
@@ -469,8 +551,9 @@ std::tuple<at::Tensor, at::Tensor> masked_attention(const at::Tensor& q_in, cons
                                                     const at::Tensor& v_in, const at::Tensor& key_mask,
                                                     double scale) {
   check_qkv(q_in, k_in, v_in);
+  check_key_mask(key_mask, q_in, k_in);
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
-  const at::Tensor mask = key_mask.to(at::kBool).contiguous();
+  const at::Tensor mask = key_mask.contiguous();
   at::Tensor out = at::empty_like(q);
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
   Extras ex;
@@ -486,8 +569,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_attention_backward(
     const at::Tensor& key_mask, const at::Tensor& out, const at::Tensor& lse,
     const at::Tensor& grad_out, double scale) {
   check_qkv(q_in, k_in, v_in);
+  check_key_mask(key_mask, q_in, k_in);
+  check_saved(q_in, out, lse, grad_out);
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
-  const at::Tensor mask = key_mask.to(at::kBool).contiguous();
+  const at::Tensor mask = key_mask.contiguous();
   const at::Tensor o = out.contiguous(), l = lse.contiguous(), d_o = grad_out.contiguous();
   at::Tensor dq = at::zeros_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);
   Extras ex;

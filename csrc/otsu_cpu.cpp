@@ -3,6 +3,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <limits>
 #include <vector>
 
@@ -84,9 +85,17 @@ void otsu_skimage_one(const scalar_t* x, int64_t n, int64_t bins, scalar_t* thr,
 
 std::tuple<at::Tensor, at::Tensor> otsu_mask(const at::Tensor& maps_in, int64_t bins,
                                              const std::string& mode) {
+  // torch.ops.fused_cpp.otsu_mask is public: check what fused.otsu_mask would have.
   TORCH_CHECK(mode == "vico" || mode == "skimage", "otsu_mask: unknown mode ", mode);
-  TORCH_CHECK(bins >= 2, "otsu_mask: bins must be >= 2");
-  TORCH_CHECK(maps_in.dim() >= 1 && maps_in.numel() > 0, "otsu_mask: maps must be non-empty [..., N]");
+  // Buckets are ints (otsu_rule.h), and one histogram of `bins` doubles is made per thread.
+  TORCH_CHECK(bins >= 2 && bins <= std::numeric_limits<int32_t>::max(),
+              "otsu_mask: bins must be in [2, 2^31 - 1], got ", bins);
+  TORCH_CHECK(maps_in.device().is_cpu(), "otsu_mask: maps must be a CPU tensor, got one on ", maps_in.device());
+  TORCH_CHECK(maps_in.scalar_type() == at::kFloat || maps_in.scalar_type() == at::kDouble,
+              "otsu_mask: maps must be float32 or float64 (fused.otsu_mask upcasts fp16/bf16 maps), got ",
+              maps_in.scalar_type());
+  TORCH_CHECK(maps_in.dim() >= 1 && maps_in.numel() > 0, "otsu_mask: maps must be non-empty [..., N], got shape ",
+              maps_in.sizes());
   const at::Tensor maps = maps_in.contiguous();
   const int64_t n = maps.size(-1);
   const int64_t rows = maps.numel() / n;

@@ -263,9 +263,13 @@ std::tuple<at::Tensor, at::Tensor> otsu_mask(const at::Tensor& maps_in, int64_t 
   TORCH_CHECK(vico || bins <= kMaxSkimageBins,
               "otsu_mask (CUDA): mode \"skimage\" supports bins <= ", kMaxSkimageBins, ", got ",
               bins);
-  TORCH_CHECK(maps_in.is_cuda(), "otsu_mask (CUDA): maps must be a CUDA tensor");
+  TORCH_CHECK(maps_in.is_cuda(), "otsu_mask (CUDA): maps must be a CUDA tensor, got one on ",
+              maps_in.device());
+  const at::ScalarType dtype = maps_in.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
+              "otsu_mask (CUDA): maps must be float16, bfloat16, float32 or float64, got ", dtype);
   TORCH_CHECK(maps_in.dim() >= 1 && maps_in.numel() > 0,
-              "otsu_mask: maps must be non-empty [..., N]");
+              "otsu_mask: maps must be non-empty [..., N], got shape ", maps_in.sizes());
   c10::cuda::CUDAGuard guard(maps_in.device());
   const at::Tensor maps = maps_in.contiguous();
   const int64_t n = maps.size(-1);

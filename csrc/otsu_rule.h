@@ -1,4 +1,4 @@
-// The Otsu selection rules of SPEC §2, written once for the CPU (otsu_cpu.cpp)
+// The Otsu selection rules of docs/ops.md §3.2 and §3.3, written once for the CPU (otsu_cpu.cpp)
 // and CUDA (otsu_cuda.cu) kernels. Class statistics are float64 in every
 // backend (see fused/reference.py: otsu_stat_dtype) so that backends agree on
 // which candidate wins.

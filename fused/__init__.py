@@ -1,6 +1,6 @@
 """fused: attention with fused attention-map extraction, Otsu masks and key-masked attention.
 
-Public API (SPEC §2)::
+Public API (contracts: docs/ops.md §1)::
 
     out, maps = fused.cross_attention_with_maps(q, k, v, token_index)
     threshold, mask = fused.otsu_mask(maps)

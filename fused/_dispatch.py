@@ -1,4 +1,4 @@
-"""The one place that picks a backend (SPEC §2 "Backends and dispatch").
+"""The one place that picks a backend (docs/dispatch.md §2).
 
 ``backend=None`` picks, for CUDA tensors, "triton", then "cuda" (Otsu only),
 then "torch"; for CPU tensors "cpp" then "torch". Falling back to the PyTorch
@@ -67,8 +67,6 @@ def backend_status(name: str) -> tuple[bool, str]:
     if name == "triton":
         if importlib.util.find_spec("triton") is None:
             return False, "triton is not installed"
-        if importlib.util.find_spec("fused.triton") is None:
-            return False, "the Triton kernels are not part of this build yet"
         if not (torch.cuda.is_available() or _triton_interpreted()):
             return False, "Triton needs a CUDA device or TRITON_INTERPRET=1"
         return True, ""
@@ -83,15 +81,31 @@ def _runs_on(name: str, device_type: str) -> bool:
     return name == "triton" and device_type == "cpu" and _triton_interpreted()
 
 
-def _supports_dtype(name: str, op: str, dtype: torch.dtype, device_type: str) -> bool:
+INTERPRETER_BF16 = "the Triton interpreter (TRITON_INTERPRET=1) computes bfloat16 attention wrongly"
+
+
+def _dtype_refusal(name: str, op: str, dtype: torch.dtype, device_type: str) -> str | None:
+    """None when ``name`` has a ``dtype`` kernel for ``op`` here; else why not ("" = no such kernel)."""
     if name == "triton" and device_type == "cuda" and dtype == torch.float64 and op != "otsu_mask":
         # Triton 3.6 cannot compile the float64 attention kernels for a GPU: fp64 tl.dot
         # with a head dim of 160 trips "fp64 don't support largeK MMA", and the tiles
         # need up to 650 KB of shared memory (benchmarks/triton_compile_check.py
         # --dtype fp64). float64 attention stays a CPU (gradcheck) dtype for Triton.
-        return False
+        return ""
+    if name == "triton" and dtype == torch.bfloat16 and op != "otsu_mask" and _triton_interpreted():
+        # The interpreter runs the kernels in numpy, which has no bfloat16: the attention
+        # kernels' output was off by ~8e8 and their maps by ~0.5, without a word (issue 16).
+        # Otsu loads bf16 maps as fp32 and stays exact. Any device: the interpreter also
+        # runs CUDA tensors' kernels on the host.
+        return INTERPRETER_BF16
     # The C++ Otsu kernel upcasts fp16/bf16 maps to fp32 (the compute dtype).
-    return dtype in _INFO[name].dtypes or (name == "cpp" and op == "otsu_mask" and dtype in _ALL_FLOATS)
+    if dtype in _INFO[name].dtypes or (name == "cpp" and op == "otsu_mask" and dtype in _ALL_FLOATS):
+        return None
+    return ""
+
+
+def _supports_dtype(name: str, op: str, dtype: torch.dtype, device_type: str) -> bool:
+    return _dtype_refusal(name, op, dtype, device_type) is None
 
 
 def available_backends(device: torch.device | str | None = None) -> list[str]:
@@ -131,8 +145,10 @@ def resolve(op: str, device_type: str, dtype: torch.dtype, backend: str | None) 
         if not _runs_on(backend, device_type):
             hint = " (set TRITON_INTERPRET=1 to run Triton on CPU)" if backend == "triton" else ""
             raise ValueError(f"backend {backend!r} does not run on {device_type} tensors{hint}")
-        if not _supports_dtype(backend, op, dtype, device_type):
-            raise TypeError(f"backend {backend!r} does not support {dtype} for {op} on {device_type} tensors")
+        refusal = _dtype_refusal(backend, op, dtype, device_type)
+        if refusal is not None:
+            why = f": {refusal}" if refusal else ""
+            raise TypeError(f"backend {backend!r} does not support {dtype} for {op} on {device_type} tensors{why}")
         ok, why = backend_status(backend)
         if not ok:
             raise RuntimeError(f"backend {backend!r} is not available: {why}")
@@ -143,8 +159,9 @@ def resolve(op: str, device_type: str, dtype: torch.dtype, backend: str | None) 
         info = _INFO[name]
         if op not in info.ops:
             continue
-        if not _supports_dtype(name, op, dtype, device_type):
-            skipped.append(f"{name} has no {dtype} kernel")
+        refusal = _dtype_refusal(name, op, dtype, device_type)
+        if refusal is not None:
+            skipped.append(f"{name} has no {dtype} kernel" + (f" ({refusal})" if refusal else ""))
             continue
         ok, why = backend_status(name)
         if not ok:

@@ -12,7 +12,7 @@ the same five ops with the same schemas::
     otsu_mask(maps, int bins, str mode) -> (threshold, mask)
 
 and this module gives them fake (meta) implementations for ``torch.compile``
-and the backward of SPEC §2 through the ``*_backward`` ops.
+and the backward of docs/ops.md §2.5 and §4.4 through the ``*_backward`` ops.
 """
 
 from __future__ import annotations
@@ -62,9 +62,34 @@ def register_fakes(ns: str) -> None:
     register_otsu_fake(f"{ns}::otsu_mask")
 
 
+BACKWARD_OPS = ("attention_with_maps_backward", "masked_attention_backward")
+
+
+def _refuse_double_backward(ns: str, op: str) -> None:
+    """Make a gradient *of* the first-order backward op ``ns::op`` raise.
+
+    The hand-written backward kernels have no derivative of their own. Without
+    an autograd formula a C++ op still hands out outputs with a grad_fn (torch's
+    autograd-not-implemented fallback), and differentiating them gives zeros
+    after a mere UserWarning: gradgradcheck and ``create_graph=True`` users got
+    silent garbage. A formula that raises makes every backend say so.
+    """
+
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"fused: double backward (a second derivative, e.g. create_graph=True or gradgradcheck) is not "
+            f"implemented for the compiled kernels ({ns}::{op}); use backend='torch' for higher-order gradients"
+        )
+
+    torch.library.register_autograd(f"{ns}::{op}", backward)
+
+
 def register_autograd(ns: str) -> None:
-    """Backward of the two attention ops of ``ns`` through its ``*_backward`` ops."""
+    """Backward of the two attention ops of ``ns`` through its ``*_backward`` ops,
+    which themselves refuse to be differentiated again."""
     ops = getattr(torch.ops, ns)
+    for op in BACKWARD_OPS:
+        _refuse_double_backward(ns, op)
 
     def maps_setup(ctx, inputs, output):
         q, k, v, token_index, scale, head_mean = inputs

@@ -4,7 +4,7 @@ Shape, dtype and device checks always run (they only read metadata). Checks
 that need the data (index range, NaN/Inf) run eagerly on CPU tensors or when
 ``validate=True``; on CUDA they are queued with ``torch._assert_async`` so the
 default path never synchronises with the host and stays capturable in a CUDA
-graph (SPEC §2).
+graph (docs/dispatch.md §5).
 """
 
 from __future__ import annotations
@@ -142,6 +142,34 @@ def check_bins(bins: object, mode: str) -> int:
     if bins < 2:
         raise ValueError(f"bins must be >= 2, got {bins}")
     return bins
+
+
+# Largest `bins` the Triton Otsu kernel takes, both modes: its candidates are one
+# power-of-two block, and a [candidates, chunk] tile must stay within Triton's
+# 2**20-element tensor limit at the chunk the launch picks (up to 1024 under the
+# interpreter; 16 or more on a GPU). 1025 bins already fail inside the kernel launch.
+TRITON_MAX_BINS = 1024
+
+
+def max_bins(backend: str, mode: str) -> int | None:
+    """The largest ``bins`` backend ``backend``'s Otsu kernel accepts in ``mode`` (None: no limit)."""
+    if backend == "triton":
+        return TRITON_MAX_BINS
+    if backend == "cuda":
+        from ._cpp import CUDA_MAX_BINS  # per-thread partials / shared-memory histogram
+
+        return CUDA_MAX_BINS[mode]
+    return None
+
+
+def check_bins_for_backend(bins: int, mode: str, backend: str) -> None:
+    """Refuse, before any launch, more bins than the chosen backend's kernel holds."""
+    limit = max_bins(backend, mode)
+    if limit is not None and bins > limit:
+        raise ValueError(
+            f"bins={bins} exceeds the {backend} Otsu kernel's limit of {limit} bins for mode {mode!r}; "
+            f"use fewer bins or backend='torch'"
+        )
 
 
 def check_otsu_args(maps: object, bins: int | None, mode: object, validate: bool) -> int:

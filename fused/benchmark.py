@@ -1,5 +1,5 @@
 """Op benchmarks shared by ``vico bench``, ``benchmarks/gpu_check.py`` and the
-pytest-benchmark suites: the fused ops against the baselines of SPEC §7.
+pytest-benchmark suites: the fused ops against the baselines of docs/shapes.md §4.
 
 - ``paper``: materialise the probabilities, index the chosen columns, average
   the heads (attention); Otsu as a Python loop over the maps; for masked

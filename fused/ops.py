@@ -1,9 +1,10 @@
-"""The public ops (SPEC §2): validate, pick a backend, run it.
+"""The public ops (docs/ops.md §1): validate, pick a backend, run it.
 
 Every op accepts tensors in the layout of ``scaled_dot_product_attention``
 and a ``backend`` (None = automatic, see ``fused._dispatch``). The backends
-are differentiable: "torch" through autograd, "cpp" through its registered
-backward kernel (``fused._cpp``).
+are differentiable: "torch" through autograd, "cpp" and "triton" through
+their registered backward kernels (``fused._library``); see docs/ops.md §2.5
+and §4.4.
 """
 
 from __future__ import annotations
@@ -59,9 +60,18 @@ def masked_attention(
 ) -> torch.Tensor:
     """Attention where only keys with ``key_mask[b, j]`` True are attended.
 
+    Hidden keys (docs/ops.md §4.2), the same rule in every backend: in a row with
+    at least one visible key, a hidden key contributes nothing. Its score is
+    replaced by -inf, never added to, and its key and value are never multiplied
+    in (0 · NaN is NaN), so a NaN or Inf stored in a hidden key or value reaches
+    neither ``out`` nor the gradients of the other positions; the gradients at
+    hidden positions are zero. NaN/Inf in ``q`` or in visible keys and values
+    propagate as in any attention (not checked).
+
     Args:
         q: [B, H, N, D]; k, v: [B, H, L, D]; key_mask: bool [B, L].
-        A batch row whose mask is all False attends uniformly to all keys.
+        A batch row whose mask is all False attends uniformly to all keys (it
+        uses every value and no key, so NaN in its keys does not matter either).
         validate: accepted for symmetry with the other ops (the mask has no
             values that can be out of range).
 
@@ -91,7 +101,7 @@ def otsu_mask(
         bins: candidate count; None = 10 for "vico", 256 for "skimage".
         mode: "vico" (the paper's rule on min-max normalised maps; threshold in
             normalised units) or "skimage" (``threshold_otsu`` semantics; threshold
-            in map units). See SPEC §2 for the exact tie rules.
+            in map units). See docs/ops.md §3.2 and §3.3 for the exact tie rules.
 
     Returns:
         threshold [...] (float32 for fp16/bf16 maps, else the maps' dtype) and
@@ -99,6 +109,7 @@ def otsu_mask(
     """
     bins = _validate.check_otsu_args(maps, bins, mode, validate)
     name = resolve("otsu_mask", maps.device.type, maps.dtype, backend)
+    _validate.check_bins_for_backend(bins, mode, name)
     return implementation("otsu_mask", name)(maps, bins, mode)
 
 
@@ -130,6 +141,7 @@ def cross_attention_with_mask(
     bins = _validate.check_bins(bins, _validate.check_mode(mode))
     attn = resolve("attention_with_maps", q.device.type, q.dtype, backend)
     otsu = resolve("otsu_mask", q.device.type, q.dtype, backend)
+    _validate.check_bins_for_backend(bins, mode, otsu)
     out, maps = implementation("attention_with_maps", attn)(q, k, v, token_index, scale, "mean")
     _, mask = implementation("otsu_mask", otsu)(maps.detach(), bins, mode)
     return out, maps, mask

@@ -45,6 +45,7 @@ class MapRequest:
         head_reduce: "mean" -> maps [B, T, N]; "none" -> [B, H, T, N].
         otsu: also threshold each recorded map with Otsu ("vico" mode, head
             mean only) in the same call; masks land in ``masks``.
+        backend: the ``fused`` backend the layers run on (None = automatic).
         text_len: number of text tokens at the start of a joint sequence (FLUX
             single-stream blocks, where the processor cannot see it).
         maps, masks: filled as the layers run, keyed by layer name.
@@ -69,10 +70,6 @@ class MapRequest:
         if self.layers is None:
             return True
         return layer is not None and layer in self.layers
-
-    def clear(self) -> None:
-        self.maps.clear()
-        self.masks.clear()
 
 
 def cross_attention_layers(model: torch.nn.Module) -> list[str]:

@@ -1,4 +1,4 @@
-"""The PyTorch ground truth of every op (SPEC §2).
+"""The PyTorch ground truth of every op (docs/ops.md §1).
 
 Straightforward, batched, float64-safe code with no Python loop over samples.
 It materialises the attention probabilities — that is what makes it simple
@@ -62,14 +62,21 @@ def masked_attention(
 ) -> torch.Tensor:
     """Attention where key j of batch row b is visible only if key_mask[b, j].
 
-    key_mask: bool [B, L]. A batch row whose mask is all False attends
+    key_mask: bool [B, L]. A hidden key contributes nothing: its score is
+    replaced by -inf (not added to), and its key and value rows enter as zeros,
+    so a NaN or Inf stored in a hidden key or value reaches neither the output
+    nor the gradients (0 · NaN is NaN, so a zero probability alone would not
+    keep it out; docs/ops.md §4.2). A batch row whose mask is all False attends
     uniformly to all keys (the paper's code fills with a large finite negative,
-    which makes every score equal).
+    which makes every score equal): it uses every value and no key (§4.3).
     """
-    scores = (q @ k.transpose(-1, -2)) * scale
-    visible = key_mask[:, None, None, :]
-    scores = scores.masked_fill(~visible, float("-inf"))
+    rows_visible = key_mask[:, None, :, None]  # over the L rows of k and v
     any_visible = key_mask.any(dim=-1)[:, None, None, None]
+    zero = torch.zeros((), dtype=k.dtype, device=k.device)
+    k = torch.where(rows_visible, k, zero)
+    v = torch.where(rows_visible | ~any_visible, v, zero)
+    scores = (q @ k.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))
     scores = torch.where(any_visible, scores, torch.zeros_like(scores))
     return torch.softmax(scores, dim=-1) @ v
 
@@ -80,7 +87,7 @@ def otsu_stat_dtype() -> torch.dtype:
     Accumulating them in float64 in every backend makes the backends agree on
     which candidate wins even when two candidates' variances are within a
     float32 rounding of each other; class membership itself is decided in the
-    map's dtype exactly as SPEC §2 says.
+    compute dtype exactly as docs/ops.md §3.1 says.
     """
     return torch.float64
 
@@ -91,7 +98,7 @@ def otsu_compute_dtype(maps: torch.Tensor) -> torch.dtype:
 
 
 def otsu_vico(maps: torch.Tensor, bins: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """ViCo's Otsu rule over the last dim (SPEC §2, mode "vico").
+    """ViCo's Otsu rule over the last dim (docs/ops.md §3.2, mode "vico").
 
     maps: [..., N] floating. Returns threshold [...] (normalised units, fp32 for
     fp16/bf16 maps, else the map's dtype) and mask bool [..., N].

@@ -11,7 +11,7 @@ from vico import tiny  # noqa: E402
 from vico.methods.attndreambooth import AttnDreamBooth, mean_variance_regulariser  # noqa: E402
 from vico.methods.base import MethodConfig, get_method  # noqa: E402
 from vico.methods.catversion import PrefixKVAttention, install_prefix_kv, remove_prefix_kv  # noqa: E402
-from vico.model import Components, base_embedding  # noqa: E402
+from vico.model import Components  # noqa: E402
 from vico.pipeline import ViCoPipeline  # noqa: E402
 from vico.training import TrainConfig, train  # noqa: E402
 

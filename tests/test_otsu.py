@@ -1,5 +1,5 @@
 """Otsu thresholding: every CPU backend against a direct transcription of
-SPEC §2 (mode "vico") and against scikit-image (mode "skimage")."""
+docs/ops.md §3.2 (mode "vico") and against scikit-image (mode "skimage")."""
 
 import math
 
@@ -12,7 +12,7 @@ import fused
 
 
 def transcribed_vico(m: torch.Tensor, bins: int):
-    """SPEC §2 mode "vico" for one map, written as plainly as possible."""
+    """docs/ops.md §3.2 mode "vico" for one map, written as plainly as possible."""
     dtype = torch.float32 if m.dtype in (torch.float16, torch.bfloat16) else m.dtype
     x = m.to(dtype)
     lo, hi = x.min(), x.max()
@@ -77,7 +77,7 @@ def test_vico_bucket_of_values_on_and_beside_every_candidate(cpu_backend, dtype,
     guesses floor(v * bins) and corrects) moves the threshold. Probes sit exactly on
     candidates of the lower half (about 100 of them) and one ulp either side."""
     t = torch.arange(1, bins, dtype=torch.int64)
-    taus = t.to(dtype) / torch.tensor(bins, dtype=dtype)  # tau_t rounded once, as SPEC §2 says
+    taus = t.to(dtype) / torch.tensor(bins, dtype=dtype)  # tau_t rounded once, as docs/ops.md §3.2 says
     taus = taus[taus < 0.45]  # above ~0.5 v joins the 1s and the first candidate wins regardless
     taus = taus[::max(1, len(taus) // 100)]  # keeps the interpreted Triton run short
     probes = torch.cat([taus, torch.nextafter(taus, torch.zeros_like(taus)),

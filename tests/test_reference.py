@@ -65,7 +65,7 @@ def test_masked_attention_matches_explicit_including_fully_masked_row():
 
 @pytest.mark.parametrize("head_reduce", ["mean", "none"])
 def test_spec_backward_formula_equals_autograd(head_reduce):
-    """SPEC §2's written-out backward (what the kernels implement) equals autograd
+    """The written-out backward of docs/ops.md §2.5 (what the kernels implement) equals autograd
     through the reference, including duplicate and -1 indices."""
     B, H, N, L, D = 2, 2, 12, 9, 8
     q = rand(B, H, N, D, seed=7).requires_grad_()

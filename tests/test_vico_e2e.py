@@ -1,7 +1,6 @@
 """ViCo end to end on the tiny pipeline: train, resume, sample, bad input."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +10,6 @@ pytest.importorskip("accelerate")
 
 from safetensors.torch import load_file  # noqa: E402
 
-import fused  # noqa: E402
 from vico import cli, tiny  # noqa: E402
 from vico.methods.base import MethodConfig  # noqa: E402
 from vico.methods.vico import ViCo  # noqa: E402

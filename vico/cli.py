@@ -54,7 +54,8 @@ def _sample_parser(sub) -> None:
     p.add_argument("--reference", help="ViCo reference image (default: the first training image)")
     p.add_argument("--num-images", type=int, default=4)
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (default: the method's, 7.5; CatVersion 10)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--save-maps", action="store_true",
@@ -62,56 +63,89 @@ def _sample_parser(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+DEMO_MARKER = ".vico-demo"  # the same marker as vico.toyworld.demo.MARKER: "vico demo wrote this folder"
+
+
 def _demo_parser(sub) -> None:
-    p = sub.add_parser("demo", help="train and sample a ViCo concept end to end on a small model",
-                       description="Train ViCo on a few images and sample with it, in one go. Without --model "
-                       "it builds a tiny random Stable-Diffusion-shaped model and toy images (no download; the "
-                       "pictures are noise, the code path is the real one).")
+    p = sub.add_parser("demo", help="personalize the shipped toy-world model with ViCo and Textual Inversion",
+                       description="Personalize the toy-world model shipped with vico (vico/toyworld/model, "
+                       "trained here; nothing is downloaded) with ViCo and with Textual Inversion on five renders "
+                       "of a novel concept (a red checkered square), sample both on every background, and write "
+                       "OUT/grid.png (training images, samples, ViCo's S* maps and Otsu masks) and "
+                       "OUT/metrics.json (identity and text alignment scored by the toy world's checker). "
+                       "With --model PATH --images DIR it runs on a local Stable Diffusion folder instead: it "
+                       "trains ViCo on your images and writes OUT/concept and OUT/samples (images, grid.png, S* "
+                       "maps and masks). Running it again with the same --out replaces its own previous output "
+                       f"there (a folder marked by {DEMO_MARKER}); a non-empty folder it did not write is refused.")
     p.add_argument("--out", default="vico-demo", help="output folder (default vico-demo)")
-    p.add_argument("--model", help="a local Stable Diffusion folder instead of the tiny random model")
-    p.add_argument("--images", help="training images (default: generated toy images)")
-    p.add_argument("--init-word", default="cat", help="class word (default cat)")
-    p.add_argument("--steps", type=int, help="training steps (default 150 on the toy model, 30 on the random one)")
+    p.add_argument("--steps", type=int, help="training steps (default: 150 on the toy model, 30 with --model)")
     p.add_argument("--sample-steps", type=int, default=20, help="DDIM steps (default 20)")
-    p.add_argument("--num-images", type=int, default=4)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    own = p.add_argument_group("a local Stable Diffusion folder instead of the toy world (all with --model)")
+    own.add_argument("--model", help="local diffusers Stable Diffusion folder (SD 1.x/2.x); needs --images")
+    own.add_argument("--images", help="folder with your training images (3-10 photos of one object)")
+    own.add_argument("--init-word", help="class word of your object (default object)")
+    own.add_argument("--num-images", type=int, help="images to sample (default 4)")
+
+
+def _prepare_demo_output(out: Path, own: tuple[str, ...]) -> None:
+    """Create ``out``, or clear the entries ``own`` a previous demo wrote there. A non-empty folder
+    without the demo's marker is refused: the demo never deletes what it did not write."""
+    import shutil
+
+    from .model import check_output_folder
+
+    check_output_folder(out)
+    if out.is_dir() and any(p.name != DEMO_MARKER for p in out.iterdir()):
+        if not (out / DEMO_MARKER).is_file():
+            raise UserError(f"--out {out} is not empty and was not written by vico demo (no {DEMO_MARKER} in it); "
+                            "choose another --out")
+        for name in own:
+            path = out / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif path.exists() or path.is_symlink():
+                path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARKER).write_text("written by vico demo; a rerun replaces its contents\n")
 
 
 def cmd_demo(args) -> int:
-    import shutil
     import time
 
-    from . import tiny
+    from .model import check_output_folder
     from .toyworld import demo as toy_demo
 
     out = Path(args.out)
-    model = args.model
-    if model is None and args.images is None and toy_demo.shipped_model() is not None:
+    _require_positive(args, "steps", "sample_steps", "num_images")
+    check_output_folder(out)
+    if args.model is None and args.images is None:
+        if args.init_word is not None or args.num_images is not None:
+            raise UserError("--init-word and --num-images apply with --model PATH --images DIR only; the toy-world "
+                            "demo fixes its concept and samples")
+        if toy_demo.shipped_model() is None:
+            raise UserError("this install has no toy-world model (vico/toyworld/model/model_index.json); "
+                            "reinstall vico, or pass --model PATH --images DIR")
         metrics = toy_demo.run(toy_demo.shipped_model(), out, steps=args.steps or 150,
                                sample_steps=args.sample_steps, quiet=args.quiet)
         print(f"vico demo: toy-world concept (a red checkered square) -> {out}/grid.png, {out}/metrics.json: "
               f"identity shape {metrics['identity_shape']:.2f}, colour {metrics['identity_colour']:.2f}, "
               f"text (background) {metrics['text_background']:.2f}")
         return 0
-    if model is None:
-        model = out / "tiny-sd"
-        if not (model / "unet").is_dir():
-            tiny.save_tiny_pipeline(model)
-        print(f"vico demo: no --model given; using a tiny random model in {model} (its pictures are noise)")
-    images = args.images
-    if images is None:
-        images = out / "images"
-        tiny.write_toy_images(images, n=4)
+    if args.model is None or args.images is None:
+        raise UserError("--model and --images go together: a local Stable Diffusion folder and your training "
+                        "images (without both, the demo runs the shipped toy-world model)")
+    model, images = args.model, args.images
+    _prepare_demo_output(out, ("concept", "samples"))  # a rerun replaces its own previous output
     concept = out / "concept"
-    shutil.rmtree(concept, ignore_errors=True)  # a demo starts fresh
     t0 = time.perf_counter()
     steps = args.steps or 30
-    cmd_train(_train_parser_defaults(model=model, images=images, out=concept, init_word=args.init_word,
+    cmd_train(_train_parser_defaults(model=model, images=images, out=concept, init_word=args.init_word or "object",
                                      steps=steps, quiet=args.quiet))
     train_s = time.perf_counter() - t0
     samples = out / "samples"
     cmd_sample(argparse.Namespace(concept=concept, prompt="a photo of S* on the beach", out=samples, model=None,
-                                  reference=None, num_images=args.num_images, steps=args.sample_steps,
+                                  reference=None, num_images=args.num_images or 4, steps=args.sample_steps,
                                   guidance=7.5, seed=0, device=None, save_maps=True, quiet=args.quiet))
     print(f"vico demo: {steps} training steps in {train_s:.1f} s ({train_s / max(steps, 1):.3f} s/step "
           f"incl. loading); concept in {concept}, images and S* maps/masks in {samples}")
@@ -181,6 +215,34 @@ def _eval_parser(sub) -> None:
     p.add_argument("--quiet", action="store_true")
 
 
+def _check_encoder_folder(path: str | None, option: str, model_type: str, kind: str) -> None:
+    """One line for a --clip / --dino that is not a saved transformers model of the right kind."""
+    import json
+
+    if path is None:
+        return
+    folder = Path(path)
+    how = f"save one with {kind}.from_pretrained(NAME).save_pretrained(DIR) and its processor"
+    if not folder.is_dir():
+        raise UserError(f"{option} {folder} is not a folder ({how})")
+    config = folder / "config.json"
+    if not config.is_file():
+        raise UserError(f"{option} {folder} has no config.json: not a saved transformers model ({how})")
+    try:
+        found = json.loads(config.read_text()).get("model_type")
+    except (ValueError, AttributeError):
+        raise UserError(f"{config} is not a transformers config (invalid JSON)") from None
+    if found != model_type:
+        raise UserError(f"{option} {folder} holds a {found!r} model, not a {kind} ({model_type!r})")
+    weights = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+    if not any((folder / w).is_file() for w in weights):
+        raise UserError(f"{option} {folder} has no weights (model.safetensors or pytorch_model.bin)")
+    if not (folder / "preprocessor_config.json").is_file():
+        raise UserError(f"{option} {folder} has no preprocessor_config.json (save the image processor there too)")
+    if model_type == "clip" and not any((folder / t).is_file() for t in ("tokenizer.json", "vocab.json")):
+        raise UserError(f"{option} {folder} has no tokenizer (tokenizer.json or vocab.json; save it there too)")
+
+
 def cmd_eval(args) -> int:
     import json
 
@@ -189,9 +251,11 @@ def cmd_eval(args) -> int:
 
     from . import evaluation, metrics
     from .data import list_images
-    from .methods.base import CONFIG_FILE
+    from .methods.base import CONFIG_FILE, Method, get_method
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    _check_encoder_folder(args.clip, "--clip", "clip", "CLIPModel")
+    _check_encoder_folder(args.dino, "--dino", "vit", "ViTModel")
     meta = {}
     if args.concept:
         if not (Path(args.concept) / CONFIG_FILE).is_file():
@@ -201,6 +265,8 @@ def cmd_eval(args) -> int:
     class_word = args.class_word or meta.get("config", {}).get("init_word")
     if not class_word:
         raise UserError("pass --class-word (or --concept) so CLIP-T can replace the placeholder")
+    # How the method's prompts name the concept ("S*"; AttnDreamBooth "S* cat"; CatVersion "cat").
+    method_cls = get_method(meta["method"]) if meta.get("method") else Method
     real_dir = args.real
     if real_dir is None and args.concept:
         train_cfg = Path(args.concept) / "train_config.json"
@@ -218,13 +284,14 @@ def cmd_eval(args) -> int:
         prompt_file = folder / "prompt.txt"
         if not prompt_file.is_file():
             raise UserError(f"{folder} has no prompt.txt (write it, or generate with `vico sample`)")
-        prompt = prompt_file.read_text().strip().replace(placeholder, class_word)
-        gen_masks = evaluation.generated_masks(folder, len(gen))
+        prompt = method_cls.plain_prompt(prompt_file.read_text().strip(), placeholder, class_word)
+        gen_masks, gen_mask_source = evaluation.generated_masks(folder, len(gen))
+        used = gen_masks is not None and real_masks is not None
         report = metrics.evaluate(enc, gen, real, [prompt] * len(gen),
-                                  gen_masks if real_masks is not None else None, real_masks)
+                                  gen_masks if used else None, real_masks if used else None)
         report["prompt"] = prompt
-        report["masks"] = {"generated": "ViCo Otsu masks saved by --save-maps" if gen_masks else "none",
-                           "real": real_mask_source if gen_masks else "none"}
+        report["masks"] = {"generated": gen_mask_source if used else "none",
+                           "real": real_mask_source if used else "none"}
         return report
 
     if args.prompts is None:
@@ -243,9 +310,10 @@ def cmd_eval(args) -> int:
     rows = []
     for i, template in enumerate(metrics.load_eval_prompts(args.prompts or None)):
         folder = out / f"prompt-{i:02d}"
-        cmd_sample(argparse.Namespace(concept=args.concept, prompt=template.format(placeholder), out=folder,
+        prompt = method_cls.prompt_for(template, placeholder, class_word)
+        cmd_sample(argparse.Namespace(concept=args.concept, prompt=prompt, out=folder,
                                       model=None, reference=None, num_images=args.num_images, steps=args.steps,
-                                      guidance=7.5, seed=i, device=device, save_maps=True, quiet=args.quiet))
+                                      guidance=None, seed=i, device=device, save_maps=True, quiet=args.quiet))
         rows.append(score(folder))
     keys = [k for k in ("clip_i", "clip_t", "dino", "masked_clip_i") if k in rows[0]]
     summary = {k: float(np.mean([r[k] for r in rows])) for k in keys}
@@ -341,25 +409,53 @@ def cmd_sample(args) -> int:
     import torch
     from PIL import Image
 
-    from .methods.base import CONFIG_FILE
+    from .methods.base import CONFIG_FILE, check_concept, get_method
+    from .model import check_output_folder, warn
     from .pipeline import ViCoPipeline, heatmap_overlay, image_grid
 
+    _require_positive(args, "num_images", "steps")
+    check_output_folder(args.out)  # before any sampling
     concept = Path(args.concept)
-    if not (concept / CONFIG_FILE).is_file():
-        raise UserError(f"{concept} is not a trained concept (no {CONFIG_FILE}); train one with `vico train`")
-    meta = json.loads((concept / CONFIG_FILE).read_text())
+    meta = check_concept(concept)  # a missing, truncated or garbage concept.json / concept.safetensors: one line
     model = args.model or meta.get("base_model")
+    if not model:
+        raise UserError(f"{concept / CONFIG_FILE} records no base model; pass --model PATH")
+    if not args.model and not Path(model).is_dir():
+        raise UserError(f"the concept's base model {model} (recorded in {concept / CONFIG_FILE}) does not exist; "
+                        "pass --model PATH")
+    placeholder = meta["config"].get("placeholder", "S*")
+    method_cls = get_method(meta["method"])
+    phrase = (method_cls.concept_phrase(placeholder, meta["config"].get("init_word", "object"))
+              if hasattr(method_cls, "concept_phrase") else placeholder)
+    # "S* cat" (AttnDreamBooth) is named by its S* too; CatVersion's concept is its class word alone
+    if phrase not in args.prompt and not (placeholder in phrase and placeholder in args.prompt):
+        warn(f"the prompt does not contain the concept's token {phrase!r}: the images will not show the "
+             f"concept (e.g. \"a photo of {phrase} on the beach\")")
+    if args.save_maps and not hasattr(method_cls, "sampled_maps"):
+        warn(f"--save-maps: {meta['method']} has no attention maps to save (only vico does); writing the images only")
+    images_dir = None
+    if not args.reference and meta["method"] == "vico":
+        train_cfg = concept / "train_config.json"
+        try:
+            images_dir = json.loads(train_cfg.read_text())["images"] if train_cfg.is_file() else None
+        except (ValueError, KeyError, TypeError):
+            raise UserError(f"{train_cfg} is not a vico training config (truncated or overwritten); pass "
+                            "--reference IMAGE") from None
+        if images_dir is None:
+            raise UserError("ViCo needs a reference image: pass --reference (no training config to find one)")
+        if not Path(images_dir).is_dir():
+            raise UserError(f"the concept's training images {images_dir} (recorded in {train_cfg}) do not exist; "
+                            "pass --reference IMAGE")
+    if args.reference and not Path(args.reference).is_file():
+        raise UserError(f"--reference {args.reference} does not exist")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = ViCoPipeline.from_pretrained(model, concept, device=device)
     reference = None
     if args.reference:
         from .data import load_image
         reference = load_image(args.reference, pipe.method.config.resolution)
-    elif meta["method"] == "vico":
-        train_cfg = concept / "train_config.json"
-        if not train_cfg.is_file():
-            raise UserError("ViCo needs a reference image: pass --reference (no training config to find one)")
-        reference = pipe.default_reference(json.loads(train_cfg.read_text())["images"])
+    elif images_dir is not None:
+        reference = pipe.default_reference(images_dir)
     images, context = pipe(args.prompt, reference=reference, num_images=args.num_images,
                            num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
                            progress=not args.quiet)
@@ -369,6 +465,8 @@ def cmd_sample(args) -> int:
         Image.fromarray(img).save(out / f"{i:03d}.png")
     Image.fromarray(image_grid(images)).save(out / "grid.png")
     (out / "prompt.txt").write_text(args.prompt + "\n")  # what `vico eval` scores CLIP-T against
+    if args.save_maps and hasattr(pipe.method, "sampled_maps") and "last_request" not in context:
+        warn("--save-maps: no attention maps were recorded in this run; writing the images only")
     if args.save_maps and hasattr(pipe.method, "sampled_maps") and "last_request" in context:
         for layer, (maps, masks) in pipe.method.sampled_maps(context).items():
             side = maps.shape[-1]
@@ -380,6 +478,14 @@ def cmd_sample(args) -> int:
                 Image.fromarray((big * 255).astype(np.uint8)).save(out / f"{i:03d}_mask_{tag}.png")
     print(f"vico: wrote {len(images)} images and grid.png to {out}")
     return 0
+
+
+def _require_positive(args, *names: str) -> None:
+    """A count option below 1 is a one-line error (argparse's type=int takes -1 and 0)."""
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -399,6 +505,14 @@ def main(argv: list[str] | None = None) -> int:
         return commands[args.command](args)
     except UserError as exc:
         print(f"vico: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a full disk or a read-only folder met outside the checked writers: one line too
+        import errno
+
+        if exc.errno not in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EPERM):
+            raise
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"vico: error: cannot write{where}: {exc.strerror}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -30,6 +30,48 @@ VICO_TEMPLATES = [
 ]
 
 
+def attndreambooth_augment(image: torch.Tensor, generator: torch.Generator, size: int,
+                           rotate_p: float = 0.75, degrees: float = 45.0, flip_p: float = 0.25,
+                           params: dict | None = None) -> torch.Tensor:
+    """AttnDreamBooth's training transform on one image [3, H, W] in [-1, 1] -> [3, size, size].
+
+    The official ``train_attndreambooth.py`` composes torchvision's
+    ``RandomApply([RandomRotation(45, expand=True)], p=0.75)``, ``Resize(size)``
+    (bilinear, shorter side), ``RandomHorizontalFlip(0.25)`` and ``RandomCrop(size)``
+    on a PIL image. This does the same operations with PIL (what torchvision calls on
+    PIL images: nearest-neighbour rotation about the centre onto an expanded canvas
+    filled black, then a bilinear resize) and draws the same random numbers in the
+    same order, from ``generator`` instead of the global RNG. ``params`` (a dict) is
+    filled with what was drawn.
+    """
+    import numpy as np
+    from PIL import Image
+
+    arr = ((image.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    im = Image.fromarray(arr.permute(1, 2, 0).numpy())
+    angle = None
+    if not rotate_p < float(torch.rand(1, generator=generator)):  # RandomApply: skip when p < rand
+        angle = float(torch.empty(1).uniform_(-degrees, degrees, generator=generator))
+        im = im.rotate(angle, resample=Image.Resampling.NEAREST, expand=True, fillcolor=(0, 0, 0))
+    w, h = im.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_long = int(size * long / short)
+    im = im.resize((size, new_long) if w <= h else (new_long, size), Image.Resampling.BILINEAR)
+    flipped = bool(float(torch.rand(1, generator=generator)) < flip_p)
+    if flipped:
+        im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    w, h = im.size
+    top = left = 0
+    if (w, h) != (size, size):  # RandomCrop draws nothing when the image already has the size
+        top = int(torch.randint(0, h - size + 1, (1,), generator=generator))
+        left = int(torch.randint(0, w - size + 1, (1,), generator=generator))
+    im = im.crop((left, top, left + size, top + size))
+    if params is not None:
+        params.update(angle=angle, flip=flipped, top=top, left=left)
+    out = torch.from_numpy(np.asarray(im, dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1.0
+    return out.to(image.device, image.dtype)
+
+
 def list_images(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
@@ -40,15 +82,37 @@ def list_images(folder: str | Path) -> list[Path]:
     return paths
 
 
-def load_image(path: str | Path, size: int) -> torch.Tensor:
-    """RGB image, centre-cropped and resized to size x size, as [3, size, size] in [-1, 1]."""
+MAX_ASPECT = 1.5  # wider or taller than 3:2 loses a third of the picture to the centre crop: warn
+
+
+def load_image(path: str | Path, size: int, warn_about: bool = True) -> torch.Tensor:
+    """RGB image, centre-cropped and resized to size x size, as [3, size, size] in [-1, 1].
+
+    Transparent pixels are composited on white (dropping alpha would give them
+    whatever colour they store, usually black). Images far from square (they
+    lose their sides to the crop) or smaller than ``size`` (upscaled, blurry)
+    get a one-line warning.
+    """
     import numpy as np
     from PIL import Image, UnidentifiedImageError
 
+    from .model import warn
+
     try:
         with Image.open(path) as im:
+            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info) \
+                    or (im.mode in ("RGB", "L") and "transparency" in im.info):
+                rgba = im.convert("RGBA")
+                im = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                im.alpha_composite(rgba)
             im = im.convert("RGB")
             w, h = im.size
+            if warn_about and max(w, h) > MAX_ASPECT * min(w, h):
+                warn(f"{path} is {w}x{h}, far from square: the centre crop keeps only its middle "
+                     f"{min(w, h)}x{min(w, h)}; crop it yourself to keep the object whole")
+            if warn_about and min(w, h) < size:
+                warn(f"{path} is {w}x{h}, smaller than the model's {size}x{size}: it is upscaled and will look "
+                     "blurry to the model")
             s = min(w, h)
             im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
             im = im.resize((size, size), Image.Resampling.BICUBIC)

@@ -1,4 +1,4 @@
-"""Where `vico eval` gets its foreground masks for masked CLIP-I (SPEC §6)."""
+"""Where `vico eval` gets its foreground masks for masked CLIP-I (docs/methods.md §6)."""
 
 from __future__ import annotations
 
@@ -12,15 +12,21 @@ from .data import load_images
 from .pipeline import ViCoPipeline
 
 
-def generated_masks(folder: Path, n: int) -> list[np.ndarray] | None:
-    """Per image, the Otsu mask of the last (highest-resolution in SD) flagged layer saved by --save-maps."""
-    masks = []
+def generated_masks(folder: Path, n: int) -> tuple[list[np.ndarray] | None, str]:
+    """(masks, where they came from): per generated image, its own Otsu mask saved by
+    ``vico sample --save-maps`` (ViCo: ``ViCo.sampled_maps``, the S* map of that image on the
+    conditional branch at the last sampling step), of the last-named flagged layer (the
+    highest-resolution one in SD); (None, "none") when a mask is missing."""
+    masks, layers = [], set()
     for i in range(n):
         files = sorted(folder.glob(f"{i:03d}_mask_*.png"))
         if not files:
-            return None
+            return None, "none"
         masks.append(np.asarray(Image.open(files[-1]).convert("L")) > 127)
-    return masks
+        layers.add(files[-1].stem.split("_mask_", 1)[1].replace("-", "."))
+    return masks, (f"each generated image's own Otsu mask of its S* map (EOT when the prompt has no S*; "
+                   f"conditional branch, last sampling step; layer {', '.join(sorted(layers))}), "
+                   "saved by vico sample --save-maps")
 
 
 def real_masks(mask_dir: str | None, meta: dict, concept: str | None, real_dir: str,

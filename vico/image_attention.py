@@ -1,4 +1,4 @@
-"""ViCo's image cross-attention blocks (SPEC §3) and their placement in a diffusers UNet.
+"""ViCo's image cross-attention blocks (docs/methods.md §2.1, §2.2) and their placement in a diffusers UNet.
 
 Each block is a standard transformer block (self-attention, cross-attention,
 GEGLU feed-forward, three LayerNorms), appended to a flagged

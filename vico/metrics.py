@@ -1,4 +1,4 @@
-"""Evaluation metrics of personalization (SPEC §6), from locally stored models.
+"""Evaluation metrics of personalization (docs/methods.md §6), from locally stored models.
 
 - CLIP-I: mean cosine similarity of CLIP image embeddings over all
   (generated, real) pairs.

@@ -9,6 +9,7 @@ optimizer state for) the whole vocabulary matrix.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,33 @@ from torch import nn
 
 class UserError(Exception):
     """Bad input from the user: the CLI prints the message in one line, no traceback."""
+
+
+class UnreadableFile(UserError):
+    """A file that exists but cannot be read (truncated, garbage, wrong format): resume can fall back."""
+
+
+def check_output_folder(path: str | Path, option: str = "--out") -> Path:
+    """Fail early, in one line, when ``path`` cannot become an output folder (an existing file, a
+    file on the way to it, or a folder this user cannot write in)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{option} {path} is an existing file, not a folder; choose another {option}")
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{option} {path} cannot be created: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{option} {path}: cannot write in {existing} (permission denied or read-only)")
+    return path
+
+
+def warn(message: str) -> None:
+    """One line on stderr, like the CLI's errors: ``vico: warning: ...``."""
+    import sys
+
+    print(f"vico: warning: {message}", file=sys.stderr)
 
 
 @dataclass
@@ -58,7 +86,7 @@ def load_components(path: str | Path, device: str | torch.device = "cpu", dtype:
         vae=AutoencoderKL.from_pretrained(path / "vae"),
         unet=UNet2DConditionModel.from_pretrained(path / "unet"),
         scheduler=DDIMScheduler.from_pretrained(path / "scheduler"),
-        path=str(path),
+        path=os.path.abspath(path),  # what concept.json records: valid from any working directory
     )
     for module in (comps.text_encoder, comps.vae, comps.unet):
         module.requires_grad_(False).eval()

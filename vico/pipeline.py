@@ -2,9 +2,11 @@
 
 A thin wrapper over the components of a local Stable Diffusion folder and a
 trained method: DDIM (DPM-Solver for AttnDreamBooth), 50 steps, and
-classifier-free guidance 7.5 by default; the method decides how the UNet is called at each step (ViCo runs
-the reference branch, recomputed at every step from the clean reference
-latent at the current timestep).
+classifier-free guidance at the method's scale by default (7.5; CatVersion 10); the method encodes the
+unconditional prompt (CatVersion: without its learned prefixes) and decides how the UNet is called at each
+step (ViCo runs the reference branch, recomputed at every step from the clean reference latent at the
+current timestep). ``context["last_step"]`` tells the method which call is the last one (ViCo records the
+generated images' own S* maps there).
 """
 
 from __future__ import annotations
@@ -36,9 +38,12 @@ class ViCoPipeline:
 
     @torch.no_grad()
     def __call__(self, prompt: str, reference: torch.Tensor | None = None, num_images: int = 1,
-                 num_inference_steps: int = 50, guidance_scale: float = 7.5, seed: int = 0,
+                 num_inference_steps: int = 50, guidance_scale: float | None = None, seed: int = 0,
                  progress: bool = True) -> tuple[np.ndarray, dict]:
-        """Images uint8 [n, H, W, 3] and the method's sampling context (maps of the last step)."""
+        """Images uint8 [n, H, W, 3] and the method's sampling context (maps of the last step).
+
+        ``guidance_scale`` None: the method's default (``Method.guidance_scale``).
+        """
         from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
         from tqdm.auto import tqdm
 
@@ -48,7 +53,9 @@ class ViCoPipeline:
         scheduler = sampler.from_config(c.scheduler.config)
         scheduler.set_timesteps(num_inference_steps, device=device)
         ids, cond = encode_prompts(c.tokenizer, c.text_encoder, [prompt] * num_images)
-        _, uncond = encode_prompts(c.tokenizer, c.text_encoder, [""] * num_images)
+        uncond = self.method.encode_unconditional(num_images)
+        if guidance_scale is None:
+            guidance_scale = self.method.guidance_scale
         size = self.method.config.resolution
         vae_scale = 2 ** (len(c.vae.config.block_out_channels) - 1)
         shape = (num_images, c.unet.config.in_channels, size // vae_scale, size // vae_scale)
@@ -59,7 +66,8 @@ class ViCoPipeline:
             ref = reference[None] if reference.dim() == 3 else reference
             ref_latents = c.vae.encode(ref.to(device, c.vae.dtype)).latent_dist.mean * c.vae.config.scaling_factor
         context = self.method.sampling_context(ref_latents, num_images)
-        for t in tqdm(scheduler.timesteps, desc="sampling", disable=not progress):
+        for i, t in enumerate(tqdm(scheduler.timesteps, desc="sampling", disable=not progress)):
+            context["last_step"] = i == len(scheduler.timesteps) - 1
             model_in = scheduler.scale_model_input(latents, t)
             eps = self.method.predict_noise(model_in, t, ids, cond, uncond, guidance_scale, context)
             latents = scheduler.step(eps, t, latents).prev_sample

@@ -13,16 +13,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from .data import list_images, load_images
-from .methods.base import MethodConfig, get_method
-from .model import UserError, load_components
+from .methods.base import MethodConfig, atomic_write, describe_error, fsync_path, get_method, write_errors
+from .model import UnreadableFile, UserError, check_output_folder, load_components, warn
 
 CHECKPOINTS = "checkpoints"
 
@@ -41,6 +42,44 @@ def save_on_signals() -> None:
 
     signal.signal(signal.SIGINT, interrupt)
     signal.signal(signal.SIGTERM, interrupt)
+
+
+class hold_interrupts:
+    """Hold SIGINT/SIGTERM over a region that must run as a whole, then act on them.
+
+    The optimizer step and the step counter move together: a signal that lands
+    between them would otherwise save post-step weights under the previous
+    step number (resume would then apply that step twice). Only signals with a
+    Python handler (``save_on_signals``'s, or Python's default SIGINT one) are
+    held, and only in the main thread, where handlers run.
+    """
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        self.saved, self.pending = {}, None
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                handler = signal.getsignal(sig)
+                if callable(handler):
+                    self.saved[sig] = handler
+                    signal.signal(sig, self._hold)
+        return self
+
+    def _hold(self, signum, frame):
+        if self.pending is None:
+            self.pending = (signum, frame)
+
+    def __exit__(self, exc_type, exc, tb):
+        import signal
+
+        for sig, handler in self.saved.items():
+            signal.signal(sig, handler)
+        if self.pending is not None and exc_type is None:
+            signum, frame = self.pending
+            self.saved[signum](signum, frame)  # e.g. raises KeyboardInterrupt, now that the step is counted
+        return False
 
 
 @dataclass
@@ -73,17 +112,72 @@ def _checkpoint_dirs(out: Path) -> list[Path]:
 
 
 def save_checkpoint(out: Path, step: int, method, optimizer, generator: torch.Generator, stage: int = 0) -> Path:
-    """checkpoints/step-XXXXXX/ with the concept, AdamW state, stage and RNG, renamed into place."""
-    final = out / CHECKPOINTS / f"step-{step:06d}"
-    tmp = out / CHECKPOINTS / f".tmp-step-{step:06d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    method.save(tmp)
-    torch.save({"optimizer": optimizer.state_dict(), "generator": generator.get_state(), "step": step,
-                "stage": stage}, tmp / "trainer.pt")
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    """checkpoints/step-XXXXXX/ with the concept, AdamW state, stage and RNG, renamed into place.
+
+    Written into ``.tmp-step-...``, every file and the folder fsynced, then renamed
+    and the parent fsynced: a crash or power cut leaves the previous checkpoints
+    whole. A full disk or read-only folder raises a one-line ``UserError``.
+    """
+    root = out / CHECKPOINTS
+    final = root / f"step-{step:06d}"
+    tmp = root / f".tmp-step-{step:06d}-{os.getpid()}"
+    old = root / f".tmp-old-step-{step:06d}-{os.getpid()}"
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        method.save(tmp)
+        torch.save({"optimizer": optimizer.state_dict(), "generator": generator.get_state(), "step": step,
+                    "stage": stage}, tmp / "trainer.pt")
+        for f in tmp.iterdir():
+            if f.is_file():
+                fsync_path(f)
+        fsync_path(tmp)
+        if final.exists():  # a folder cannot be renamed over a full one: move the old one aside first
+            os.replace(final, old)
+        os.replace(tmp, final)
+        fsync_path(root)
+    except (UserError, *write_errors()) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        cause = exc.__cause__ if isinstance(exc, UserError) and exc.__cause__ is not None else exc
+        if old.exists() and not final.exists():
+            os.replace(old, final)
+        kept = [p.name for p in _checkpoint_dirs(out)]
+        safe = f"the checkpoints already there (newest {kept[-1]}) are intact" if kept else "no checkpoint was kept"
+        raise UserError(f"cannot write checkpoint {final.name} in {root}: {describe_error(cause)}; {safe}; free "
+                        "space or fix permissions, then rerun with --resume") from None
+    shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def remove_stale_temporaries(out: Path) -> list[Path]:
+    """Delete what a killed run left half-written: ``checkpoints/.tmp-*`` folders and ``.NAME.tmpPID``
+    files in ``out``, unless the process that named them is still running."""
+    def owner_alive(name: str) -> bool:
+        match = re.search(r"(?:-|\.tmp)(\d+)$", name)
+        if not match or int(match.group(1)) == os.getpid():
+            return False
+        try:
+            os.kill(int(match.group(1)), 0)
+        except ProcessLookupError:
+            return False
+        except (PermissionError, OSError):
+            return True
+        return True
+
+    stale = []
+    if (out / CHECKPOINTS).is_dir():
+        stale += [p for p in (out / CHECKPOINTS).iterdir() if p.name.startswith(".tmp-")]
+    if out.is_dir():
+        stale += [p for p in out.iterdir() if p.is_file() and re.fullmatch(r"\..+\.tmp\d+", p.name)]
+    removed = []
+    for path in stale:
+        if owner_alive(path.name):
+            continue
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
 
 
 def _load_checkpoint(path: Path, method, generator: torch.Generator) -> dict:
@@ -106,13 +200,19 @@ def load_trainer_state(path: Path) -> dict:
     try:
         state = torch.load(path, weights_only=True, map_location="cpu")
     except FileNotFoundError:
-        raise UserError(f"checkpoint file {path} is missing") from None
+        raise UnreadableFile(f"checkpoint file {path} is missing") from None
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"refusing to load checkpoint file {path}: not a plain tensor checkpoint ({first[:200]})") \
-            from None
+        text = str(exc).strip()
+        if "GLOBAL" in text:  # a pickle naming code to run: refuse, never fall back quietly
+            blocked = next((line.strip() for line in text.splitlines() if "GLOBAL" in line), "")
+            raise UserError(f"refusing to load checkpoint file {path}: not a plain tensor checkpoint "
+                            f"({blocked[:200]})") from None
+        reason = text.split(". ")[0].splitlines()[0][:200] if text else type(exc).__name__
+        if "Weights only load failed" in reason:
+            reason = "not a torch checkpoint"
+        raise UnreadableFile(f"checkpoint file {path} is unreadable ({reason}): truncated or corrupt") from None
     if not isinstance(state, dict) or not {"optimizer", "generator", "step"} <= set(state):
-        raise UserError(f"checkpoint file {path} is not a vico trainer state (keys optimizer, generator, step)")
+        raise UnreadableFile(f"checkpoint file {path} is not a vico trainer state (keys optimizer, generator, step)")
     return state
 
 
@@ -122,8 +222,20 @@ def train(cfg: TrainConfig) -> Path:
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
+    for name in ("steps", "batch_size", "checkpoint_every", "resolution"):
+        value = getattr(cfg, name)
+        if value is not None and value < 1:
+            hint = "; leave it out for the method's default" if name in ("steps", "batch_size") else ""
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}{hint}")
+    check_output_folder(cfg.out)
+    # concept.json / train_config.json record where the model and images are: absolute, so that
+    # `vico sample` works from any working directory
+    cfg = replace(cfg, model=os.path.abspath(cfg.model), images=os.path.abspath(cfg.images))
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
     out = Path(cfg.out)
+    if accelerator.is_main_process:
+        for path in remove_stale_temporaries(out):
+            warn(f"removed {path}, left half-written by a killed run")
     checkpoints = _checkpoint_dirs(out)
     if checkpoints and not cfg.resume:
         raise UserError(f"{out} already has checkpoints; pass --resume to continue or choose another --out")
@@ -154,19 +266,31 @@ def train(cfg: TrainConfig) -> Path:
     generator = torch.Generator().manual_seed(cfg.seed)
     start, resume_state = 0, None
     if checkpoints:
-        resume_state = _load_checkpoint(checkpoints[-1], method, generator)
+        for i in range(len(checkpoints) - 1, -1, -1):  # newest first; an unreadable one falls back
+            try:
+                resume_state = _load_checkpoint(checkpoints[i], method, generator)
+                break
+            except UnreadableFile as exc:
+                if i == 0:
+                    raise UserError(f"no readable checkpoint in {out / CHECKPOINTS} (the oldest: {exc}); move "
+                                    "that folder away to train afresh") from None
+                warn(f"{exc}; falling back to the previous checkpoint, {checkpoints[i - 1].name}")
         start = int(resume_state["step"])
-        accelerator.print(f"vico: resuming from {checkpoints[-1]} (step {start})")
+        accelerator.print(f"vico: resuming from {checkpoints[i]} (step {start})")
     elif cfg.resume:
         accelerator.print(f"vico: nothing to resume in {out}; starting fresh")
     if start >= total:  # finished, or killed between the last checkpoint and the final save
         if accelerator.is_main_process:
-            method.save(out)
+            _save_concept(method, out)
         accelerator.print(f"vico: {out} already finished ({start} of {total} steps); concept in {out}")
         return out
     if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=1))
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot create the output folder {out}: {describe_error(exc)}") from None
+        text = json.dumps(asdict(cfg), indent=1)
+        atomic_write(out / "train_config.json", lambda p: p.write_text(text))
 
     bar = tqdm(total=total, initial=start, desc=method.name, file=sys.stderr,
                disable=not cfg.progress or not accelerator.is_local_main_process)
@@ -200,9 +324,10 @@ def train(cfg: TrainConfig) -> Path:
                 with accelerator.autocast():
                     loss, logs = method.training_loss(batch, generator)
                 accelerator.backward(loss)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                completed = step + 1
+                with hold_interrupts():  # the weights and the step counter move together
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    completed = step + 1
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()})
                 if accelerator.is_main_process and (completed % cfg.checkpoint_every == 0 or completed == total):
@@ -218,5 +343,13 @@ def train(cfg: TrainConfig) -> Path:
     bar.close()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        method.save(out)
+        _save_concept(method, out)
     return out
+
+
+def _save_concept(method, out: Path) -> None:
+    try:
+        method.save(out)
+    except UserError as exc:
+        raise UserError(f"{exc}; the checkpoints in {out / CHECKPOINTS} are intact: rerun with --resume to write "
+                        "the concept") from None

@@ -1,4 +1,4 @@
-"""Backward of the attention kernels (SPEC §2), flash-attention style.
+"""Backward of the attention kernels (docs/ops.md §2.5), flash-attention style.
 
 P is recomputed from the saved log-sum-exp, never stored. With c = 1/H for the
 head mean (1 for per-head maps) the map gradient dM adds one term to dP,
@@ -30,6 +30,24 @@ def _scores(q, k, cols, L, b, KeyMask, uniform, scale,
         s = tl.where(uniform, 0.0, s)
         live = live & (visible | uniform)
     return tl.where(live[None, :], s, float("-inf"))
+
+
+@triton.jit
+def _key_rows_ok(cols, L, b, KeyMask, uniform, HAS_MASK: tl.constexpr):
+    """Which rows of a key block to load as (keys, values); the others load as zeros.
+
+    Hidden keys and values must not meet a dot at all: their dS and P are 0, but
+    0 * NaN and 0 * Inf are NaN (docs/ops.md §4.2). A uniform row (every key
+    hidden) attends every value and uses no key (§4.3).
+    """
+    live = cols < L
+    k_ok = live
+    v_ok = live
+    if HAS_MASK:
+        visible = tl.load(KeyMask + b * L + cols, mask=live, other=0) != 0
+        k_ok = live & visible
+        v_ok = live & (visible | uniform)
+    return k_ok, v_ok
 
 
 @triton.jit
@@ -123,13 +141,14 @@ def _attention_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     col_ok = cols < L
     d_ok = offs_d < D
-    k = tl.load(K + b * skb + h * skh + cols[:, None] * skl + offs_d[None, :] * skd,
-                mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-    v = tl.load(V + b * svb + h * svh + cols[:, None] * svl + offs_d[None, :] * svd,
-                mask=col_ok[:, None] & d_ok[None, :], other=0.0)
     uniform = False
     if HAS_MASK:
         uniform = tl.load(AnyVisible + b) == 0
+    k_ok, v_ok = _key_rows_ok(cols, L, b, KeyMask, uniform, HAS_MASK)
+    k = tl.load(K + b * skb + h * skh + cols[:, None] * skl + offs_d[None, :] * skd,
+                mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+    v = tl.load(V + b * svb + h * svh + cols[:, None] * svl + offs_d[None, :] * svd,
+                mask=v_ok[:, None] & d_ok[None, :], other=0.0)
     dk = tl.zeros([BLOCK_L, BLOCK_D], dtype=ACC)
     dv = tl.zeros([BLOCK_L, BLOCK_D], dtype=ACC)
     for n0 in range(0, N, BLOCK_N):
@@ -178,11 +197,11 @@ def _attention_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
     for j0 in range(0, L, BLOCK_L):
         cols = j0 + tl.arange(0, BLOCK_L)
-        col_ok = cols < L
+        k_ok, v_ok = _key_rows_ok(cols, L, b, KeyMask, uniform, HAS_MASK)
         k = tl.load(K + b * skb + h * skh + cols[:, None] * skl + offs_d[None, :] * skd,
-                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+                    mask=k_ok[:, None] & d_ok[None, :], other=0.0)
         v = tl.load(V + b * svb + h * svh + cols[:, None] * svl + offs_d[None, :] * svd,
-                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+                    mask=v_ok[:, None] & d_ok[None, :], other=0.0)
         _, ds = _probs_and_dscores(q, k, v, do, lse, delta, cols, L, b, h, H, N, T, offs_n, row_ok, KeyMask,
                                    uniform, DMaps, Index, scale, c, HAS_MAPS, HEAD_MEAN, HAS_MASK, ACC, PRECISION,
                                    BLOCK_T)

@@ -1,6 +1,6 @@
 """Otsu thresholding in one Triton kernel: one program per map computes
 min/max, the per-candidate class statistics, the between-class variance, the
-first argmax, the threshold, and writes the boolean mask (SPEC §2).
+first argmax, the threshold, and writes the boolean mask (docs/ops.md §3).
 
 Class membership is decided in the compute dtype (float32 for fp16/bf16
 maps) with correctly rounded arithmetic — ``tl.math.div_rn`` for float32

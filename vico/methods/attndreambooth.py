@@ -1,9 +1,15 @@
-"""AttnDreamBooth (arXiv 2406.05000) on the fused map infrastructure (SPEC §4).
+"""AttnDreamBooth (arXiv 2406.05000) on the fused map infrastructure (docs/methods.md §3).
 
-Prompt "a photo of a [V] [category]". Three stages: (1) the [V] embedding
-alone, lr 1e-3, 60 steps, batch 8; (2) all text cross-attention (attn2)
-parameters, lr 2e-5, 100 steps; (3) the whole UNet, lr 2e-6, 500 steps
-("fast" preset: lr 1e-5, 200 steps); batch 4 after stage 1. The regulariser
+Prompt "a photo of a [V] [category]" (every prompt names the concept "[V]
+[category]", ``concept_phrase``). Three stages, batch 8 each as the official
+``train_attndreambooth.sh``: (1) the [V] embedding alone, lr 1e-3, 60 steps;
+(2) all text cross-attention (attn2) parameters, lr 2e-5, 100 steps; (3) the
+whole UNet, lr 2e-6, 500 steps ("fast" preset: lr 1e-5, 200 steps, and batch 4
+in every stage). Training images are augmented per sample as the official
+dataset does (``vico.data.attndreambooth_augment``: rotation up to 45 degrees
+with an expanded canvas, p 0.75; resize; horizontal flip p 0.25; random crop),
+drawn from the training generator, then encoded by the VAE (a posterior sample)
+at every step. The regulariser
 uses per-head maps of [V] and [category] from every attn2 layer, extracted by
 the fused op with ``head_reduce="none"`` (no attention matrix): per layer and
 batch row, the mean and unbiased variance over heads and positions;
@@ -19,15 +25,17 @@ import torch.nn.functional as F
 
 import fused
 
+from ..data import attndreambooth_augment
 from ..model import Components, UserError, add_placeholder_token, encode_prompts, token_positions
 from .base import Batch, Method, MethodConfig, Stage, noise_and_target
 
 STAGES = {  # name: (lr, steps, batch size, (lambda_mu, lambda_sigma))
     "embedding": (1e-3, 60, 8, (0.1, 0.0)),
-    "cross-attention": (2e-5, 100, 4, (2.0, 5.0)),
-    "unet": (2e-6, 500, 4, (2.0, 5.0)),
+    "cross-attention": (2e-5, 100, 8, (2.0, 5.0)),
+    "unet": (2e-6, 500, 8, (2.0, 5.0)),
 }
 FAST_UNET = (1e-5, 200, 4, (2.0, 5.0))
+FAST_BATCH = 4  # the fast preset's batch size, every stage
 
 
 def mean_variance_regulariser(maps: dict[str, torch.Tensor], lam_mu: float, lam_sigma: float) -> torch.Tensor:
@@ -45,7 +53,7 @@ def mean_variance_regulariser(maps: dict[str, torch.Tensor], lam_mu: float, lam_
 class AttnDreamBooth(Method):
     name = "attndreambooth"
     default_steps = sum(s[1] for s in STAGES.values())
-    default_batch_size = 4
+    default_batch_size = 8
     sampler = "dpm-solver"
 
     def __init__(self, components: Components, config: MethodConfig):
@@ -60,11 +68,12 @@ class AttnDreamBooth(Method):
         self.layers = fused.cross_attention_layers(components.unet)
         self.fast = bool(config.extra.get("fast", False))
         self.stage = 0
+        self._decoded = None  # (key, images) when the training images were decoded from latents
 
     def _stage_table(self):
         table = list(STAGES.values())
         if self.fast:
-            table[2] = FAST_UNET
+            table = [(lr, steps, FAST_BATCH, lam) for lr, steps, _, lam in table[:2]] + [FAST_UNET]
         return table
 
     def stages(self, steps: int | None = None, batch_size: int | None = None) -> list[Stage]:
@@ -92,7 +101,40 @@ class AttnDreamBooth(Method):
         return [{"params": params, "lr": lr}]
 
     def prompt(self, generator: torch.Generator) -> str:
-        return f"a photo of a {self.config.placeholder} {self.config.init_word}"
+        return f"a photo of a {self.concept_phrase(self.config.placeholder, self.config.init_word)}"
+
+    @classmethod
+    def concept_phrase(cls, placeholder: str, class_word: str) -> str:
+        return f"{placeholder} {class_word}"  # the official inference writes "[V] category"
+
+    def _source_images(self, latent_mean: torch.Tensor) -> torch.Tensor:
+        """The training images in pixels: ``training_images`` when the trainer set them, else
+        the VAE decoding of ``latent_mean`` (computed once)."""
+        if self.training_images is not None:
+            return self.training_images
+        key = (latent_mean.data_ptr(), tuple(latent_mean.shape))
+        if self._decoded is None or self._decoded[0] != key:
+            vae = self.components.vae
+            with torch.no_grad():
+                images = vae.decode(latent_mean.to(vae.dtype) / vae.config.scaling_factor).sample.clamp(-1, 1)
+            self._decoded = (key, images.float().cpu())
+        return self._decoded[1]
+
+    def make_batch(self, latent_mean: torch.Tensor, latent_std: torch.Tensor, generator: torch.Generator,
+                   batch_size: int) -> Batch:
+        """Per sample: an image drawn from the generator, augmented (``attndreambooth_augment``),
+        encoded by the VAE and sampled from its posterior."""
+        vae = self.components.vae
+        images = self._source_images(latent_mean)
+        size = latent_mean.shape[-1] * 2 ** (len(vae.config.block_out_channels) - 1)
+        idx = torch.randint(0, images.shape[0], (batch_size,), generator=generator)
+        pixels = torch.stack([attndreambooth_augment(images[i], generator, size) for i in idx.tolist()])
+        with torch.no_grad():
+            posterior = vae.encode(pixels.to(next(vae.parameters()).device, vae.dtype)).latent_dist
+        eps = torch.randn(posterior.mean.shape, generator=generator).to(posterior.mean)
+        latents = (posterior.mean + posterior.std * eps) * vae.config.scaling_factor
+        prompts = [self.prompt(generator) for _ in range(batch_size)]
+        return Batch(latents=latents.to(latent_mean.device, latent_mean.dtype), prompts=prompts)
 
     def map_request(self, prompt_ids: torch.Tensor) -> fused.MapRequest:
         v_pos, _ = token_positions(prompt_ids, self.token_id, self.components.tokenizer.eos_token_id)

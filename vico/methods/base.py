@@ -14,14 +14,14 @@ from __future__ import annotations
 import json
 import os
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from ..model import Components, UserError, encode_prompts
+from ..model import Components, UnreadableFile, UserError, encode_prompts
 
 CONFIG_FILE = "concept.json"
 WEIGHTS_FILE = "concept.safetensors"
@@ -79,10 +79,30 @@ class Method(ABC):
     scale_lr: ClassVar[bool] = False  # multiply lrs by batch x processes (the LDM-based codes do)
     hflip_prob: ClassVar[float] = 0.0  # training augmentation; the trainer caches flipped latents
     sampler: ClassVar[str] = "ddim"  # or "dpm-solver"
+    guidance_scale: ClassVar[float] = 7.5  # classifier-free guidance when the user gives none
+    # Pixel images [n, 3, H, W] in [-1, 1] of the training set, for methods that augment in image
+    # space (AttnDreamBooth); the trainer may set it, else such a method decodes the latents once.
+    training_images: torch.Tensor | None = None
 
     def __init__(self, components: Components, config: MethodConfig):
         self.components = components
         self.config = config
+
+    # --- prompts -----------------------------------------------------------
+    @classmethod
+    def concept_phrase(cls, placeholder: str, class_word: str) -> str:
+        """How a prompt names the concept: the placeholder ("S*") by default."""
+        return placeholder
+
+    @classmethod
+    def prompt_for(cls, template: str, placeholder: str = "S*", class_word: str = "object") -> str:
+        """``template`` ("a photo of {}") with the concept named as this method's prompts name it."""
+        return template.format(cls.concept_phrase(placeholder, class_word))
+
+    @classmethod
+    def plain_prompt(cls, prompt: str, placeholder: str, class_word: str) -> str:
+        """The prompt with the concept named by its class word alone (what CLIP-T scores against)."""
+        return prompt.replace(cls.concept_phrase(placeholder, class_word), class_word).replace(placeholder, class_word)
 
     # --- training --------------------------------------------------------
     def stages(self, steps: int | None = None, batch_size: int | None = None) -> list[Stage]:
@@ -149,6 +169,11 @@ class Method(ABC):
         eps_u, eps_c = out.chunk(2)
         return guide(eps_u, eps_c, guidance_scale)
 
+    def encode_unconditional(self, batch: int) -> torch.Tensor:
+        """Text embeddings [batch, 77, dim] of the unconditional (empty) prompt."""
+        c = self.components
+        return encode_prompts(c.tokenizer, c.text_encoder, [""] * batch)[1]
+
     def sampling_context(self, reference_latents: torch.Tensor | None, batch: int) -> dict:
         """Per-run state for ``predict_noise`` (e.g. encoded reference latents)."""
         return {}
@@ -171,21 +196,104 @@ class Method(ABC):
         """Optional extra files (e.g. diffusers' textual inversion format)."""
 
 
+def fsync_path(path: str | Path) -> None:
+    """Flush a file's or a folder's data and metadata to disk (a folder: its entries, e.g. after a rename)."""
+    if os.name == "nt" and Path(path).is_dir():
+        return  # Windows cannot open a folder for fsync; NTFS journals renames
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_errors() -> tuple[type[BaseException], ...]:
+    """What a writer raises on a full disk or a read-only folder: OSError, torch's RuntimeError
+    (``inline_container.cc ... unexpected pos``) and safetensors' SafetensorError."""
+    from safetensors import SafetensorError
+
+    return OSError, RuntimeError, SafetensorError
+
+
+def describe_error(exc: BaseException) -> str:
+    """One short line for an exception (an OSError's strerror, else its message's first line)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    text = str(exc).strip()
+    return (text.splitlines()[0][:200] if text else type(exc).__name__)
+
+
 def atomic_write(path: Path, write) -> None:
-    """Write through a temporary file and rename: never a half-written file."""
+    """Write through a temporary file, fsync it, rename it into place and fsync the folder:
+    never a half-written file, even after a power cut. A full disk or a read-only folder raises
+    a ``UserError`` naming the folder (the previous file, if any, is left as it was)."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        fsync_path(tmp)
+        os.replace(tmp, path)
+        fsync_path(path.parent)
+    except write_errors() as exc:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise UserError(f"cannot write {path.name} in {path.parent}: {describe_error(exc)}; "
+                        f"the previous {path.name} there, if any, is unchanged") from exc
 
 
-def read_concept(concept_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    from safetensors.torch import load_file
+def read_concept_meta(concept_dir: str | Path) -> dict:
+    """A concept's ``concept.json``, checked: a missing, truncated or foreign file is a one-line error."""
+    concept_dir = Path(concept_dir)
+    cfg = concept_dir / CONFIG_FILE
+    if not cfg.is_file():
+        raise UserError(f"{concept_dir} is not a trained concept (no {CONFIG_FILE}); train one with `vico train`")
+    try:
+        meta = json.loads(cfg.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UnreadableFile(f"{cfg} is not valid JSON ({exc}): truncated or overwritten") from None
+    except OSError as exc:
+        raise UnreadableFile(f"cannot read {cfg}: {describe_error(exc)}") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("method"), str) \
+            or not isinstance(meta.get("config"), dict):
+        raise UnreadableFile(f"{cfg} is not a vico concept file (it needs a \"method\" name and a \"config\" object)")
+    unknown = set(meta["config"]) - {f.name for f in fields(MethodConfig)}
+    if unknown:
+        raise UnreadableFile(f"{cfg} has unknown config keys {sorted(unknown)}: not a concept of this vico version")
+    return meta
+
+
+def check_concept(concept_dir: str | Path) -> dict:
+    """Check a concept folder without loading its weights (the safetensors header and size only):
+    a missing, truncated or garbage file is a one-line ``UserError`` naming it. Returns concept.json."""
+    from safetensors import safe_open
 
     concept_dir = Path(concept_dir)
     cfg, weights = concept_dir / CONFIG_FILE, concept_dir / WEIGHTS_FILE
     if not cfg.is_file() or not weights.is_file():
         raise UserError(f"{concept_dir} is not a trained concept (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
-    return json.loads(cfg.read_text()), load_file(str(weights))
+    meta = read_concept_meta(concept_dir)
+    try:
+        with safe_open(str(weights), "pt") as handle:
+            handle.keys()
+    except Exception as exc:  # SafetensorError (truncated, garbage header) or OSError
+        raise UnreadableFile(f"{weights} is unreadable ({describe_error(exc)}): truncated or not a safetensors "
+                             "file") from None
+    return meta
+
+
+def read_concept(concept_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    from safetensors.torch import load_file
+
+    meta = check_concept(concept_dir)
+    weights = Path(concept_dir) / WEIGHTS_FILE
+    try:
+        tensors = load_file(str(weights))
+    except Exception as exc:  # SafetensorError (truncated, garbage header) or OSError
+        raise UnreadableFile(f"{weights} is unreadable ({describe_error(exc)}): truncated or not a safetensors "
+                             "file") from None
+    return meta, tensors
 
 
 def available_methods() -> dict[str, type[Method]]:

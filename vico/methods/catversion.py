@@ -1,5 +1,5 @@
 """CatVersion (arXiv 2311.14631): learned key/value vectors concatenated in the
-last self-attention layers of the frozen CLIP text encoder (SPEC §5).
+last self-attention layers of the frozen CLIP text encoder (docs/methods.md §4).
 
 In each of the last three ``CLIPAttention`` layers one learned key and one
 learned value vector (hidden size each) are prepended to the projected keys
@@ -8,10 +8,18 @@ The attention module is swapped for ``PrefixKVAttention`` (which reuses the
 original projections) and swapped back by ``remove_prefix_kv``. On
 transformers 5.x the encoder's SDPA path runs with ``is_causal=True`` and no
 mask, so the prefix needs an explicit [L, L+1] mask: causal over the tokens,
-the prefix column visible to all.
+the prefix column visible to all. As in the official code (its ``modeling_clip.py``
+concatenates ``torch.ones`` for the prefix column of the *additive* causal mask)
+the prefix key gets a +1 logit for every token (``PREFIX_LOGIT_BIAS``), so
+official adapters load as the same function.
+
+Sampling as the official ``txt2img_generator.py``/``run.sh``: guidance scale 10
+and the unconditional branch is the plain encoding of "" with the prefixes off.
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -21,16 +29,26 @@ from ..model import Components
 from .base import Method, MethodConfig
 
 
+PREFIX_LOGIT_BIAS = 1.0  # the official additive mask's torch.ones in the prefix column
+
+
 class PrefixKVAttention(nn.Module):
-    """A CLIP self-attention with one learned key/value prepended (after projection)."""
+    """A CLIP self-attention with one learned key/value prepended (after projection).
+
+    ``enabled = False`` runs the original attention (no prefix), e.g. for the
+    unconditional prompt at sampling time.
+    """
 
     def __init__(self, attn: nn.Module, key: torch.Tensor, value: torch.Tensor):
         super().__init__()
         self.inner = attn
         self.prefix_key = nn.Parameter(key.detach().clone())
         self.prefix_value = nn.Parameter(value.detach().clone())
+        self.enabled = True
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        if not self.enabled:
+            return self.inner(hidden_states, attention_mask, **kwargs)
         a = self.inner
         B, L, E = hidden_states.shape
         heads, head_dim = a.num_heads, a.head_dim
@@ -41,13 +59,17 @@ class PrefixKVAttention(nn.Module):
         q = split(a.q_proj(hidden_states))
         k = split(torch.cat([self.prefix_key.to(hidden_states).expand(B, 1, E), a.k_proj(hidden_states)], dim=1))
         v = split(torch.cat([self.prefix_value.to(hidden_states).expand(B, 1, E), a.v_proj(hidden_states)], dim=1))
+        # Additive float mask [.., L, L+1]: 0 / -inf (causal, padding) over the tokens and
+        # +1 on the prefix column, as the official code's concatenated torch.ones.
         if attention_mask is None:
-            causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
-            mask = torch.cat([torch.ones(L, 1, dtype=torch.bool, device=q.device), causal], dim=1)
+            allowed = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
+            mask = torch.zeros(L, L, dtype=q.dtype, device=q.device).masked_fill(~allowed, float("-inf"))
         elif attention_mask.dtype == torch.bool:
-            mask = F.pad(attention_mask, (1, 0), value=True)
+            mask = torch.zeros(attention_mask.shape, dtype=q.dtype, device=q.device).masked_fill(
+                ~attention_mask, float("-inf"))
         else:  # additive float mask [B, 1, L, L]
-            mask = F.pad(attention_mask, (1, 0), value=0.0)
+            mask = attention_mask.to(q.dtype)
+        mask = F.pad(mask, (1, 0), value=PREFIX_LOGIT_BIAS)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=a.scale)
         return a.out_proj(out.transpose(1, 2).reshape(B, L, E)), None
 
@@ -78,6 +100,20 @@ def install_prefix_kv(text_encoder: nn.Module, num_layers: int = 3, generator: t
     return installed
 
 
+@contextmanager
+def prefixes_off(text_encoder: nn.Module):
+    """Within the block the encoder runs without its learned prefixes (the plain CLIP encoder)."""
+    modules = [m for m in text_encoder.modules() if isinstance(m, PrefixKVAttention)]
+    states = [m.enabled for m in modules]
+    try:
+        for m in modules:
+            m.enabled = False
+        yield
+    finally:
+        for m, state in zip(modules, states):
+            m.enabled = state
+
+
 def remove_prefix_kv(text_encoder: nn.Module) -> None:
     """Put the original attention modules back (the encoder is untouched again)."""
     for name, module in list(text_encoder.named_modules()):
@@ -92,6 +128,7 @@ class CatVersion(Method):
     default_batch_size = 2
     hflip_prob = 0.5
     lr = 1e-2
+    guidance_scale = 10.0  # run.sh / txt2img_generator.py
 
     def __init__(self, components: Components, config: MethodConfig):
         super().__init__(components, config)
@@ -105,6 +142,16 @@ class CatVersion(Method):
 
     def prompt(self, generator: torch.Generator) -> str:
         return self.config.init_word  # the class word alone
+
+    @classmethod
+    def concept_phrase(cls, placeholder: str, class_word: str) -> str:
+        return class_word  # no placeholder token: the concept lives in the class word
+
+    def encode_unconditional(self, batch: int) -> torch.Tensor:
+        """The plain CLIP encoding of "" (the official fixed ``uc.pt``): prefixes off, so
+        guidance pulls toward the concept."""
+        with prefixes_off(self.components.text_encoder):
+            return super().encode_unconditional(batch)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = {}

@@ -21,6 +21,7 @@ class TextualInversion(Method):
     default_steps = 3000
     scale_lr = True
     embedding_lr = 5e-3
+    templates = IMAGENET_TEMPLATES_SMALL  # Textual Inversion's 27 (ViCo: its 81)
 
     def __init__(self, components: Components, config: MethodConfig):
         super().__init__(components, config)
@@ -33,8 +34,8 @@ class TextualInversion(Method):
         return [{"params": [self.embedding.learned], "lr": self.embedding_lr * lr_scale}]
 
     def prompt(self, generator: torch.Generator) -> str:
-        i = int(torch.randint(0, len(IMAGENET_TEMPLATES_SMALL), (1,), generator=generator))
-        return IMAGENET_TEMPLATES_SMALL[i].format(self.config.placeholder)
+        i = int(torch.randint(0, len(self.templates), (1,), generator=generator))
+        return self.prompt_for(self.templates[i], self.config.placeholder, self.config.init_word)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"embedding": self.embedding.learned}

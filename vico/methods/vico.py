@@ -1,6 +1,6 @@
 """ViCo (arXiv 2306.00971): a learned token, image cross-attention blocks fed
 by a reference image through the frozen UNet, an Otsu object mask from the
-token's attention map, and an attention regulariser (SPEC §3).
+token's attention map, and an attention regulariser (docs/methods.md §2).
 
 One UNet call serves both branches: the batch is [noisy; reference] (same
 timestep, same text). The frozen ``attn2`` of each flagged layer records, in
@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import fused
 
+from ..data import VICO_TEMPLATES
 from ..image_attention import MASK_SLOT, inject_image_attention
 from ..model import Components, encode_prompts, token_positions
 from .base import Batch, MethodConfig, guide, noise_and_target
@@ -28,8 +29,9 @@ EOT_SLOT = 1  # slot of the MapRequest that holds the end-of-text token's map
 class ViCo(TextualInversion):
     name = "vico"
     default_steps = 400
-    image_lr = 1e-5
+    image_lr = 1e-5  # fixed: the official ddpm.py does not scale it (only the embedding's lr is)
     reg_weight = 5e-4
+    templates = VICO_TEMPLATES  # the official ldm/data/personalized.py list of 81
 
     def __init__(self, components: Components, config: MethodConfig):
         super().__init__(components, config)
@@ -39,7 +41,7 @@ class ViCo(TextualInversion):
         self.source_layers = [f"{name}.transformer_blocks.0.attn2" for name in self.layers]
 
     def param_groups(self, lr_scale: float = 1.0, stage: int = 0) -> list[dict]:
-        return super().param_groups(lr_scale) + [{"params": list(self.blocks.parameters()), "lr": self.image_lr * lr_scale}]
+        return super().param_groups(lr_scale) + [{"params": list(self.blocks.parameters()), "lr": self.image_lr}]
 
     def references(self, latent_mean, idx, generator):
         """Another training image than the target when there are several (clean latent)."""
@@ -49,19 +51,25 @@ class ViCo(TextualInversion):
         shift = torch.randint(1, n, idx.shape, generator=generator)
         return latent_mean[(idx + shift) % n]
 
-    def map_request(self, prompt_ids: torch.Tensor, copies: int) -> fused.MapRequest:
-        """Maps of S* (or EOT when absent) and EOT for the reference half only.
+    def map_request(self, prompt_ids: torch.Tensor, copies: int, generated: bool = False) -> fused.MapRequest:
+        """Maps of S* (or EOT when absent) and EOT for the reference half.
 
         prompt_ids: [B, 77] of the conditional prompts; the reference half of the
         UNet batch holds ``copies`` groups of B rows that all use these positions
         (under CFG the unconditional branch reuses the conditional positions).
+        ``generated``: also the same maps (and Otsu masks) of the last group of the
+        noisy half (the conditional branch under CFG): the generated images' own
+        maps, which nothing in the forward reads (the image block masks its keys
+        with the reference half's). Otherwise the noisy half records nothing.
         """
         s_pos, eot = token_positions(prompt_ids, self.token_id, self.components.tokenizer.eos_token_id)
         slots = torch.stack([torch.where(s_pos >= 0, s_pos, eot), eot], dim=1)  # [B, 2]
         assert MASK_SLOT == 0 and EOT_SLOT == 1
         reference = slots.repeat(copies, 1)
-        index = torch.cat([torch.full_like(reference, -1), reference])  # noisy half: no maps, no work
-        return fused.MapRequest(index, layers=self.source_layers, otsu=True)
+        noisy = torch.full_like(reference, -1)  # no maps, no work
+        if generated:
+            noisy[-slots.shape[0]:] = slots
+        return fused.MapRequest(torch.cat([noisy, reference]), layers=self.source_layers, otsu=True)
 
     def regulariser(self, request: fused.MapRequest, rows: slice) -> torch.Tensor:
         """Sum over flagged layers of MSE(a_S / max a_S, sg(a_EOT) / max a_EOT) on reference rows."""
@@ -103,9 +111,12 @@ class ViCo(TextualInversion):
         return {"reference": ref}
 
     def predict_noise(self, latents, t, prompt_ids, cond, uncond, guidance_scale, context):
-        """Two UNet passes per guidance branch in one call: [noisy_u, noisy_c, ref_u, ref_c]."""
+        """Two UNet passes per guidance branch in one call: [noisy_u, noisy_c, ref_u, ref_c].
+
+        On the last step (``context["last_step"]``, set by the pipeline; True when absent)
+        the conditional noisy rows record their own S* maps too (``sampled_maps``)."""
         ref = context["reference"].to(latents)
-        request = self.map_request(prompt_ids, copies=2)
+        request = self.map_request(prompt_ids, copies=2, generated=context.get("last_step", True))
         x = torch.cat([latents, latents, ref, ref])
         text = torch.cat([uncond, cond, uncond, cond])
         out = self.components.unet(x, t, text, cross_attention_kwargs={"map_request": request}).sample
@@ -113,18 +124,32 @@ class ViCo(TextualInversion):
         eps_u, eps_c = out[: 2 * latents.shape[0]].chunk(2)
         return guide(eps_u, eps_c, guidance_scale)
 
-    def sampled_maps(self, context: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Per flagged layer (the spatial transformer's name), the S* map and its Otsu mask
-        [n, side, side] of the conditional reference rows of the last sampling step."""
+    # What ``sampled_maps`` returns, for reports (``vico eval`` names the masks it used).
+    SAMPLED_MAPS = ("the S* cross-attention map (EOT when the prompt has no S*) of each generated image "
+                    "(conditional branch, last sampling step) and its Otsu mask")
+
+    def _last_step_maps(self, context: dict, group: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         request = context["last_request"]
         out = {}
         for layer, source in zip(self.layers, self.source_layers):
             maps = request.maps[source]
             n = maps.shape[0] // 4  # rows: [noisy_uncond, noisy_cond, ref_uncond, ref_cond]
             side = int(round(maps.shape[-1] ** 0.5))
-            out[layer] = (maps[3 * n:, MASK_SLOT].reshape(n, side, side),
-                          request.masks[source][3 * n:, MASK_SLOT].reshape(n, side, side))
+            rows = slice(group * n, (group + 1) * n)
+            out[layer] = (maps[rows, MASK_SLOT].reshape(n, side, side),
+                          request.masks[source][rows, MASK_SLOT].reshape(n, side, side))
         return out
+
+    def sampled_maps(self, context: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per flagged layer (the spatial transformer's name), the S* map and its Otsu mask
+        [n, side, side] of each *generated* image: the conditional noisy rows of the last
+        sampling step (``SAMPLED_MAPS``). What ``vico sample --save-maps`` writes."""
+        return self._last_step_maps(context, group=1)
+
+    def reference_maps(self, context: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The same for the conditional reference rows: the reference image's S* map and the
+        Otsu mask that gated the image attention at the last step (the same for every image)."""
+        return self._last_step_maps(context, group=3)
 
     @torch.no_grad()
     def object_masks(self, latents: torch.Tensor, timestep: int = 500) -> torch.Tensor:

@@ -22,11 +22,10 @@ METHODS = ("vico", "textual-inversion", "attndreambooth", "catversion")
 
 
 def prompt_for(method: str, background: str) -> str:
-    if method == "catversion":  # the concept lives in the class word itself
-        return f"a large {CONCEPT['shape']} on a {background} background"
-    if method == "attndreambooth":
-        return f"a large S* {CONCEPT['shape']} on a {background} background"
-    return f"a large S* on a {background} background"
+    from ..methods.base import get_method
+
+    # The method names the concept: "S*", AttnDreamBooth "S* <shape>", CatVersion the class word.
+    return get_method(method).prompt_for(f"a large {{}} on a {background} background", "S*", CONCEPT["shape"])
 
 
 def run(model: Path, out: Path, steps: int = 200, samples: int = 4, sample_steps: int = 30, guidance: float = 5.0,

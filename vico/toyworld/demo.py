@@ -1,17 +1,21 @@
-"""The toy-world ViCo demo: learn a novel concept, use it in new contexts, score it.
+"""The toy-world demo: learn a novel concept with Textual Inversion and with ViCo, use both in new contexts, score.
 
-The concept is a red *checkered* square — a pattern the base model never saw,
-detail a word embedding alone cannot carry but image attention can copy from
-the reference. ViCo trains on a few renders of it, then samples it on each
-background; the checker scores identity (shape and colour of the concept) and
-text alignment (the prompt's background), and a grid shows training images,
-generations, the S* attention maps and their Otsu masks.
+The concept is a red *checkered* square: a texture the base model never saw
+(its autoencoder, trained on a broad family of patterns, can draw it), detail
+a word embedding alone can hardly carry but ViCo's image attention can copy
+from the reference. Both methods train on the same five renders and sample
+with the same seeds on every background; the checker scores identity (shape,
+colour, texture of the concept) and text alignment (the prompt's background),
+and the true object masks score ViCo's Otsu object mask. ``grid.png`` shows
+training images, TI samples, ViCo samples, ViCo's S* maps and masks, labelled.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,83 +23,189 @@ import torch
 
 from . import checker, world
 
-CONCEPT = dict(shape="square", colour="red", texture="checkered")
+MARKER = ".vico-demo"  # marks a folder this demo wrote, so a rerun may replace its own output
 
 
-def concept_images(folder: Path, n: int = 5, seed: int = 7) -> list[np.ndarray]:
-    """n renders of the concept at different sizes, positions and backgrounds, saved as PNGs."""
+@dataclass(frozen=True)
+class Concept:
+    shape: str
+    colour: str
+    texture: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.colour} {self.texture} {self.shape}"
+
+
+# The demo's concept first; the benchmark uses all (novel textures; blue circle is also a held-out pair).
+CONCEPTS = (Concept("square", "red", "checkered"), Concept("circle", "green", "dotted"),
+            Concept("triangle", "blue", "diagonal"))
+CONCEPT = CONCEPTS[0]
+DEMO_METHODS = ("textual-inversion", "vico")
+
+
+def concept_scenes(concept: Concept, n: int = 5, seed: int = 7) -> list[world.Scene]:
+    """n scenes of the concept at different sizes, positions and backgrounds."""
+    rng = np.random.default_rng(seed)
+    scenes = []
+    while len(scenes) < n:
+        scene = world.random_scene(rng, held_out=(concept.shape, concept.colour) in world.HELD_OUT,
+                                   texture=concept.texture)
+        if scene.shape == concept.shape and scene.colour == concept.colour:
+            scenes.append(scene)
+    return scenes
+
+
+def write_concept_images(folder: Path, scenes: list[world.Scene]) -> np.ndarray:
+    """Render the scenes as PNGs into ``folder``; returns the images [n, 32, 32, 3]."""
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    images = []
-    for i in range(n):
-        while True:
-            scene = world.random_scene(rng, texture=CONCEPT["texture"])
-            if scene.shape == CONCEPT["shape"] and scene.colour == CONCEPT["colour"]:
-                break
-        img = world.render(scene)
+    images = np.stack([world.render(s) for s in scenes])
+    for i, img in enumerate(images):
         Image.fromarray(img).save(folder / f"concept_{i}.png")
-        images.append(img)
     return images
 
 
-def run(model: Path, out: Path, steps: int = 150, sample_steps: int = 30, guidance: float = 5.0,
-        quiet: bool = False) -> dict:
-    """Train, sample and score; writes out/grid.png and out/metrics.json and returns the metrics."""
-    from PIL import Image
+def prepare_output(out: Path) -> None:
+    """Create ``out``, or clear what a previous demo wrote there; refuse a folder the demo did not write."""
+    from ..model import UserError
 
-    from ..pipeline import ViCoPipeline, heatmap_overlay, image_grid
-    from ..training import TrainConfig, train
-
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / MARKER).is_file():
+            raise UserError(f"--out {out} is not empty and was not written by vico demo; choose another folder")
+        for child in out.iterdir():  # only what a demo writes
+            if child.name in ("images", "grid.png", "metrics.json") or child.name in DEMO_METHODS:
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
     out.mkdir(parents=True, exist_ok=True)
-    concept = concept_images(out / "images")
-    t0 = time.perf_counter()
-    train(TrainConfig(model=str(model), images=str(out / "images"), out=str(out / "concept"), method="vico",
-                      init_word=CONCEPT["shape"], steps=steps, progress=not quiet, checkpoint_every=max(steps, 1)))
-    train_s = time.perf_counter() - t0
-    pipe = ViCoPipeline.from_pretrained(model, out / "concept")
-    reference = pipe.default_reference(out / "images")
+    (out / MARKER).write_text("written by vico demo; a rerun replaces its contents\n")
+
+
+def upsample_mask(mask: np.ndarray, size: int = world.SIZE) -> np.ndarray:
+    """bool [side, side] -> bool [size, size] (nearest)."""
+    k = size // mask.shape[-1]
+    return np.kron(mask.astype(np.uint8), np.ones((k, k), np.uint8)).astype(bool)
+
+
+def reference_mask_iou(pipe, images: np.ndarray, scenes: list[world.Scene]) -> float:
+    """Mean IoU of ViCo's Otsu object mask of S* from the reference branch (what its image attention is
+    masked with) against the true object masks of the training images."""
+    c = pipe.components
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        latents = c.vae.encode(x.to(c.device, c.vae.dtype)).latent_dist.mean * c.vae.config.scaling_factor
+    masks = pipe.method.object_masks(latents).cpu().numpy()
+    return float(np.mean([checker.iou(upsample_mask(m), s.mask()) for m, s in zip(masks, scenes)]))
+
+
+def prompt(method, concept: Concept, background: str) -> str:
+    """How a prompt names the concept differs by method (S*, "S* square", the class word)."""
+    phrase = getattr(method, "concept_phrase", None)
+    named = phrase() if callable(phrase) else method.config.placeholder
+    return f"a large {named} on a {background} background"
+
+
+def sample_and_score(pipe, concept: Concept, reference, samples: int, sample_steps: int, guidance: float | None,
+                     progress: bool) -> tuple[list[dict], dict]:
+    """Per background ``samples`` images with seeds 0, 1, ...; returns score rows and per-background images/maps."""
     rows, per_bg = [], {}
     for i, bg in enumerate(world.BACKGROUNDS):
-        prompt = f"a large S* on a {bg} background"
-        images, context = pipe(prompt, reference=reference, num_images=2, num_inference_steps=sample_steps,
-                               guidance_scale=guidance, seed=i, progress=not quiet)
-        maps = pipe.method.sampled_maps(context)
-        layer = max(maps, key=lambda k: maps[k][0].shape[-1])
-        heat, mask = maps[layer]
+        text = prompt(pipe.method, concept, bg)
+        kwargs = {} if guidance is None else {"guidance_scale": guidance}
+        images, context = pipe(text, reference=reference, num_images=samples, num_inference_steps=sample_steps,
+                               seed=i, progress=progress, **kwargs)
+        maps = pipe.method.sampled_maps(context) if reference is not None else {}
+        heat = mask = None
+        if maps:
+            layer = max(maps, key=lambda k: maps[k][0].shape[-1])
+            heat, mask = (m.float().cpu().numpy() for m in maps[layer])
         for j, img in enumerate(images):
             got = checker.read(img)
-            rows.append(dict(prompt=prompt, background=got["background"] == bg,
-                             shape=got["shape"] == CONCEPT["shape"], colour=got["colour"] == CONCEPT["colour"]))
-            per_bg.setdefault(bg, []).append((img, heat[j].float().cpu().numpy(), mask[j].cpu().numpy()))
-    # identity also as pixel similarity: mean |generated - nearest concept image| on the object's colour range
-    gen = np.stack([g for v in per_bg.values() for g, _, _ in v]).astype(np.float32)
-    ref = np.stack(concept).astype(np.float32)
-    pixel_l1 = float(np.mean([np.abs(g - ref).mean(axis=(1, 2, 3)).min() for g in gen]) / 255)
-    metrics = {
-        "identity_shape": float(np.mean([r["shape"] for r in rows])),
-        "identity_colour": float(np.mean([r["colour"] for r in rows])),
-        "text_background": float(np.mean([r["background"] for r in rows])),
-        "pixel_l1_to_nearest_concept_image": pixel_l1,
-        "train_seconds": train_s,
-        "steps": steps,
-        "samples": rows,
-    }
+            rows.append(dict(prompt=text, background=got["background"] == bg, shape=got["shape"] == concept.shape,
+                             colour=got["colour"] == concept.colour, texture=got["texture"] == concept.texture))
+        per_bg[bg] = (images, heat, mask)
+    return rows, per_bg
+
+
+def summary(rows: list[dict]) -> dict:
+    return {"identity_shape": float(np.mean([r["shape"] for r in rows])),
+            "identity_colour": float(np.mean([r["colour"] for r in rows])),
+            "identity_texture": float(np.mean([r["texture"] for r in rows])),
+            "text_background": float(np.mean([r["background"] for r in rows]))}
+
+
+def run(model: Path, out: Path, steps: int | None = None, ti_steps: int | None = None, sample_steps: int = 30,
+        guidance: float = 5.0, samples: int = 2, quiet: bool = False) -> dict:
+    """Train TI and ViCo, sample, score; writes out/grid.png and out/metrics.json and returns the metrics."""
+    from ..methods import get_method
+    from ..pipeline import ViCoPipeline
+    from ..training import TrainConfig, train
+
+    prepare_output(out)
+    scenes = concept_scenes(CONCEPT)
+    images = write_concept_images(out / "images", scenes)
+    metrics: dict = {"concept": CONCEPT.name, "methods": {}}
+    grid_rows: dict[str, dict] = {}
+    for method, method_steps in (("textual-inversion", ti_steps), ("vico", steps)):
+        t0 = time.perf_counter()
+        train(TrainConfig(model=str(model), images=str(out / "images"), out=str(out / method), method=method,
+                          init_word=CONCEPT.shape, steps=method_steps, progress=not quiet,
+                          checkpoint_every=10**9))
+        train_s = time.perf_counter() - t0
+        pipe = ViCoPipeline.from_pretrained(model, out / method)
+        reference = pipe.default_reference(out / "images") if method == "vico" else None
+        rows, per_bg = sample_and_score(pipe, CONCEPT, reference, samples, sample_steps, guidance, not quiet)
+        entry = dict(summary(rows), train_seconds=train_s, samples=rows,
+                     steps=method_steps if method_steps is not None else get_method(method).default_steps)
+        if method == "vico":
+            entry["reference_mask_iou"] = reference_mask_iou(pipe, images, scenes)
+        metrics["methods"][method] = entry
+        grid_rows[method] = per_bg
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    cols = len(world.BACKGROUNDS) * 2
-    tiles = list(concept) + [np.zeros_like(concept[0])] * max(cols - len(concept), 0)
-    for bg, items in per_bg.items():
-        tiles += [img for img, _, _ in items]
-    for bg, items in per_bg.items():
-        tiles += [heatmap_overlay(img, heat) for img, heat, _ in items]
-    for bg, items in per_bg.items():
-        side = items[0][2].shape[-1]
-        tiles += [np.repeat(np.kron(m, np.ones((img.shape[0] // side,) * 2))[..., None] * 255, 3, -1).astype(np.uint8)
-                  for img, _, m in items]
-    grid = image_grid(np.stack(tiles), cols=cols)
-    Image.fromarray(np.kron(grid, np.ones((4, 4, 1))).astype(np.uint8)).save(out / "grid.png")  # 4x: 32 px is tiny
+    save_grid(out / "grid.png", images, grid_rows)
     return metrics
+
+
+def save_grid(path: Path, concept_images: np.ndarray, grid_rows: dict[str, dict], scale: int = 4) -> None:
+    """Labelled rows: training images, TI samples, ViCo samples, ViCo S* maps, ViCo masks (upscaled)."""
+    from PIL import Image, ImageDraw
+
+    from ..pipeline import heatmap_overlay
+
+    def row_of(method: str, what: str) -> list[np.ndarray]:
+        tiles = []
+        for images, heat, mask in grid_rows[method].values():
+            for j, img in enumerate(images):
+                if what == "image":
+                    tiles.append(img)
+                elif what == "map":
+                    tiles.append(heatmap_overlay(img, heat[j]) if heat is not None else np.zeros_like(img))
+                else:
+                    m = upsample_mask(mask[j]) if mask is not None else np.zeros(img.shape[:2], bool)
+                    tiles.append(np.repeat(m[..., None] * 255, 3, -1).astype(np.uint8))
+        return tiles
+
+    rows = [("training images", list(concept_images)), ("Textual Inversion", row_of("textual-inversion", "image")),
+            ("ViCo", row_of("vico", "image")), ("ViCo S* map", row_of("vico", "map")),
+            ("ViCo Otsu mask", row_of("vico", "mask"))]
+    cols = max(len(tiles) for _, tiles in rows)
+    tile = world.SIZE * scale
+    label_w, header = 150, 20
+    canvas = Image.new("RGB", (label_w + cols * (tile + 4), header + len(rows) * (tile + 4)), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    backgrounds = list(world.BACKGROUNDS)
+    per = max(len(row_of("vico", "image")) // len(backgrounds), 1)
+    for i, bg in enumerate(backgrounds):
+        draw.text((label_w + i * per * (tile + 4) + 4, 4), f"prompt: ... on a {bg} background", fill=(0, 0, 0))
+    for r, (label, tiles) in enumerate(rows):
+        y = header + r * (tile + 4)
+        draw.text((6, y + tile // 2 - 6), label, fill=(0, 0, 0))
+        for c, img in enumerate(tiles):
+            big = Image.fromarray(np.kron(img, np.ones((scale, scale, 1))).astype(np.uint8))
+            canvas.paste(big, (label_w + c * (tile + 4), y))
+    canvas.save(path)
 
 
 def shipped_model() -> Path | None:
