@@ -161,7 +161,7 @@ def resolve(op: str, device_type: str, dtype: torch.dtype, backend: str | None) 
             continue
         refusal = _dtype_refusal(name, op, dtype, device_type)
         if refusal is not None:
-            skipped.append(f"{name} has no {dtype} kernel" + (f" ({refusal})" if refusal else ""))
+            skipped.append(f"{name} has no {dtype} kernel" + (f": {refusal}" if refusal else ""))
             continue
         ok, why = backend_status(name)
         if not ok:

@@ -100,14 +100,19 @@ def test_each_method_names_its_concept_in_prompts():
 
 def test_toy_benchmark_prompts_come_from_the_hook():
     try:
-        from vico.toyworld import benchmark
+        from vico.toyworld import demo
     except ImportError as exc:  # the toy world is being rebuilt elsewhere
-        pytest.skip(f"vico.toyworld.benchmark does not import: {exc}")
-    shape = benchmark.CONCEPT["shape"]
-    for name in benchmark.METHODS:
-        assert benchmark.prompt_for(name, "blue") == get_method(name).prompt_for(
-            "a large {} on a blue background", "S*", shape)
-    assert benchmark.prompt_for("catversion", "blue") == f"a large {shape} on a blue background"
+        pytest.skip(f"vico.toyworld.demo does not import: {exc}")
+    concept = demo.CONCEPTS[0]
+    for name in ("vico", "textual-inversion", "attndreambooth", "catversion"):
+        cls = get_method(name)
+        method = cls.__new__(cls)  # only its class and config matter here
+        method.config = MethodConfig(init_word=concept.shape)
+        assert demo.prompt(method, concept, "blue") == cls.prompt_for("a large {} on a blue background", "S*",
+                                                                        concept.shape)
+    method = CatVersion.__new__(CatVersion)
+    method.config = MethodConfig(init_word=concept.shape)
+    assert demo.prompt(method, concept, "blue") == f"a large {concept.shape} on a blue background"
 
 
 @pytest.mark.parametrize("name,sampled,scored", [
@@ -158,7 +163,7 @@ def test_vico_sampled_maps_are_the_generated_images_own(monkeypatch):
     reference = torch.rand(3, 32, 32) * 2 - 1
     images, context = pipe("a photo of S* on the beach", reference=reference, num_images=2,
                            num_inference_steps=3, seed=1, progress=False)
-    gen, ref = method.sampled_maps(context), method.reference_maps(context)
+    gen = method.sampled_maps(context)
     request = context["last_request"]
     assert set(gen) == set(method.layers)
     for layer, source in zip(method.layers, method.source_layers):
@@ -169,7 +174,7 @@ def test_vico_sampled_maps_are_the_generated_images_own(monkeypatch):
         assert torch.equal(masks.flatten(1), request.masks[source][2:4, 0])
         assert maps.shape == (2, side, side) and maps.abs().sum() > 0
         assert not torch.allclose(maps[0], maps[1])  # two different images, two different maps
-        rmaps, _ = ref[layer]
+        rmaps, _ = method.reference_maps(context)[layer]
         torch.testing.assert_close(rmaps[0], rmaps[1])  # the reference's map is the same for both
         assert not torch.allclose(maps[0], rmaps[0])
     # recording the generated maps does not change what is generated (the image block keeps the reference mask)

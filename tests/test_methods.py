@@ -67,9 +67,10 @@ def test_attndreambooth_stages_train_what_they_should():
     c = components()
     method = AttnDreamBooth(c, MethodConfig(init_word="cat", resolution=32))
     assert [(s.name, s.steps, s.batch_size) for s in method.stages()] == [
-        ("embedding", 60, 8), ("cross-attention", 100, 4), ("unet", 500, 4)]
+        ("embedding", 60, 8), ("cross-attention", 100, 8), ("unet", 500, 8)]  # train_attndreambooth.sh
     fast = AttnDreamBooth(components(), MethodConfig(placeholder="V*", init_word="cat", extra={"fast": True}))
     assert fast.stages()[2].steps == 200 and fast.param_groups(stage=2)[0]["lr"] == 1e-5
+    assert [s.batch_size for s in fast.stages()] == [4, 4, 4]
     attn2 = {id(p) for n in method.layers for p in c.unet.get_submodule(n).parameters()}
     assert {id(p) for p in method.param_groups(stage=1)[0]["params"]} == attn2
     assert [g["lr"] for s in range(3) for g in method.param_groups(stage=s)] == [1e-3, 2e-5, 2e-6]
@@ -154,6 +155,7 @@ def test_catversion_prefix_attention_and_removal():
     allowed = torch.ones(77, 78, dtype=torch.bool)
     allowed[:, 1:] = torch.ones(77, 77, dtype=torch.bool).tril()
     scores = scores.masked_fill(~allowed, float("-inf"))
+    scores[..., 0] += 1.0  # the official additive mask: torch.ones in the prefix column
     want = a.out_proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(2, 77, 32))
     torch.testing.assert_close(layer(h)[0], want, rtol=1e-10, atol=1e-12)
     remove_prefix_kv(enc)

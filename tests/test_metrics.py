@@ -88,6 +88,7 @@ def test_vico_eval_end_to_end(encoders_dirs, model_dir, images_dir, tmp_path, ca
     assert report["prompt"] == "a photo of cat on the beach"
     assert {"clip_i", "clip_t", "dino", "masked_clip_i"} <= set(report)
     assert report["masks"]["real"].startswith("Otsu mask of the S* map")
+    assert report["masks"]["generated"].startswith("each generated image's own Otsu mask of its S* map")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a photo of {}\na {} in the snow\n")
     assert run("eval", "--concept", concept, "--prompts", prompts, "--clip", clip_dir, "--out", tmp_path / "ev",

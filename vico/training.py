@@ -250,6 +250,7 @@ def train(cfg: TrainConfig) -> Path:
     images = load_images(cfg.images, resolution)
     set_seed(cfg.seed)  # the new modules' initial weights
     method = method_cls(comps, mcfg)
+    method.training_images = images  # pixels, for methods that augment before encoding (AttnDreamBooth)
     if cfg.gradient_checkpointing:
         comps.unet.enable_gradient_checkpointing()
 

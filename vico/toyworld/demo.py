@@ -101,10 +101,9 @@ def reference_mask_iou(pipe, images: np.ndarray, scenes: list[world.Scene]) -> f
 
 
 def prompt(method, concept: Concept, background: str) -> str:
-    """How a prompt names the concept differs by method (S*, "S* square", the class word)."""
-    phrase = getattr(method, "concept_phrase", None)
-    named = phrase() if callable(phrase) else method.config.placeholder
-    return f"a large {named} on a {background} background"
+    """The method names the concept its own way: "S*", AttnDreamBooth "S* square", CatVersion "square"."""
+    return type(method).prompt_for(f"a large {{}} on a {background} background", method.config.placeholder,
+                                   concept.shape)
 
 
 def sample_and_score(pipe, concept: Concept, reference, samples: int, sample_steps: int, guidance: float | None,

@@ -37,6 +37,40 @@ def evaluate(model: str | Path, n: int = 24, cfgs=(5.0,), steps: int = 30, seed:
     return report
 
 
+def trace_mask_iou(model: str | Path, n: int = 12, cfg: float = 5.0, steps: int = 30, seed: int = 0) -> dict:
+    """Class-word map quality on the base model's own generations.
+
+    For ``n`` captions of seen combinations: generate with ``fused.maps.trace``
+    recording the shape word's map (summed over layers and timesteps), threshold
+    it with Otsu ("vico" mode) and compare with the object mask the checker reads
+    from the generated image (IoU). Images without a readable object are skipped.
+    """
+    import fused
+    from fused.maps import trace
+
+    from ..model import load_pipeline
+
+    pipe = load_pipeline(model)
+    _, scenes = world.dataset(n, seed=seed + 77)
+    ious = []
+    for i, scene in enumerate(scenes):
+        caption = scene.caption()
+        with trace(pipe, caption, [scene.shape]) as tr:
+            image = pipe(caption, num_inference_steps=steps, guidance_scale=cfg, height=world.SIZE, width=world.SIZE,
+                         output_type="np", generator=torch.Generator().manual_seed(seed + i)).images[0]
+        image = (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
+        truth = checker.object_mask(image)
+        if truth.sum() < 8:
+            continue
+        heat = tr.heatmaps()[scene.shape]
+        _, mask = fused.otsu_mask(heat.reshape(1, -1).double(), backend="torch")
+        side = heat.shape[-1]
+        mask = np.kron(mask.reshape(side, side).numpy().astype(np.uint8),
+                       np.ones((world.SIZE // side,) * 2, np.uint8)).astype(bool)
+        ious.append(checker.iou(mask, truth))
+    return {"class_word_trace_mask_iou": float(np.mean(ious)) if ious else float("nan"), "images": len(ious)}
+
+
 # Patterns in no list of the world or its autoencoder's family as such: a probe of how generic the VAE is.
 PROBE_PATTERNS = {
     "vertical stripes 1px": lambda yy, xx: xx % 2 == 1,
@@ -94,13 +128,25 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=24)
     p.add_argument("--cfg", type=float, nargs="+", default=[5.0])
     p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--out", type=Path)
+    p.add_argument("--vae", action="store_true", help="also the autoencoder's per-texture reconstruction report")
+    p.add_argument("--masks", action="store_true",
+                   help="also the class word's trace-mask IoU on the model's generations (first --cfg)")
+    p.add_argument("--out", type=Path, help="write everything as JSON here")
     o = p.parse_args(argv)
     report = evaluate(o.model, o.n, o.cfg, o.steps)
-    keys = ("background", "colour", "shape", "texture", "size")
+    keys = checker.ATTRIBUTES
     print("| set @ guidance | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys))
     for name, acc in report.items():
         print(f"| {name} | " + " | ".join(f"{acc[k]:.2f}" for k in keys) + " |")
+    if o.vae:
+        from ..model import load_pipeline
+
+        report["vae"] = vae_report(load_pipeline(o.model).vae, n=o.n)
+        print("\n" + vae_table(report["vae"]))
+    if o.masks:
+        report["masks"] = trace_mask_iou(o.model, n=o.n, cfg=o.cfg[0], steps=o.steps)
+        print(f"\nclass-word trace mask IoU: {report['masks']['class_word_trace_mask_iou']:.2f} "
+              f"over {report['masks']['images']} generations")
     if o.out:
         o.out.write_text(json.dumps(report, indent=1))
     return 0
