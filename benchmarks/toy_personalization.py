@@ -1,9 +1,12 @@
 """The toy-world personalization benchmark (see vico/toyworld/benchmark.py).
 
-    python benchmarks/toy_personalization.py --model toy-sd/pipeline --out toy-bench --steps 200
+    python benchmarks/toy_personalization.py --model vico/toyworld/model --out toy-bench
 
-Prints a markdown table for benchmarks/RESULTS.md and writes toy-bench/benchmark.json
-(and toy-bench/benchmark.png when matplotlib is installed: identity vs text alignment).
+Trains every method on every novel concept at its default steps and at a longer
+setting, samples --samples images per (concept, background), prints a markdown
+table for benchmarks/RESULTS.md and writes OUT/benchmark.json (resumable: rows
+already there are kept) and, when matplotlib is installed, OUT/benchmark.png
+(texture identity against text alignment, one point per method and setting).
 """
 
 from __future__ import annotations
@@ -15,33 +18,53 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from vico.toyworld import benchmark  # noqa: E402
+from vico.toyworld.demo import CONCEPTS  # noqa: E402
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, type=Path)
-    p.add_argument("--out", type=Path, default=Path("toy-bench"))
-    p.add_argument("--steps", type=int, default=200, help="training steps per method (per stage for AttnDreamBooth)")
-    p.add_argument("--samples", type=int, default=4, help="images per background")
-    p.add_argument("--methods", nargs="+", default=list(benchmark.METHODS))
-    o = p.parse_args(argv)
-    rows = benchmark.run(o.model, o.out, steps=o.steps, samples=o.samples, methods=o.methods)
-    print(benchmark.table(rows))
+def plot(rows: list[dict], path: Path) -> bool:
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return 0
-    fig, ax = plt.subplots(figsize=(5, 4))
-    for r in rows:
-        ax.scatter(r["text_background"], (r["identity_shape"] + r["identity_colour"]) / 2)
-        ax.annotate(r["method"], (r["text_background"], (r["identity_shape"] + r["identity_colour"]) / 2))
-    ax.set_xlabel("text alignment (background right)")
-    ax.set_ylabel("identity (shape and colour right)")
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for method in benchmark.METHODS:
+        for setting, marker in (("default", "o"), ("long", "s")):
+            pts = [r for r in rows if r["method"] == method and r["setting"] == setting]
+            if not pts:
+                continue
+            x = sum(r["text_background"] for r in pts) / len(pts)
+            y = sum(r["identity_texture"] for r in pts) / len(pts)
+            ax.scatter(x, y, marker=marker, s=60)
+            ax.annotate(f"{method} ({setting})", (x, y), fontsize=8, xytext=(4, 4), textcoords="offset points")
+    ax.set_xlabel("text alignment (background read back), mean over concepts")
+    ax.set_ylabel("identity: concept texture read back")
+    ax.set_xlim(-0.05, 1.05)
+    ax.set_ylim(-0.05, 1.05)
     fig.tight_layout()
-    fig.savefig(o.out / "benchmark.png", dpi=120)
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, type=Path)
+    p.add_argument("--out", type=Path, default=Path("toy-bench"))
+    p.add_argument("--samples", type=int, default=8, help="images per (concept, background)")
+    p.add_argument("--methods", nargs="+", default=list(benchmark.METHODS), choices=benchmark.METHODS)
+    p.add_argument("--settings", nargs="+", default=list(benchmark.SETTINGS), choices=benchmark.SETTINGS,
+                   help=f"default: each method's own steps; long: {benchmark.LONG_FACTOR}x them")
+    p.add_argument("--concepts", type=int, default=len(CONCEPTS), help=f"the first N of {len(CONCEPTS)} concepts")
+    p.add_argument("--sample-steps", type=int, default=30)
+    p.add_argument("--guidance", type=float, default=5.0)
+    o = p.parse_args(argv)
+    rows = benchmark.run(o.model, o.out, concepts=CONCEPTS[:o.concepts], methods=o.methods, settings=o.settings,
+                         samples=o.samples, sample_steps=o.sample_steps, guidance=o.guidance, quiet=False)
+    print(benchmark.table(rows))
+    if plot(rows, o.out / "benchmark.png"):
+        print(f"plot: {o.out / 'benchmark.png'}")
     return 0
 
 

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 from vico.toyworld import checker, world
 
@@ -83,31 +84,96 @@ def test_training_resumes_to_the_same_weights_and_exports_a_pipeline(tmp_path):
     assert set(report["seen@cfg3"]) == {"background", "colour", "shape", "texture", "size"}
 
 
-def test_toy_demo_writes_grid_and_metrics(tmp_path):
+@pytest.fixture(scope="module")
+def barely_trained_model(tmp_path_factory):
+    from vico.toyworld import train
+
+    return train.train(tmp_path_factory.mktemp("toy"), minutes=10, vae_steps=1, batch=2, checkpoint_every=100,
+                       resume=False, max_steps=2)
+
+
+def test_toy_demo_writes_grid_and_metrics_and_reruns(barely_trained_model, tmp_path):
     import json
 
-    from vico.toyworld import demo, train
+    from vico.model import UserError
+    from vico.toyworld import demo
 
-    model = train.train(tmp_path / "toy", minutes=10, vae_steps=1, batch=2, checkpoint_every=100, resume=False,
-                        max_steps=2)
-    metrics = demo.run(model, tmp_path / "demo", steps=1, sample_steps=1, quiet=True)
-    assert (tmp_path / "demo" / "grid.png").is_file()
-    saved = json.loads((tmp_path / "demo" / "metrics.json").read_text())
-    assert saved["steps"] == 1 and len(saved["samples"]) == 2 * len(demo.world.BACKGROUNDS)
-    for key in ("identity_shape", "identity_colour", "text_background"):
-        assert 0.0 <= metrics[key] <= 1.0
+    out = tmp_path / "demo"
+    for _ in range(2):  # the main job is re-runnable: a rerun replaces its own output
+        metrics = demo.run(barely_trained_model, out, steps=1, ti_steps=1, sample_steps=1, samples=1, quiet=True)
+    assert (out / "grid.png").is_file()
+    saved = json.loads((out / "metrics.json").read_text())
+    assert set(saved["methods"]) == {"textual-inversion", "vico"}
+    for method, entry in saved["methods"].items():
+        assert entry["steps"] == 1 and len(entry["samples"]) == len(demo.world.BACKGROUNDS)
+        for key in ("identity_shape", "identity_colour", "identity_texture", "text_background"):
+            assert 0.0 <= metrics["methods"][method][key] <= 1.0
+    assert 0.0 <= saved["methods"]["vico"]["reference_mask_iou"] <= 1.0
+    foreign = tmp_path / "someone-elses"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(UserError, match="not written by vico demo"):
+        demo.run(barely_trained_model, foreign, steps=1, ti_steps=1, sample_steps=1, samples=1, quiet=True)
+    assert (foreign / "notes.txt").read_text() == "keep me"
 
 
-def test_personalization_benchmark_runs_every_method(tmp_path):
-    from vico.toyworld import benchmark, train
+def test_upsampled_masks_and_iou():
+    from vico.toyworld import demo
 
-    model = train.train(tmp_path / "toy", minutes=10, vae_steps=1, batch=2, checkpoint_every=100, resume=False,
-                        max_steps=2)
-    rows = benchmark.run(model, tmp_path / "bench", steps=1, samples=1, sample_steps=1)
+    m = np.zeros((16, 16), bool)
+    m[4:8, 4:8] = True
+    big = demo.upsample_mask(m)
+    assert big.shape == (32, 32) and big.sum() == 64 and big[8:16, 8:16].all()
+    assert checker.iou(big, big) == 1.0 and checker.iou(big, ~big) == 0.0
+
+
+def test_personalization_benchmark_runs_every_method_and_resumes(barely_trained_model, tmp_path, monkeypatch):
+    import json
+
+    from vico.toyworld import benchmark, demo
+
+    monkeypatch.setattr(benchmark, "method_steps", lambda method, setting: 1)
+    out = tmp_path / "bench"
+    rows = benchmark.run(barely_trained_model, out, concepts=demo.CONCEPTS[:1], settings=("default",), samples=1,
+                         sample_steps=1)
     assert [r["method"] for r in rows] == list(benchmark.METHODS)
     for r in rows:
-        assert 0 <= r["identity_shape"] <= 1 and 0 <= r["text_background"] <= 1 and r["pixel_l1"] >= 0
-    assert "| vico | 1 |" in benchmark.table(rows)
+        assert 0 <= r["identity_texture"] <= 1 and 0 <= r["text_background"] <= 1 and r["samples"] == 3
+    assert "reference_mask_iou" in rows[0] and "| red checkered square | vico | 1 |" in benchmark.table(rows)
+    calls = []
+    monkeypatch.setattr(benchmark, "sample_and_score", lambda *a, **k: calls.append(a) or ([], {}))
+    assert benchmark.run(barely_trained_model, out, concepts=demo.CONCEPTS[:1], settings=("default",), samples=1,
+                         sample_steps=1) == rows and not calls  # finished rows are kept, not recomputed
+    assert json.loads((out / "benchmark.json").read_text()) == rows
+
+
+def test_long_setting_doubles_each_methods_default():
+    from vico.methods import get_method
+    from vico.toyworld import benchmark
+
+    for method in benchmark.METHODS:
+        assert benchmark.method_steps(method, "default") is None
+    assert benchmark.method_steps("vico", "long") == 2 * get_method("vico").default_steps
+    assert benchmark.method_steps("attndreambooth", "long") * 3 == 2 * get_method("attndreambooth").default_steps
+
+
+def test_trace_mask_iou_on_a_model(barely_trained_model):
+    from vico.toyworld import evaluate
+
+    got = evaluate.trace_mask_iou(barely_trained_model, n=2, steps=2)
+    assert got["images"] <= 2
+    if got["images"]:
+        assert 0.0 <= got["class_word_trace_mask_iou"] <= 1.0
+
+
+def test_vae_report_covers_every_texture_and_probe():
+    from vico.toyworld import demo, evaluate
+    from vico.model import load_pipeline
+
+    report = evaluate.vae_report(load_pipeline(demo.shipped_model()).vae, n=4)
+    assert set(world.ALL_TEXTURES) | {f"probe: {p}" for p in evaluate.PROBE_PATTERNS} == set(report)
+    assert all(r["object_mae"] >= 0 for r in report.values())
+    assert "| checkered | yes |" in evaluate.vae_table(report)
 
 
 def test_shipped_toy_model_draws_what_it_is_asked():
@@ -117,3 +183,24 @@ def test_shipped_toy_model_draws_what_it_is_asked():
     report = evaluate.evaluate(demo.shipped_model(), n=6, cfgs=(5.0,), steps=20)
     seen = report["seen@cfg5"]
     assert seen["background"] >= 0.8 and seen["colour"] >= 0.8
+
+
+def test_attention_targets_and_loss():
+    import fused
+    from vico.toyworld import train
+
+    index, on_object = train.attention_targets(["a large red striped circle on a gray background", ""])
+    assert index[0, :7].tolist() == [10, 2, 3, 4, 5, 8, 9] and (index[0, 7:] == -1).all()
+    assert on_object[0, :7].tolist() == [True] * 5 + [False] * 2
+    assert (index[1] == -1).all()  # an empty (guidance) caption asks nothing
+    scene = world.Scene("square", "red", "solid", "large", "gray", 16, 16, 10)
+    masks = torch.from_numpy(scene.mask()).float()[None, None].expand(2, 1, 32, 32)
+    obj = torch.nn.functional.adaptive_avg_pool2d(masks, 16).flatten(1)[:, None]  # [2, 1, 256]
+    perfect = torch.where(on_object[..., None], obj, 1 - obj) * 0.3  # any scale: maps are max-normalised
+    request = fused.MapRequest(index)
+    request.maps["layer"] = perfect
+    rows = torch.tensor([True, True])
+    assert float(train.attention_loss(request, masks, on_object, rows)) < 1e-12
+    request.maps["layer"] = perfect.flip(-1)
+    assert float(train.attention_loss(request, masks, on_object, rows)) > 0.01
+    assert float(train.attention_loss(request, masks, on_object, torch.tensor([False, False]))) == 0.0

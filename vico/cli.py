@@ -126,11 +126,15 @@ def cmd_demo(args) -> int:
         if toy_demo.shipped_model() is None:
             raise UserError("this install has no toy-world model (vico/toyworld/model/model_index.json); "
                             "reinstall vico, or pass --model PATH --images DIR")
-        metrics = toy_demo.run(toy_demo.shipped_model(), out, steps=args.steps or 150,
-                               sample_steps=args.sample_steps, quiet=args.quiet)
-        print(f"vico demo: toy-world concept (a red checkered square) -> {out}/grid.png, {out}/metrics.json: "
-              f"identity shape {metrics['identity_shape']:.2f}, colour {metrics['identity_colour']:.2f}, "
-              f"text (background) {metrics['text_background']:.2f}")
+        metrics = toy_demo.run(toy_demo.shipped_model(), out, steps=args.steps or toy_demo.VICO_STEPS,
+                               ti_steps=args.steps or toy_demo.TI_STEPS, sample_steps=args.sample_steps,
+                               quiet=args.quiet)
+        print(f"vico demo: {metrics['concept']} (a texture the base model never saw) -> {out}/grid.png, "
+              f"{out}/metrics.json")
+        for method, m in metrics["methods"].items():
+            iou = f", S* mask IoU {m['reference_mask_iou']:.2f}" if "reference_mask_iou" in m else ""
+            print(f"  {method:18s} identity shape {m['identity_shape']:.2f} colour {m['identity_colour']:.2f} "
+                  f"texture {m['identity_texture']:.2f}, text (background) {m['text_background']:.2f}{iou}")
         return 0
     if args.model is None or args.images is None:
         raise UserError("--model and --images go together: a local Stable Diffusion folder and your training "
@@ -334,8 +338,17 @@ def _maps_parser(sub) -> None:
     p.add_argument("--prompt", required=True)
     p.add_argument("--words", nargs="+", required=True, help="words of the prompt to map (all their sub-tokens)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--layers", nargs="+", help="only layers whose name contains one of these (e.g. up_blocks)")
+    p.add_argument("--layers", nargs="+", help="only these attention layers: exact names, module prefixes "
+                   "(up_blocks, transformer_blocks.0 - not single_transformer_blocks.0) or fnmatch patterns "
+                   "('transformer_blocks.*')")
     p.add_argument("--timesteps", nargs=2, type=float, metavar=("LOW", "HIGH"), help="aggregate only these timesteps")
+    p.add_argument("--occurrence", type=int, default=None,
+                   help="map only this occurrence of a repeated word (0 = first, -1 = last; default: all)")
+    p.add_argument("--height", type=int, default=None, help="image height in pixels (default: the pipeline's)")
+    p.add_argument("--width", type=int, default=None, help="image width in pixels (default: the pipeline's)")
+    p.add_argument("--records", action="store_true",
+                   help="also write OUT/records.safetensors: every layer's map per timestep and word "
+                   "(keys <layer>/<timestep>/<word>; layer names and timesteps in its metadata)")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--seed", type=int, default=0)
@@ -356,12 +369,13 @@ def cmd_maps(args) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = load_pipeline(args.model, device)
-    # FLUX runs guidance through an embedding: one conditional batch, no [uncond; cond] halves.
-    guided = args.guidance > 1 and "Flux" not in type(pipe).__name__
+    # Classifier-free guidance (which rows are traced) is detected from the pipeline during the call.
+    size = {k: v for k, v in (("height", args.height), ("width", args.width)) if v is not None}
     try:
         with fused_maps.trace(pipe, args.prompt, args.words, layers=args.layers,
-                              timesteps=tuple(args.timesteps) if args.timesteps else None, guided=guided) as tr:
-            image = pipe(args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
+                              timesteps=tuple(args.timesteps) if args.timesteps else None,
+                              occurrence=args.occurrence, records=args.records) as tr:
+            image = pipe(args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance, **size,
                          generator=torch.Generator().manual_seed(args.seed), output_type="np").images[0]
     except ValueError as exc:
         raise UserError(str(exc)) from exc
@@ -373,15 +387,16 @@ def cmd_maps(args) -> int:
     for word, heat in tr.heatmaps().items():
         overlay = heatmap_overlay(image, heat.numpy())
         _, mask = fused.otsu_mask(heat.flatten()[None].double())
-        side = heat.shape[-1]
-        mask_img = np.asarray(Image.fromarray(mask.reshape(side, side).numpy().astype(np.uint8) * 255).resize(
+        mask_img = np.asarray(Image.fromarray(mask.reshape(heat.shape).numpy().astype(np.uint8) * 255).resize(
             image.shape[1::-1], Image.Resampling.NEAREST))
         safe = "".join(ch if ch.isalnum() else "_" for ch in word)
         Image.fromarray(overlay).save(out / f"map_{safe}.png")
         Image.fromarray(mask_img).save(out / f"mask_{safe}.png")
         tiles += [overlay, np.repeat(mask_img[..., None], 3, axis=-1)]
     Image.fromarray(image_grid(np.stack(tiles), cols=len(tiles))).save(out / "grid.png")
-    print(f"vico maps: {len(tr.heatmaps())} words over {len(tr.layers)} layers and {tr.calls} UNet calls -> {out}")
+    if args.records:
+        tr.save_records(out / "records.safetensors")
+    print(f"vico maps: {len(tr.heatmaps())} words over {len(tr.layers)} layers and {tr.calls} denoiser calls -> {out}")
     return 0
 
 
@@ -506,13 +521,12 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"vico: error: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:  # a full disk or a read-only folder met outside the checked writers: one line too
+    except OSError as exc:  # a full disk, read-only or forbidden folder met outside the checked writers
         import errno
 
         if exc.errno not in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EPERM):
             raise
-        where = f" {exc.filename}" if exc.filename else ""
-        print(f"vico: error: cannot write{where}: {exc.strerror}", file=sys.stderr)
+        print(f"vico: error: {exc.strerror}: {exc.filename or 'an output file'}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -11,14 +11,23 @@ attention map of the frozen block's ``attn2`` in the same layer. The mask
 comes from the forward's ``MapRequest`` (``otsu=True``), which the frozen
 ``attn2`` filled just before this block runs. With no request (a plain UNet
 call) the block is the identity.
+
+After the last flagged transformer nothing reads the reference half (only its
+maps and the frozen blocks' outputs feed the noisy half, through the image
+blocks), so ``ReferenceEarlyStop`` — forward hooks, no patched forward — drops
+the reference rows there: later resnets, attention, upsamplers and ``conv_out``
+run on the noisy half only, and such a forward returns the noisy half.
 """
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import nn
 
-__all__ = ["ImageCrossAttention", "default_image_attention_layers", "inject_image_attention", "MASK_SLOT"]
+__all__ = ["ImageCrossAttention", "default_image_attention_layers", "inject_image_attention", "MASK_SLOT",
+           "ReferenceEarlyStop"]
 
 # Slot of the MapRequest's token_index whose Otsu mask gates the image
 # attention: S* (or EOT when the prompt has no S*).
@@ -137,3 +146,129 @@ def inject_image_attention(unet: nn.Module, layers: list[str] | None = None) -> 
         blocks[name.replace(".", "-")] = block
     blocks.requires_grad_(True)
     return blocks
+
+
+def _first_half(value, batch: int):
+    """``value``'s first ``batch`` rows if it is a tensor (or a tuple/list of them) of 2x``batch`` rows."""
+    if isinstance(value, torch.Tensor):
+        return value[:batch] if value.dim() > 0 and value.shape[0] == 2 * batch else value
+    if isinstance(value, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in value):
+        return type(value)(_first_half(v, batch) for v in value)
+    return value
+
+
+def _follow_noisy_half(module, args, kwargs):
+    """Pre-hook of the modules after the stop: the hidden states already hold the noisy
+    half only; cut every other batch-carrying input (temb, encoder_hidden_states, the
+    skip tensors, masks) that still holds both halves to the same rows. Decided by the
+    inputs alone, so a gradient-checkpointing recomputation cuts the same way; a no-op
+    when the hidden states and the other inputs agree (every forward without the stop)."""
+    hidden = args[0] if args else kwargs.get("hidden_states")
+    if not isinstance(hidden, torch.Tensor):
+        return None
+    b = hidden.shape[0]
+    args = (args[0],) + tuple(_first_half(a, b) for a in args[1:]) if args else args
+    kwargs = {k: (v if k == "hidden_states" else _first_half(v, b)) for k, v in kwargs.items()}
+    return args, kwargs
+
+
+class ReferenceEarlyStop:
+    """Stops ViCo's reference half after the last flagged spatial transformer.
+
+    ViCo's UNet batch is ``[noisy; reference]``. The reference half's output after
+    the last flagged layer is never used, so this cuts it there, with forward
+    hooks on the UNet's own modules (``UNet2DConditionModel.forward`` is not
+    patched; ``remove()`` takes the hooks off):
+
+    1. a pre-hook on the up block holding the last flagged transformer
+       ``up_blocks.i.attentions.j`` cuts to their noisy half the skip tensors that
+       only its resnets after position ``j`` consume (diffusers' up blocks pop
+       ``res_hidden_states_tuple`` from the end, one per resnet);
+    2. a forward hook on that transformer keeps the noisy half of its output;
+    3. pre-hooks on everything after it — the block's later resnets and
+       transformers, and every later up block — cut ``temb``,
+       ``encoder_hidden_states``, masks and skip tensors to the hidden states'
+       rows (``_follow_noisy_half``); the upsamplers, ``conv_norm_out`` and
+       ``conv_out`` see the noisy half only.
+
+    Such a forward returns the **noisy half only** (``[B, ...]`` for a
+    ``[2B, ...]`` input). It applies when ``enabled`` and the forward's
+    ``map_request`` asks for the Otsu mask of the last flagged layer's
+    ``attn2`` (the condition under which its image block runs) and for no
+    map of any layer after it (a request for every layer keeps both halves);
+    any other forward is unchanged. The noisy half equals the uncut forward's
+    up to the rounding of the batch-size-dependent kernels (bit-for-bit in
+    float64 on CPU in the tests; 1e-6 in float32). Flip ``enabled`` only
+    between a forward and its backward if no gradient checkpointing is on.
+
+    When the last flagged transformer is not in ``up_blocks`` (a custom
+    placement in the encoder or mid block) no hooks are installed
+    (``installed`` is False) and forwards are unchanged.
+    """
+
+    def __init__(self, unet: nn.Module, layers: list[str]):
+        self.enabled = True
+        self.handles = []
+        self.installed = False
+        pattern = re.compile(r"up_blocks\.(\d+)\.attentions\.(\d+)")
+        placed = [tuple(map(int, m.groups())) for m in map(pattern.fullmatch, layers) if m is not None]
+        others = [name for name in layers if pattern.fullmatch(name) is None]
+        if not placed or any(name.startswith("up_blocks.") for name in others):
+            return  # the encoder and mid block run before every up block; anything else: left alone
+        i, j = max(placed)
+        block = unet.up_blocks[i]
+        resnets, attentions = list(block.resnets), list(getattr(block, "attentions", None) or [])
+        if len(resnets) != len(attentions):
+            return  # not a diffusers CrossAttnUpBlock2D layout: leave the forward alone
+        transformer = attentions[j]
+        image_blocks = [b for b in transformer.transformer_blocks if isinstance(b, ImageCrossAttention)]
+        if not image_blocks:
+            raise ValueError(f"ReferenceEarlyStop: up_blocks.{i}.attentions.{j} has no image attention block")
+        self.last_layer = f"up_blocks.{i}.attentions.{j}"
+        self.source_layer = image_blocks[0].source_layer
+        self.late_skips = len(resnets) - 1 - j  # skip tensors consumed after the stop: the first ones of the tuple
+        later = [f"up_blocks.{i}.attentions.{k}." for k in range(j + 1, len(attentions))]
+        later += [f"up_blocks.{k}." for k in range(i + 1, len(unet.up_blocks))]
+        self.later_layers = frozenset(  # attention layers after the stop, by processor name
+            key.removesuffix(".processor") for key in unet.attn_processors if key.startswith(tuple(later)))
+        self.handles.append(block.register_forward_pre_hook(self._cut_skips, with_kwargs=True))
+        self.handles.append(transformer.register_forward_hook(self._cut_output, with_kwargs=True))
+        for mod in resnets[j + 1:] + attentions[j + 1:] + list(unet.up_blocks[i + 1:]):
+            self.handles.append(mod.register_forward_pre_hook(_follow_noisy_half, with_kwargs=True))
+        self.installed = True
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        self.installed = False
+
+    def applies(self, cross_attention_kwargs: dict | None, batch: int) -> bool:
+        """Whether a forward with these ``cross_attention_kwargs`` and this batch is cut."""
+        request = (cross_attention_kwargs or {}).get("map_request")
+        return (self.enabled and batch % 2 == 0 and request is not None and request.otsu
+                and request.wants(self.source_layer) and not any(request.wants(n) for n in self.later_layers))
+
+    def _cut_skips(self, module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if not self.late_skips or not self.applies(kwargs.get("cross_attention_kwargs"), hidden.shape[0]):
+            return None
+        half = hidden.shape[0] // 2
+        key = "res_hidden_states_tuple"
+        skips = kwargs[key] if key in kwargs else args[1]
+        skips = tuple(s[:half] for s in skips[: self.late_skips]) + tuple(skips[self.late_skips:])
+        if key in kwargs:
+            kwargs = {**kwargs, key: skips}
+        else:
+            args = (args[0], skips) + tuple(args[2:])
+        return args, kwargs
+
+    def _cut_output(self, module, args, kwargs, output):
+        sample = output[0] if isinstance(output, tuple) else output.sample
+        if not self.applies(kwargs.get("cross_attention_kwargs"), sample.shape[0]):
+            return None
+        noisy = sample[: sample.shape[0] // 2]
+        if isinstance(output, tuple):
+            return (noisy,) + tuple(output[1:])
+        return type(output)(sample=noisy)
+

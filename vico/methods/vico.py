@@ -7,7 +7,9 @@ timestep, same text). The frozen ``attn2`` of each flagged layer records, in
 one fused pass, the reference half's S* and EOT maps and the Otsu mask of the
 S* map (``fused.MapRequest(..., otsu=True)``); the image block right after it
 reads the mask. No attention matrix is materialised and no Python loop runs
-over samples.
+over samples. After the last flagged layer the reference half is dropped
+(``ReferenceEarlyStop``): the rest of the decoder and ``conv_out`` run on the
+noisy half only, and the UNet returns the noisy half.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch.nn.functional as F
 import fused
 
 from ..data import VICO_TEMPLATES
-from ..image_attention import MASK_SLOT, inject_image_attention
+from ..image_attention import MASK_SLOT, ReferenceEarlyStop, inject_image_attention
 from ..model import Components, encode_prompts, token_positions
 from .base import Batch, MethodConfig, guide, noise_and_target
 from .textual_inversion import TextualInversion
@@ -39,6 +41,9 @@ class ViCo(TextualInversion):
         fused.attach(components.unet)  # names the new blocks' processors too
         self.layers = [key.replace("-", ".") for key in self.blocks.keys()]
         self.source_layers = [f"{name}.transformer_blocks.0.attn2" for name in self.layers]
+        # Training and sampling forwards return only the noisy half (nothing reads the reference's output);
+        # ``reference_stop.enabled = False`` runs both halves to the end, as the official code does.
+        self.reference_stop = ReferenceEarlyStop(components.unet, self.layers)
 
     def param_groups(self, lr_scale: float = 1.0, stage: int = 0) -> list[dict]:
         return super().param_groups(lr_scale) + [{"params": list(self.blocks.parameters()), "lr": self.image_lr}]
@@ -89,7 +94,7 @@ class ViCo(TextualInversion):
         request = self.map_request(ids, copies=1)
         out = c.unet(torch.cat([noisy, batch.reference.to(noisy)]), torch.cat([t, t]), torch.cat([text, text]),
                      cross_attention_kwargs={"map_request": request}).sample
-        mse = F.mse_loss(out[:B].float(), target.float())
+        mse = F.mse_loss(out[:B].float(), target.float())  # out: the noisy half (all rows without the stop)
         reg = self.regulariser(request, slice(B, 2 * B))
         loss = mse + self.reg_weight * reg
         return loss, {"loss": loss.item(), "mse": mse.item(), "reg": float(reg.detach())}
@@ -121,7 +126,7 @@ class ViCo(TextualInversion):
         text = torch.cat([uncond, cond, uncond, cond])
         out = self.components.unet(x, t, text, cross_attention_kwargs={"map_request": request}).sample
         context["last_request"] = request
-        eps_u, eps_c = out[: 2 * latents.shape[0]].chunk(2)
+        eps_u, eps_c = out[: 2 * latents.shape[0]].chunk(2)  # the noisy rows (all of out under the early stop)
         return guide(eps_u, eps_c, guidance_scale)
 
     # What ``sampled_maps`` returns, for reports (``vico eval`` names the masks it used).

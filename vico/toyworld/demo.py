@@ -42,6 +42,8 @@ CONCEPTS = (Concept("square", "red", "checkered"), Concept("circle", "green", "d
             Concept("triangle", "blue", "diagonal"))
 CONCEPT = CONCEPTS[0]
 DEMO_METHODS = ("textual-inversion", "vico")
+VICO_STEPS = 150  # the demo's budgets (``vico demo --steps`` sets both)
+TI_STEPS = 150
 
 
 def concept_scenes(concept: Concept, n: int = 5, seed: int = 7) -> list[world.Scene]:

@@ -234,7 +234,10 @@ def train(out: Path, minutes: float, vae_steps: int, batch: int, checkpoint_ever
                     scaling = float(1.0 / z.std())
                     unet_start = elapsed
                 vae.requires_grad_(False)
-                progress = (elapsed - unet_start) / max(budget - unet_start, 1.0)
+                if max_steps is not None:  # a step budget: a schedule by steps, exactly reproducible on resume
+                    progress = (step - vae_steps) / max(max_steps - vae_steps, 1)
+                else:  # a time budget: by wall clock (not bit-reproducible across machines)
+                    progress = (elapsed - unet_start) / max(budget - unet_start, 1.0)
                 for group in opt.param_groups:
                     group["lr"] = cosine_lr(unet_lr, progress)
                 x, captions, masks = scene_batch(rng, batch)
@@ -255,7 +258,7 @@ def train(out: Path, minutes: float, vae_steps: int, batch: int, checkpoint_ever
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-                stage, extra = "unet", {"mse": mse.item(), "attn": float(attn)}
+                stage, extra = "unet", {"mse": mse.item(), "attn": float(attn.detach())}
             step += 1
             elapsed = time.perf_counter() - start
             bar.update(1)
