@@ -42,6 +42,7 @@ setup(
             "scikit-image>=0.24",
             "hypothesis>=6",
             "setuptools>=69",  # tests build a wheel
+            "ruff>=0.5",  # tests/test_lint.py
         ],
     },
 )

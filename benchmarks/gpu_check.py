@@ -85,7 +85,7 @@ def run_with_grads(fn, q, k, v, extra):
 
 def check_correctness(device, backends, attn2, image_attn, dtypes, rows):
     ok_all = True
-    B, H, T = 2, 8, 2
+    B, H = 2, 8
     g = torch.Generator(device="cpu").manual_seed(0)
     cases = [("cross_attention_with_maps", N, 77, D) for N, D in attn2] + \
             [("masked_attention", N, N, D) for N, D in image_attn]

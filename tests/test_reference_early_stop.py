@@ -52,21 +52,18 @@ def make_method(placement, dtype=torch.float64):
 
 
 class Rows:
-    """Batch rows the UNet returns and that its late modules see, per forward."""
+    """Batch rows the UNet returns, and that the modules after the stop (and conv_out) see, per forward."""
 
     def __init__(self, unet, stop):
         self.out, self.seen = [], {}
         unet.register_forward_hook(lambda m, a, o: self.out.append(o.sample))
+        i, j = (int(x) for x in stop.last_layer.split(".")[1::2])
+        late = {"conv_out"} | {f"up_blocks.{k}" for k in range(i + 1, len(unet.up_blocks))}
+        late |= {f"up_blocks.{i}.{part}.{k}" for part in ("resnets", "attentions") for k in range(j + 1, 9)}
         for name, mod in unet.named_modules():
-            if name == "conv_out" or name.startswith(tuple(p[:-1] + "." for p in _late_prefixes(stop))):
-                if name.count(".") <= 4:
-                    mod.register_forward_hook(lambda m, a, o, n=name: self.seen.setdefault(n, set()).add(
-                        (o[0] if isinstance(o, tuple) else getattr(o, "sample", o)).shape[0]))
-
-
-def _late_prefixes(stop):
-    i, j = (int(x) for x in stop.last_layer.split(".")[1::2])
-    return [f"up_blocks.{i}.resnets.{k}." for k in range(j + 1, 9)] + [f"up_blocks.{k}." for k in range(i + 1, 9)]
+            if name in late:
+                mod.register_forward_hook(lambda m, a, o, n=name: self.seen.setdefault(n, set()).add(
+                    (o[0] if isinstance(o, tuple) else getattr(o, "sample", o)).shape[0]))
 
 
 def train_step(comps, method, dtype=torch.float64, batch_size=2):
@@ -157,9 +154,9 @@ def test_other_forwards_keep_both_halves():
     x, t = torch.randn(4, 4, 8, 8, dtype=torch.float64), torch.tensor([1, 2, 1, 2])
     ctx = torch.randn(4, 7, 32, dtype=torch.float64)
     index = torch.tensor([[-1, -1]] * 2 + [[2, 5]] * 2)
-    want_plain = unet(x, t, ctx).sample
     inject_image_attention(unet)
     fused.attach(unet)
+    want_plain = unet(x, t, ctx).sample
     request = fused.MapRequest(index, otsu=True)  # every layer: nothing is cut
     want = unet(x, t, ctx, cross_attention_kwargs={"map_request": request}).sample
     stop = ReferenceEarlyStop(unet, ["up_blocks.1.attentions.1"])

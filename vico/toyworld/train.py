@@ -276,9 +276,79 @@ def train(out: Path, minutes: float, vae_steps: int, batch: int, checkpoint_ever
     if scaling is None:  # stopped inside the VAE stage: nothing to export yet
         print(f"toyworld: stopped at step {step}, still training the VAE; continue with --resume", file=sys.stderr)
         return None
+    if (out / DECODER_FILE).is_file():  # stage 3 ran beside this one
+        from safetensors.torch import load_file
+
+        models["vae"].load_state_dict(load_file(out / DECODER_FILE), strict=False)
     path = export(out, models, scaling)
     print(f"toyworld: {step} steps in {elapsed / 60:.1f} min -> {path}", file=sys.stderr)
     return path
+
+
+DECODER_FILE = "decoder.safetensors"  # a fine-tuned VAE decoder (stage 3), used by every later export
+
+
+def finetune_decoder(out: Path, steps: int, batch: int = 32, seed: int = 1, lr: float = 3e-4) -> Path:
+    """Stage 3, any time after stage 1: sharpen the VAE's decoder with the encoder frozen.
+
+    The latents the UNet learns from come from the frozen encoder, so this can
+    run beside stage 2 (or after it) without invalidating it, as SD's released
+    decoder fine-tunes did. Trains on the same broad family with L1 + MSE on the
+    posterior mean's decoding; resumes from ``OUT/decoder.safetensors`` and
+    writes it atomically every 50 steps.
+    """
+    from safetensors.torch import load_file, save_file
+    from tqdm.auto import tqdm
+
+    st = load_checkpoint(out)
+    vae = make_models()["vae"]
+    vae.load_state_dict(st["vae"])
+    if (out / DECODER_FILE).is_file():
+        vae.load_state_dict(load_file(out / DECODER_FILE), strict=False)
+    decoder = [p for n, p in vae.named_parameters() if n.startswith(("decoder.", "post_quant_conv."))]
+    vae.requires_grad_(False)
+    for p in decoder:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(decoder, lr=lr)
+    rng = np.random.default_rng(seed)
+
+    def save():
+        state = {n: p.detach().contiguous() for n, p in vae.named_parameters() if p.requires_grad}
+        tmp = out / f".{DECODER_FILE}.tmp{os.getpid()}"
+        save_file(state, str(tmp))
+        os.replace(tmp, out / DECODER_FILE)
+
+    try:
+        for step in tqdm(range(steps), desc="decoder", file=sys.stderr):
+            for group in opt.param_groups:
+                group["lr"] = cosine_lr(lr, step / max(steps, 1))
+            x = generic_batch(rng, batch)
+            with torch.no_grad():
+                z = vae.encode(x).latent_dist.mean
+            recon = vae.decode(z).sample
+            loss = F.l1_loss(recon, x) + F.mse_loss(recon, x)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if (step + 1) % 50 == 0:
+                save()
+    except KeyboardInterrupt:
+        save()
+        raise
+    save()
+    return out / DECODER_FILE
+
+
+def load_models(out: Path, st: dict) -> dict:
+    """The models of a checkpoint, with the fine-tuned decoder when there is one."""
+    models = make_models()
+    for name in ("vae", "unet", "text_encoder"):
+        models[name].load_state_dict(st[name])
+    if (out / DECODER_FILE).is_file():
+        from safetensors.torch import load_file
+
+        models["vae"].load_state_dict(load_file(out / DECODER_FILE), strict=False)
+    return models
 
 
 def export_checkpoint(out: Path, to: Path | None = None) -> Path:
@@ -286,10 +356,7 @@ def export_checkpoint(out: Path, to: Path | None = None) -> Path:
     st = load_checkpoint(out)
     if st["scaling"] is None:
         raise SystemExit("toyworld: the checkpoint is still in the VAE stage")
-    models = make_models()
-    for name in ("vae", "unet", "text_encoder"):
-        models[name].load_state_dict(st[name])
-    path = export(to or out, models, st["scaling"])
+    path = export(to or out, load_models(out, st), st["scaling"])
     print(f"toyworld: exported step {st['step']} ({st['elapsed'] / 60:.1f} min) -> {path}", file=sys.stderr)
     return path
 
@@ -304,9 +371,18 @@ def main(argv=None) -> int:
     p.add_argument("--max-steps", type=int, help="stop after this many steps (tests)")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--finetune-decoder", type=int, metavar="STEPS",
+                   help="stage 3: fine-tune the VAE decoder of OUT's checkpoint for STEPS steps (beside or after "
+                        "stage 2; later exports use it) and exit")
     p.add_argument("--export-only", type=Path, metavar="DIR",
                    help="write the latest checkpoint's pipeline under DIR/pipeline and exit (no training)")
     o = p.parse_args(argv)
+    if o.finetune_decoder:
+        from ..training import save_on_signals
+
+        save_on_signals()
+        finetune_decoder(o.out, o.finetune_decoder, batch=o.batch)
+        return 0
     if o.export_only:
         export_checkpoint(o.out, o.export_only)
         return 0
