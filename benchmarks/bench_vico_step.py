@@ -1,19 +1,44 @@
-"""ViCo training and sampling step time (and peak memory) with the fused
-processor vs the `paper` and `diffusers+maps` baselines (docs/shapes.md §4).
+"""ViCo's training step and sampling step, time and peak memory: the fused path
+against the `diffusers+maps`, `paper` and `official` baselines (benchmarks/baselines.py,
+docs/shapes.md §4), at one or more latent sizes, with ratios to the fused path.
 
-    python benchmarks/bench_vico_step.py --model tiny            # tiny pipeline, latent 16x16
-    python benchmarks/bench_vico_step.py --model sd15 --latent 32 # SD 1.5-sized UNet, random weights
+    python benchmarks/bench_vico_step.py --model tiny --latent 16 --repeat 1          # a quick check
+    python benchmarks/bench_vico_step.py --model sd15 --latent 32 48 64 --threads 2   # CPU: SD 1.5-sized UNet
+    python benchmarks/bench_vico_step.py --model sd15 --latent 64 96 128 --device cuda # GPU (fp16)
 
-Each processor runs in its own subprocess so peak memory (ru_maxrss on CPU,
-max_memory_allocated on CUDA) is its own. Training step = forward + backward
-of the ViCo loss (noisy + reference halves, batch 1); sampling step = one
-guided UNet call (4 rows: noisy/reference x uncond/cond).
+The processors: `fused` (this project: maps, Otsu and the masked image attention
+in fused ops, SDPA elsewhere); `diffusers+maps` (SDPA, probabilities materialised
+only where maps are recorded, batched Otsu); `paper` (every text cross-attention
+and the image attention materialised, Otsu in a per-sample loop); `official`
+(every attention layer materialised as the official LDM CrossAttention: fp32
+einsum, large-negative fill, per-sample Otsu). All compute the same loss and
+gradients (tests/test_baselines.py). The SD 1.5 UNet has random weights
+(vico/configs/sd15_unet.json) and a 12-layer CLIP-sized text encoder.
+
+Training step = forward + backward of the ViCo loss (noisy + reference halves,
+batch 1); sampling step = one guided UNet call (4 rows: noisy/reference x
+uncond/cond). Time: best of --repeat after one warm-up. With the default
+--reference-stop fused, only the fused row stops the reference half after the
+last flagged layer (vico.image_attention.ReferenceEarlyStop); the baselines run
+both halves through the whole UNet as the official code does.
+
+Every (processor, latent, step) runs in its own subprocess. Peak memory: on CPU
+the process's peak resident set (VmHWM, reset after the warm-up; ru_maxrss where
+/proc is missing), `extra` = that peak minus the resident set before the timed
+steps (the model and its inputs); on CUDA max_memory_allocated and its rise above
+the memory allocated before. On CPU a child whose address space would exceed
+--mem-limit-gb stops with "out of memory" instead of endangering the machine;
+its row says so. Ratios: baseline time / fused time (fused speed-up) and fused
+memory / baseline memory.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -25,6 +50,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from fused.benchmark import DTYPES  # noqa: E402
+
+PROCESSORS = ("fused", "diffusers+maps", "paper", "official")
+PHASES = ("train", "sample")
 
 
 def build_components(model: str, device: str, dtype: torch.dtype = torch.float32):
@@ -49,18 +77,76 @@ def build_components(model: str, device: str, dtype: torch.dtype = torch.float32
     return c.to(device, dtype)
 
 
-def run_one(processor: str, model: str, latent: int, repeat: int, device: str, dtype: torch.dtype) -> dict:
+def _status_kb(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+class PeakMemory:
+    """Peak memory of the code between ``start()`` and ``stop()``, in MB: (peak, rise above the start)."""
+
+    def __init__(self, device: str):
+        self.device = device
+
+    def start(self) -> None:
+        gc.collect()
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated() / 2**20
+            return
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap pages back, so the base is what is live
+        except (OSError, AttributeError):
+            pass
+        self.base = (_status_kb("VmRSS") or 0) / 1024
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+            self.hwm = True
+        except OSError:
+            self.hwm = False
+
+    def stop(self) -> tuple[float, float | None]:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated() / 2**20
+            return peak, peak - self.base
+        if self.hwm and _status_kb("VmHWM") is not None:
+            peak = _status_kb("VmHWM") / 1024
+            return peak, peak - self.base
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, None
+
+
+def limit_memory(gb: float | None) -> None:
+    """Cap this process's address space at its current size + ``gb`` (CPU runs only)."""
+    size_kb = _status_kb("VmSize")
+    if gb is None or size_kb is None:
+        return
+    cap = size_kb * 1024 + int(gb * 2**30)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, resource.getrlimit(resource.RLIMIT_AS)[1]))
+
+
+def run_one(processor: str, phase: str, model: str, latent: int, repeat: int, device: str, dtype: torch.dtype,
+            reference_stop: bool) -> dict:
     import fused
     from benchmarks.baselines import BASELINES
     from vico.methods.base import MethodConfig
     from vico.methods.vico import ViCo
+    from vico.model import encode_prompts
 
     torch.manual_seed(0)
     comps = build_components(model, device, dtype)
-    method = ViCo(comps, MethodConfig(init_word="cat", resolution=latent * 2))
+    method = ViCo(comps, MethodConfig(init_word="cat", resolution=latent * 8 if model == "sd15" else latent * 2))
+    method.reference_stop.enabled = reference_stop
     fused.attach(comps.unet, BASELINES[processor])
     g = torch.Generator().manual_seed(0)
     mean = torch.randn(3, 4, latent, latent, generator=g).to(device, dtype)
+    params = [method.embedding.learned] + list(method.blocks.parameters())
 
     def sync():
         if device == "cuda":
@@ -70,10 +156,11 @@ def run_one(processor: str, model: str, latent: int, repeat: int, device: str, d
         batch = method.make_batch(mean, torch.zeros_like(mean), g, batch_size=1)
         loss, _ = method.training_loss(batch, g)
         loss.backward()
+        for p in params:  # an optimiser's zero_grad(set_to_none=True): each step allocates its gradients
+            p.grad = None
         sync()
 
-    ids, cond = __import__("vico.model", fromlist=["encode_prompts"]).encode_prompts(
-        comps.tokenizer, comps.text_encoder, ["a photo of S*"])
+    ids, cond = encode_prompts(comps.tokenizer, comps.text_encoder, ["a photo of S*"])
     uncond = comps.text_encoder(comps.tokenizer([""], padding="max_length", max_length=77,
                                                 return_tensors="pt").input_ids.to(device))[0]
     context = method.sampling_context(mean[:1], 1)
@@ -83,64 +170,145 @@ def run_one(processor: str, model: str, latent: int, repeat: int, device: str, d
         method.predict_noise(mean[:1], torch.tensor(500, device=device), ids, cond.detach(), uncond, 7.5, context)
         sync()
 
-    def best(fn):
+    fn = train_step if phase == "train" else sample_step
+    fn()  # warm-up: kernels built, allocator primed
+    memory = PeakMemory(device)
+    memory.start()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
         fn()
-        times = []
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return min(times) * 1e3
+        times.append(time.perf_counter() - t0)
+    peak, extra = memory.stop()
+    return dict(processor=processor, phase=phase, model=model, latent=latent, device=device, dtype=str(dtype)[6:],
+                reference_stop=reference_stop, ms=min(times) * 1e3, peak_mb=peak, extra_mb=extra,
+                threads=torch.get_num_threads(), repeat=repeat)
 
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    train_ms = best(train_step)
-    train_peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
-    sample_ms = best(sample_step)
-    peak = train_peak if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return dict(processor=processor, model=model, latent=latent, device=device, dtype=str(dtype)[6:], train_ms=train_ms,
-                sample_ms=sample_ms, peak_mb=peak, threads=torch.get_num_threads())
+
+def child(opts, processor: str, phase: str, latent: int) -> dict:
+    cmd = [sys.executable, __file__, "--one", processor, "--phase", phase, "--model", opts.model,
+           "--latent", str(latent), "--repeat", str(opts.repeat), "--device", opts.device, "--dtype", opts.dtype,
+           "--reference-stop", opts.reference_stop]
+    if opts.threads:
+        cmd += ["--threads", str(opts.threads)]
+    if opts.mem_limit_gb is not None:
+        cmd += ["--mem-limit-gb", str(opts.mem_limit_gb)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    lines = res.stdout.strip().splitlines()
+    if res.returncode == 0 and lines:
+        return json.loads(lines[-1])
+    oom = "can't allocate memory" in res.stderr or "MemoryError" in res.stderr or res.returncode in (-9, 137)
+    error = f"out of memory (limit {opts.mem_limit_gb} GB)" if oom else (res.stderr.strip().splitlines() or ["?"])[-1]
+    return dict(processor=processor, phase=phase, latent=latent, error=error, returncode=res.returncode,
+                stderr_tail=res.stderr[-2000:])
+
+
+def default_mem_limit_gb() -> float | None:
+    avail = _status_kb_file("/proc/meminfo", "MemAvailable")
+    return None if avail is None else round(0.8 * avail / 2**20, 1)
+
+
+def _status_kb_file(path: str, field: str) -> int | None:
+    try:
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Per (latent, phase): baseline ms / fused ms, fused peak / baseline peak, fused extra / baseline extra."""
+    base = {(r["latent"], r["phase"]): r for r in rows if r["processor"] == "fused" and "error" not in r}
+    for r in rows:
+        f = base.get((r["latent"], r["phase"]))
+        if f is None or "error" in r:
+            continue
+        r["fused_speedup"] = r["ms"] / f["ms"]
+        r["fused_peak_ratio"] = f["peak_mb"] / r["peak_mb"]
+        r["fused_extra_ratio"] = (f["extra_mb"] / r["extra_mb"]) if f.get("extra_mb") and r.get("extra_mb") else None
+
+
+def format_table(rows: list[dict], opts) -> str:
+    ok = [r for r in rows if "error" not in r]
+    threads = ok[0]["threads"] if ok else "?"
+    out = [f"ViCo step, {opts.model} UNet, {opts.device} {opts.dtype}, torch {torch.__version__}, {threads} threads, "
+           f"best of {opts.repeat}, reference stop: {opts.reference_stop}",
+           "| latent | step | processor | ref. stop | ms | peak MB | extra MB | fused speed-up | "
+           "fused/this peak | fused/this extra |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def f(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r['latent']} | {r['phase']} | {r['processor']} | | {r['error']} | | | | | |")
+            continue
+        out.append(f"| {r['latent']} | {r['phase']} | {r['processor']} | {'yes' if r['reference_stop'] else 'no'} | "
+                   f"{r['ms']:.1f} | {r['peak_mb']:.0f} | {f(r['extra_mb'], '.0f')} | "
+                   f"{f(r.get('fused_speedup'), '.2f')}x | {f(r.get('fused_peak_ratio'), '.2f')} | "
+                   f"{f(r.get('fused_extra_ratio'), '.2f')} |")
+    return "\n".join(out)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", choices=["tiny", "sd15"], default="tiny")
-    p.add_argument("--latent", type=int, default=16, help="latent side (16 tiny; 32 or 64 for sd15)")
-    p.add_argument("--repeat", type=int, default=5, help="best of N")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=["tiny", "sd15"], default="tiny",
+                   help="tiny pipeline, or an SD 1.5-sized UNet + CLIP-sized text encoder with random weights")
+    p.add_argument("--latent", type=int, nargs="+",
+                   help="latent sides (default: 16 for tiny; 32 48 for sd15 on CPU, 64 96 128 on CUDA)")
+    p.add_argument("--processors", nargs="+", choices=PROCESSORS, default=list(PROCESSORS),
+                   help="processors to compare (fused is always run first: the ratios need it)")
+    p.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES), help="steps to time")
+    p.add_argument("--repeat", type=int, default=3, help="timed steps per measurement after a warm-up (best of N)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="default fp16 on CUDA, fp32 on CPU")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads in each child (default: torch's)")
+    p.add_argument("--reference-stop", choices=["fused", "all", "none"], default="fused",
+                   help="which rows stop ViCo's reference half after the last flagged layer: the fused row only "
+                        "(default; the baselines run the full UNet as the official code does), all rows (isolates "
+                        "the attention kernels), or none")
+    p.add_argument("--mem-limit-gb", type=float, default=default_mem_limit_gb(),
+                   help="CPU: address space a child may add after start-up before it stops with 'out of memory' "
+                        "(default: 80%% of MemAvailable)")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     p.add_argument("--one", help=argparse.SUPPRESS)
-    p.add_argument("--json", action="store_true", help="print only JSON")
+    p.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)
     opts = p.parse_args(argv)
     opts.dtype = opts.dtype or ("fp16" if opts.device == "cuda" else "fp32")
-    dtype = DTYPES[opts.dtype]
+    if opts.latent is None:
+        opts.latent = [16] if opts.model == "tiny" else ([64, 96, 128] if opts.device == "cuda" else [32, 48])
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
     if opts.one:
-        print(json.dumps(run_one(opts.one, opts.model, opts.latent, opts.repeat, opts.device, dtype)))
+        if opts.device != "cuda":
+            limit_memory(opts.mem_limit_gb)
+        stop = opts.reference_stop == "all" or (opts.reference_stop == "fused" and opts.one == "fused")
+        print(json.dumps(run_one(opts.one, opts.phase, opts.model, opts.latent[0], opts.repeat, opts.device,
+                                 DTYPES[opts.dtype], stop)))
         return 0
+    processors = ["fused"] + [n for n in opts.processors if n != "fused"]
     rows = []
-    for name in ("fused", "paper", "diffusers+maps"):
-        cmd = [sys.executable, __file__, "--one", name, "--model", opts.model, "--latent", str(opts.latent),
-               "--repeat", str(opts.repeat), "--device", opts.device, "--dtype", opts.dtype]
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        if res.returncode != 0:
-            print(res.stderr, file=sys.stderr)
-            return 1
-        rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
-    fused_row = rows[0]
-    for r in rows:
-        r["train_speedup_of_fused"] = r["train_ms"] / fused_row["train_ms"]
-        r["sample_speedup_of_fused"] = r["sample_ms"] / fused_row["sample_ms"]
+    for latent in opts.latent:
+        for phase in opts.phases:
+            for name in processors:
+                rows.append(child(opts, name, phase, latent))
+                if not opts.json:
+                    r = rows[-1]
+                    print(f"  {latent} {phase} {name}: " + (r["error"] if "error" in r else f"{r['ms']:.1f} ms"),
+                          file=sys.stderr, flush=True)
+    add_ratios(rows)
     if opts.json:
         print(json.dumps(rows, indent=1))
-        return 0
-    print(f"ViCo step, {opts.model} UNet, latent {opts.latent}x{opts.latent}, {opts.device} {opts.dtype}, "
-          f"torch {torch.__version__}, {rows[0]['threads']} threads, best of {opts.repeat}")
-    print("| processor | train step ms | sample step ms | peak MB | fused speed-up (train) | fused speed-up (sample) |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['processor']} | {r['train_ms']:.1f} | {r['sample_ms']:.1f} | {r['peak_mb']:.0f} | "
-              f"{r['train_speedup_of_fused']:.2f}x | {r['sample_speedup_of_fused']:.2f}x |")
-    return 0
+    else:
+        print(format_table(rows, opts))
+    failed = [r for r in rows if "error" in r and not r["error"].startswith("out of memory")]
+    for r in failed:
+        print(f"{r['processor']} {r['phase']} latent {r['latent']} failed:\n{r['stderr_tail']}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -150,21 +150,21 @@ def test_sampling_step_and_its_maps_are_unchanged():
 @torch.no_grad()
 def test_other_forwards_keep_both_halves():
     """A plain call, and a request that also wants maps after the stop, are untouched."""
-    unet = tiny_unet().double()
+    unet = deep_unet().double()
     x, t = torch.randn(4, 4, 8, 8, dtype=torch.float64), torch.tensor([1, 2, 1, 2])
     ctx = torch.randn(4, 7, 32, dtype=torch.float64)
     index = torch.tensor([[-1, -1]] * 2 + [[2, 5]] * 2)
-    inject_image_attention(unet)
+    inject_image_attention(unet, ["up_blocks.0.attentions.1"])
     fused.attach(unet)
     want_plain = unet(x, t, ctx).sample
     request = fused.MapRequest(index, otsu=True)  # every layer: nothing is cut
     want = unet(x, t, ctx, cross_attention_kwargs={"map_request": request}).sample
-    stop = ReferenceEarlyStop(unet, ["up_blocks.1.attentions.1"])
+    stop = ReferenceEarlyStop(unet, ["up_blocks.0.attentions.1"])
     torch.testing.assert_close(unet(x, t, ctx).sample, want_plain, rtol=0, atol=0)
     request = fused.MapRequest(index, otsu=True)
     got = unet(x, t, ctx, cross_attention_kwargs={"map_request": request}).sample
     torch.testing.assert_close(got, want, rtol=0, atol=0)
-    source = "up_blocks.1.attentions.1.transformer_blocks.0.attn2"
+    source = "up_blocks.0.attentions.1.transformer_blocks.0.attn2"
     request = fused.MapRequest(index, layers=[source], otsu=True)
     assert unet(x, t, ctx, cross_attention_kwargs={"map_request": request}).sample.shape[0] == 2
     stop.remove()
