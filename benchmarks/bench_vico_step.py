@@ -20,7 +20,8 @@ batch 1); sampling step = one guided UNet call (4 rows: noisy/reference x
 uncond/cond). Time: best of --repeat after one warm-up. With the default
 --reference-stop fused, only the fused row stops the reference half after the
 last flagged layer (vico.image_attention.ReferenceEarlyStop); the baselines run
-both halves through the whole UNet as the official code does.
+both halves through the whole decoder, as the official code does (it skips
+only the reference's final conv).
 
 Every (processor, latent, step) runs in its own subprocess. Peak memory: on CPU
 the process's peak resident set (VmHWM, reset after the warm-up; ru_maxrss where
@@ -38,7 +39,6 @@ import argparse
 import ctypes
 import gc
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -77,9 +77,10 @@ def build_components(model: str, device: str, dtype: torch.dtype = torch.float32
     return c.to(device, dtype)
 
 
-def _status_kb(field: str) -> int | None:
+def _proc_kb(field: str, path: str = "/proc/self/status") -> int | None:
+    """A kB field of /proc/self/status (or /proc/meminfo); None where there is no /proc."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
+        for line in Path(path).read_text().splitlines():
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     except OSError:
@@ -104,7 +105,7 @@ class PeakMemory:
             ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap pages back, so the base is what is live
         except (OSError, AttributeError):
             pass
-        self.base = (_status_kb("VmRSS") or 0) / 1024
+        self.base = (_proc_kb("VmRSS") or 0) / 1024
         try:
             Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
             self.hwm = True
@@ -116,29 +117,35 @@ class PeakMemory:
             torch.cuda.synchronize()
             peak = torch.cuda.max_memory_allocated() / 2**20
             return peak, peak - self.base
-        if self.hwm and _status_kb("VmHWM") is not None:
-            peak = _status_kb("VmHWM") / 1024
+        if self.hwm and _proc_kb("VmHWM") is not None:
+            peak = _proc_kb("VmHWM") / 1024
             return peak, peak - self.base
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, None
 
 
 def limit_memory(gb: float | None) -> None:
     """Cap this process's address space at its current size + ``gb`` (CPU runs only)."""
-    size_kb = _status_kb("VmSize")
-    if gb is None or size_kb is None:
+    size_kb = _proc_kb("VmSize")
+    if gb is None or gb <= 0 or size_kb is None:
         return
     cap = size_kb * 1024 + int(gb * 2**30)
     resource.setrlimit(resource.RLIMIT_AS, (cap, resource.getrlimit(resource.RLIMIT_AS)[1]))
 
 
-def run_one(processor: str, phase: str, model: str, latent: int, repeat: int, device: str, dtype: torch.dtype,
-            reference_stop: bool) -> dict:
+def run_one(processor: str, model: str, latent: int, repeat: int, device: str, dtype: torch.dtype,
+            reference_stop: bool | None = None, phases=PHASES) -> dict:
+    """Time and peak memory of ``phases`` in this process, one after the other.
+
+    ``reference_stop``: whether ViCo stops the reference half after the last flagged
+    layer (default: for ``fused`` only). Returns {phase}_ms, {phase}_peak_mb and
+    {phase}_extra_mb per phase (MB as ``PeakMemory``)."""
     import fused
     from benchmarks.baselines import BASELINES
     from vico.methods.base import MethodConfig
     from vico.methods.vico import ViCo
     from vico.model import encode_prompts
 
+    reference_stop = processor == "fused" if reference_stop is None else reference_stop
     torch.manual_seed(0)
     comps = build_components(model, device, dtype)
     method = ViCo(comps, MethodConfig(init_word="cat", resolution=latent * 8 if model == "sd15" else latent * 2))
@@ -170,19 +177,21 @@ def run_one(processor: str, phase: str, model: str, latent: int, repeat: int, de
         method.predict_noise(mean[:1], torch.tensor(500, device=device), ids, cond.detach(), uncond, 7.5, context)
         sync()
 
-    fn = train_step if phase == "train" else sample_step
-    fn()  # warm-up: kernels built, allocator primed
-    memory = PeakMemory(device)
-    memory.start()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    peak, extra = memory.stop()
-    return dict(processor=processor, phase=phase, model=model, latent=latent, device=device, dtype=str(dtype)[6:],
-                reference_stop=reference_stop, ms=min(times) * 1e3, peak_mb=peak, extra_mb=extra,
-                threads=torch.get_num_threads(), repeat=repeat)
+    row = dict(processor=processor, model=model, latent=latent, device=device, dtype=str(dtype)[6:],
+               reference_stop=reference_stop, threads=torch.get_num_threads(), repeat=repeat)
+    for phase in phases:
+        fn = train_step if phase == "train" else sample_step
+        fn()  # warm-up: kernels built, allocator primed
+        memory = PeakMemory(device)
+        memory.start()
+        times = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        row[f"{phase}_peak_mb"], row[f"{phase}_extra_mb"] = memory.stop()
+        row[f"{phase}_ms"] = min(times) * 1e3
+    return row
 
 
 def child(opts, processor: str, phase: str, latent: int) -> dict:
@@ -196,7 +205,9 @@ def child(opts, processor: str, phase: str, latent: int) -> dict:
     res = subprocess.run(cmd, capture_output=True, text=True)
     lines = res.stdout.strip().splitlines()
     if res.returncode == 0 and lines:
-        return json.loads(lines[-1])
+        row = json.loads(lines[-1])
+        return {**{k: v for k, v in row.items() if not k.startswith(phase + "_")}, "phase": phase,
+                "ms": row[f"{phase}_ms"], "peak_mb": row[f"{phase}_peak_mb"], "extra_mb": row[f"{phase}_extra_mb"]}
     oom = "can't allocate memory" in res.stderr or "MemoryError" in res.stderr or res.returncode in (-9, 137)
     error = f"out of memory (limit {opts.mem_limit_gb} GB)" if oom else (res.stderr.strip().splitlines() or ["?"])[-1]
     return dict(processor=processor, phase=phase, latent=latent, error=error, returncode=res.returncode,
@@ -204,18 +215,8 @@ def child(opts, processor: str, phase: str, latent: int) -> dict:
 
 
 def default_mem_limit_gb() -> float | None:
-    avail = _status_kb_file("/proc/meminfo", "MemAvailable")
+    avail = _proc_kb("MemAvailable", "/proc/meminfo")
     return None if avail is None else round(0.8 * avail / 2**20, 1)
-
-
-def _status_kb_file(path: str, field: str) -> int | None:
-    try:
-        for line in Path(path).read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
 
 
 def add_ratios(rows: list[dict]) -> None:
@@ -227,7 +228,8 @@ def add_ratios(rows: list[dict]) -> None:
             continue
         r["fused_speedup"] = r["ms"] / f["ms"]
         r["fused_peak_ratio"] = f["peak_mb"] / r["peak_mb"]
-        r["fused_extra_ratio"] = (f["extra_mb"] / r["extra_mb"]) if f.get("extra_mb") and r.get("extra_mb") else None
+        extra, base_extra = r.get("extra_mb"), f.get("extra_mb")
+        r["fused_extra_ratio"] = base_extra / extra if extra and base_extra and extra > 0 and base_extra > 0 else None
 
 
 def format_table(rows: list[dict], opts) -> str:
@@ -264,7 +266,7 @@ def main(argv=None) -> int:
                    help="processors to compare (fused is always run first: the ratios need it)")
     p.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES), help="steps to time")
     p.add_argument("--repeat", type=int, default=3, help="timed steps per measurement after a warm-up (best of N)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="default fp16 on CUDA, fp32 on CPU")
     p.add_argument("--threads", type=int, help="torch.set_num_threads in each child (default: torch's)")
     p.add_argument("--reference-stop", choices=["fused", "all", "none"], default="fused",
@@ -273,7 +275,7 @@ def main(argv=None) -> int:
                         "the attention kernels), or none")
     p.add_argument("--mem-limit-gb", type=float, default=default_mem_limit_gb(),
                    help="CPU: address space a child may add after start-up before it stops with 'out of memory' "
-                        "(default: 80%% of MemAvailable)")
+                        "(default: 80%% of MemAvailable; 0: no limit)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     p.add_argument("--one", help=argparse.SUPPRESS)
     p.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)
@@ -287,8 +289,8 @@ def main(argv=None) -> int:
         if opts.device != "cuda":
             limit_memory(opts.mem_limit_gb)
         stop = opts.reference_stop == "all" or (opts.reference_stop == "fused" and opts.one == "fused")
-        print(json.dumps(run_one(opts.one, opts.phase, opts.model, opts.latent[0], opts.repeat, opts.device,
-                                 DTYPES[opts.dtype], stop)))
+        print(json.dumps(run_one(opts.one, opts.model, opts.latent[0], opts.repeat, opts.device, DTYPES[opts.dtype],
+                                 stop, phases=[opts.phase])))
         return 0
     processors = ["fused"] + [n for n in opts.processors if n != "fused"]
     rows = []

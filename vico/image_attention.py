@@ -196,10 +196,12 @@ class ReferenceEarlyStop:
     ``map_request`` asks for the Otsu mask of the last flagged layer's
     ``attn2`` (the condition under which its image block runs) and for no
     map of any layer after it (a request for every layer keeps both halves);
-    any other forward is unchanged. The noisy half equals the uncut forward's
-    up to the rounding of the batch-size-dependent kernels (bit-for-bit in
-    float64 on CPU in the tests; 1e-6 in float32). Flip ``enabled`` only
-    between a forward and its backward if no gradient checkpointing is on.
+    any other forward is unchanged. The noisy half, the loss and the gradients
+    equal the uncut forward's up to the rounding of kernels whose blocking
+    depends on the batch size (within 1e-12 in float64 and 1e-6 in float32:
+    tests/test_reference_early_stop.py). Do not flip ``enabled`` between a
+    forward and its backward when gradient checkpointing is on (the
+    recomputation must cut as the forward did).
 
     When the last flagged transformer is not in ``up_blocks`` (a custom
     placement in the encoder or mid block) no hooks are installed

@@ -174,7 +174,7 @@ def export(out: Path, models: dict, scaling: float) -> Path:
 
 
 def train(out: Path, minutes: float, vae_steps: int, batch: int, checkpoint_every: int, resume: bool,
-          seed: int = 0, max_steps: int | None = None, vae_minutes: float | None = None) -> Path | None:
+          seed: int = 0, max_steps: int | None = None, init_from: Path | None = None) -> Path | None:
     """Stage 1 for ``vae_steps`` steps, then stage 2 until ``minutes`` of wall clock (both stages) or ``max_steps``."""
     from tqdm.auto import tqdm
 
@@ -202,6 +202,14 @@ def train(out: Path, minutes: float, vae_steps: int, batch: int, checkpoint_ever
         print(f"toyworld: resumed at step {step} ({elapsed / 60:.1f} min)", file=sys.stderr)
     elif resume:
         print(f"toyworld: nothing to resume in {out}; starting fresh", file=sys.stderr)
+    if init_from is not None and step == 0:  # warm start: a pipeline's weights, a fresh optimizer, stage 2
+        from ..model import load_pipeline
+
+        pipe = load_pipeline(init_from)
+        for name in ("vae", "unet", "text_encoder"):
+            models[name].load_state_dict(getattr(pipe, name).state_dict())
+        step, scaling, unet_start = vae_steps, float(pipe.vae.config.scaling_factor), 0.0
+        print(f"toyworld: warm start from {init_from} (stage 2)", file=sys.stderr)
 
     def state():
         return dict(vae=vae.state_dict(), unet=unet.state_dict(), text_encoder=text_encoder.state_dict(),
@@ -371,6 +379,9 @@ def main(argv=None) -> int:
     p.add_argument("--max-steps", type=int, help="stop after this many steps (tests)")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init-from", type=Path, metavar="PIPELINE",
+                   help="warm start stage 2 from a pipeline folder's weights (e.g. vico/toyworld/model) with a fresh "
+                        "optimizer, instead of training from scratch")
     p.add_argument("--finetune-decoder", type=int, metavar="STEPS",
                    help="stage 3: fine-tune the VAE decoder of OUT's checkpoint for STEPS steps (beside or after "
                         "stage 2; later exports use it) and exit")
@@ -389,7 +400,7 @@ def main(argv=None) -> int:
     from ..training import save_on_signals
 
     save_on_signals()
-    train(o.out, o.minutes, o.vae_steps, o.batch, o.checkpoint_every, o.resume, o.seed, o.max_steps)
+    train(o.out, o.minutes, o.vae_steps, o.batch, o.checkpoint_every, o.resume, o.seed, o.max_steps, o.init_from)
     return 0
 
 
