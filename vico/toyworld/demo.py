@@ -137,8 +137,8 @@ def summary(rows: list[dict]) -> dict:
             "text_background": float(np.mean([r["background"] for r in rows]))}
 
 
-def run(model: Path, out: Path, steps: int | None = None, ti_steps: int | None = None, sample_steps: int = 30,
-        guidance: float = 5.0, samples: int = 2, quiet: bool = False) -> dict:
+def run(model: Path, out: Path, steps: int | None = VICO_STEPS, ti_steps: int | None = TI_STEPS,
+        sample_steps: int = 30, guidance: float = 5.0, samples: int = 2, quiet: bool = False) -> dict:
     """Train TI and ViCo, sample, score; writes out/grid.png and out/metrics.json and returns the metrics."""
     from ..methods import get_method
     from ..pipeline import ViCoPipeline
