@@ -170,7 +170,9 @@ def _build(name: str, sources: tuple[str, ...], headers: tuple[str, ...], **kwar
                 f"fused: could not build the {name} kernels ({type(exc).__name__}: {first[:300]}). "
                 "A C++17 compiler (g++) and ninja are needed; the PyTorch backend still works."
             ) from exc
-        if not built_before and library.exists():
+        # ninja may have relinked even a verified library (sources with newer mtimes, e.g. another checkout of
+        # the same code): record what our own build step left, under our lock, every time.
+        if library.exists():
             (build_dir / MANIFEST).write_text(json.dumps({library.name: _sha256(library)}))
 
 
