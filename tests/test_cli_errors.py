@@ -436,3 +436,15 @@ def test_demo_help_describes_what_it_runs(capsys):
         assert phrase in text, phrase
     assert "random" not in text and "default cat" not in text
     assert cli.DEMO_MARKER == getattr(demo, "MARKER", cli.DEMO_MARKER)
+
+
+def test_eval_with_a_garbage_concept_json_is_one_line(tmp_path, capsys):
+    from vico import cli
+
+    concept = tmp_path / "concept"
+    concept.mkdir()
+    (concept / "concept.json").write_text("{not json")
+    code = cli.main(["eval", "--concept", str(concept), "--generated", str(tmp_path), "--clip", str(tmp_path),
+                     "--dino", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and "concept.json" in err

@@ -255,16 +255,12 @@ def cmd_eval(args) -> int:
 
     from . import evaluation, metrics
     from .data import list_images
-    from .methods.base import CONFIG_FILE, Method, get_method
+    from .methods.base import Method, get_method, read_concept_meta
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    meta = read_concept_meta(args.concept) if args.concept else {}  # a garbage concept.json: one line
     _check_encoder_folder(args.clip, "--clip", "clip", "CLIPModel")
     _check_encoder_folder(args.dino, "--dino", "vit", "ViTModel")
-    meta = {}
-    if args.concept:
-        if not (Path(args.concept) / CONFIG_FILE).is_file():
-            raise UserError(f"{args.concept} is not a trained concept (no {CONFIG_FILE})")
-        meta = json.loads((Path(args.concept) / CONFIG_FILE).read_text())
     placeholder = meta.get("config", {}).get("placeholder", "S*")
     class_word = args.class_word or meta.get("config", {}).get("init_word")
     if not class_word:
