@@ -60,10 +60,13 @@ class Rows:
         i, j = (int(x) for x in stop.last_layer.split(".")[1::2])
         late = {"conv_out"} | {f"up_blocks.{k}" for k in range(i + 1, len(unet.up_blocks))}
         late |= {f"up_blocks.{i}.{part}.{k}" for part in ("resnets", "attentions") for k in range(j + 1, 9)}
+        self.temb = set()  # rows the later resnets' time-embedding projections see
         for name, mod in unet.named_modules():
             if name in late:
                 mod.register_forward_hook(lambda m, a, o, n=name: self.seen.setdefault(n, set()).add(
                     (o[0] if isinstance(o, tuple) else getattr(o, "sample", o)).shape[0]))
+            if name.startswith(tuple(late)) and name.endswith("time_emb_proj"):
+                mod.register_forward_hook(lambda m, a, o: self.temb.add(a[0].shape[0]))
 
 
 def train_step(comps, method, dtype=torch.float64, batch_size=2):
@@ -93,6 +96,8 @@ def test_train_step_equals_the_full_forward(placement):
     assert out.shape[0] == 2  # the noisy half only
     assert rows.seen["conv_out"] == {2} and all(s == {2} for s in rows.seen.values()), rows.seen
     assert len(rows.seen) > 1 or placement == "tiny-default"
+    # every row's time embedding is projected (a 2-row product rounds unlike a 1-row one), then cut
+    assert rows.temb == ({4} if placement != "tiny-default" else set())
     torch.testing.assert_close(out, want_out[:2], rtol=0, atol=1e-12)
     torch.testing.assert_close(loss, want_loss, rtol=0, atol=1e-12)
     for a, b in zip(grads, want_grads):

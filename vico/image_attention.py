@@ -157,19 +157,25 @@ def _first_half(value, batch: int):
     return value
 
 
-def _follow_noisy_half(module, args, kwargs):
+def _follow_noisy_half(module, args, kwargs, keep=("hidden_states",)):
     """Pre-hook of the modules after the stop: the hidden states already hold the noisy
-    half only; cut every other batch-carrying input (temb, encoder_hidden_states, the
-    skip tensors, masks) that still holds both halves to the same rows. Decided by the
-    inputs alone, so a gradient-checkpointing recomputation cuts the same way; a no-op
-    when the hidden states and the other inputs agree (every forward without the stop)."""
+    half only; cut every other batch-carrying input (encoder_hidden_states, the skip
+    tensors, masks; not those named in ``keep``) that still holds both halves to the
+    same rows. Decided by the inputs alone, so a gradient-checkpointing recomputation
+    cuts the same way; a no-op when the hidden states and the other inputs agree
+    (every forward without the stop)."""
     hidden = args[0] if args else kwargs.get("hidden_states")
     if not isinstance(hidden, torch.Tensor):
         return None
     b = hidden.shape[0]
     args = (args[0],) + tuple(_first_half(a, b) for a in args[1:]) if args else args
-    kwargs = {k: (v if k == "hidden_states" else _first_half(v, b)) for k, v in kwargs.items()}
+    kwargs = {k: (v if k in keep else _first_half(v, b)) for k, v in kwargs.items()}
     return args, kwargs
+
+
+def _follow_noisy_half_but_temb(module, args, kwargs):
+    # Up blocks after the stop: their resnets cut the time embedding themselves (ReferenceEarlyStop._resnet_pre).
+    return _follow_noisy_half(module, args, kwargs, keep=("hidden_states", "temb"))
 
 
 class ReferenceEarlyStop:
@@ -185,11 +191,13 @@ class ReferenceEarlyStop:
        only its resnets after position ``j`` consume (diffusers' up blocks pop
        ``res_hidden_states_tuple`` from the end, one per resnet);
     2. a forward hook on that transformer keeps the noisy half of its output;
-    3. pre-hooks on everything after it — the block's later resnets and
-       transformers, and every later up block — cut ``temb``,
-       ``encoder_hidden_states``, masks and skip tensors to the hidden states'
-       rows (``_follow_noisy_half``); the upsamplers, ``conv_norm_out`` and
-       ``conv_out`` see the noisy half only.
+    3. pre-hooks on everything after it — the block's later transformers and
+       every later up block — cut ``encoder_hidden_states``, masks and skip
+       tensors to the hidden states' rows (``_follow_noisy_half``); each later
+       resnet projects the time embedding of every row, as without the stop
+       (a 1-row matrix product would round differently from a 2-row one), and
+       keeps the noisy rows of the projection; the upsamplers,
+       ``conv_norm_out`` and ``conv_out`` see the noisy half only.
 
     Such a forward returns the **noisy half only** (``[B, ...]`` for a
     ``[2B, ...]`` input). It applies when ``enabled`` and the forward's
@@ -199,7 +207,9 @@ class ReferenceEarlyStop:
     any other forward is unchanged. The noisy half, the loss and the gradients
     equal the uncut forward's up to the rounding of kernels whose blocking
     depends on the batch size (within 1e-12 in float64 and 1e-6 in float32:
-    tests/test_reference_early_stop.py). Do not flip ``enabled`` between a
+    tests/test_reference_early_stop.py). In float32 on CPU the SD 1.5 UNet's
+    noisy half, loss and gradients come out bit-for-bit; the tiny test UNets'
+    32->4 ``conv_out`` rounds differently for 1 row than for 2 (up to 9e-7). Do not flip ``enabled`` between a
     forward and its backward when gradient checkpointing is on (the
     recomputation must cut as the forward did).
 
@@ -233,10 +243,20 @@ class ReferenceEarlyStop:
         later += [f"up_blocks.{k}." for k in range(i + 1, len(unet.up_blocks))]
         self.later_layers = frozenset(  # attention layers after the stop, by processor name
             key.removesuffix(".processor") for key in unet.attn_processors if key.startswith(tuple(later)))
-        self.handles.append(block.register_forward_pre_hook(self._cut_skips, with_kwargs=True))
-        self.handles.append(transformer.register_forward_hook(self._cut_output, with_kwargs=True))
-        for mod in resnets[j + 1:] + attentions[j + 1:] + list(unet.up_blocks[i + 1:]):
-            self.handles.append(mod.register_forward_pre_hook(_follow_noisy_half, with_kwargs=True))
+        self._temb_rows = {}  # time_emb_proj -> rows to keep of its output, set by its resnet's pre-hook
+        hook = self.handles.append
+        hook(block.register_forward_pre_hook(self._cut_skips, with_kwargs=True))
+        hook(transformer.register_forward_hook(self._cut_output, with_kwargs=True))
+        for mod in attentions[j + 1:]:
+            hook(mod.register_forward_pre_hook(_follow_noisy_half, with_kwargs=True))
+        for mod in unet.up_blocks[i + 1:]:
+            hook(mod.register_forward_pre_hook(_follow_noisy_half_but_temb, with_kwargs=True))
+        later_resnets = resnets[j + 1:] + [m for b in unet.up_blocks[i + 1:] for m in b.modules()
+                                            if hasattr(m, "time_emb_proj")]
+        for mod in later_resnets:
+            hook(mod.register_forward_pre_hook(self._resnet_pre, with_kwargs=True))
+            if getattr(mod, "time_emb_proj", None) is not None:
+                hook(mod.time_emb_proj.register_forward_hook(self._cut_temb_projection))
         self.installed = True
 
     def remove(self) -> None:
@@ -264,6 +284,23 @@ class ReferenceEarlyStop:
         else:
             args = (args[0], skips) + tuple(args[2:])
         return args, kwargs
+
+    def _resnet_pre(self, module, args, kwargs):
+        proj = getattr(module, "time_emb_proj", None)
+        self._temb_rows.pop(proj, None)  # nothing stale from a forward that raised
+        hidden = args[0] if args else kwargs.get("input_tensor")
+        temb = args[1] if len(args) > 1 else kwargs.get("temb")
+        if not isinstance(hidden, torch.Tensor) or not isinstance(temb, torch.Tensor) \
+                or temb.shape[0] != 2 * hidden.shape[0]:
+            return None
+        if proj is None:
+            return _follow_noisy_half(module, args, kwargs, keep=("input_tensor",))
+        self._temb_rows[proj] = hidden.shape[0]  # project every row, keep the noisy ones
+        return None
+
+    def _cut_temb_projection(self, module, args, output):
+        rows = self._temb_rows.pop(module, None)
+        return None if rows is None else output[:rows]
 
     def _cut_output(self, module, args, kwargs, output):
         sample = output[0] if isinstance(output, tuple) else output.sample
