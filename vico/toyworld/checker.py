@@ -75,11 +75,16 @@ def _neighbours(mask: np.ndarray) -> np.ndarray:
     return padded[:-2, 1:-1].astype(int) + padded[2:, 1:-1] + padded[1:-1, :-2] + padded[1:-1, 2:]
 
 
+def _border(img: np.ndarray) -> np.ndarray:
+    """The pixels [n, 3] of the image's 2-px frame, where only background is."""
+    return np.concatenate([img[:2].reshape(-1, 3), img[-2:].reshape(-1, 3), img[:, :2].reshape(-1, 3),
+                           img[:, -2:].reshape(-1, 3)])
+
+
 def object_mask(image: np.ndarray) -> np.ndarray:
     """bool [H, W]: the object's pixels as the checker sees them (all False for an empty image)."""
     img = image.astype(np.float32)
-    border = np.concatenate([img[:2].reshape(-1, 3), img[-2:].reshape(-1, 3), img[:, :2].reshape(-1, 3),
-                             img[:, -2:].reshape(-1, 3)])
+    border = _border(img)
     bg_value = np.median(border, axis=0)
     dist = np.linalg.norm(img - bg_value, axis=-1)
     if dist.max() - dist.min() < 1e-6:
@@ -126,9 +131,7 @@ def read_texture(image: np.ndarray, fg: np.ndarray) -> str:
 
 def read(image: np.ndarray) -> dict[str, str | None]:
     img = image.astype(np.float32)
-    border = np.concatenate([img[:2].reshape(-1, 3), img[-2:].reshape(-1, 3), img[:, :2].reshape(-1, 3),
-                             img[:, -2:].reshape(-1, 3)])
-    background = _nearest(np.median(border, axis=0), BACKGROUNDS)
+    background = _nearest(np.median(_border(img), axis=0), BACKGROUNDS)
     core = object_mask(image)
     if core.sum() < 8:
         return {"background": background, "colour": None, "shape": None, "texture": None, "size": None}
