@@ -161,7 +161,7 @@ def run_one(processor: str, model: str, latent: int, repeat: int, device: str, d
 
     def train_step():
         batch = method.make_batch(mean, torch.zeros_like(mean), g, batch_size=1)
-        loss, _ = method.training_loss(batch, g)
+        loss, _ = method.training_loss(batch)
         loss.backward()
         for p in params:  # an optimiser's zero_grad(set_to_none=True): each step allocates its gradients
             p.grad = None

@@ -56,3 +56,21 @@ def rand(*shape, dtype=torch.float64, seed=0, **kw):
 def _fixed_seed():
     torch.manual_seed(1234)
     yield
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny Stable-Diffusion-shaped pipeline saved with ``save_pretrained`` (random weights)."""
+    from vico import tiny
+
+    return tiny.save_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd"))
+
+
+@pytest.fixture(scope="module")
+def images_dir(tmp_path_factory):
+    """Three toy training images (the tests' "concept")."""
+    from vico import tiny
+
+    folder = tmp_path_factory.mktemp("images")
+    tiny.write_toy_images(folder, n=3)
+    return folder

@@ -32,7 +32,7 @@ def test_baselines_match_fused_vico_step(cpp_backend):
         fused.attach(comps.unet, cls)
         gen = torch.Generator().manual_seed(1)
         batch = method.make_batch(mean, torch.zeros_like(mean), gen, batch_size=2)
-        loss, logs = method.training_loss(batch, gen)
+        loss, logs = method.training_loss(batch)
         grads = torch.autograd.grad(loss, [method.embedding.learned] + list(method.blocks.parameters()))
         results[name] = (loss.detach(), grads)
     want_loss, want_grads = results["fused"]
@@ -60,7 +60,7 @@ def test_official_materialises_every_attention_layer(monkeypatch):
     g = torch.Generator().manual_seed(0)
     mean = torch.randn(2, 4, 16, 16, generator=g, dtype=torch.float64)
     batch = method.make_batch(mean, torch.zeros_like(mean), g, batch_size=1)
-    method.training_loss(batch, g)
+    method.training_loss(batch)
     n_layers = len(comps.unet.attn_processors)
     assert len(calls) == n_layers  # one call per attention layer: no layer runs SDPA
     assert sum(masked for *_, masked in calls) == len(method.layers)  # the image cross-attention

@@ -139,7 +139,7 @@ def test_sample_names_a_missing_model_or_image_folder_and_overrides_work(trained
 
 class _TinyMethod:
     def save(self, folder):
-        from vico.methods.base import atomic_write
+        from vico.files import atomic_write
 
         Path(folder).mkdir(parents=True, exist_ok=True)
         atomic_write(Path(folder) / "concept.safetensors", lambda p: p.write_bytes(b"weights"))

@@ -22,7 +22,6 @@ from vico.methods.vico import ViCo  # noqa: E402
 from vico.model import Components, encode_prompts  # noqa: E402
 from vico.pipeline import ViCoPipeline  # noqa: E402
 
-from .test_vico_e2e import images_dir, model_dir  # noqa: E402,F401  (module fixtures)
 
 
 def components(seed=0):
@@ -389,3 +388,44 @@ def test_vico_image_block_lr_is_not_scaled():
     emb, blocks = method.param_groups(lr_scale=8.0)
     assert emb["lr"] == pytest.approx(5e-3 * 8) and blocks["lr"] == 1e-5
     assert ViCo.scale_lr  # the embedding's is scaled by default (main.py), the blocks' never (ddpm.py)
+
+
+def test_catversion_lr_is_the_official_base_rate_scaled_by_the_global_batch():
+    method = CatVersion(components(), MethodConfig(init_word="cat", resolution=32))
+    assert CatVersion.scale_lr and method.param_groups(lr_scale=2.0)[0]["lr"] == pytest.approx(1e-2)
+    assert not AttnDreamBooth.scale_lr
+
+
+# --- 9. ViCo's reference latent is a posterior sample ------------------------------------------------------
+
+def test_vico_training_reference_is_a_posterior_sample_of_another_image():
+    method = ViCo(components(), MethodConfig(init_word="cat", resolution=32))
+    g = torch.Generator().manual_seed(3)
+    mean, std = torch.randn(3, 4, 16, 16, generator=g), torch.rand(3, 4, 16, 16, generator=g) + 0.1
+    batch = method.make_batch(mean, std, torch.Generator().manual_seed(5), batch_size=4)
+    # the same draws by hand: image, latent noise, captions, the reference's other image, then its sample
+    h = torch.Generator().manual_seed(5)
+    idx = torch.randint(0, 3, (4,), generator=h)
+    torch.testing.assert_close(batch.latents, mean[idx] + std[idx] * torch.randn(4, 4, 16, 16, generator=h))
+    for _ in range(4):
+        method.prompt(h)
+    ref_idx = (idx + torch.randint(1, 3, (4,), generator=h)) % 3
+    expected = mean[ref_idx] + std[ref_idx] * torch.randn(4, 4, 16, 16, generator=h)
+    torch.testing.assert_close(batch.reference, expected)
+    assert not torch.allclose(batch.reference, mean[ref_idx], atol=1e-2)  # not the posterior mean
+    assert (ref_idx != idx).all()
+
+
+def test_vico_sampling_reference_is_one_posterior_sample_from_the_seed():
+    c = components()
+    pipe = ViCoPipeline(c, ViCo(c, MethodConfig(init_word="cat", resolution=32)))
+    reference = torch.rand(3, 32, 32) * 2 - 1
+    _, context = pipe("a photo of S*", reference=reference, num_images=2, num_inference_steps=1, seed=4,
+                      progress=False)
+    g = torch.Generator().manual_seed(4)
+    torch.randn(2, 4, 16, 16, generator=g)  # the initial latents come first
+    with torch.no_grad():
+        post = c.vae.encode(reference[None]).latent_dist
+    sample = (post.mean + post.std * torch.randn(post.mean.shape, generator=g)) * c.vae.config.scaling_factor
+    torch.testing.assert_close(context["reference"], sample.expand(2, -1, -1, -1))
+    assert not torch.allclose(context["reference"][0], post.mean[0] * c.vae.config.scaling_factor, atol=1e-3)

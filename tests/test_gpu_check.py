@@ -47,6 +47,22 @@ def test_joint_maps_benchmark_small_run(capsys):
     assert mod.run_one("materialised", 16, 5, 2, 8, "cpu", 1)["best_ms"] > 0
 
 
+def test_flux_sweep_measures_both_paths_or_projects_the_materialised_one(tmp_path, monkeypatch, cpp_backend):
+    spec = importlib.util.spec_from_file_location("bench_joint_maps", SCRIPT.parent / "bench_joint_maps.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.flux_sweep([64], "cpu", 1, tmp_path / "fits") == 0  # 16 image + 512 text tokens: both run
+    (row,) = json.loads((tmp_path / "fits" / "flux_scaling.json").read_text())
+    assert row["image_tokens"] == 16 and row["heads"] == 24 and row["head_dim"] == 128 and row["materialised_ran"]
+    assert row["fused_ms"] > 0 and row["materialised_ms"] > 0
+    assert row["projected_materialised_mb"] == pytest.approx(2 * 24 * 528 ** 2 * 4 / 2**20)
+    monkeypatch.setattr(mod, "memory_bytes", lambda device: 2**20)  # a machine with 1 MB: nothing materialises
+    assert mod.flux_sweep([64], "cpu", 1, tmp_path / "small") == 0
+    (row,) = json.loads((tmp_path / "small" / "flux_scaling.json").read_text())
+    assert not row["materialised_ran"] and row["materialised_ms"] is None
+    assert "(projected)" in (tmp_path / "small" / "flux_scaling.md").read_text()
+
+
 def test_vico_step_benchmark_runs_each_processor_once():
     import torch
 

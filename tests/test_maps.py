@@ -13,7 +13,6 @@ import fused  # noqa: E402
 from fused import maps as fused_maps  # noqa: E402
 from vico import cli  # noqa: E402
 
-from .test_vico_e2e import model_dir  # noqa: E402,F401
 
 
 class Recorder(AttnProcessor):

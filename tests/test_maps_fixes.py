@@ -20,7 +20,6 @@ from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from fused import maps as fused_maps  # noqa: E402
 from vico import cli, tiny  # noqa: E402
 
-from .test_vico_e2e import model_dir  # noqa: E402,F401
 
 TOL = dict(rtol=1e-4, atol=1e-5)
 

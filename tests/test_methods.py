@@ -15,7 +15,6 @@ from vico.model import Components  # noqa: E402
 from vico.pipeline import ViCoPipeline  # noqa: E402
 from vico.training import TrainConfig, train  # noqa: E402
 
-from .test_vico_e2e import images_dir, model_dir  # noqa: E402,F401  (module fixtures)
 
 
 def components(seed=0):
@@ -41,7 +40,7 @@ def run_steps(method, steps=2, stage=0):
     mean = torch.randn(3 * (2 if method.hflip_prob else 1), 4, 16, 16, generator=g)
     for _ in range(steps):
         batch = method.make_batch(mean, torch.zeros_like(mean), g, batch_size=2)
-        loss, _ = method.training_loss(batch, g)
+        loss, _ = method.training_loss(batch)
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -208,11 +207,11 @@ def test_interrupted_multistage_run_resumes_to_the_same_result(model_dir, images
     real_loss = AttnDreamBooth.training_loss
     calls = {"n": 0}
 
-    def interrupting(self, batch, generator):
+    def interrupting(self, batch):
         calls["n"] += 1
         if calls["n"] == 4:  # inside the second step of stage 2 (cross-attention)
             raise KeyboardInterrupt
-        return real_loss(self, batch, generator)
+        return real_loss(self, batch)
 
     monkeypatch.setattr(AttnDreamBooth, "training_loss", interrupting)
     with pytest.raises(KeyboardInterrupt):

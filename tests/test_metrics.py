@@ -10,7 +10,6 @@ pytest.importorskip("transformers")
 
 from vico import cli, metrics, tiny  # noqa: E402
 
-from .test_vico_e2e import images_dir, model_dir  # noqa: E402,F401
 
 
 @pytest.fixture(scope="module")

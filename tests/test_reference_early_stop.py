@@ -74,7 +74,7 @@ def train_step(comps, method, dtype=torch.float64, batch_size=2):
     mean = torch.randn(3, 4, 16, 16, generator=g, dtype=dtype)
     gen = torch.Generator().manual_seed(1)
     batch = method.make_batch(mean, torch.zeros_like(mean), gen, batch_size=batch_size)
-    loss, _ = method.training_loss(batch, gen)
+    loss, _ = method.training_loss(batch)
     grads = torch.autograd.grad(loss, [method.embedding.learned] + list(method.blocks.parameters()))
     return loss.detach(), grads
 

@@ -10,22 +10,10 @@ pytest.importorskip("accelerate")
 
 from safetensors.torch import load_file  # noqa: E402
 
-from vico import cli, tiny  # noqa: E402
+from vico import cli  # noqa: E402
 from vico.methods.base import MethodConfig  # noqa: E402
 from vico.methods.vico import ViCo  # noqa: E402
 from vico.model import load_components, token_positions  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return tiny.save_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd"))
-
-
-@pytest.fixture(scope="module")
-def images_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("images")
-    tiny.write_toy_images(folder, n=3)
-    return folder
 
 
 def run(*argv):
@@ -85,7 +73,7 @@ def test_vico_loss_regulariser_and_gradients(model_dir):
     assert batch.reference.shape == batch.latents.shape
     for i in range(2):  # the reference is another image than the target
         assert not torch.equal(batch.reference[i], batch.latents[i])
-    loss, logs = method.training_loss(batch, g)
+    loss, logs = method.training_loss(batch)
     assert logs["reg"] > 0 and logs["loss"] == pytest.approx(logs["mse"] + 5e-4 * logs["reg"])
     loss.backward()
     assert method.embedding.learned.grad.abs().sum() > 0
@@ -165,18 +153,21 @@ def test_cli_help_explains_each_command(capsys):
 def test_v_prediction_target(model_dir):
     from diffusers import DDIMScheduler
 
-    from vico.methods.base import noise_and_target
+    from vico.methods.base import draw_noise, noise_and_target
 
     sched = DDIMScheduler(prediction_type="v_prediction")
     latents = torch.randn(2, 4, 8, 8, dtype=torch.float64)
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    noisy, t, target = noise_and_target(sched, latents, g1)
-    noise = torch.randn(latents.shape, generator=g2, dtype=torch.float32).double()
+    noise, t = draw_noise(sched, latents.shape, g1)
+    noise2 = torch.randn(latents.shape, generator=g2, dtype=torch.float32)
     t2 = torch.randint(0, 1000, (2,), generator=g2)
-    assert torch.equal(t, t2)
-    torch.testing.assert_close(target, sched.get_velocity(latents, noise, t))
+    assert torch.equal(t, t2) and torch.equal(noise, noise2) and noise.dtype == torch.float32
+    noisy, t_out, target = noise_and_target(sched, latents, noise, t)
+    assert target.dtype == torch.float64 and torch.equal(t_out, t)
+    torch.testing.assert_close(target, sched.get_velocity(latents, noise.double(), t))
+    torch.testing.assert_close(noisy, sched.add_noise(latents, noise.double(), t))
     with pytest.raises(ValueError, match="unsupported prediction_type"):
-        noise_and_target(DDIMScheduler(prediction_type="sample"), latents, g1)
+        noise_and_target(DDIMScheduler(prediction_type="sample"), latents, noise, t)
 
 
 def test_gradient_checkpointing_gives_the_same_step(model_dir, images_dir, tmp_path):

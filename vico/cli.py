@@ -32,7 +32,11 @@ def _train_parser(sub) -> None:
     p.add_argument("--scale-lr", action=argparse.BooleanOptionalAction, default=None,
                    help="multiply learning rates by batch size x GPUs (default: as the method's paper code does)")
     p.add_argument("--checkpoint-every", type=int, default=100, help="write a resumable checkpoint every K steps")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--checkpoints-total-limit", type=int, default=2, metavar="N",
+                   help="keep the newest N checkpoints, delete older ones (default 2; 0 keeps all)")
+    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+                   help="continue from the latest checkpoint in --out (`--resume` or `--resume latest`), or "
+                   "from one of them (`--resume step-000200`; newer ones are moved to checkpoints/superseded/)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resolution", type=int, help="training image size (default: the model's native size)")
     p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"], help="GPU mixed precision")
@@ -403,7 +407,7 @@ def cmd_train(args) -> int:
     cfg = TrainConfig(
         model=str(args.model), images=str(args.images), out=str(args.out), method=args.method, placeholder=args.token,
         init_word=args.init_word, steps=args.steps, batch_size=args.batch_size, scale_lr=args.scale_lr,
-        checkpoint_every=args.checkpoint_every, seed=args.seed, resolution=args.resolution,
+        checkpoint_every=args.checkpoint_every, checkpoints_total_limit=args.checkpoints_total_limit, seed=args.seed, resolution=args.resolution,
         mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
         resume=args.resume, layers=args.layers, progress=not args.quiet,
         extra={"fast": True} if getattr(args, "fast", False) else {},

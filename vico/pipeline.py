@@ -64,7 +64,10 @@ class ViCoPipeline:
         ref_latents = None
         if reference is not None:
             ref = reference[None] if reference.dim() == 3 else reference
-            ref_latents = c.vae.encode(ref.to(device, c.vae.dtype)).latent_dist.mean * c.vae.config.scaling_factor
+            # a posterior sample, as the official sampling encodes the reference (get_first_stage_encoding)
+            posterior = c.vae.encode(ref.to(device, c.vae.dtype)).latent_dist
+            eps = torch.randn(posterior.mean.shape, generator=generator).to(posterior.mean)
+            ref_latents = (posterior.mean + posterior.std * eps) * c.vae.config.scaling_factor
         context = self.method.sampling_context(ref_latents, num_images)
         for i, t in enumerate(tqdm(scheduler.timesteps, desc="sampling", disable=not progress)):
             context["last_step"] = i == len(scheduler.timesteps) - 1

@@ -1,12 +1,16 @@
 """Training any method (``vico.methods``) with HF ``accelerate``.
 
 Single process by default; ``accelerate launch -m vico.cli train ...`` (or
-``accelerate launch $(which vico) train ...``) scales to several GPUs. All
-randomness (image and template choice, noise, timesteps) comes from one CPU
-``torch.Generator`` whose state is checkpointed with the weights and AdamW
-state, so a resumed run equals an uninterrupted one. Checkpoints are written
-to a temporary folder and renamed into place (atomic); Ctrl-C saves one before
-exiting.
+torchrun) scales to several GPUs and machines. All randomness (image and
+template choice, augmentation, noise, timesteps) comes from one CPU
+``torch.Generator`` seeded alike on every process. Each step draws the *global*
+batch (per-process batch x processes) from it and each process trains on its
+own rows (``Method.make_batch(rows=...)``); DDP averages the gradients, so N
+processes x batch B train on exactly the samples of one process x N*B. The
+generator state is checkpointed with the weights and AdamW state, so a resumed
+run equals an uninterrupted one with the same number of processes.
+Checkpoints are written to a temporary folder and renamed into place (atomic)
+by the main process while the others wait; Ctrl-C saves one before exiting.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from pathlib import Path
 import torch
 
 from .data import list_images, load_images
-from .methods.base import MethodConfig, atomic_write, describe_error, fsync_path, get_method, write_errors
+from .files import atomic_folder, atomic_write, describe_error, write_errors
+from .methods.base import MethodConfig, get_method
 from .model import UnreadableFile, UserError, check_output_folder, load_components, warn
 
 CHECKPOINTS = "checkpoints"
@@ -94,11 +99,12 @@ class TrainConfig:
     batch_size: int | None = None  # None: the method's default
     scale_lr: bool | None = None  # lr x batch size x processes; None: the method's default
     checkpoint_every: int = 100
+    checkpoints_total_limit: int = 2  # keep the newest N checkpoints; 0 keeps all
     seed: int = 0
     resolution: int | None = None  # None: the UNet's native size
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
-    resume: bool = False
+    resume: bool | str = False  # True or "latest": the newest checkpoint; or a checkpoint folder name/path
     layers: list[str] | None = None
     progress: bool = True
     extra: dict = field(default_factory=dict)
@@ -111,8 +117,11 @@ def _checkpoint_dirs(out: Path) -> list[Path]:
     return sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")), key=lambda p: p.name)
 
 
-def save_checkpoint(out: Path, step: int, method, optimizer, generator: torch.Generator, stage: int = 0) -> Path:
-    """checkpoints/step-XXXXXX/ with the concept, AdamW state, stage and RNG, renamed into place.
+def save_checkpoint(out: Path, step: int, method, optimizer, generator: torch.Generator, stage: int = 0,
+                    world_size: int = 1) -> Path:
+    """checkpoints/step-XXXXXX/ with the concept, AdamW state, stage, RNG and the number of
+    processes, renamed into place. Every process draws from one global random stream
+    (``Method.make_batch``), so the main process's generator state is every process's.
 
     Written into ``.tmp-step-...``, every file and the folder fsynced, then renamed
     and the parent fsynced: a crash or power cut leaves the previous checkpoints
@@ -120,32 +129,67 @@ def save_checkpoint(out: Path, step: int, method, optimizer, generator: torch.Ge
     """
     root = out / CHECKPOINTS
     final = root / f"step-{step:06d}"
-    tmp = root / f".tmp-step-{step:06d}-{os.getpid()}"
-    old = root / f".tmp-old-step-{step:06d}-{os.getpid()}"
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    def fill(tmp: Path) -> None:
         method.save(tmp)
         torch.save({"optimizer": optimizer.state_dict(), "generator": generator.get_state(), "step": step,
-                    "stage": stage}, tmp / "trainer.pt")
-        for f in tmp.iterdir():
-            if f.is_file():
-                fsync_path(f)
-        fsync_path(tmp)
-        if final.exists():  # a folder cannot be renamed over a full one: move the old one aside first
-            os.replace(final, old)
-        os.replace(tmp, final)
-        fsync_path(root)
+                    "stage": stage, "world_size": world_size}, tmp / "trainer.pt")
+
+    try:
+        return atomic_folder(final, fill)
     except (UserError, *write_errors()) as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
         cause = exc.__cause__ if isinstance(exc, UserError) and exc.__cause__ is not None else exc
-        if old.exists() and not final.exists():
-            os.replace(old, final)
         kept = [p.name for p in _checkpoint_dirs(out)]
         safe = f"the checkpoints already there (newest {kept[-1]}) are intact" if kept else "no checkpoint was kept"
         raise UserError(f"cannot write checkpoint {final.name} in {root}: {describe_error(cause)}; {safe}; free "
                         "space or fix permissions, then rerun with --resume") from None
-    shutil.rmtree(old, ignore_errors=True)
-    return final
+
+
+def prune_checkpoints(out: Path, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` checkpoints (0: keep all); returns what was deleted.
+
+    Called after a checkpoint is whole on disk, so the newest is never at risk;
+    keeping two (the default) leaves the fallback that resume uses when the
+    newest turns out unreadable."""
+    if keep <= 0:
+        return []
+    doomed = _checkpoint_dirs(out)[:-keep]
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    return doomed
+
+
+SUPERSEDED = "superseded"
+
+
+def resume_candidates(out: Path, resume: bool | str | None, checkpoints: list[Path]) -> list[Path]:
+    """The checkpoints to try, newest first: all of them for ``True``/"latest", else the one named
+    (a folder name under ``out/checkpoints`` or a path to one of them)."""
+    if resume in (True, "latest"):
+        return checkpoints[::-1]
+    named = Path(str(resume))
+    wanted = named if named.is_dir() else out / CHECKPOINTS / named.name
+    match = [p for p in checkpoints if p.resolve() == wanted.resolve()]
+    if not match:
+        have = ", ".join(p.name for p in checkpoints) or "none"
+        raise UserError(f"--resume {resume}: not a checkpoint of {out} (checkpoints there: {have}); pass --resume "
+                        "or --resume latest for the newest")
+    return match
+
+
+def supersede_newer(out: Path, chosen: Path) -> list[Path]:
+    """Move the checkpoints newer than ``chosen`` to ``checkpoints/superseded/`` (a run resumed from an
+    older one writes new ones with the same names; nothing is deleted)."""
+    moved = []
+    for path in _checkpoint_dirs(out):
+        if path.name > chosen.name:
+            target = out / CHECKPOINTS / SUPERSEDED / path.name
+            if target.exists():
+                shutil.rmtree(target)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, target)
+            moved.append(target)
+    return moved
 
 
 def remove_stale_temporaries(out: Path) -> list[Path]:
@@ -222,6 +266,8 @@ def train(cfg: TrainConfig) -> Path:
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
+    if cfg.checkpoints_total_limit < 0:
+        raise UserError(f"--checkpoints-total-limit must be 0 (keep all) or more, got {cfg.checkpoints_total_limit}")
     for name in ("steps", "batch_size", "checkpoint_every", "resolution"):
         value = getattr(cfg, name)
         if value is not None and value < 1:
@@ -239,6 +285,8 @@ def train(cfg: TrainConfig) -> Path:
     checkpoints = _checkpoint_dirs(out)
     if checkpoints and not cfg.resume:
         raise UserError(f"{out} already has checkpoints; pass --resume to continue or choose another --out")
+    # a named checkpoint that is not there fails here, before the model loads
+    candidates = resume_candidates(out, cfg.resume, checkpoints) if cfg.resume else []
     method_cls = get_method(cfg.method)
     list_images(cfg.images)  # fail on a bad folder before loading the model
     comps = load_components(cfg.model, device=accelerator.device)
@@ -266,18 +314,30 @@ def train(cfg: TrainConfig) -> Path:
     scale_lr = method.scale_lr if cfg.scale_lr is None else cfg.scale_lr
     generator = torch.Generator().manual_seed(cfg.seed)
     start, resume_state = 0, None
-    if checkpoints:
-        for i in range(len(checkpoints) - 1, -1, -1):  # newest first; an unreadable one falls back
+    if candidates:
+        for i, path in enumerate(candidates):  # newest first; an unreadable one falls back
             try:
-                resume_state = _load_checkpoint(checkpoints[i], method, generator)
+                resume_state = _load_checkpoint(path, method, generator)
                 break
             except UnreadableFile as exc:
-                if i == 0:
-                    raise UserError(f"no readable checkpoint in {out / CHECKPOINTS} (the oldest: {exc}); move "
+                if i == len(candidates) - 1:
+                    where = "the oldest" if len(candidates) > 1 else "the one named"
+                    raise UserError(f"no readable checkpoint in {out / CHECKPOINTS} ({where}: {exc}); move "
                                     "that folder away to train afresh") from None
-                warn(f"{exc}; falling back to the previous checkpoint, {checkpoints[i - 1].name}")
+                warn(f"{exc}; falling back to the previous checkpoint, {candidates[i + 1].name}")
         start = int(resume_state["step"])
-        accelerator.print(f"vico: resuming from {checkpoints[i]} (step {start})")
+        accelerator.print(f"vico: resuming from {path} (step {start})")
+        if accelerator.is_main_process:
+            for moved in supersede_newer(out, path):
+                warn(f"moved {moved.name} to {moved.parent}: the run continues from {path.name}")
+        accelerator.wait_for_everyone()
+        saved_world = int(resume_state.get("world_size", 1))
+        if saved_world != accelerator.num_processes and accelerator.is_main_process:
+            warn(f"{path.name} was written by a run on {saved_world} process(es), this one has "
+                 f"{accelerator.num_processes}: the global batch (per-process batch x processes) and the "
+                 "learning rates scaled by it change, so the run goes on from the same random stream but no "
+                 f"longer equals an uninterrupted {saved_world}-process run; launch {saved_world} processes "
+                 "(or keep the global batch with --batch-size) to continue it exactly")
     elif cfg.resume:
         accelerator.print(f"vico: nothing to resume in {out}; starting fresh")
     if start >= total:  # finished, or killed between the last checkpoint and the final save
@@ -295,24 +355,22 @@ def train(cfg: TrainConfig) -> Path:
 
     bar = tqdm(total=total, initial=start, desc=method.name, file=sys.stderr,
                disable=not cfg.progress or not accelerator.is_local_main_process)
+    world, rank = accelerator.num_processes, accelerator.process_index
     completed, first = start, 0
-    # Wrap the models once (DDP when launched on several GPUs). DDP fixes the set of
-    # trainable parameters at wrapping time, so multi-stage methods whose trainable
-    # set changes between stages are single-process only for now.
-    first_stage = next(i for i, s in enumerate(stages) if start < sum(x.steps for x in stages[: i + 1]))
-    method.begin_stage(first_stage)
-    if len(stages) > 1 and accelerator.num_processes > 1:
-        raise UserError(f"{method.name} trains in stages and runs on one process only for now")
-    prepared = accelerator.prepare(*method.trainable_modules())
-    comps.unet, comps.text_encoder = prepared[0], prepared[1]
     for index, stage in enumerate(stages):
         last = first + stage.steps
         if start >= last:  # finished before the checkpoint we resumed from
             first = last
             continue
+        # DDP fixes the trainable set when it wraps a module: unwrap, change the set, wrap again
+        # the global batch is the per-process batch x processes; each process trains on its rows of it
+        global_batch, rows = stage.batch_size * world, slice(rank * stage.batch_size, (rank + 1) * stage.batch_size)
+        lr_scale = global_batch if scale_lr else 1.0
+        _unwrap(accelerator, comps)
         method.begin_stage(index)
-        lr_scale = stage.batch_size * accelerator.num_processes if scale_lr else 1.0
-        optimizer = accelerator.prepare(torch.optim.AdamW(method.param_groups(lr_scale, stage=index)))
+        groups = method.param_groups(lr_scale, stage=index)  # methods look modules up by name: before wrapping
+        _wrap_trainable(accelerator, comps)
+        optimizer = accelerator.prepare(torch.optim.AdamW(groups))
         if resume_state is not None and int(resume_state.get("stage", 0)) == index and start > first:
             optimizer.load_state_dict(resume_state["optimizer"])
         if len(stages) > 1:
@@ -321,9 +379,9 @@ def train(cfg: TrainConfig) -> Path:
         try:
             for step in range(max(start, first), last):
                 gen_state = generator.get_state()
-                batch = method.make_batch(latent_mean, latent_std, generator, stage.batch_size)
+                batch = method.make_batch(latent_mean, latent_std, generator, global_batch, rows=rows)
                 with accelerator.autocast():
-                    loss, logs = method.training_loss(batch, generator)
+                    loss, logs = method.training_loss(batch)
                 accelerator.backward(loss)
                 with hold_interrupts():  # the weights and the step counter move together
                     optimizer.step()
@@ -331,21 +389,44 @@ def train(cfg: TrainConfig) -> Path:
                     completed = step + 1
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()})
-                if accelerator.is_main_process and (completed % cfg.checkpoint_every == 0 or completed == total):
-                    save_checkpoint(out, completed, method, optimizer, generator, stage=index)
+                if completed % cfg.checkpoint_every == 0 or completed == total:
+                    if accelerator.is_main_process:
+                        save_checkpoint(out, completed, method, optimizer, generator, stage=index, world_size=world)
+                        prune_checkpoints(out, cfg.checkpoints_total_limit)
+                    accelerator.wait_for_everyone()  # no process runs ahead of a checkpoint being written
         except KeyboardInterrupt:
             if accelerator.is_main_process and completed > start:
                 if completed == step:  # interrupted inside a step: rewind its random draws
                     generator.set_state(gen_state)
-                path = save_checkpoint(out, completed, method, optimizer, generator, stage=index)
+                path = save_checkpoint(out, completed, method, optimizer, generator, stage=index, world_size=world)
                 print(f"vico: interrupted; saved {path}; continue with --resume", file=sys.stderr)
             raise
         first = last
     bar.close()
     accelerator.wait_for_everyone()
+    _unwrap(accelerator, comps)
     if accelerator.is_main_process:
         _save_concept(method, out)
     return out
+
+
+TRAINED_COMPONENTS = ("unet", "text_encoder")  # the modules a method's trainable parameters live in
+
+
+def _unwrap(accelerator, comps) -> None:
+    """Put the plain modules back into ``comps`` and drop accelerate's references to the wrappers."""
+    accelerator.free_memory()
+    for name in TRAINED_COMPONENTS:
+        setattr(comps, name, accelerator.unwrap_model(getattr(comps, name)))
+
+
+def _wrap_trainable(accelerator, comps) -> None:
+    """Hand accelerate the modules that train in this stage (DDP on several processes). A module
+    with nothing to train stays plain: DDP refuses one, and it needs no gradient averaging."""
+    for name in TRAINED_COMPONENTS:
+        module = getattr(comps, name)
+        if any(p.requires_grad for p in module.parameters()):
+            setattr(comps, name, accelerator.prepare(module))
 
 
 def _save_concept(method, out: Path) -> None:

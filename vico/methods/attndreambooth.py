@@ -27,7 +27,7 @@ import fused
 
 from ..data import attndreambooth_augment
 from ..model import Components, UserError, add_placeholder_token, encode_prompts, token_positions
-from .base import Batch, Method, MethodConfig, Stage, noise_and_target
+from .base import Batch, Method, MethodConfig, Stage, draw_noise, noise_and_target
 
 STAGES = {  # name: (lr, steps, batch size, (lambda_mu, lambda_sigma))
     "embedding": (1e-3, 60, 8, (0.1, 0.0)),
@@ -121,30 +121,35 @@ class AttnDreamBooth(Method):
         return self._decoded[1]
 
     def make_batch(self, latent_mean: torch.Tensor, latent_std: torch.Tensor, generator: torch.Generator,
-                   batch_size: int) -> Batch:
+                   batch_size: int, rows: slice | None = None) -> Batch:
         """Per sample: an image drawn from the generator, augmented (``attndreambooth_augment``),
-        encoded by the VAE and sampled from its posterior."""
+        encoded by the VAE and sampled from its posterior. With ``rows`` every draw is
+        still made for the whole batch (``Method.make_batch``), but only those rows are
+        encoded: the VAE work of a process is its own share."""
         vae = self.components.vae
         images = self._source_images(latent_mean)
         size = latent_mean.shape[-1] * 2 ** (len(vae.config.block_out_channels) - 1)
         idx = torch.randint(0, images.shape[0], (batch_size,), generator=generator)
         pixels = torch.stack([attndreambooth_augment(images[i], generator, size) for i in idx.tolist()])
+        mine = slice(None) if rows is None else rows
         with torch.no_grad():
-            posterior = vae.encode(pixels.to(next(vae.parameters()).device, vae.dtype)).latent_dist
-        eps = torch.randn(posterior.mean.shape, generator=generator).to(posterior.mean)
-        latents = (posterior.mean + posterior.std * eps) * vae.config.scaling_factor
+            posterior = vae.encode(pixels[mine].to(next(vae.parameters()).device, vae.dtype)).latent_dist
+        eps = torch.randn((batch_size, *posterior.mean.shape[1:]), generator=generator)[mine].to(posterior.mean)
+        latents = ((posterior.mean + posterior.std * eps) * vae.config.scaling_factor).to(latent_mean.device,
+                                                                                       latent_mean.dtype)
         prompts = [self.prompt(generator) for _ in range(batch_size)]
-        return Batch(latents=latents.to(latent_mean.device, latent_mean.dtype), prompts=prompts)
+        noise, t = draw_noise(self.components.scheduler, (batch_size, *latents.shape[1:]), generator)
+        return Batch(latents=latents, prompts=prompts[mine], noise=noise[mine], timesteps=t[mine])
 
     def map_request(self, prompt_ids: torch.Tensor) -> fused.MapRequest:
         v_pos, _ = token_positions(prompt_ids, self.token_id, self.components.tokenizer.eos_token_id)
         c_pos, _ = token_positions(prompt_ids, self.category_id, self.components.tokenizer.eos_token_id)
         return fused.MapRequest(torch.stack([v_pos, c_pos], dim=1), layers=self.layers, head_reduce="none")
 
-    def training_loss(self, batch: Batch, generator: torch.Generator):
+    def training_loss(self, batch: Batch):
         c = self.components
         ids, text = encode_prompts(c.tokenizer, c.text_encoder, batch.prompts)
-        noisy, t, target = noise_and_target(c.scheduler, batch.latents, generator)
+        noisy, t, target = noise_and_target(c.scheduler, batch.latents, batch.noise, batch.timesteps)
         request = self.map_request(ids)
         pred = c.unet(noisy, t, text, cross_attention_kwargs={"map_request": request}).sample
         mse = F.mse_loss(pred.float(), target.float())

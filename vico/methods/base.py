@@ -12,7 +12,6 @@ classifier-free guidance; methods override what they change.
 from __future__ import annotations
 
 import json
-import os
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
+from ..files import atomic_write, describe_error
 from ..model import Components, UnreadableFile, UserError, encode_prompts
 
 CONFIG_FILE = "concept.json"
@@ -38,11 +38,21 @@ class MethodConfig:
 
 @dataclass
 class Batch:
-    """One training batch, built by ``Method.make_batch`` from the generator."""
+    """One training batch, built by ``Method.make_batch`` from the generator: every random
+    draw of a training step, so that the loss itself draws nothing."""
 
     latents: torch.Tensor  # [B, 4, h, w] targets (sampled from the VAE posterior)
     prompts: list[str]
+    noise: torch.Tensor  # [B, 4, h, w] float32, the diffusion noise
+    timesteps: torch.Tensor  # [B] int64
     reference: torch.Tensor | None = None  # [B, 4, h, w] clean reference latents
+
+    def select(self, rows: slice | None) -> "Batch":
+        """The rows ``rows`` of every field (all of them for None): one process's share."""
+        if rows is None:
+            return self
+        return Batch(latents=self.latents[rows], prompts=self.prompts[rows], noise=self.noise[rows],
+                     timesteps=self.timesteps[rows], reference=None if self.reference is None else self.reference[rows])
 
 
 @dataclass
@@ -52,11 +62,18 @@ class Stage:
     batch_size: int
 
 
-def noise_and_target(scheduler, latents: torch.Tensor, generator: torch.Generator):
-    """Noisy latents, timesteps and the regression target (epsilon or v), drawn from ``generator``."""
-    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents.device, latents.dtype)
-    steps = scheduler.config.num_train_timesteps
-    t = torch.randint(0, steps, (latents.shape[0],), generator=generator).to(latents.device)
+def draw_noise(scheduler, shape: tuple[int, ...], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Diffusion noise (float32, ``shape`` = [B, 4, h, w]) and timesteps [B] (int64), drawn from ``generator``."""
+    noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (shape[0],), generator=generator)
+    return noise, t
+
+
+def noise_and_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor):
+    """Noisy latents, timesteps and the regression target (epsilon or v) of ``latents`` [B, 4, h, w]
+    under ``noise`` (same shape) at timesteps ``t`` [B] (``draw_noise``), on the latents' device and dtype."""
+    noise = noise.to(latents.device, latents.dtype)
+    t = t.to(latents.device)
     noisy = scheduler.add_noise(latents, noise, t)
     kind = scheduler.config.prediction_type
     if kind == "epsilon":
@@ -121,11 +138,14 @@ class Method(ABC):
         """A training caption (drawn from ``generator`` when there are several)."""
 
     def make_batch(self, latent_mean: torch.Tensor, latent_std: torch.Tensor, generator: torch.Generator,
-                   batch_size: int) -> Batch:
-        """Random training images (latents sampled from the VAE posterior) and captions.
+                   batch_size: int, rows: slice | None = None) -> Batch:
+        """Random training images (latents sampled from the VAE posterior), captions, noise and timesteps.
 
         With ``hflip_prob > 0`` the second half of ``latent_mean`` holds the
-        flipped images (the trainer encodes them once).
+        flipped images (the trainer encodes them once). ``rows``: the rows this
+        process trains on; the draws are made for all ``batch_size`` rows (the
+        global batch), so every process's share comes from one random stream and
+        N processes x batch B train on the same samples as one process x N*B.
         """
         n = latent_mean.shape[0] // (2 if self.hflip_prob > 0 else 1)
         idx = torch.randint(0, n, (batch_size,), generator=generator)
@@ -134,17 +154,24 @@ class Method(ABC):
         eps = torch.randn((batch_size, *latent_mean.shape[1:]), generator=generator).to(latent_mean)
         latents = latent_mean[idx] + latent_std[idx] * eps
         prompts = [self.prompt(generator) for _ in range(batch_size)]
-        return Batch(latents=latents, prompts=prompts, reference=self.references(latent_mean[:n], idx % n, generator))
+        reference = self.references(latent_mean[:n], latent_std[:n], idx % n, generator)
+        noise, t = draw_noise(self.components.scheduler, latents.shape, generator)
+        return Batch(latents=latents, prompts=prompts, noise=noise, timesteps=t, reference=reference).select(rows)
 
-    def references(self, latent_mean: torch.Tensor, idx: torch.Tensor, generator: torch.Generator):
-        """Reference latents for a batch (ViCo); None for methods without a reference branch."""
+    def references(self, latent_mean: torch.Tensor, latent_std: torch.Tensor, idx: torch.Tensor,
+                   generator: torch.Generator):
+        """Reference latents for a batch (ViCo); None for methods without a reference branch.
+        ``latent_mean``/``latent_std`` [n, 4, h, w]: the VAE posterior of each training image."""
         return None
 
-    def training_loss(self, batch: Batch, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
-        """The plain diffusion objective; methods add their terms."""
+    def training_loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        """The plain diffusion objective (a mean over the batch's rows); methods add their terms.
+
+        Every term must stay a mean over rows: several processes average their
+        gradients, which then equals one process's gradient on the whole batch."""
         c = self.components
         _, text = encode_prompts(c.tokenizer, c.text_encoder, batch.prompts)
-        noisy, t, target = noise_and_target(c.scheduler, batch.latents, generator)
+        noisy, t, target = noise_and_target(c.scheduler, batch.latents, batch.noise, batch.timesteps)
         pred = c.unet(noisy, t, text).sample
         loss = F.mse_loss(pred.float(), target.float())
         return loss, {"loss": loss.item()}
@@ -155,10 +182,6 @@ class Method(ABC):
 
     @abstractmethod
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
-
-    def trainable_modules(self) -> list[torch.nn.Module]:
-        """Modules to hand to ``accelerate`` (wrapped for multi-GPU training)."""
-        return [self.components.unet, self.components.text_encoder]
 
     # --- sampling --------------------------------------------------------
     def predict_noise(self, latents: torch.Tensor, t: torch.Tensor, prompt_ids: torch.Tensor,
@@ -194,53 +217,6 @@ class Method(ABC):
 
     def save_extra(self, out: Path) -> None:
         """Optional extra files (e.g. diffusers' textual inversion format)."""
-
-
-def fsync_path(path: str | Path) -> None:
-    """Flush a file's or a folder's data and metadata to disk (a folder: its entries, e.g. after a rename)."""
-    if os.name == "nt" and Path(path).is_dir():
-        return  # Windows cannot open a folder for fsync; NTFS journals renames
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_errors() -> tuple[type[BaseException], ...]:
-    """What a writer raises on a full disk or a read-only folder: OSError, torch's RuntimeError
-    (``inline_container.cc ... unexpected pos``) and safetensors' SafetensorError."""
-    from safetensors import SafetensorError
-
-    return OSError, RuntimeError, SafetensorError
-
-
-def describe_error(exc: BaseException) -> str:
-    """One short line for an exception (an OSError's strerror, else its message's first line)."""
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    text = str(exc).strip()
-    return (text.splitlines()[0][:200] if text else type(exc).__name__)
-
-
-def atomic_write(path: Path, write) -> None:
-    """Write through a temporary file, fsync it, rename it into place and fsync the folder:
-    never a half-written file, even after a power cut. A full disk or a read-only folder raises
-    a ``UserError`` naming the folder (the previous file, if any, is left as it was)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        fsync_path(tmp)
-        os.replace(tmp, path)
-        fsync_path(path.parent)
-    except write_errors() as exc:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
-        raise UserError(f"cannot write {path.name} in {path.parent}: {describe_error(exc)}; "
-                        f"the previous {path.name} there, if any, is unchanged") from exc
 
 
 def read_concept_meta(concept_dir: str | Path) -> dict:

@@ -127,7 +127,8 @@ class CatVersion(Method):
     default_steps = 1000
     default_batch_size = 2
     hflip_prob = 0.5
-    lr = 1e-2
+    lr = 5e-3  # the official base_learning_rate, scaled by batch x processes (1e-2 at batch 2 on one process)
+    scale_lr = True  # as the official LDM main.py
     guidance_scale = 10.0  # run.sh / txt2img_generator.py
 
     def __init__(self, components: Components, config: MethodConfig):

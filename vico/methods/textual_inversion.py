@@ -13,7 +13,8 @@ import fused
 
 from ..data import IMAGENET_TEMPLATES_SMALL
 from ..model import Components, add_placeholder_token
-from .base import Method, MethodConfig, atomic_write
+from ..files import atomic_write
+from .base import Method, MethodConfig
 
 
 class TextualInversion(Method):

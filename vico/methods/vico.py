@@ -48,13 +48,14 @@ class ViCo(TextualInversion):
     def param_groups(self, lr_scale: float = 1.0, stage: int = 0) -> list[dict]:
         return super().param_groups(lr_scale) + [{"params": list(self.blocks.parameters()), "lr": self.image_lr}]
 
-    def references(self, latent_mean, idx, generator):
-        """Another training image than the target when there are several (clean latent)."""
+    def references(self, latent_mean, latent_std, idx, generator):
+        """Another training image than the target when there are several; its latent is a
+        posterior sample, as the official ``get_first_stage_encoding`` draws one (no added noise)."""
         n = latent_mean.shape[0]
-        if n == 1:
-            return latent_mean[idx]
-        shift = torch.randint(1, n, idx.shape, generator=generator)
-        return latent_mean[(idx + shift) % n]
+        if n > 1:
+            idx = (idx + torch.randint(1, n, idx.shape, generator=generator)) % n
+        eps = torch.randn((idx.shape[0], *latent_mean.shape[1:]), generator=generator).to(latent_mean)
+        return latent_mean[idx] + latent_std[idx] * eps
 
     def map_request(self, prompt_ids: torch.Tensor, copies: int, generated: bool = False) -> fused.MapRequest:
         """Maps of S* (or EOT when absent) and EOT for the reference half.
@@ -86,10 +87,10 @@ class ViCo(TextualInversion):
             total = total + F.mse_loss(a_s / a_s.amax(-1, keepdim=True), a_e / a_e.amax(-1, keepdim=True))
         return total
 
-    def training_loss(self, batch: Batch, generator: torch.Generator):
+    def training_loss(self, batch: Batch):
         c = self.components
         ids, text = encode_prompts(c.tokenizer, c.text_encoder, batch.prompts)
-        noisy, t, target = noise_and_target(c.scheduler, batch.latents, generator)
+        noisy, t, target = noise_and_target(c.scheduler, batch.latents, batch.noise, batch.timesteps)
         B = noisy.shape[0]
         request = self.map_request(ids, copies=1)
         out = c.unet(torch.cat([noisy, batch.reference.to(noisy)]), torch.cat([t, t]), torch.cat([text, text]),

@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -38,6 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..files import atomic_folder, atomic_write
 from . import world
 
 
@@ -135,19 +134,15 @@ def cosine_lr(base: float, progress: float) -> float:
 
 
 def save_checkpoint(out: Path, state: dict) -> None:
-    """Atomic: a temporary folder renamed into place (tensors and plain data only, loadable with weights_only)."""
-    final, tmp = out / "checkpoint", out / f".checkpoint-tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    """Atomic (``atomic_folder``): tensors and plain data only, loadable with weights_only."""
     state = dict(state)
     rng_state = state.pop("rng_state", None)  # numpy's 128-bit integers: JSON
-    torch.save(state, tmp / "state.pt")
-    (tmp / "rng.json").write_text(json.dumps(rng_state))
-    old = out / f".checkpoint-old-{os.getpid()}"
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+
+    def fill(tmp: Path) -> None:
+        torch.save(state, tmp / "state.pt")
+        (tmp / "rng.json").write_text(json.dumps(rng_state))
+
+    atomic_folder(out / "checkpoint", fill)
 
 
 def load_checkpoint(out: Path) -> dict:
@@ -322,9 +317,7 @@ def finetune_decoder(out: Path, steps: int, batch: int = 32, seed: int = 1, lr: 
 
     def save():
         state = {n: p.detach().contiguous() for n, p in vae.named_parameters() if p.requires_grad}
-        tmp = out / f".{DECODER_FILE}.tmp{os.getpid()}"
-        save_file(state, str(tmp))
-        os.replace(tmp, out / DECODER_FILE)
+        atomic_write(out / DECODER_FILE, lambda p: save_file(state, str(p)))
 
     try:
         for step in tqdm(range(steps), desc="decoder", file=sys.stderr):
