@@ -1,4 +1,4 @@
-"""The ``vico`` command: ``vico train|sample|eval|maps|demo|bench`` (``vico <cmd> --help``).
+"""The ``vico`` command: ``vico train|sample|eval|maps|demo|bench|import`` (``vico <cmd> --help``).
 
 Multi-GPU training goes through HF accelerate:
 ``accelerate launch -m vico.cli train --model ... --images ... --out ...``.
@@ -503,6 +503,30 @@ def _require_positive(args, *names: str) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
 
 
+def _import_parser(sub) -> None:
+    p = sub.add_parser("import", help="turn a concept trained with the official ViCo code into a concept folder",
+                       description="Import a concept trained with the official ViCo code (haoosz/ViCo): its "
+                       "embeddings.pt and cross_attention-<step>.pt become a concept folder that `vico sample` "
+                       "and `vico eval` read. The files are loaded without running code (weights only).")
+    p.add_argument("--model", required=True, help="the Stable Diffusion folder (diffusers) the concept was trained on")
+    p.add_argument("--embeddings", required=True, help="the official embeddings.pt (or embeddings_gs-<step>.pt)")
+    p.add_argument("--cross-attention", required=True,
+                   help="the official cross_attention.pt (or cross_attention-<step>.pt)")
+    p.add_argument("--out", required=True, help="the concept folder to write")
+    p.add_argument("--token", default="S*", help="placeholder token in this project's prompts (default S*)")
+    p.add_argument("--official-token", help="the token in embeddings.pt to import (default: its only one, e.g. *)")
+    p.add_argument("--init-word", default="object", help="the class word (CLIP-T's prompts name the concept by it)")
+
+
+def cmd_import(args) -> int:
+    from .official import import_vico
+
+    out = import_vico(args.model, args.embeddings, args.cross_attention, args.out, placeholder=args.token,
+                      init_word=args.init_word, official_token=args.official_token)
+    print(f"vico: imported the official ViCo concept into {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vico", description="Attention-map-driven personalization of "
                                      "Stable Diffusion (ViCo) on fused attention kernels.")
@@ -513,9 +537,10 @@ def main(argv: list[str] | None = None) -> int:
     _bench_parser(sub)
     _eval_parser(sub)
     _maps_parser(sub)
+    _import_parser(sub)
     args = parser.parse_args(argv)
     commands = {"train": cmd_train, "sample": cmd_sample, "demo": cmd_demo, "bench": cmd_bench, "eval": cmd_eval,
-                "maps": cmd_maps}
+                "maps": cmd_maps, "import": cmd_import}
     try:
         return commands[args.command](args)
     except UserError as exc:
