@@ -22,18 +22,6 @@ from vico import cli, tiny  # noqa: E402
 from vico.data import load_image  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return tiny.save_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd"))
-
-
-@pytest.fixture(scope="module")
-def images_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("images")
-    tiny.write_toy_images(folder, n=2)
-    return folder
-
-
 @pytest.fixture(autouse=True)
 def _restore_signal_handlers():
     """`vico train` installs SIGINT/SIGTERM handlers in this process; put pytest's back."""

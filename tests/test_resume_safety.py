@@ -9,7 +9,7 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("accelerate")
 
-from vico import cli, tiny  # noqa: E402
+from vico import cli  # noqa: E402
 from vico.model import UserError  # noqa: E402
 from vico.training import load_trainer_state  # noqa: E402
 
@@ -22,18 +22,6 @@ class _Exploit:
 
     def __reduce__(self):
         return (os.system, (f"touch {self.marker}",))
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return tiny.save_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd"))
-
-
-@pytest.fixture(scope="module")
-def images_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("images")
-    tiny.write_toy_images(folder, n=2)
-    return folder
 
 
 def train(model_dir, images_dir, out, *extra):
