@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from .model import UserError
+from .model import UnreadableFile, UserError
 
 
 def fsync_path(path: str | Path) -> None:
@@ -87,3 +87,28 @@ def atomic_folder(final: Path, fill: Callable[[Path], None]) -> Path:
         raise
     shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def load_tensors_only(path: str | Path, what: str, allowed: tuple[type, ...] = ()):
+    """``torch.load(path, weights_only=True)``, with the classes in ``allowed`` permitted by name.
+
+    Files users are handed (checkpoints, official concepts) are never unpickled as code: a
+    pickle naming any other global is refused. A missing, refused or unreadable file is one
+    line naming ``what`` ("checkpoint", "embeddings", ...) and the path."""
+    import torch
+
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, weights_only=True, map_location="cpu")
+    except FileNotFoundError:
+        raise UnreadableFile(f"{what} file {path} does not exist") from None
+    except Exception as exc:
+        text = str(exc).strip()
+        if "GLOBAL" in text:  # a pickle naming code to run: refuse, never fall back quietly
+            blocked = next((line.strip() for line in text.splitlines() if "GLOBAL" in line), "")
+            raise UserError(f"refusing to load {what} file {path}: it names code, not just tensors "
+                            f"({blocked[:200]})") from None
+        reason = text.split(". ")[0].splitlines()[0][:200] if text else type(exc).__name__
+        if "Weights only load failed" in reason:
+            reason = "not a torch file"
+        raise UnreadableFile(f"{what} file {path} is unreadable ({reason}): truncated or corrupt") from None

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from .files import load_tensors_only
 from .model import UnreadableFile, UserError
 
 LDM_BLOCK = re.compile(r"(?:^|\.)output_blocks\.(\d+)\.1\.image_cross_attention\.(.+)$")
@@ -40,19 +41,7 @@ def ldm_output_block(layer: str, layers_per_block: int) -> int:
 
 def load_official_file(path: str | Path, what: str) -> dict:
     """A ``.pt`` file of the official code, loaded without running code; one line when it is not one."""
-    path = Path(path)
-    if not path.is_file():
-        raise UnreadableFile(f"{what} file {path} does not exist")
-    try:
-        with torch.serialization.safe_globals([torch.nn.ParameterDict]):
-            data = torch.load(path, weights_only=True, map_location="cpu")
-    except Exception as exc:
-        text = str(exc).strip()
-        if "GLOBAL" in text:
-            blocked = next((line.strip() for line in text.splitlines() if "GLOBAL" in line), "")
-            raise UserError(f"refusing to load {what} file {path}: it names code, not just tensors "
-                            f"({blocked[:200]})") from None
-        raise UnreadableFile(f"{what} file {path} is unreadable: truncated or not a torch file") from None
+    data = load_tensors_only(path, what, allowed=(torch.nn.ParameterDict,))
     if not isinstance(data, dict):
         raise UnreadableFile(f"{what} file {path} holds a {type(data).__name__}, not a dict")
     return data

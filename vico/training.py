@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from .data import list_images, load_images
-from .files import atomic_folder, atomic_write, describe_error, write_errors
+from .files import atomic_folder, atomic_write, describe_error, load_tensors_only, write_errors
 from .methods.base import MethodConfig, get_method
 from .model import UnreadableFile, UserError, check_output_folder, load_components, warn
 
@@ -179,7 +179,8 @@ def resume_candidates(out: Path, resume: bool | str | None, checkpoints: list[Pa
 
 def supersede_newer(out: Path, chosen: Path) -> list[Path]:
     """Move the checkpoints newer than ``chosen`` to ``checkpoints/superseded/`` (a run resumed from an
-    older one writes new ones with the same names; nothing is deleted)."""
+    older one writes new ones with the same names). Only an earlier superseded copy of the same
+    name is replaced; the run's own checkpoints are moved, not deleted."""
     moved = []
     for path in _checkpoint_dirs(out):
         if path.name > chosen.name:
@@ -241,20 +242,7 @@ def load_trainer_state(path: Path) -> dict:
     A checkpoint folder is something users are handed: a pickle that names any
     global other than tensors and plain containers is refused, never run.
     """
-    try:
-        state = torch.load(path, weights_only=True, map_location="cpu")
-    except FileNotFoundError:
-        raise UnreadableFile(f"checkpoint file {path} is missing") from None
-    except Exception as exc:
-        text = str(exc).strip()
-        if "GLOBAL" in text:  # a pickle naming code to run: refuse, never fall back quietly
-            blocked = next((line.strip() for line in text.splitlines() if "GLOBAL" in line), "")
-            raise UserError(f"refusing to load checkpoint file {path}: not a plain tensor checkpoint "
-                            f"({blocked[:200]})") from None
-        reason = text.split(". ")[0].splitlines()[0][:200] if text else type(exc).__name__
-        if "Weights only load failed" in reason:
-            reason = "not a torch checkpoint"
-        raise UnreadableFile(f"checkpoint file {path} is unreadable ({reason}): truncated or corrupt") from None
+    state = load_tensors_only(path, "checkpoint")
     if not isinstance(state, dict) or not {"optimizer", "generator", "step"} <= set(state):
         raise UnreadableFile(f"checkpoint file {path} is not a vico trainer state (keys optimizer, generator, step)")
     return state
