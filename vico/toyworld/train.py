@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..files import atomic_folder, atomic_write
+from ..files import atomic_folder, atomic_write, load_tensors_only
 from . import world
 
 
@@ -146,13 +146,13 @@ def save_checkpoint(out: Path, state: dict) -> None:
 
 
 def load_checkpoint(out: Path) -> dict:
-    """The checkpoint's state; never unpickles code (``weights_only=True``)."""
-    path = out / "checkpoint" / "state.pt"
+    """The checkpoint's state; never unpickles code (``load_tensors_only``)."""
+    from ..model import UnreadableFile, UserError
+
     try:
-        return torch.load(path, weights_only=True)
-    except Exception as exc:  # a crafted or truncated file: refuse, one line
-        raise SystemExit(f"toyworld: cannot load checkpoint {path}: {type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+        return load_tensors_only(out / "checkpoint" / "state.pt", "checkpoint")
+    except (UnreadableFile, UserError) as exc:  # a crafted or truncated file: refuse, one line
+        raise SystemExit(f"toyworld: {exc}") from None
 
 
 def export(out: Path, models: dict, scaling: float) -> Path:
