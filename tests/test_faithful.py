@@ -396,6 +396,45 @@ def test_catversion_lr_is_the_official_base_rate_scaled_by_the_global_batch():
     assert not AttnDreamBooth.scale_lr
 
 
+def test_learning_rate_overrides_replace_the_base_rate_and_keep_the_scaling_rule():
+    lrs = {"embedding": 1e-3, "image": 2e-4}
+    method = ViCo(components(), MethodConfig(init_word="cat", resolution=32, learning_rates=lrs))
+    emb, blocks = method.param_groups(lr_scale=4.0)
+    assert emb["lr"] == pytest.approx(1e-3 * 4) and blocks["lr"] == 2e-4  # the image lr stays unscaled
+    assert ViCo.learning_rate_names() == {"embedding": 5e-3, "image": 1e-5}
+    cat = CatVersion(components(), MethodConfig(init_word="cat", resolution=32, learning_rates={"prefix": 1e-4}))
+    assert cat.param_groups(lr_scale=2.0)[0]["lr"] == pytest.approx(2e-4)
+    adb = AttnDreamBooth(components(), MethodConfig(init_word="cat", resolution=32, learning_rates={"unet": 3e-6}))
+    assert [adb.param_groups(stage=s)[0]["lr"] for s in range(3)] == [1e-3, 2e-5, 3e-6]
+
+
+@pytest.mark.parametrize("lrs, words", [({"imag": 1e-4}, "no parameter group 'imag'"),
+                                        ({"image": 0.0}, "positive finite"),
+                                        ({"image": float("nan")}, "positive finite")])
+def test_bad_learning_rate_override_is_one_line_before_the_model_loads(tmp_path, lrs, words):
+    from vico.model import UserError
+    from vico.training import TrainConfig, train
+
+    images = tmp_path / "images"
+    images.mkdir()
+    with pytest.raises(UserError, match=words):  # the model folder does not exist: the check comes first
+        train(TrainConfig(model=str(tmp_path / "no-model"), images=str(images), out=str(tmp_path / "out"),
+                          learning_rates=lrs))
+
+
+def test_lr_help_names_every_methods_groups(capsys):
+    from vico.methods.base import available_methods
+
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    text = text[text.index("--lr NAME=VALUE replace"):]
+    for name, cls in available_methods().items():
+        groups = text[text.index(f"{name} ") + len(name):].split(";")[0].split(" (")[0]
+        assert [g.strip() for g in groups.split(",")] == list(
+            cls.learning_rate_names()), name
+
+
 # --- 9. ViCo's reference latent is a posterior sample ------------------------------------------------------
 
 def test_vico_training_reference_is_a_posterior_sample_of_another_image():

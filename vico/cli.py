@@ -13,6 +13,17 @@ from pathlib import Path
 from .model import UserError
 
 
+def _learning_rate(text: str) -> tuple[str, float]:
+    """``--lr image=1e-4`` -> ("image", 1e-4)."""
+    name, sep, value = text.partition("=")
+    try:
+        if not sep or not name:
+            raise ValueError
+        return name.strip(), float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE (e.g. image=1e-4), got {text!r}") from None
+
+
 def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="learn a concept from a few images",
                        description="Learn a new concept (a placeholder token, plus image attention for ViCo) "
@@ -31,6 +42,10 @@ def _train_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, help="batch size (default: the method's)")
     p.add_argument("--scale-lr", action=argparse.BooleanOptionalAction, default=None,
                    help="multiply learning rates by batch size x GPUs (default: as the method's paper code does)")
+    p.add_argument("--lr", action="append", type=_learning_rate, default=[], metavar="NAME=VALUE",
+                   help="replace the method's base learning rate of one parameter group, repeatable: "
+                   "textual-inversion embedding; vico embedding, image; catversion prefix; attndreambooth "
+                   "embedding, cross-attention, unet (--scale-lr still applies where the method scales)")
     p.add_argument("--checkpoint-every", type=int, default=100, help="write a resumable checkpoint every K steps")
     p.add_argument("--checkpoints-total-limit", type=int, default=2, metavar="N",
                    help="keep the newest N checkpoints, delete older ones (default 2; 0 keeps all)")
@@ -409,7 +424,7 @@ def cmd_train(args) -> int:
         init_word=args.init_word, steps=args.steps, batch_size=args.batch_size, scale_lr=args.scale_lr,
         checkpoint_every=args.checkpoint_every, checkpoints_total_limit=args.checkpoints_total_limit, seed=args.seed, resolution=args.resolution,
         mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
-        resume=args.resume, layers=args.layers, progress=not args.quiet,
+        resume=args.resume, layers=args.layers, progress=not args.quiet, learning_rates=dict(args.lr),
         extra={"fast": True} if getattr(args, "fast", False) else {},
     )
     out = train(cfg)

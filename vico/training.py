@@ -16,6 +16,7 @@ by the main process while the others wait; Ctrl-C saves one before exiting.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -106,6 +107,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     resume: bool | str = False  # True or "latest": the newest checkpoint; or a checkpoint folder name/path
     layers: list[str] | None = None
+    learning_rates: dict[str, float] = field(default_factory=dict)  # base lr by group name (--lr NAME=VALUE)
     progress: bool = True
     extra: dict = field(default_factory=dict)
 
@@ -248,6 +250,17 @@ def load_trainer_state(path: Path) -> dict:
     return state
 
 
+def check_learning_rates(method_cls, learning_rates: dict[str, float]) -> None:
+    """One-line error for a learning-rate override the method has no group for, or not a positive number."""
+    names = method_cls.learning_rate_names()
+    for name, value in learning_rates.items():
+        if name not in names:
+            known = ", ".join(f"{k} (default {v:g})" for k, v in names.items())
+            raise UserError(f"--lr {name}=...: {method_cls.name} has no parameter group {name!r}; it has {known}")
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise UserError(f"--lr {name}={value}: a learning rate must be a positive finite number")
+
+
 def train(cfg: TrainConfig) -> Path:
     """Train and save a concept into ``cfg.out``; returns that folder."""
     from accelerate import Accelerator
@@ -276,13 +289,14 @@ def train(cfg: TrainConfig) -> Path:
     # a named checkpoint that is not there fails here, before the model loads
     candidates = resume_candidates(out, cfg.resume, checkpoints) if cfg.resume else []
     method_cls = get_method(cfg.method)
+    check_learning_rates(method_cls, cfg.learning_rates)
     list_images(cfg.images)  # fail on a bad folder before loading the model
     comps = load_components(cfg.model, device=accelerator.device)
     vae_scale = 2 ** (len(comps.vae.config.block_out_channels) - 1)
     resolution = cfg.resolution or comps.unet.config.sample_size * vae_scale
     extra = dict(cfg.extra, **({"layers": cfg.layers} if cfg.layers else {}))
     mcfg = MethodConfig(placeholder=cfg.placeholder, init_word=cfg.init_word, resolution=resolution, seed=cfg.seed,
-                        extra=extra)
+                        extra=extra, learning_rates=dict(cfg.learning_rates))
     images = load_images(cfg.images, resolution)
     set_seed(cfg.seed)  # the new modules' initial weights
     method = method_cls(comps, mcfg)

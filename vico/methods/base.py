@@ -34,6 +34,9 @@ class MethodConfig:
     resolution: int = 512
     seed: int = 0
     extra: dict = field(default_factory=dict)
+    # Base learning rates by parameter-group name (``Method.learning_rate_names``) that replace the
+    # method's defaults; the method's scaling rule (``scale_lr``) still applies to a replaced one.
+    learning_rates: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -132,6 +135,15 @@ class Method(ABC):
     @abstractmethod
     def param_groups(self, lr_scale: float = 1.0, stage: int = 0) -> list[dict]:
         """AdamW parameter groups (params and lr) of a stage."""
+
+    @classmethod
+    def learning_rate_names(cls) -> dict[str, float]:
+        """Name -> default base learning rate of each parameter group (what ``--lr NAME=VALUE`` sets)."""
+        return {}
+
+    def base_lr(self, name: str) -> float:
+        """The base learning rate of group ``name``: the config's override, else the method's default."""
+        return float(self.config.learning_rates.get(name, self.learning_rate_names()[name]))
 
     @abstractmethod
     def prompt(self, generator: torch.Generator) -> str:

@@ -137,9 +137,13 @@ class CatVersion(Method):
         self.prefix = install_prefix_kv(components.text_encoder, generator=gen, layers=config.extra.get("catversion_layers"))
         config.extra["catversion_layers"] = list(self.prefix)
 
+    @classmethod
+    def learning_rate_names(cls) -> dict[str, float]:
+        return {"prefix": cls.lr}
+
     def param_groups(self, lr_scale: float = 1.0, stage: int = 0) -> list[dict]:
         params = [p for m in self.prefix.values() for p in (m.prefix_key, m.prefix_value)]
-        return [{"params": params, "lr": self.lr * lr_scale}]
+        return [{"params": params, "lr": self.base_lr("prefix") * lr_scale}]
 
     def prompt(self, generator: torch.Generator) -> str:
         return self.config.init_word  # the class word alone

@@ -31,8 +31,12 @@ class TextualInversion(Method):
         self.token_id = tok.convert_tokens_to_ids(config.placeholder)
         fused.attach(components.unet)
 
+    @classmethod
+    def learning_rate_names(cls) -> dict[str, float]:
+        return {"embedding": cls.embedding_lr}
+
     def param_groups(self, lr_scale: float = 1.0, stage: int = 0) -> list[dict]:
-        return [{"params": [self.embedding.learned], "lr": self.embedding_lr * lr_scale}]
+        return [{"params": [self.embedding.learned], "lr": self.base_lr("embedding") * lr_scale}]
 
     def prompt(self, generator: torch.Generator) -> str:
         i = int(torch.randint(0, len(self.templates), (1,), generator=generator))

@@ -45,8 +45,13 @@ class ViCo(TextualInversion):
         # ``reference_stop.enabled = False`` runs both halves to the end, as the official code does.
         self.reference_stop = ReferenceEarlyStop(components.unet, self.layers)
 
+    @classmethod
+    def learning_rate_names(cls) -> dict[str, float]:
+        return {**super().learning_rate_names(), "image": cls.image_lr}
+
     def param_groups(self, lr_scale: float = 1.0, stage: int = 0) -> list[dict]:
-        return super().param_groups(lr_scale) + [{"params": list(self.blocks.parameters()), "lr": self.image_lr}]
+        image = {"params": list(self.blocks.parameters()), "lr": self.base_lr("image")}  # never scaled
+        return super().param_groups(lr_scale) + [image]
 
     def references(self, latent_mean, latent_std, idx, generator):
         """Another training image than the target when there are several; its latent is a
