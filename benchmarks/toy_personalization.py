@@ -2,8 +2,8 @@
 
     python benchmarks/toy_personalization.py --model vico/toyworld/model --out toy-bench
 
-Trains every method on every novel concept at its default steps and at a longer
-setting, samples --samples images per (concept, background), prints a markdown
+Trains every method on every novel concept with its official recipe, a longer
+one and the toy world's recipe (and ViCo ablations of it on request), samples --samples images per (concept, background), prints a markdown
 table for benchmarks/RESULTS.md and writes OUT/benchmark.json (resumable: rows
 already there are kept) and, when matplotlib is installed, OUT/benchmark.png
 (texture identity against text alignment, one point per method and setting).
@@ -31,7 +31,7 @@ def plot(rows: list[dict], path: Path) -> bool:
         return False
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for method in benchmark.METHODS:
-        for setting, marker in (("default", "o"), ("long", "s")):
+        for setting, marker in zip(benchmark.SETTINGS, "osD^vP"):
             pts = [r for r in rows if r["method"] == method and r["setting"] == setting]
             if not pts:
                 continue
@@ -54,8 +54,11 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=Path("toy-bench"))
     p.add_argument("--samples", type=int, default=8, help="images per (concept, background)")
     p.add_argument("--methods", nargs="+", default=list(benchmark.METHODS), choices=benchmark.METHODS)
-    p.add_argument("--settings", nargs="+", default=list(benchmark.SETTINGS), choices=benchmark.SETTINGS,
-                   help=f"default: each method's own steps; long: {benchmark.LONG_FACTOR}x them")
+    p.add_argument("--settings", nargs="+", default=["default", "long", "toy"], choices=list(benchmark.SETTINGS),
+                   metavar="SETTING",
+                   help=f"of: {'; '.join(repr(k) for k in benchmark.SETTINGS)} (default: 'default' = the official "
+                   f"recipe, 'long' = {benchmark.LONG_FACTOR}x its steps, 'toy' = the demo's recipe; the 'toy, ...' "
+                   "ones are ViCo ablations of it, quote them)")
     p.add_argument("--concepts", type=int, default=len(CONCEPTS), help=f"the first N of {len(CONCEPTS)} concepts")
     p.add_argument("--sample-steps", type=int, default=30)
     p.add_argument("--guidance", type=float, default=5.0)

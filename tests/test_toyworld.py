@@ -132,27 +132,37 @@ def test_personalization_benchmark_runs_every_method_and_resumes(barely_trained_
 
     from vico.toyworld import benchmark, demo
 
-    monkeypatch.setattr(benchmark, "method_steps", lambda method, setting: 1)
+    no_reg = benchmark.SETTINGS["toy, no regulariser"]
+    one_step = {"default": lambda method: {"steps": 1},
+                "toy, no regulariser": lambda method: no_reg(method) and dict(no_reg(method), steps=1)}
+    monkeypatch.setattr(benchmark, "SETTINGS", one_step)
     out = tmp_path / "bench"
-    rows = benchmark.run(barely_trained_model, out, concepts=demo.CONCEPTS[:1], settings=("default",), samples=1,
+    rows = benchmark.run(barely_trained_model, out, concepts=demo.CONCEPTS[:1], settings=tuple(one_step), samples=1,
                          sample_steps=1)
-    assert [r["method"] for r in rows] == list(benchmark.METHODS)
+    assert [(r["method"], r["setting"]) for r in rows] == [(m, "default") for m in benchmark.METHODS[:1]] + [
+        ("vico", "toy, no regulariser")] + [(m, "default") for m in benchmark.METHODS[1:]]  # ablation: ViCo only
+    assert json.loads((out / "red-checkered-square" / "vico-toy-no-regulariser" / "concept.json").read_text())[
+        "config"]["extra"]["reg_weight"] == 0.0
     for r in rows:
         assert 0 <= r["identity_texture"] <= 1 and 0 <= r["text_background"] <= 1 and r["samples"] == 3
-    assert "reference_mask_iou" in rows[0] and "| red checkered square | vico | 1 |" in benchmark.table(rows)
+    assert "reference_mask_iou" in rows[0] and "| red checkered square | vico | default | 1 |" in benchmark.table(rows)
     calls = []
     monkeypatch.setattr(benchmark, "sample_and_score", lambda *a, **k: calls.append(a) or ([], {}))
-    assert benchmark.run(barely_trained_model, out, concepts=demo.CONCEPTS[:1], settings=("default",), samples=1,
+    assert benchmark.run(barely_trained_model, out, concepts=demo.CONCEPTS[:1], settings=tuple(one_step), samples=1,
                          sample_steps=1) == rows and not calls  # finished rows are kept, not recomputed
     assert json.loads((out / "benchmark.json").read_text()) == rows
 
 
 def test_long_setting_doubles_each_methods_default():
     from vico.methods import get_method
-    from vico.toyworld import benchmark
+    from vico.toyworld import benchmark, demo
 
     for method in benchmark.METHODS:
-        assert benchmark.method_steps(method, "default") is None
+        assert benchmark.method_steps(method, "default") is None and benchmark.SETTINGS["default"](method) == {}
+        assert (benchmark.SETTINGS["toy"](method) is None) == (method not in demo.TOY_RECIPES)
+    assert benchmark.SETTINGS["toy, official image lr"]("vico")["learning_rates"] == dict(
+        demo.TOY_RECIPES["vico"]["learning_rates"], image=1e-5)
+    assert benchmark.SETTINGS["toy, embedding frozen"]("textual-inversion") is None
     assert benchmark.method_steps("vico", "long") == 2 * get_method("vico").default_steps
     assert benchmark.method_steps("attndreambooth", "long") * 3 == 2 * get_method("attndreambooth").default_steps
 

@@ -133,7 +133,9 @@ def cmd_demo(args) -> int:
     import time
 
     from .model import check_output_folder
+    from .sampling import sample_concept
     from .toyworld import demo as toy_demo
+    from .training import TrainConfig, train
 
     out = Path(args.out)
     _require_positive(args, "steps", "sample_steps", "num_images")
@@ -163,25 +165,17 @@ def cmd_demo(args) -> int:
     concept = out / "concept"
     t0 = time.perf_counter()
     steps = args.steps or 30
-    cmd_train(_train_parser_defaults(model=model, images=images, out=concept, init_word=args.init_word or "object",
-                                     steps=steps, quiet=args.quiet))
+    train(TrainConfig(model=str(model), images=str(images), out=str(concept), init_word=args.init_word or "object",
+                      steps=steps, progress=not args.quiet))
+    print(f"vico: concept saved to {concept}")
     train_s = time.perf_counter() - t0
     samples = out / "samples"
-    cmd_sample(argparse.Namespace(concept=concept, prompt="a photo of S* on the beach", out=samples, model=None,
-                                  reference=None, num_images=args.num_images or 4, steps=args.sample_steps,
-                                  guidance=7.5, seed=0, device=None, save_maps=True, quiet=args.quiet))
+    sample_concept(concept, "a photo of S* on the beach", samples, num_images=args.num_images or 4,
+                   steps=args.sample_steps, guidance=7.5, save_maps=True, progress=not args.quiet)
+    print(f"vico: wrote {args.num_images or 4} images and grid.png to {samples}")
     print(f"vico demo: {steps} training steps in {train_s:.1f} s ({train_s / max(steps, 1):.3f} s/step "
           f"incl. loading); concept in {concept}, images and S* maps/masks in {samples}")
     return 0
-
-
-def _train_parser_defaults(**overrides) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    _train_parser(parser.add_subparsers())
-    args = parser.parse_args(["train", "--model", "m", "--images", "i", "--out", "o"])
-    for key, value in overrides.items():
-        setattr(args, key, value)
-    return args
 
 
 def _bench_parser(sub) -> None:
@@ -275,6 +269,7 @@ def cmd_eval(args) -> int:
     from . import evaluation, metrics
     from .data import list_images
     from .methods.base import Method, get_method, read_concept_meta
+    from .sampling import sample_concept
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     meta = read_concept_meta(args.concept) if args.concept else {}  # a garbage concept.json: one line
@@ -330,9 +325,8 @@ def cmd_eval(args) -> int:
     for i, template in enumerate(metrics.load_eval_prompts(args.prompts or None)):
         folder = out / f"prompt-{i:02d}"
         prompt = method_cls.prompt_for(template, placeholder, class_word)
-        cmd_sample(argparse.Namespace(concept=args.concept, prompt=prompt, out=folder,
-                                      model=None, reference=None, num_images=args.num_images, steps=args.steps,
-                                      guidance=None, seed=i, device=device, save_maps=True, quiet=args.quiet))
+        sample_concept(args.concept, prompt, folder, num_images=args.num_images, steps=args.steps, seed=i,
+                       device=device, save_maps=True, progress=not args.quiet)
         rows.append(score(folder))
     keys = [k for k in ("clip_i", "clip_t", "dino", "masked_clip_i") if k in rows[0]]
     summary = {k: float(np.mean([r[k] for r in rows])) for k in keys}
@@ -433,80 +427,12 @@ def cmd_train(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    import json
+    from .sampling import sample_concept
 
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    from .methods.base import CONFIG_FILE, check_concept, get_method
-    from .model import check_output_folder, warn
-    from .pipeline import ViCoPipeline, heatmap_overlay, image_grid
-
-    _require_positive(args, "num_images", "steps")
-    check_output_folder(args.out)  # before any sampling
-    concept = Path(args.concept)
-    meta = check_concept(concept)  # a missing, truncated or garbage concept.json / concept.safetensors: one line
-    model = args.model or meta.get("base_model")
-    if not model:
-        raise UserError(f"{concept / CONFIG_FILE} records no base model; pass --model PATH")
-    if not args.model and not Path(model).is_dir():
-        raise UserError(f"the concept's base model {model} (recorded in {concept / CONFIG_FILE}) does not exist; "
-                        "pass --model PATH")
-    placeholder = meta["config"].get("placeholder", "S*")
-    method_cls = get_method(meta["method"])
-    phrase = (method_cls.concept_phrase(placeholder, meta["config"].get("init_word", "object"))
-              if hasattr(method_cls, "concept_phrase") else placeholder)
-    # "S* cat" (AttnDreamBooth) is named by its S* too; CatVersion's concept is its class word alone
-    if phrase not in args.prompt and not (placeholder in phrase and placeholder in args.prompt):
-        warn(f"the prompt does not contain the concept's token {phrase!r}: the images will not show the "
-             f"concept (e.g. \"a photo of {phrase} on the beach\")")
-    if args.save_maps and not hasattr(method_cls, "sampled_maps"):
-        warn(f"--save-maps: {meta['method']} has no attention maps to save (only vico does); writing the images only")
-    images_dir = None
-    if not args.reference and meta["method"] == "vico":
-        train_cfg = concept / "train_config.json"
-        try:
-            images_dir = json.loads(train_cfg.read_text())["images"] if train_cfg.is_file() else None
-        except (ValueError, KeyError, TypeError):
-            raise UserError(f"{train_cfg} is not a vico training config (truncated or overwritten); pass "
-                            "--reference IMAGE") from None
-        if images_dir is None:
-            raise UserError("ViCo needs a reference image: pass --reference (no training config to find one)")
-        if not Path(images_dir).is_dir():
-            raise UserError(f"the concept's training images {images_dir} (recorded in {train_cfg}) do not exist; "
-                            "pass --reference IMAGE")
-    if args.reference and not Path(args.reference).is_file():
-        raise UserError(f"--reference {args.reference} does not exist")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = ViCoPipeline.from_pretrained(model, concept, device=device)
-    reference = None
-    if args.reference:
-        from .data import load_image
-        reference = load_image(args.reference, pipe.method.config.resolution)
-    elif images_dir is not None:
-        reference = pipe.default_reference(images_dir)
-    images, context = pipe(args.prompt, reference=reference, num_images=args.num_images,
-                           num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
-                           progress=not args.quiet)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for i, img in enumerate(images):
-        Image.fromarray(img).save(out / f"{i:03d}.png")
-    Image.fromarray(image_grid(images)).save(out / "grid.png")
-    (out / "prompt.txt").write_text(args.prompt + "\n")  # what `vico eval` scores CLIP-T against
-    if args.save_maps and hasattr(pipe.method, "sampled_maps") and "last_request" not in context:
-        warn("--save-maps: no attention maps were recorded in this run; writing the images only")
-    if args.save_maps and hasattr(pipe.method, "sampled_maps") and "last_request" in context:
-        for layer, (maps, masks) in pipe.method.sampled_maps(context).items():
-            side = maps.shape[-1]
-            tag = layer.replace(".", "-")
-            for i in range(len(images)):
-                Image.fromarray(heatmap_overlay(images[i], maps[i].float().cpu().numpy())).save(
-                    out / f"{i:03d}_map_{tag}.png")
-                big = np.kron(masks[i].cpu().numpy(), np.ones((images.shape[1] // side,) * 2))
-                Image.fromarray((big * 255).astype(np.uint8)).save(out / f"{i:03d}_mask_{tag}.png")
-    print(f"vico: wrote {len(images)} images and grid.png to {out}")
+    out = sample_concept(args.concept, args.prompt, args.out, model=args.model, reference=args.reference,
+                         num_images=args.num_images, steps=args.steps, guidance=args.guidance, seed=args.seed,
+                         device=args.device, save_maps=args.save_maps, progress=not args.quiet)
+    print(f"vico: wrote {args.num_images} images and grid.png to {out}")
     return 0
 
 

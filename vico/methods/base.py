@@ -100,6 +100,7 @@ class Method(ABC):
     hflip_prob: ClassVar[float] = 0.0  # training augmentation; the trainer caches flipped latents
     sampler: ClassVar[str] = "ddim"  # or "dpm-solver"
     guidance_scale: ClassVar[float] = 7.5  # classifier-free guidance when the user gives none
+    needs_reference: ClassVar[bool] = False  # sampling reads a reference image (ViCo); default: a training image
     # Pixel images [n, 3, H, W] in [-1, 1] of the training set, for methods that augment in image
     # space (AttnDreamBooth); the trainer may set it, else such a method decodes the latents once.
     training_images: torch.Tensor | None = None

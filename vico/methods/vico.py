@@ -34,6 +34,7 @@ class ViCo(TextualInversion):
     image_lr = 1e-5  # fixed: the official ddpm.py does not scale it (only the embedding's lr is)
     reg_weight = 5e-4
     templates = VICO_TEMPLATES  # the official ldm/data/personalized.py list of 81
+    needs_reference = True
 
     def __init__(self, components: Components, config: MethodConfig):
         super().__init__(components, config)
@@ -44,6 +45,8 @@ class ViCo(TextualInversion):
         # Training and sampling forwards return only the noisy half (nothing reads the reference's output);
         # ``reference_stop.enabled = False`` runs both halves to the end, as the official code does.
         self.reference_stop = ReferenceEarlyStop(components.unet, self.layers)
+        # the regulariser's weight: the official 5e-4 unless the config sets one (0 turns it off, an ablation)
+        self.reg_weight = float(config.extra.get("reg_weight", ViCo.reg_weight))
 
     @classmethod
     def learning_rate_names(cls) -> dict[str, float]:

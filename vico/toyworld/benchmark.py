@@ -5,8 +5,11 @@ Per (concept, method, setting): train on five renders, sample ``samples``
 images per background with fixed seeds, and read them back with the checker.
 Identity = the concept's shape, colour and texture read back; text alignment =
 the prompt's background read back; for ViCo also the IoU of its reference-branch
-Otsu object mask with the true mask. Settings: each method's default steps, and
-a longer one (``LONG_FACTOR`` times). Results are appended to
+Otsu object mask with the true mask. Settings (``SETTINGS``): each method's
+official defaults, a longer run (``LONG_FACTOR`` times the steps), the toy
+world's recipe (``demo.TOY_RECIPES``: the demo's batch, steps and learning
+rates, for the methods that have one) and ViCo ablations of that recipe
+(official image lr, embedding frozen, no regulariser). Results are appended to
 ``OUT/benchmark.json`` after every row, and finished rows are not recomputed on
 a rerun (the command resumes).
 """
@@ -16,12 +19,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .demo import CONCEPTS, Concept, concept_scenes, reference_mask_iou, sample_and_score, summary, \
+from .demo import CONCEPTS, TOY_RECIPES, Concept, concept_scenes, reference_mask_iou, sample_and_score, summary, \
     write_concept_images
 
 METHODS = ("vico", "textual-inversion", "attndreambooth", "catversion")
-SETTINGS = ("default", "long")
 LONG_FACTOR = 2
+FROZEN_LR = 1e-12  # "embedding frozen": AdamW steps of ~1e-12 leave it where "init_word" put it
 
 
 def method_steps(method: str, setting: str) -> int | None:
@@ -38,11 +41,35 @@ def method_steps(method: str, setting: str) -> int | None:
     return LONG_FACTOR * cls.default_steps // n_stages
 
 
+def _toy(method: str, **changes) -> dict | None:
+    """The toy recipe of ``method`` with ``changes`` (learning_rates merged); None when it has none."""
+    if method not in TOY_RECIPES:
+        return None
+    recipe = dict(TOY_RECIPES[method])
+    lrs = dict(recipe.get("learning_rates", {}), **changes.pop("learning_rates", {}))
+    return dict(recipe, learning_rates=lrs, extra=dict(recipe.get("extra", {}), **changes.pop("extra", {})), **changes)
+
+
+def _vico_only(make):
+    return lambda method: make(method) if method == "vico" else None
+
+
+# name -> (method -> TrainConfig overrides, or None where the setting does not apply to the method)
+SETTINGS = {
+    "default": lambda method: {},
+    "long": lambda method: {"steps": method_steps(method, "long")},
+    "toy": _toy,
+    "toy, official image lr": _vico_only(lambda m: _toy(m, learning_rates={"image": 1e-5})),
+    "toy, embedding frozen": _vico_only(lambda m: _toy(m, learning_rates={"embedding": FROZEN_LR})),
+    "toy, no regulariser": _vico_only(lambda m: _toy(m, extra={"reg_weight": 0.0})),
+}
+
+
 def slug(concept: Concept) -> str:
     return concept.name.replace(" ", "-")
 
 
-def run(model: Path, out: Path, concepts=CONCEPTS, methods=METHODS, settings=SETTINGS, samples: int = 8,
+def run(model: Path, out: Path, concepts=CONCEPTS, methods=METHODS, settings=("default", "long"), samples: int = 8,
         sample_steps: int = 30, guidance: float | None = 5.0, quiet: bool = True) -> list[dict]:
     from ..pipeline import ViCoPipeline
     from ..training import TrainConfig, train
@@ -56,15 +83,17 @@ def run(model: Path, out: Path, concepts=CONCEPTS, methods=METHODS, settings=SET
         images = write_concept_images(out / slug(concept) / "images", scenes)
         for method in methods:
             for setting in settings:
-                if (concept.name, method, setting) in done:
+                overrides = SETTINGS[setting](method)
+                if overrides is None or (concept.name, method, setting) in done:
                     continue
-                steps = method_steps(method, setting)
-                run_dir = out / slug(concept) / f"{method}-{setting}"
+                run_dir = out / slug(concept) / f"{method}-{setting.replace(', ', '-').replace(' ', '-')}"
                 train(TrainConfig(model=str(model), images=str(out / slug(concept) / "images"), out=str(run_dir),
-                                  method=method, init_word=concept.shape, steps=steps, progress=not quiet,
-                                  checkpoint_every=10**9, resume=True))
+                                  method=method, init_word=concept.shape, progress=not quiet,
+                                  checkpoint_every=10**9, resume=True, **overrides))
+                steps = overrides.get("steps")
                 pipe = ViCoPipeline.from_pretrained(model, run_dir)
-                reference = pipe.default_reference(out / slug(concept) / "images") if method == "vico" else None
+                reference = pipe.default_reference(out / slug(concept) / "images") if pipe.method.needs_reference \
+                    else None
                 scored, _ = sample_and_score(pipe, concept, reference, samples, sample_steps, guidance, not quiet)
                 row = dict(concept=concept.name, method=method, setting=setting,
                            steps="default" if steps is None else steps, samples=len(scored), **summary(scored))
@@ -76,10 +105,10 @@ def run(model: Path, out: Path, concepts=CONCEPTS, methods=METHODS, settings=SET
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| concept | method | steps | identity: shape | colour | **texture** | text: background | "
-             "ViCo ref. mask IoU |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| concept | method | setting | steps | identity: shape | colour | **texture** | text: background | "
+             "ViCo ref. mask IoU |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         iou = f"{r['reference_mask_iou']:.2f}" if "reference_mask_iou" in r else "—"
-        lines.append(f"| {r['concept']} | {r['method']} | {r['steps']} | {r['identity_shape']:.2f} | "
+        lines.append(f"| {r['concept']} | {r['method']} | {r['setting']} | {r['steps']} | {r['identity_shape']:.2f} | "
                      f"{r['identity_colour']:.2f} | {r['identity_texture']:.2f} | {r['text_background']:.2f} | {iou} |")
     return "\n".join(lines)

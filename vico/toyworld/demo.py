@@ -42,8 +42,16 @@ CONCEPTS = (Concept("square", "red", "checkered"), Concept("circle", "green", "d
             Concept("triangle", "blue", "diagonal"))
 CONCEPT = CONCEPTS[0]
 DEMO_METHODS = ("textual-inversion", "vico")
-VICO_STEPS = 150  # the demo's budgets (``vico demo --steps`` sets both)
-TI_STEPS = 150
+VICO_STEPS = 300  # the demo's budgets (``vico demo --steps`` sets both)
+TI_STEPS = 300
+# The toy world's training recipe (docs/methods.md §8). The official rates were set for SD-sized
+# models at thousands of steps; on the toy model, at the demo's budget, they leave ViCo's freshly
+# initialised image blocks (1e-5) where they started and send a Textual Inversion embedding (5e-3
+# x batch) to three times the norm of any word. Batch 4 without lr scaling, one rate per group:
+TOY_RECIPES: dict[str, dict] = {
+    "textual-inversion": dict(batch_size=4, scale_lr=False, learning_rates={"embedding": 1e-3}),
+    "vico": dict(batch_size=4, scale_lr=False, learning_rates={"embedding": 1e-3, "image": 1e-3}),
+}
 
 
 def concept_scenes(concept: Concept, n: int = 5, seed: int = 7) -> list[world.Scene]:
@@ -153,12 +161,12 @@ def run(model: Path, out: Path, steps: int | None = VICO_STEPS, ti_steps: int | 
         t0 = time.perf_counter()
         train(TrainConfig(model=str(model), images=str(out / "images"), out=str(out / method), method=method,
                           init_word=CONCEPT.shape, steps=method_steps, progress=not quiet,
-                          checkpoint_every=10**9))
+                          checkpoint_every=10**9, **TOY_RECIPES[method]))
         train_s = time.perf_counter() - t0
         pipe = ViCoPipeline.from_pretrained(model, out / method)
-        reference = pipe.default_reference(out / "images") if method == "vico" else None
+        reference = pipe.default_reference(out / "images") if pipe.method.needs_reference else None
         rows, per_bg = sample_and_score(pipe, CONCEPT, reference, samples, sample_steps, guidance, not quiet)
-        entry = dict(summary(rows), train_seconds=train_s, samples=rows,
+        entry = dict(summary(rows), train_seconds=train_s, samples=rows, recipe=TOY_RECIPES[method],
                      steps=method_steps if method_steps is not None else get_method(method).default_steps)
         if method == "vico":
             entry["reference_mask_iou"] = reference_mask_iou(pipe, images, scenes)

@@ -71,6 +71,45 @@ def trace_mask_iou(model: str | Path, n: int = 12, cfg: float = 5.0, steps: int 
     return {"class_word_trace_mask_iou": float(np.mean(ious)) if ious else float("nan"), "images": len(ious)}
 
 
+@torch.no_grad()
+def texture_survival(model: str | Path, strengths=(0.1, 0.3, 0.5), n: int = 12, steps: int = 30, cfg: float = 5.0,
+                     seed: int = 0) -> dict:
+    """How generic the base UNet's denoiser is: img2img of renders (large objects, every texture) at each
+    ``strength`` with the caption minus the texture word (the text cannot name a novel texture); the
+    fraction whose texture the checker still reads back. A frozen-UNet method can only keep a texture
+    that the denoiser does not erase at low noise."""
+    from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline
+
+    from ..model import load_pipeline
+
+    base = load_pipeline(model)
+    pipe = StableDiffusionImg2ImgPipeline(
+        vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
+        scheduler=DDIMScheduler.from_config(base.scheduler.config), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    rng = np.random.default_rng(seed)
+    report = {}
+    for texture in world.ALL_TEXTURES:
+        scenes = []
+        while len(scenes) < n:
+            scene = world.random_scene(rng, texture=texture)
+            if scene.size == "large":
+                scenes.append(scene)
+        x = torch.from_numpy(np.stack([world.render(s) for s in scenes])).permute(0, 3, 1, 2).float() / 255
+        named = texture if texture in world.TEXTURES and texture != "solid" else ""
+        prompts = [f"a large {s.colour} {named + ' ' if named else ''}{s.shape} on a {s.background} background"
+                   for s in scenes]
+        row = {}
+        for strength in strengths:
+            out = pipe(prompts, image=x, strength=strength, num_inference_steps=steps, guidance_scale=cfg,
+                       generator=torch.Generator().manual_seed(seed), output_type="np").images
+            out = (np.clip(out, 0, 1) * 255).round().astype(np.uint8)
+            row[f"{strength:g}"] = float(np.mean([checker.read(im)["texture"] == texture for im in out]))
+        report[texture] = {"novel": texture in world.NOVEL_TEXTURES, **row}
+    return report
+
+
 # Patterns in no list of the world or its autoencoder's family as such: a probe of how generic the VAE is.
 PROBE_PATTERNS = {
     "vertical stripes 1px": lambda yy, xx: xx % 2 == 1,
@@ -131,6 +170,8 @@ def main(argv=None) -> int:
     p.add_argument("--vae", action="store_true", help="also the autoencoder's per-texture reconstruction report")
     p.add_argument("--masks", action="store_true",
                    help="also the class word's trace-mask IoU on the model's generations (first --cfg)")
+    p.add_argument("--survival", action="store_true",
+                   help="also how often img2img at strength 0.1/0.3/0.5 keeps each texture (how generic the denoiser is)")
     p.add_argument("--out", type=Path, help="write everything as JSON here")
     o = p.parse_args(argv)
     report = evaluate(o.model, o.n, o.cfg, o.steps)
@@ -147,6 +188,13 @@ def main(argv=None) -> int:
         report["masks"] = trace_mask_iou(o.model, n=o.n, cfg=o.cfg[0], steps=o.steps)
         print(f"\nclass-word trace mask IoU: {report['masks']['class_word_trace_mask_iou']:.2f} "
               f"over {report['masks']['images']} generations")
+    if o.survival:
+        report["survival"] = texture_survival(o.model, n=o.n, steps=o.steps, cfg=o.cfg[0])
+        strengths = [k for k in next(iter(report["survival"].values())) if k != "novel"]
+        print("\n| texture | novel | " + " | ".join(f"kept @ strength {k}" for k in strengths) + " |\n|---|---|"
+              + "---|" * len(strengths))
+        for name, r in report["survival"].items():
+            print(f"| {name} | {'yes' if r['novel'] else 'no'} | " + " | ".join(f"{r[k]:.2f}" for k in strengths) + " |")
     if o.out:
         o.out.write_text(json.dumps(report, indent=1))
     return 0

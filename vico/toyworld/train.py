@@ -67,6 +67,12 @@ def make_models(seed: int = 0):
 ATTN_WEIGHT = 0.05  # weight of the attention localisation term against the noise MSE
 ATTN_MAX_T = 700  # no localisation asked of nearly pure noise, where the object has no place yet
 TEXT_SLOTS = 8  # supervised token positions per caption
+# Share of each stage-2 batch drawn from the broad family (``world.generic_image``) with the empty
+# caption. Without it the denoiser knows two textures only and turns any other into them even at
+# t = 100 (an img2img pass erases a checker completely), so no frozen-UNet method can keep a new
+# texture; SD's UNet, too, has seen every kind of pattern, named or not. Never captioned, so the
+# text still cannot ask for a texture outside ``world.TEXTURES``.
+GENERIC_FRACTION = 0.25
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -168,8 +174,22 @@ def export(out: Path, models: dict, scaling: float) -> Path:
     return out / "pipeline"
 
 
+def stage2_batch(rng: np.random.Generator, n: int, generic_fraction: float = GENERIC_FRACTION
+                 ) -> tuple[torch.Tensor, list[str], torch.Tensor, torch.Tensor]:
+    """Scenes with captions, then ``round(n * generic_fraction)`` broad-family images with the empty
+    caption. Returns images, captions, object masks (zeros for generic rows) and bool [n] "generic"."""
+    g = int(round(n * generic_fraction))
+    x, captions, masks = scene_batch(rng, n - g)
+    if g:
+        x = torch.cat([x, generic_batch(rng, g)])
+        captions = captions + [""] * g
+        masks = torch.cat([masks, torch.zeros((g, *masks.shape[1:]))])
+    return x, captions, masks, torch.arange(n) >= n - g
+
+
 def train(out: Path, minutes: float, vae_steps: int, batch: int, checkpoint_every: int, resume: bool,
-          seed: int = 0, max_steps: int | None = None, init_from: Path | None = None) -> Path | None:
+          seed: int = 0, max_steps: int | None = None, init_from: Path | None = None,
+          generic_fraction: float = GENERIC_FRACTION, unet_lr: float = 5e-4) -> Path | None:
     """Stage 1 for ``vae_steps`` steps, then stage 2 until ``minutes`` of wall clock (both stages) or ``max_steps``."""
     from tqdm.auto import tqdm
 
@@ -180,7 +200,6 @@ def train(out: Path, minutes: float, vae_steps: int, batch: int, checkpoint_ever
     vae, unet, text_encoder, tok, sched = (models[k] for k in ("vae", "unet", "text_encoder", "tokenizer", "scheduler"))
     fused.attach(unet)
     opt_vae = torch.optim.AdamW(vae.parameters(), lr=1e-3)
-    unet_lr = 5e-4
     opt = torch.optim.AdamW(list(unet.parameters()) + list(text_encoder.parameters()), lr=unet_lr, weight_decay=1e-2)
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -243,10 +262,10 @@ def train(out: Path, minutes: float, vae_steps: int, batch: int, checkpoint_ever
                     progress = (elapsed - unet_start) / max(budget - unet_start, 1.0)
                 for group in opt.param_groups:
                     group["lr"] = cosine_lr(unet_lr, progress)
-                x, captions, masks = scene_batch(rng, batch)
+                x, captions, masks, generic = stage2_batch(rng, batch, generic_fraction)
                 with torch.no_grad():
                     latents = vae.encode(x).latent_dist.mean * scaling
-                drop = torch.rand(batch, generator=gen) < 0.1
+                drop = (torch.rand(batch, generator=gen) < 0.1) | generic
                 captions = ["" if d else c for c, d in zip(captions, drop)]
                 ids = tok(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
                 noise = torch.randn(latents.shape, generator=gen)
@@ -372,6 +391,9 @@ def main(argv=None) -> int:
     p.add_argument("--max-steps", type=int, help="stop after this many steps (tests)")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--generic-fraction", type=float, default=GENERIC_FRACTION,
+                   help=f"share of each UNet batch from the broad pattern family, uncaptioned (default {GENERIC_FRACTION})")
+    p.add_argument("--unet-lr", type=float, default=5e-4, help="peak UNet/text-encoder lr, cosine decay (default 5e-4)")
     p.add_argument("--init-from", type=Path, metavar="PIPELINE",
                    help="warm start stage 2 from a pipeline folder's weights (e.g. vico/toyworld/model) with a fresh "
                         "optimizer, instead of training from scratch")
@@ -393,7 +415,10 @@ def main(argv=None) -> int:
     from ..training import save_on_signals
 
     save_on_signals()
-    train(o.out, o.minutes, o.vae_steps, o.batch, o.checkpoint_every, o.resume, o.seed, o.max_steps, o.init_from)
+    if not 0 <= o.generic_fraction < 1:
+        p.error(f"--generic-fraction must be in [0, 1), got {o.generic_fraction}")
+    train(o.out, o.minutes, o.vae_steps, o.batch, o.checkpoint_every, o.resume, o.seed, o.max_steps, o.init_from,
+          o.generic_fraction, o.unet_lr)
     return 0
 
 
