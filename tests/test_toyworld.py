@@ -219,3 +219,12 @@ def test_attention_targets_and_loss():
     request.maps["layer"] = perfect.flip(-1)
     assert float(train.attention_loss(request, masks, on_object, rows)) > 0.01
     assert float(train.attention_loss(request, masks, on_object, torch.tensor([False, False]))) == 0.0
+
+
+def test_texture_survival_reports_every_texture_and_the_shipped_model_keeps_a_seen_one():
+    from vico.toyworld import demo, evaluate
+
+    report = evaluate.texture_survival(demo.shipped_model(), strengths=(0.1,), n=2, steps=10)
+    assert set(report) == set(world.ALL_TEXTURES)
+    assert all(report[t]["novel"] == (t in world.NOVEL_TEXTURES) for t in report)
+    assert report["striped"]["0.1"] == 1.0  # a seen texture survives a light img2img pass

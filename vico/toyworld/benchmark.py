@@ -9,7 +9,7 @@ Otsu object mask with the true mask. Settings (``SETTINGS``): each method's
 official defaults, a longer run (``LONG_FACTOR`` times the steps), the toy
 world's recipe (``demo.TOY_RECIPES``: the demo's batch, steps and learning
 rates, for the methods that have one) and ViCo ablations of that recipe
-(official image lr, embedding frozen, no regulariser). Results are appended to
+(official image lr, embedding frozen, no regulariser; 4x the steps for both). Results are appended to
 ``OUT/benchmark.json`` after every row, and finished rows are not recomputed on
 a rerun (the command resumes).
 """
@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .demo import CONCEPTS, TOY_RECIPES, Concept, concept_scenes, reference_mask_iou, sample_and_score, summary, \
+from .demo import CONCEPTS, TOY_RECIPES, TOY_STEPS, Concept, concept_scenes, reference_mask_iou, sample_and_score, summary, \
     write_concept_images
 
 METHODS = ("vico", "textual-inversion", "attndreambooth", "catversion")
@@ -45,7 +45,7 @@ def _toy(method: str, **changes) -> dict | None:
     """The toy recipe of ``method`` with ``changes`` (learning_rates merged); None when it has none."""
     if method not in TOY_RECIPES:
         return None
-    recipe = dict(TOY_RECIPES[method])
+    recipe = dict(TOY_RECIPES[method], steps=TOY_STEPS[method])
     lrs = dict(recipe.get("learning_rates", {}), **changes.pop("learning_rates", {}))
     return dict(recipe, learning_rates=lrs, extra=dict(recipe.get("extra", {}), **changes.pop("extra", {})), **changes)
 
@@ -59,6 +59,7 @@ SETTINGS = {
     "default": lambda method: {},
     "long": lambda method: {"steps": method_steps(method, "long")},
     "toy": _toy,
+    "toy, 4x steps": lambda m: _toy(m, steps=4 * TOY_STEPS[m]) if m in TOY_RECIPES else None,
     "toy, official image lr": _vico_only(lambda m: _toy(m, learning_rates={"image": 1e-5})),
     "toy, embedding frozen": _vico_only(lambda m: _toy(m, learning_rates={"embedding": FROZEN_LR})),
     "toy, no regulariser": _vico_only(lambda m: _toy(m, extra={"reg_weight": 0.0})),

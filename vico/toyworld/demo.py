@@ -48,6 +48,7 @@ TI_STEPS = 300
 # models at thousands of steps; on the toy model, at the demo's budget, they leave ViCo's freshly
 # initialised image blocks (1e-5) where they started and send a Textual Inversion embedding (5e-3
 # x batch) to three times the norm of any word. Batch 4 without lr scaling, one rate per group:
+TOY_STEPS = {"textual-inversion": TI_STEPS, "vico": VICO_STEPS}
 TOY_RECIPES: dict[str, dict] = {
     "textual-inversion": dict(batch_size=4, scale_lr=False, learning_rates={"embedding": 1e-3}),
     "vico": dict(batch_size=4, scale_lr=False, learning_rates={"embedding": 1e-3, "image": 1e-3}),
