@@ -89,7 +89,7 @@ def _dtype_refusal(name: str, op: str, dtype: torch.dtype, device_type: str) -> 
     if name == "triton" and device_type == "cuda" and dtype == torch.float64 and op != "otsu_mask":
         # Triton 3.6 cannot compile the float64 attention kernels for a GPU: fp64 tl.dot
         # with a head dim of 160 trips "fp64 don't support largeK MMA", and the tiles
-        # need up to 650 KB of shared memory (benchmarks/triton_compile_check.py
+        # need up to 650 KB of shared memory (tools/triton_compile_check.py
         # --dtype fp64). float64 attention stays a CPU (gradcheck) dtype for Triton.
         return ""
     if name == "triton" and dtype == torch.bfloat16 and op != "otsu_mask" and _triton_interpreted():

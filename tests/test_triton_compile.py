@@ -2,7 +2,7 @@
 
 The interpreter tests check the kernels' numbers; this checks that Triton's real
 compiler accepts them (layouts, dtype constexprs, tf32x3 dots, shared-memory budget)
-at SD 1.5 shapes in fp16 and fp32, using benchmarks/triton_compile_check.py in a subprocess (it must
+at SD 1.5 shapes in fp16 and fp32, using tools/triton_compile_check.py in a subprocess (it must
 import triton without TRITON_INTERPRET)."""
 
 import importlib.util
@@ -22,7 +22,7 @@ def test_kernels_compile_for_sm90_without_a_gpu():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "triton_compile_check.py"),
+        [sys.executable, str(ROOT / "tools" / "triton_compile_check.py"),
          "--arch", "90", "--dtype", "fp16", "fp32", "--quick", "--first-config", "--json"],
         capture_output=True, text=True, env=env, timeout=900,
     )

@@ -46,7 +46,7 @@ def autotuned_by_head_dim(kernel, configs: Configs, key: list[str] = ATTENTION_T
     interpreter (launched with INTERPRET_META). A list per case, not one list pruned
     at launch, keeps the launch the plain ``kernel[grid](...)`` that torch.compile
     traces. The lists come from compiling for sm_90 without a GPU
-    (benchmarks/triton_config_sweep.py): the configurations that spill least, and
+    (tools/triton_config_sweep.py): the configurations that spill least, and
     every list holds one that fits in 99 KB of shared memory (sm_86/sm_89 cards).
     """
     if INTERPRET:

@@ -209,7 +209,7 @@ def _attention_bwd_dq_kernel(
     tl.store(DQ + (bh * N + offs_n[:, None]) * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=tile)
 
 
-# Chosen like the forward's (sm_90, benchmarks/triton_config_sweep.py). 16-bit: only
+# Chosen like the forward's (sm_90, tools/triton_config_sweep.py). 16-bit: only
 # dk/dv at D=160 spills (48-300 B). fp32 spills much more (KBs at D=160).
 DKDV_CONFIGS = {
     2: {

@@ -110,7 +110,7 @@ def _attention_fwd_kernel(
 
 
 # Chosen from compile-only register/spill/shared-memory data (sm_90,
-# benchmarks/triton_config_sweep.py). 16-bit: none of these spills. fp32 (tf32x3
+# tools/triton_config_sweep.py). 16-bit: none of these spills. fp32 (tf32x3
 # dots on fp32 tiles) spills at every size; at D=160 by 2-3 KB per thread, which
 # only splitting the head dim inside the kernel would cure.
 FORWARD_CONFIGS = {
@@ -134,7 +134,7 @@ def precision(dtype: torch.dtype) -> str:
     promise ~1e-5 against fp64). On a GPU it uses "tf32x3" (three TF32 tensor-core
     products per dot, ~fp32 accuracy): compiled for sm_90, "ieee" fp32 dots become
     scalar FMA code that spills 2-24 KB per thread and needs up to 214 KB of shared
-    memory at D=160 (benchmarks/triton_compile_check.py --dtype fp32). The
+    memory at D=160 (tools/triton_compile_check.py --dtype fp32). The
     interpreter computes in numpy fp32/fp64 either way."""
     if dtype == torch.float64 or (dtype == torch.float32 and INTERPRET):
         return "ieee"
