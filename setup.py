@@ -5,7 +5,7 @@ that an installed copy can JIT-build its C++/CUDA kernels without the
 checkout (fused/_cpp.py looks there first, then beside the package).
 """
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="fused-attn-maps",
@@ -15,10 +15,11 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["fused", "fused.csrc", "fused.triton", "vico"],
+    # every subpackage (vico.methods, vico.toyworld, ...): a non-editable install needs them all
+    packages=find_packages(include=["fused", "fused.*", "vico", "vico.*"]) + ["fused.csrc"],
     package_dir={"fused.csrc": "csrc"},
     package_data={"fused.csrc": ["*.cpp", "*.h", "*.cu"],
-                  "vico": ["configs/*.json", "prompts/*.txt", "toyworld/model/*.json", "toyworld/model/*/*"]},
+                  "vico": ["prompts/*.txt", "toyworld/model/*.json", "toyworld/model/*/*"]},
     include_package_data=False,
     # Floors are the versions this project was tested with (see README).
     install_requires=[

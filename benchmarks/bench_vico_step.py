@@ -13,7 +13,7 @@ and the image attention materialised, Otsu in a per-sample loop); `official`
 (every attention layer materialised as the official LDM CrossAttention: fp32
 einsum, large-negative fill, per-sample Otsu). All compute the same loss and
 gradients (tests/test_baselines.py). The SD 1.5 UNet has random weights
-(vico/configs/sd15_unet.json) and a 12-layer CLIP-sized text encoder.
+(tests/configs/sd15_unet.json) and a 12-layer CLIP-sized text encoder.
 
 Training step = forward + backward of the ViCo loss (noisy + reference halves,
 batch 1); sampling step = one guided UNet call (4 rows: noisy/reference x
@@ -56,7 +56,7 @@ PHASES = ("train", "sample")
 
 
 def build_components(model: str, device: str, dtype: torch.dtype = torch.float32):
-    from vico import tiny
+    from tests import builders as tiny
     from vico.model import Components
 
     comps = tiny.make_tiny_components()
@@ -64,7 +64,7 @@ def build_components(model: str, device: str, dtype: torch.dtype = torch.float32
         from diffusers import UNet2DConditionModel
         from transformers import CLIPTextConfig, CLIPTextModel
 
-        cfg = json.loads((ROOT / "vico" / "configs" / "sd15_unet.json").read_text())
+        cfg = json.loads((ROOT / "tests" / "configs" / "sd15_unet.json").read_text())
         comps["unet"] = UNet2DConditionModel.from_config(cfg)
         tok = comps["tokenizer"]
         comps["text_encoder"] = CLIPTextModel(CLIPTextConfig(

@@ -61,7 +61,7 @@ def _fixed_seed():
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A tiny Stable-Diffusion-shaped pipeline saved with ``save_pretrained`` (random weights)."""
-    from vico import tiny
+    from tests import builders as tiny
 
     return tiny.save_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd"))
 
@@ -69,7 +69,7 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def images_dir(tmp_path_factory):
     """Three toy training images (the tests' "concept")."""
-    from vico import tiny
+    from tests import builders as tiny
 
     folder = tmp_path_factory.mktemp("images")
     tiny.write_toy_images(folder, n=3)

@@ -10,7 +10,7 @@ import fused  # noqa: E402
 from benchmarks import baselines  # noqa: E402
 from benchmarks.baselines import BASELINES  # noqa: E402
 from fused import reference  # noqa: E402
-from vico import tiny  # noqa: E402
+from tests import builders as tiny  # noqa: E402
 from vico.methods.base import MethodConfig  # noqa: E402
 from vico.methods.vico import ViCo  # noqa: E402
 from vico.model import Components  # noqa: E402

@@ -18,7 +18,8 @@ pytest.importorskip("accelerate")
 from PIL import Image  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from vico import cli, tiny  # noqa: E402
+from tests import builders as tiny  # noqa: E402
+from vico import cli  # noqa: E402
 from vico.data import load_image  # noqa: E402
 
 

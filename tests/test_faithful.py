@@ -12,7 +12,8 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from vico import cli, tiny  # noqa: E402
+from tests import builders as tiny  # noqa: E402
+from vico import cli  # noqa: E402
 from vico.data import IMAGENET_TEMPLATES_SMALL, VICO_TEMPLATES, attndreambooth_augment  # noqa: E402
 from vico.methods.attndreambooth import AttnDreamBooth  # noqa: E402
 from vico.methods.base import Method, MethodConfig, get_method  # noqa: E402
@@ -130,15 +131,15 @@ def test_eval_prompts_name_the_concept_as_the_method_does(name, sampled, scored,
                                     "extra": {}}, "base_model": "unused"}))
     seen = []
 
-    def fake_sample(args):  # what eval asks `vico sample` for; writes a stand-in image
-        seen.append((args.prompt, args.guidance))
-        out = Path(args.out)
+    def fake_sample(concept, prompt, out, guidance=None, **kwargs):  # what eval samples; a stand-in image
+        seen.append((prompt, guidance))
+        out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(out / "000.png")
-        (out / "prompt.txt").write_text(args.prompt + "\n")
-        return 0
+        (out / "prompt.txt").write_text(prompt + "\n")
+        return out
 
-    monkeypatch.setattr(cli, "cmd_sample", fake_sample)
+    monkeypatch.setattr("vico.sampling.sample_concept", fake_sample)
     monkeypatch.setattr("vico.evaluation.real_masks", lambda *a, **k: (None, "none"))
     clip = tiny.save_tiny_clip(tmp_path / "clip")
     prompts = tmp_path / "prompts.txt"

@@ -1,7 +1,7 @@
 """ViCo's image cross-attention blocks inside a diffusers UNet."""
 
 import json
-from importlib import resources
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +16,7 @@ from .test_processor import tiny_unet  # noqa: E402
 
 
 def sd15_config():
-    return json.loads(resources.files("vico").joinpath("configs/sd15_unet.json").read_text())
+    return json.loads((Path(__file__).resolve().parent / "configs" / "sd15_unet.json").read_text())
 
 
 def test_sd15_injection_has_the_papers_parameter_count():

@@ -82,14 +82,14 @@ def test_vico_maps_writes_one_overlay_per_word(model_dir, tmp_path, capsys):  # 
 
 @pytest.fixture(scope="module")
 def sd3_dir(tmp_path_factory):
-    from vico import tiny
+    from tests import builders as tiny
 
     return tiny.save_tiny_sd3_pipeline(tmp_path_factory.mktemp("tiny-sd3"))
 
 
 @pytest.fixture(scope="module")
 def flux_dir(tmp_path_factory):
-    from vico import tiny
+    from tests import builders as tiny
 
     return tiny.save_tiny_flux_pipeline(tmp_path_factory.mktemp("tiny-flux"))
 

@@ -18,7 +18,8 @@ from diffusers import StableDiffusionPipeline  # noqa: E402
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0, JointAttnProcessor2_0  # noqa: E402
 
 from fused import maps as fused_maps  # noqa: E402
-from vico import cli, tiny  # noqa: E402
+from tests import builders as tiny  # noqa: E402
+from vico import cli  # noqa: E402
 
 
 TOL = dict(rtol=1e-4, atol=1e-5)

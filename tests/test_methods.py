@@ -7,7 +7,7 @@ import torch
 pytest.importorskip("diffusers")
 
 import fused  # noqa: E402
-from vico import tiny  # noqa: E402
+from tests import builders as tiny  # noqa: E402
 from vico.methods.attndreambooth import AttnDreamBooth, mean_variance_regulariser  # noqa: E402
 from vico.methods.base import MethodConfig, get_method  # noqa: E402
 from vico.methods.catversion import PrefixKVAttention, install_prefix_kv, remove_prefix_kv  # noqa: E402

@@ -8,7 +8,8 @@ import torch
 
 pytest.importorskip("transformers")
 
-from vico import cli, metrics, tiny  # noqa: E402
+from tests import builders as tiny  # noqa: E402
+from vico import cli, metrics  # noqa: E402
 
 
 

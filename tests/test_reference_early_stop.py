@@ -10,7 +10,7 @@ pytest.importorskip("diffusers")
 from diffusers import UNet2DConditionModel  # noqa: E402
 
 import fused  # noqa: E402
-from vico import tiny  # noqa: E402
+from tests import builders as tiny  # noqa: E402
 from vico.image_attention import ReferenceEarlyStop, inject_image_attention  # noqa: E402
 from vico.methods.base import MethodConfig  # noqa: E402
 from vico.methods.vico import ViCo  # noqa: E402

@@ -44,7 +44,7 @@ def make_models(seed: int = 0):
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from ..tiny import make_tokenizer
+    from ..word_tokenizer import make_tokenizer
 
     torch.manual_seed(seed)
     tokenizer = make_tokenizer(world.vocabulary())

@@ -1,0 +1,192 @@
+"""Test builders: tiny, randomly initialised SD / SD3 / FLUX / CLIP / DINO folders built from configs.
+
+No weights can be downloaded for tests, so they (and ``benchmarks/`` at their
+tiny size) use these: a 2-level UNet with cross-attention, a 2-level VAE
+(32 px images -> 16x16x4 latents), a 2-layer CLIP text encoder, a word-level
+tokenizer that ``from_pretrained`` loads, and SD's DDIM scheduler.
+``save_tiny_pipeline`` writes an ordinary diffusers folder that
+``StableDiffusionPipeline.from_pretrained`` loads like any SD checkpoint. Its
+images are noise: it exercises the real code paths, it does not draw. Not part
+of the installed package (it was ``vico.tiny`` before).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from vico import word_tokenizer
+
+IMAGE_SIZE = 32
+WORDS = (
+    "a photo of the an in on with and at by painting style picture rendering cropped close-up bright dark "
+    "cat dog teapot toy backpack bowl vase clock shoe sculpture red blue green yellow black white "
+    "beach snow forest city street table grass water desert mountain kitchen"
+).split()
+
+
+def make_tokenizer(words=WORDS):
+    """The word-level tokenizer over this module's vocabulary."""
+    return word_tokenizer.make_tokenizer(words)
+
+
+def make_tiny_components(seed: int = 0) -> dict:
+    """UNet, VAE, text encoder, tokenizer and DDIM scheduler, randomly initialised."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    tokenizer = make_tokenizer()
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, projection_dim=32,
+    ))
+    unet = UNet2DConditionModel(
+        sample_size=IMAGE_SIZE // 2, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=4,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), norm_num_groups=8, sample_size=IMAGE_SIZE,
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        set_alpha_to_one=False, steps_offset=1,
+    )
+    return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+
+
+def save_tiny_pipeline(path: str | Path, seed: int = 0) -> Path:
+    """Write the tiny pipeline as a diffusers folder; returns the path."""
+    from diffusers import StableDiffusionPipeline
+
+    path = Path(path)
+    pipe = StableDiffusionPipeline(
+        **make_tiny_components(seed), safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+    pipe.save_pretrained(path)
+    return path
+
+
+def write_toy_images(folder: str | Path, n: int = 4, seed: int = 0) -> list[Path]:
+    """A few synthetic "object photos" (a coloured disc on a plain background) as PNGs."""
+    import numpy as np
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:IMAGE_SIZE, :IMAGE_SIZE]
+    paths = []
+    for i in range(n):
+        background = rng.integers(0, 256, 3)
+        cy, cx, r = rng.integers(10, 22), rng.integers(10, 22), rng.integers(5, 9)
+        img = np.empty((IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+        img[:] = background
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = (220, 40, 40)
+        paths.append(folder / f"object_{i}.png")
+        Image.fromarray(img).save(paths[-1])
+    return paths
+
+
+def save_tiny_clip(path: str | Path, seed: int = 0) -> Path:
+    """A tiny random CLIPModel + tokenizer + image processor folder (for metric tests)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    torch.manual_seed(seed)
+    tok = make_tokenizer()
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=77, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=IMAGE_SIZE, patch_size=8),
+        projection_dim=16,
+    )
+    path = Path(path)
+    CLIPModel(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+                       ).save_pretrained(path)
+    return path
+
+
+def save_tiny_dino(path: str | Path, seed: int = 0) -> Path:
+    """A tiny random ViTModel + image processor folder standing in for DINO ViT-S/16."""
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    torch.manual_seed(seed)
+    path = Path(path)
+    ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                       image_size=IMAGE_SIZE, patch_size=8), add_pooling_layer=False).save_pretrained(path)
+    ViTImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}).save_pretrained(path)
+    return path
+
+
+def save_tiny_sd3_pipeline(path: str | Path, seed: int = 0) -> Path:
+    """A tiny random SD3-shaped pipeline (MMDiT, two CLIP text encoders, no T5) as a diffusers folder."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    tok = make_tokenizer()
+
+    def clip():
+        return CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=len(tok), hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+            max_position_embeddings=77, projection_dim=8, bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+
+    pipe = StableDiffusion3Pipeline(
+        transformer=SD3Transformer2DModel(sample_size=IMAGE_SIZE // 2, patch_size=2, in_channels=4, num_layers=2,
+                                          attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                          caption_projection_dim=16, pooled_projection_dim=16, out_channels=4),
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+                          down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                          norm_num_groups=8, sample_size=IMAGE_SIZE, shift_factor=0.0),
+        text_encoder=clip(), tokenizer=tok, text_encoder_2=clip(), tokenizer_2=make_tokenizer(),
+        text_encoder_3=None, tokenizer_3=None,
+    )
+    path = Path(path)
+    pipe.save_pretrained(path)
+    # Record the absent T5 so `from_pretrained(path)` passes None for it.
+    index = json.loads((path / "model_index.json").read_text())
+    index.update(text_encoder_3=[None, None], tokenizer_3=[None, None])
+    (path / "model_index.json").write_text(json.dumps(index, indent=2))
+    return path
+
+
+def save_tiny_flux_pipeline(path: str | Path, seed: int = 0) -> Path:
+    """A tiny random FLUX-shaped pipeline (double + single stream blocks, CLIP + T5) as a diffusers folder."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    tok = make_tokenizer()
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+                          down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                          norm_num_groups=8, sample_size=IMAGE_SIZE, shift_factor=0.0),
+        text_encoder=CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(tok), hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+            max_position_embeddings=77, projection_dim=8, bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)),
+        tokenizer=tok,
+        text_encoder_2=T5EncoderModel(T5Config(vocab_size=len(tok), d_model=16, d_kv=8, d_ff=32, num_layers=1,
+                                               num_heads=2)),
+        tokenizer_2=make_tokenizer(),
+        transformer=FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                           attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                           pooled_projection_dim=8, axes_dims_rope=(2, 2, 4)),
+    )
+    path = Path(path)
+    pipe.save_pretrained(path)
+    return path
