@@ -129,19 +129,26 @@ def save_tiny_dino(path: str | Path, seed: int = 0) -> Path:
     return path
 
 
+def tiny_clip_text_encoder(tok, num_hidden_layers: int = 2, with_projection: bool = True):
+    """An 8-wide CLIP text encoder over ``tok``: with projection for SD3's encoders 1 and 2, without for FLUX's."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    return cls(CLIPTextConfig(
+        vocab_size=len(tok), hidden_size=8, intermediate_size=16, num_hidden_layers=num_hidden_layers,
+        num_attention_heads=2, max_position_embeddings=77, projection_dim=8, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+
+
 def save_tiny_sd3_pipeline(path: str | Path, seed: int = 0) -> Path:
     """A tiny random SD3-shaped pipeline (MMDiT, two CLIP text encoders, no T5) as a diffusers folder."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
     tok = make_tokenizer()
 
     def clip():
-        return CLIPTextModelWithProjection(CLIPTextConfig(
-            vocab_size=len(tok), hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
-            max_position_embeddings=77, projection_dim=8, bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+        return tiny_clip_text_encoder(tok)
 
     pipe = StableDiffusion3Pipeline(
         transformer=SD3Transformer2DModel(sample_size=IMAGE_SIZE // 2, patch_size=2, in_channels=4, num_layers=2,
@@ -166,7 +173,7 @@ def save_tiny_sd3_pipeline(path: str | Path, seed: int = 0) -> Path:
 def save_tiny_flux_pipeline(path: str | Path, seed: int = 0) -> Path:
     """A tiny random FLUX-shaped pipeline (double + single stream blocks, CLIP + T5) as a diffusers folder."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
     tok = make_tokenizer()
@@ -175,10 +182,7 @@ def save_tiny_flux_pipeline(path: str | Path, seed: int = 0) -> Path:
         vae=AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
                           down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                           norm_num_groups=8, sample_size=IMAGE_SIZE, shift_factor=0.0),
-        text_encoder=CLIPTextModel(CLIPTextConfig(
-            vocab_size=len(tok), hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
-            max_position_embeddings=77, projection_dim=8, bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)),
+        text_encoder=tiny_clip_text_encoder(tok, num_hidden_layers=1, with_projection=False),
         tokenizer=tok,
         text_encoder_2=T5EncoderModel(T5Config(vocab_size=len(tok), d_model=16, d_kv=8, d_ff=32, num_layers=1,
                                                num_heads=2)),

@@ -170,16 +170,13 @@ def sd(model_dir):  # noqa: F811
 def sd3_t5():
     """SD3 with both CLIPs and a T5 encoder: joint text = [CLIP 77 | T5 max_sequence_length]."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(0)
     tok, t5_tok = tiny.make_tokenizer(), t5_like_tokenizer()
 
     def clip():
-        return CLIPTextModelWithProjection(CLIPTextConfig(
-            vocab_size=len(tok), hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
-            max_position_embeddings=77, projection_dim=8, bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+        return tiny.tiny_clip_text_encoder(tok, num_hidden_layers=1)
 
     pipe = StableDiffusion3Pipeline(
         transformer=SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, num_layers=2,
@@ -197,16 +194,13 @@ def sd3_t5():
 def flux_t5():
     """FLUX whose T5 tokenizer (tokenizer_2) tokenises differently from its CLIP tokenizer."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(0)
     tok, t5_tok = tiny.make_tokenizer(), t5_like_tokenizer()
     pipe = FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(), vae=_vae(),
-        text_encoder=CLIPTextModel(CLIPTextConfig(
-            vocab_size=len(tok), hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
-            max_position_embeddings=77, projection_dim=8, bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)),
+        text_encoder=tiny.tiny_clip_text_encoder(tok, num_hidden_layers=1, with_projection=False),
         tokenizer=tok,
         text_encoder_2=T5EncoderModel(T5Config(vocab_size=len(t5_tok), d_model=16, d_kv=8, d_ff=32, num_layers=1,
                                                num_heads=2)),
