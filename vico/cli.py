@@ -438,10 +438,9 @@ def cmd_sample(args) -> int:
 
 def _require_positive(args, *names: str) -> None:
     """A count option below 1 is a one-line error (argparse's type=int takes -1 and 0)."""
-    for name in names:
-        value = getattr(args, name, None)
-        if value is not None and value < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    from .model import require_at_least_one
+
+    require_at_least_one({name: getattr(args, name, None) for name in names})
 
 
 def _import_parser(sub) -> None:

@@ -21,6 +21,15 @@ class UserError(Exception):
     """Bad input from the user: the CLI prints the message in one line, no traceback."""
 
 
+def require_at_least_one(values: dict[str, int | None], hints: dict[str, str] | None = None) -> None:
+    """A count option below 1 is a one-line error naming its flag (argparse's type=int takes -1 and 0);
+    ``values``: option name (``num_images``) -> value, None = not given."""
+    for name, value in values.items():
+        if value is not None and value < 1:
+            hint = (hints or {}).get(name, "")
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}{hint}")
+
+
 class UnreadableFile(UserError):
     """A file that exists but cannot be read (truncated, garbage, wrong format): resume can fall back."""
 

@@ -48,12 +48,10 @@ def sample_concept(concept: str | Path, prompt: str, out: str | Path, *, model: 
     from PIL import Image
 
     from .methods.base import CONFIG_FILE, check_concept, get_method
-    from .model import check_output_folder, warn
+    from .model import check_output_folder, require_at_least_one, warn
     from .pipeline import ViCoPipeline, heatmap_overlay, image_grid
 
-    for name, value in (("num-images", num_images), ("steps", steps)):
-        if value < 1:
-            raise UserError(f"--{name} must be at least 1, got {value}")
+    require_at_least_one({"num_images": num_images, "steps": steps})
     check_output_folder(out)  # before any sampling
     concept = Path(concept)
     meta = check_concept(concept)  # a missing, truncated or garbage concept.json / concept.safetensors: one line

@@ -29,7 +29,7 @@ import torch
 from .data import list_images, load_images
 from .files import atomic_folder, atomic_write, describe_error, load_tensors_only, write_errors
 from .methods.base import MethodConfig, get_method
-from .model import UnreadableFile, UserError, check_output_folder, load_components, warn
+from .model import UnreadableFile, UserError, check_output_folder, load_components, require_at_least_one, warn
 
 CHECKPOINTS = "checkpoints"
 
@@ -269,11 +269,9 @@ def train(cfg: TrainConfig) -> Path:
 
     if cfg.checkpoints_total_limit < 0:
         raise UserError(f"--checkpoints-total-limit must be 0 (keep all) or more, got {cfg.checkpoints_total_limit}")
-    for name in ("steps", "batch_size", "checkpoint_every", "resolution"):
-        value = getattr(cfg, name)
-        if value is not None and value < 1:
-            hint = "; leave it out for the method's default" if name in ("steps", "batch_size") else ""
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}{hint}")
+    default = "; leave it out for the method's default"
+    require_at_least_one({name: getattr(cfg, name) for name in ("steps", "batch_size", "checkpoint_every", "resolution")},
+                         hints={"steps": default, "batch_size": default})
     check_output_folder(cfg.out)
     # concept.json / train_config.json record where the model and images are: absolute, so that
     # `vico sample` works from any working directory

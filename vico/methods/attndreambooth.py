@@ -96,9 +96,7 @@ class AttnDreamBooth(Method):
         return {name: spec[0] for name, spec in STAGES.items()}  # one per stage (the fast preset's unet: 1e-5)
 
     def param_groups(self, lr_scale: float = 1.0, stage: int = 0) -> list[dict]:
-        name = list(STAGES)[stage]
-        default = self._stage_table()[stage][0]
-        lr = float(self.config.learning_rates.get(name, default)) * lr_scale
+        lr = self.base_lr(list(STAGES)[stage], default=self._stage_table()[stage][0]) * lr_scale
         if stage == 0:
             return [{"params": [self.embedding.learned], "lr": lr}]
         unet = self.components.unet

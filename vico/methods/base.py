@@ -142,9 +142,11 @@ class Method(ABC):
         """Name -> default base learning rate of each parameter group (what ``--lr NAME=VALUE`` sets)."""
         return {}
 
-    def base_lr(self, name: str) -> float:
-        """The base learning rate of group ``name``: the config's override, else the method's default."""
-        return float(self.config.learning_rates.get(name, self.learning_rate_names()[name]))
+    def base_lr(self, name: str, default: float | None = None) -> float:
+        """The base learning rate of group ``name``: the config's override, else ``default`` (a preset's),
+        else the method's default."""
+        fallback = self.learning_rate_names()[name] if default is None else default
+        return float(self.config.learning_rates.get(name, fallback))
 
     @abstractmethod
     def prompt(self, generator: torch.Generator) -> str:
