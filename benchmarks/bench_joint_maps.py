@@ -12,8 +12,8 @@ text tokens; image tokens = (pixels / 16)²) through ``--sizes`` (default 1024,
 materialised path's, or, where its probability tensor alone would not fit in
 this machine's memory, the bytes it would need (projected, not run).
 
-Each variant runs in its own subprocess; peak memory is ru_maxrss above the
-inputs on CPU and max_memory_allocated above the inputs on CUDA.
+Each variant runs in its own subprocess; peak memory is the rise above the
+inputs (``fused.benchmark.PeakMemory``: peak resident set on CPU, max_memory_allocated on CUDA).
 """
 
 from __future__ import annotations
@@ -21,10 +21,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -34,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 def run_one(variant: str, n_image: int, n_text: int, heads: int, dim: int, device: str, repeat: int) -> dict:
     import fused
+    from fused.benchmark import PeakMemory, time_ms
 
     torch.manual_seed(0)
     dtype = torch.float16 if device == "cuda" else torch.float32
@@ -51,25 +50,12 @@ def run_one(variant: str, n_image: int, n_text: int, heads: int, dim: int, devic
         return p[:, :, :n_image][..., words[0]].mean(1).transpose(1, 2), out
 
     fn = {"fused": fused_maps, "materialised": materialised}[variant]
-    if device == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    if device == "cuda":
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    else:
-        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+    memory = PeakMemory(device).start()
+    times = time_ms(fn, device, repeat, warmup=0)  # no warm-up: the materialised path's first call is its cost
+    peak, rise = memory.stop()
     return dict(variant=variant, image_tokens=n_image, text_tokens=n_text, heads=heads, head_dim=dim,
-                device=device, dtype=str(dtype)[6:], best_ms=min(times) * 1e3, peak_mb_above_inputs=peak)
+                device=device, dtype=str(dtype)[6:], best_ms=min(times),
+                peak_mb_above_inputs=peak if rise is None else rise)  # no /proc: the lifetime peak
 
 
 def materialised_bytes(n_image: int, n_text: int, heads: int, dtype_bytes: int) -> int:

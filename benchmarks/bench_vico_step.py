@@ -1,5 +1,5 @@
 """ViCo's training step and sampling step, time and peak memory: the fused path
-against the `diffusers+maps`, `paper` and `official` baselines (benchmarks/baselines.py,
+against the `diffusers+maps`, `paper` and `official` baselines (fused/benchmark/baselines.py,
 docs/shapes.md §4), at one or more latent sizes, with ratios to the fused path.
 
     python benchmarks/bench_vico_step.py --model tiny --latent 16 --repeat 1          # a quick check
@@ -36,20 +36,18 @@ memory / baseline memory.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from fused.benchmark import DTYPES  # noqa: E402
+from fused.benchmark import DTYPES, PeakMemory, time_ms  # noqa: E402
+from fused.benchmark.timing import proc_kb  # noqa: E402
 
 PROCESSORS = ("fused", "diffusers+maps", "paper", "official")
 PHASES = ("train", "sample")
@@ -77,55 +75,9 @@ def build_components(model: str, device: str, dtype: torch.dtype = torch.float32
     return c.to(device, dtype)
 
 
-def _proc_kb(field: str, path: str = "/proc/self/status") -> int | None:
-    """A kB field of /proc/self/status (or /proc/meminfo); None where there is no /proc."""
-    try:
-        for line in Path(path).read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-class PeakMemory:
-    """Peak memory of the code between ``start()`` and ``stop()``, in MB: (peak, rise above the start)."""
-
-    def __init__(self, device: str):
-        self.device = device
-
-    def start(self) -> None:
-        gc.collect()
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated() / 2**20
-            return
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap pages back, so the base is what is live
-        except (OSError, AttributeError):
-            pass
-        self.base = (_proc_kb("VmRSS") or 0) / 1024
-        try:
-            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-            self.hwm = True
-        except OSError:
-            self.hwm = False
-
-    def stop(self) -> tuple[float, float | None]:
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated() / 2**20
-            return peak, peak - self.base
-        if self.hwm and _proc_kb("VmHWM") is not None:
-            peak = _proc_kb("VmHWM") / 1024
-            return peak, peak - self.base
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, None
-
-
 def limit_memory(gb: float | None) -> None:
     """Cap this process's address space at its current size + ``gb`` (CPU runs only)."""
-    size_kb = _proc_kb("VmSize")
+    size_kb = proc_kb("VmSize")
     if gb is None or gb <= 0 or size_kb is None:
         return
     cap = size_kb * 1024 + int(gb * 2**30)
@@ -140,7 +92,7 @@ def run_one(processor: str, model: str, latent: int, repeat: int, device: str, d
     layer (default: for ``fused`` only). Returns {phase}_ms, {phase}_peak_mb and
     {phase}_extra_mb per phase (MB as ``PeakMemory``)."""
     import fused
-    from benchmarks.baselines import BASELINES
+    from fused.benchmark import BASELINES
     from vico.methods.base import MethodConfig
     from vico.methods.vico import ViCo
     from vico.model import encode_prompts
@@ -182,15 +134,10 @@ def run_one(processor: str, model: str, latent: int, repeat: int, device: str, d
     for phase in phases:
         fn = train_step if phase == "train" else sample_step
         fn()  # warm-up: kernels built, allocator primed
-        memory = PeakMemory(device)
-        memory.start()
-        times = []
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
+        memory = PeakMemory(device).start()
+        times = time_ms(fn, device, repeat, warmup=0)
         row[f"{phase}_peak_mb"], row[f"{phase}_extra_mb"] = memory.stop()
-        row[f"{phase}_ms"] = min(times) * 1e3
+        row[f"{phase}_ms"] = min(times)
     return row
 
 
@@ -215,7 +162,7 @@ def child(opts, processor: str, phase: str, latent: int) -> dict:
 
 
 def default_mem_limit_gb() -> float | None:
-    avail = _proc_kb("MemAvailable", "/proc/meminfo")
+    avail = proc_kb("MemAvailable", "/proc/meminfo")
     return None if avail is None else round(0.8 * avail / 2**20, 1)
 
 

@@ -30,10 +30,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import fused  # noqa: E402
 from fused import reference  # noqa: E402
-from fused.benchmark import DTYPES  # noqa: E402
+from fused.benchmark import DTYPES, SD15_ATTN2, SD15_IMAGE, median, time_ms  # noqa: E402
 
-SD15_ATTN2 = [(4096, 40), (1024, 80), (256, 160), (64, 160)]  # (N, D) of the text cross-attention layers
-SD15_IMAGE_ATTN = [(256, 160), (1024, 80), (4096, 40)]  # ViCo image cross-attention, N = L
+SD15_ATTN2_ND = [(N, D) for _, _, N, _, D in SD15_ATTN2]  # (N, D) of the text cross-attention layers
+SD15_IMAGE_ND = [(N, D) for _, _, N, _, D in SD15_IMAGE]  # ViCo image cross-attention, N = L
 TINY_ATTN2 = [(64, 40), (32, 64)]
 TINY_IMAGE_ATTN = [(48, 40)]
 
@@ -41,22 +41,7 @@ TINY_IMAGE_ATTN = [(48, 40)]
 def timer(device: torch.device):
     def measure(fn, repeat: int = 20, warmup: int = 3) -> float:
         """Median milliseconds of fn()."""
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(repeat):
-            if device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                torch.cuda.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-        return sorted(times)[len(times) // 2]
+        return median(time_ms(fn, device, repeat, warmup))
     return measure
 
 
@@ -185,7 +170,7 @@ def main(argv=None) -> int:
                              "benchmarks/gpu_session.sh splits them over two shorter runs")
     opts = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    attn2, image_attn = (TINY_ATTN2, TINY_IMAGE_ATTN) if opts.tiny else (SD15_ATTN2, SD15_IMAGE_ATTN)
+    attn2, image_attn = (TINY_ATTN2, TINY_IMAGE_ATTN) if opts.tiny else (SD15_ATTN2_ND, SD15_IMAGE_ND)
     dtypes = [DTYPES[d] for d in opts.dtypes] if device.type == "cuda" else [torch.float32]
     backends = fused.available_backends(device)
     measure = timer(device)

@@ -35,8 +35,14 @@ namespace {
 
 constexpr int kThreads = 256;  // per block; a multiple of the warp size
 constexpr int kWarps = kThreads / 32;
-constexpr int64_t kMaxVicoBins = 64;       // per-thread register/local partials
-constexpr int64_t kMaxSkimageBins = 1024;  // shared-memory histogram
+// The bin limits come from fused/_cpp.py (CUDA_MAX_BINS), the one source the
+// Python checks also read: per-thread register/local partials for "vico", a
+// shared-memory histogram for "skimage".
+#if !defined(FUSED_MAX_VICO_BINS) || !defined(FUSED_MAX_SKIMAGE_BINS)
+#error "build with fused._cpp.CUDA_CFLAGS (defines FUSED_MAX_VICO_BINS and FUSED_MAX_SKIMAGE_BINS)"
+#endif
+constexpr int64_t kMaxVicoBins = FUSED_MAX_VICO_BINS;
+constexpr int64_t kMaxSkimageBins = FUSED_MAX_SKIMAGE_BINS;
 constexpr unsigned kFullMask = 0xffffffffu;
 
 // Correctly rounded arithmetic in the compute dtype (float or double).

@@ -14,8 +14,8 @@ Importing this package imports neither diffusers nor triton.
 
 from ._dispatch import available_backends
 from .ops import cross_attention_with_mask, cross_attention_with_maps, masked_attention, otsu_mask
-from .joint_processor import FusedFluxAttnProcessor, FusedJointAttnProcessor
-from .processor import FusedAttnProcessor, MapRequest, attach, cross_attention_layers
+from .processors import FusedAttnProcessor, FusedFluxAttnProcessor, FusedJointAttnProcessor, MapRequest, attach, \
+    cross_attention_layers
 
 __version__ = "0.1.0"
 

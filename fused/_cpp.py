@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from . import _library
+from . import _library, _validate
 
 CPU_SOURCES = ("attention_cpu.cpp", "otsu_cpu.cpp", "registration.cpp")
 CPU_HEADERS = ("ops.h", "otsu_rule.h")
@@ -184,6 +184,14 @@ def load_cpu() -> None:
     _library.register_autograd("fused_cpp")
 
 
+# The CUDA Otsu kernel's bin limits (per-thread partials for "vico", a shared-memory
+# histogram for "skimage"): compiled into csrc/otsu_cuda.cu through CUDA_CFLAGS and
+# read by fused._validate.max_bins, so the kernel and the Python check cannot differ.
+CUDA_MAX_BINS = {"vico": 64, "skimage": 1024}
+CUDA_CFLAGS = ["-O3", "-std=c++17", "-fmad=false", f"-DFUSED_MAX_VICO_BINS={CUDA_MAX_BINS['vico']}",
+               f"-DFUSED_MAX_SKIMAGE_BINS={CUDA_MAX_BINS['skimage']}"]
+
+
 @functools.cache
 def load_cuda() -> None:
     """Build (first time) and load the CUDA Otsu kernel; raises ``BuildError``."""
@@ -194,7 +202,7 @@ def load_cuda() -> None:
         CUDA_SOURCES,
         ("otsu_rule.h",),
         extra_cflags=["-O3", "-std=c++17"],
-        extra_cuda_cflags=["-O3", "-std=c++17", "-fmad=false"],
+        extra_cuda_cflags=CUDA_CFLAGS,
     )
     _library.register_otsu_fake("fused_cuda::otsu_mask")
 
@@ -220,7 +228,6 @@ def cuda_available() -> tuple[bool, str]:
 
 cpu_backend = _library.OpsBackend("fused_cpp", upcast_half_maps=True)
 
-CUDA_MAX_BINS = {"vico": 64, "skimage": 1024}  # per-thread partials / shared-memory histogram
 
 
 class _CudaOtsuBackend:
@@ -228,10 +235,7 @@ class _CudaOtsuBackend:
 
     @staticmethod
     def otsu_mask(maps, bins: int, mode: str):
-        if bins > CUDA_MAX_BINS[mode]:
-            raise ValueError(
-                f"bins={bins} exceeds the CUDA Otsu kernel's limit of {CUDA_MAX_BINS[mode]} for mode {mode!r}"
-            )
+        _validate.check_bins_for_backend(bins, mode, "cuda")  # the kernel's TORCH_CHECK says the same
         return torch.ops.fused_cuda.otsu_mask(maps, bins, mode)
 
 

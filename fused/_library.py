@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .reference import otsu_compute_dtype
+from .reference import accumulation_dtype, otsu_compute_dtype
 
 
 def register_otsu_fake(qualname: str) -> None:
@@ -43,8 +43,7 @@ def register_fakes(ns: str) -> None:
         B, H, N, _ = q.shape
         T = token_index.shape[1]
         maps_shape = (B, T, N) if head_mean else (B, H, T, N)
-        lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-        return _dense(q), q.new_empty(maps_shape), q.new_empty((B, H, N), dtype=lse_dtype)
+        return _dense(q), q.new_empty(maps_shape), q.new_empty((B, H, N), dtype=accumulation_dtype(q.dtype))
 
     @torch.library.register_fake(f"{ns}::attention_with_maps_backward")
     def _(q, k, v, token_index, out, lse, grad_out, grad_maps, scale, head_mean):
@@ -52,8 +51,7 @@ def register_fakes(ns: str) -> None:
 
     @torch.library.register_fake(f"{ns}::masked_attention")
     def _(q, k, v, key_mask, scale):
-        lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-        return _dense(q), q.new_empty(q.shape[:3], dtype=lse_dtype)
+        return _dense(q), q.new_empty(q.shape[:3], dtype=accumulation_dtype(q.dtype))
 
     @torch.library.register_fake(f"{ns}::masked_attention_backward")
     def _(q, k, v, key_mask, out, lse, grad_out, scale):

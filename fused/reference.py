@@ -21,7 +21,16 @@ __all__ = [
     "otsu_skimage",
     "otsu_stat_dtype",
     "otsu_compute_dtype",
+    "accumulation_dtype",
 ]
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of the attention kernels' softmax statistics and accumulators, and of the
+    ``lse`` [B, H, N] their forward ops return: float64 for float64 inputs (gradcheck),
+    float32 for every other dtype. The Triton launchers, the C++ kernels (checked by
+    tests/test_rules.py) and the fake implementations all follow it (docs/ops.md §2.5)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def attention_with_maps(

@@ -12,27 +12,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
-
 import torch
 
 from . import reference
 from ._dispatch import available_backends
+from .benchmark.timing import time_ms
 from .ops import cross_attention_with_maps, masked_attention, otsu_mask
 
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
-
-
-def _best_time(fn, repeat: int) -> float:
-    fn()  # warm-up (and JIT) outside the timing
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def _cases(device: str, quick: bool):
@@ -98,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         want = _reference(op, args64)
         for dtype in dtypes:
             args = [a.to(opts.device, dtype) if a.is_floating_point() else a.to(opts.device) for a in args64]
-            ref_time = _best_time(lambda: _run(op, args, "torch"), opts.repeat)
+            ref_time = min(time_ms(lambda: _run(op, args, "torch"), opts.device, opts.repeat))
             for backend in backends:
                 try:
                     got = _run(op, args, backend)
@@ -107,9 +94,9 @@ def main(argv: list[str] | None = None) -> int:
                 err = _max_error(got, want)
                 ok = err == 0 if op == "otsu_mask" and dtype == torch.float64 else err <= TOLERANCE[dtype]
                 failed |= not ok
-                t = _best_time(lambda: _run(op, args, backend), opts.repeat)
+                t = min(time_ms(lambda: _run(op, args, backend), opts.device, opts.repeat))
                 rows.append(dict(backend=backend, op=op, shape=list(shape), dtype=str(dtype).replace("torch.", ""),
-                                 max_error=err, ms=t * 1e3, vs_reference=ref_time / t, ok=ok))
+                                 max_error=err, ms=t, vs_reference=ref_time / t, ok=ok))
     if opts.json:
         print(json.dumps(rows, indent=1))
     else:

@@ -7,8 +7,8 @@ import torch
 pytest.importorskip("diffusers")
 
 import fused  # noqa: E402
-from benchmarks import baselines  # noqa: E402
-from benchmarks.baselines import BASELINES  # noqa: E402
+from fused.benchmark import baselines  # noqa: E402
+from fused.benchmark.baselines import BASELINES  # noqa: E402
 from fused import reference  # noqa: E402
 from tests import builders as tiny  # noqa: E402
 from vico.methods.base import MethodConfig  # noqa: E402

@@ -21,6 +21,8 @@ import pytest
 import torch
 from torch.utils import cpp_extension
 
+from fused._cpp import CUDA_CFLAGS
+
 NVCC = shutil.which("nvcc")
 pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not found on PATH (CUDA toolkit not installed)")
 
@@ -55,8 +57,8 @@ def nvcc_command(output: Path) -> list[str]:
     cmd += common_nvcc
     cmd += ["--compiler-options", "-fPIC"]
     cmd += ["-gencode", "arch=compute_90,code=sm_90"]
-    # The flags fused._cpp.load_cuda passes as extra_cuda_cflags.
-    cmd += ["-O3", "-std=c++17", "-fmad=false"]
+    # The flags fused._cpp.load_cuda passes as extra_cuda_cflags (they define the bin limits).
+    cmd += list(CUDA_CFLAGS)
     return cmd
 
 

@@ -16,7 +16,8 @@ from tests import builders as tiny  # noqa: E402
 from vico import cli  # noqa: E402
 from vico.data import IMAGENET_TEMPLATES_SMALL, VICO_TEMPLATES, attndreambooth_augment  # noqa: E402
 from vico.methods.attndreambooth import AttnDreamBooth  # noqa: E402
-from vico.methods.base import Method, MethodConfig, get_method  # noqa: E402
+from vico.methods import get_method  # noqa: E402
+from vico.methods.base import Method, MethodConfig  # noqa: E402
 from vico.methods.catversion import CatVersion, PrefixKVAttention, install_prefix_kv, prefixes_off  # noqa: E402
 from vico.methods.textual_inversion import TextualInversion  # noqa: E402
 from vico.methods.vico import ViCo  # noqa: E402
@@ -424,7 +425,7 @@ def test_bad_learning_rate_override_is_one_line_before_the_model_loads(tmp_path,
 
 
 def test_lr_help_names_every_methods_groups(capsys):
-    from vico.methods.base import available_methods
+    from vico.methods import available_methods
 
     with pytest.raises(SystemExit):
         cli.main(["train", "--help"])

@@ -56,13 +56,13 @@ def test_image_block_uses_otsu_mask_of_reference_s_star_map(monkeypatch):
     (name,) = [k.replace("-", ".") for k in blocks.keys()]
     assert name == "up_blocks.1.attentions.1"
     seen = []
-    real = fused.processor.masked_attention
+    real = fused.processors.unet.masked_attention
 
     def spy(q, k, v, key_mask, **kw):
         seen.append(key_mask)
         return real(q, k, v, key_mask, **kw)
 
-    monkeypatch.setattr(fused.processor, "masked_attention", spy)
+    monkeypatch.setattr(fused.processors.unet, "masked_attention", spy)
     out, request = _vico_forward(unet)
     source = f"{name}.transformer_blocks.0.attn2"
     (key_mask,) = seen

@@ -9,7 +9,8 @@ pytest.importorskip("diffusers")
 import fused  # noqa: E402
 from tests import builders as tiny  # noqa: E402
 from vico.methods.attndreambooth import AttnDreamBooth, mean_variance_regulariser  # noqa: E402
-from vico.methods.base import MethodConfig, get_method  # noqa: E402
+from vico.methods import get_method  # noqa: E402
+from vico.methods.base import MethodConfig  # noqa: E402
 from vico.methods.catversion import PrefixKVAttention, install_prefix_kv, remove_prefix_kv  # noqa: E402
 from vico.model import Components  # noqa: E402
 from vico.pipeline import ViCoPipeline  # noqa: E402
@@ -86,7 +87,7 @@ def test_attndreambooth_stages_train_what_they_should():
 
 
 def test_attndreambooth_regulariser_equals_materialised_attention():
-    from benchmarks.baselines import DiffusersMapsAttnProcessor
+    from fused.benchmark.baselines import DiffusersMapsAttnProcessor
 
     c = components()
     for m in (c.unet, c.text_encoder):

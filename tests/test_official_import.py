@@ -10,7 +10,8 @@ from torch import nn
 
 from vico import cli
 from vico.image_attention import _decoder_transformers, default_image_attention_layers
-from vico.methods.base import load_method, read_concept_meta
+from vico.methods import load_method
+from vico.methods.base import read_concept_meta
 from vico.model import load_components
 from vico.official import ldm_output_block
 

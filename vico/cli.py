@@ -268,7 +268,8 @@ def cmd_eval(args) -> int:
 
     from . import evaluation, metrics
     from .data import list_images
-    from .methods.base import Method, get_method, read_concept_meta
+    from .methods import get_method
+    from .methods.base import Method, read_concept_meta
     from .sampling import sample_concept
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

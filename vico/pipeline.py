@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from .data import list_images, load_image
-from .methods.base import Method, load_method
+from .methods import load_method
+from .methods.base import Method
 from .model import Components, encode_prompts, load_components
 
 

@@ -47,7 +47,8 @@ def sample_concept(concept: str | Path, prompt: str, out: str | Path, *, model: 
     import torch
     from PIL import Image
 
-    from .methods.base import CONFIG_FILE, check_concept, get_method
+    from .methods import get_method
+    from .methods.base import CONFIG_FILE, check_concept
     from .model import check_output_folder, require_at_least_one, warn
     from .pipeline import ViCoPipeline, heatmap_overlay, image_grid
 

@@ -28,7 +28,8 @@ import torch
 
 from .data import list_images, load_images
 from .files import atomic_folder, atomic_write, describe_error, load_tensors_only, write_errors
-from .methods.base import MethodConfig, get_method
+from .methods import get_method
+from .methods.base import MethodConfig
 from .model import UnreadableFile, UserError, check_output_folder, load_components, require_at_least_one, warn
 
 CHECKPOINTS = "checkpoints"

@@ -23,11 +23,6 @@ def next_pow2(n: int, minimum: int = 16) -> int:
     return max(minimum, triton.next_power_of_2(int(n)))
 
 
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype: float64 for float64 inputs (gradcheck), float32 otherwise."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def tl_dtype(dtype: torch.dtype):
     return _TL_DTYPE[dtype]
 

@@ -15,7 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, INTERPRET_META, acc_dtype, autotuned_by_head_dim, launcher, next_pow2, tl_dtype
+from ..reference import accumulation_dtype
+from ._common import INTERPRET, INTERPRET_META, autotuned_by_head_dim, launcher, next_pow2, tl_dtype
 from .attention_fwd import precision
 
 
@@ -247,7 +248,7 @@ def attention_backward(q, k, v, out, lse, grad_out, scale: float, token_index=No
     """dq, dk, dv of the forward kernel's op (maps term when token_index and grad_maps are given)."""
     B, H, N, D = q.shape
     L = k.shape[2]
-    acc = acc_dtype(q.dtype)
+    acc = accumulation_dtype(q.dtype)
     grad_out = grad_out.contiguous()
     out = out.contiguous()
     has_maps = token_index is not None and grad_maps is not None

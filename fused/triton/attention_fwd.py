@@ -19,7 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, INTERPRET_META, acc_dtype, autotuned_by_head_dim, launcher, next_pow2, tl_dtype
+from ..reference import accumulation_dtype
+from ._common import INTERPRET, INTERPRET_META, autotuned_by_head_dim, launcher, next_pow2, tl_dtype
 
 
 @triton.jit
@@ -145,7 +146,7 @@ def attention_forward(q, k, v, token_index=None, key_mask=None, scale: float = 1
     """Launch the forward kernel. Returns out [B,H,N,D], maps (or None), lse [B,H,N] (fp32/fp64)."""
     B, H, N, D = q.shape
     L = k.shape[2]
-    acc = acc_dtype(q.dtype)
+    acc = accumulation_dtype(q.dtype)
     out = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, N), dtype=acc, device=q.device)
     has_maps = token_index is not None

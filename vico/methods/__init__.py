@@ -1,5 +1,6 @@
-"""Personalization methods on one interface (``base.Method``)."""
+"""Personalization methods on one interface (``base.Method``), by name (``registry``)."""
 
-from .base import Method, available_methods, get_method
+from .base import Method
+from .registry import available_methods, get_method, load_method
 
-__all__ = ["Method", "available_methods", "get_method"]
+__all__ = ["Method", "available_methods", "get_method", "load_method"]

@@ -287,26 +287,13 @@ def read_concept(concept_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]
     return meta, tensors
 
 
-def available_methods() -> dict[str, type[Method]]:
-    from .attndreambooth import AttnDreamBooth
-    from .catversion import CatVersion
-    from .textual_inversion import TextualInversion
-    from .vico import ViCo
+def __getattr__(name: str):
+    # The registry moved to vico.methods.registry (it imports every method; base imports none of them).
+    if name in ("available_methods", "get_method", "load_method"):
+        import warnings
 
-    return {m.name: m for m in (ViCo, TextualInversion, AttnDreamBooth, CatVersion)}
+        from . import registry
 
-
-def get_method(name: str) -> type[Method]:
-    methods = available_methods()
-    if name not in methods:
-        raise UserError(f"unknown method {name!r}; choose one of {', '.join(methods)}")
-    return methods[name]
-
-
-def load_method(components: Components, concept_dir: str | Path) -> Method:
-    """Rebuild a trained method on ``components`` from a saved concept folder."""
-    meta, weights = read_concept(concept_dir)
-    cls = get_method(meta["method"])
-    method = cls(components, MethodConfig(**meta["config"]))
-    method.load_state_dict(weights)
-    return method
+        warnings.warn(f"vico.methods.base.{name} moved to vico.methods.{name}", DeprecationWarning, stacklevel=2)
+        return getattr(registry, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,5 +1,6 @@
 """Op benchmarks shared by ``vico bench``, ``benchmarks/gpu_check.py`` and the
-pytest-benchmark suites: the fused ops against the baselines of docs/shapes.md §4.
+pytest-benchmark suites: the fused ops against the op-level baselines of
+docs/shapes.md §4 (``baselines.paper_maps``, ``baselines.paper_otsu_loop``).
 
 - ``paper``: materialise the probabilities, index the chosen columns, average
   the heads (attention); Otsu as a Python loop over the maps; for masked
@@ -11,54 +12,17 @@ pytest-benchmark suites: the fused ops against the baselines of docs/shapes.md �
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from . import reference
-from .ops import cross_attention_with_maps, masked_attention, otsu_mask
-
-# Command-line dtype names, shared by `vico bench` and the scripts in benchmarks/.
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
-
-# (B, H, N, L, D) of SD 1.5's text cross-attention at 512 px, and ViCo's image attention (N = L).
-SD15_ATTN2 = [(2, 8, 4096, 77, 40), (2, 8, 1024, 77, 80), (2, 8, 256, 77, 160), (2, 8, 64, 77, 160)]
-SD15_IMAGE = [(2, 8, 256, 256, 160), (2, 8, 1024, 1024, 80), (2, 8, 4096, 4096, 40)]
-SIZES = {
-    "tiny": dict(attn2=[(2, 2, 64, 77, 40)], image=[(2, 2, 64, 64, 40)], otsu=(4, 256)),
-    "cpu": dict(attn2=[(2, 8, 4096, 77, 40), (2, 8, 1024, 77, 80)], image=[(2, 8, 1024, 1024, 80)], otsu=(16, 4096)),
-    "gpu": dict(attn2=SD15_ATTN2, image=SD15_IMAGE, otsu=(64, 4096)),
-}
-
-
-def paper_maps(q, k, v, token_index):
-    """The ViCo code's way: materialise softmax(QKᵀ), index, average heads (the reference does exactly that)."""
-    return reference.attention_with_maps(q, k, v, token_index, q.shape[-1] ** -0.5, "mean")
-
-
-def paper_otsu_loop(maps: torch.Tensor, bins: int = 10) -> torch.Tensor:
-    """Otsu masks the way ViCo's public code computes them: a Python loop over
-    the maps and over the candidates, boolean indexing for each class and a
-    Python comparison of the scores (a host sync per candidate on a GPU).
-    An empty class gives a NaN score, which never wins. Returns bool [..., N]."""
-    flat = maps.reshape(-1, maps.shape[-1])
-    lo, hi = flat.min(-1, keepdim=True)[0], flat.max(-1, keepdim=True)[0]
-    norm = (flat - lo) / (hi - lo)
-    n = flat.shape[-1]
-    masks = []
-    for i in range(flat.shape[0]):
-        m = norm[i]
-        best_g, best_t = 0.0, 0.0
-        for t in range(bins):
-            low, high = m[m < t / bins], m[m >= t / bins]
-            g = (low.shape[0] / n) * (high.shape[0] / n) * (low.mean() - high.mean()) ** 2
-            if g > best_g:
-                best_g, best_t = g, t / bins
-        masks.append(m >= best_t if best_t > 0 else m > 0)
-    return torch.stack(masks).reshape(maps.shape)
+from .. import reference
+from ..ops import cross_attention_with_maps, masked_attention, otsu_mask
+from .baselines import paper_maps, paper_otsu_loop
+from .shapes import SIZES
+from .timing import PeakMemory, time_ms
 
 
 @dataclass
@@ -106,23 +70,11 @@ def cases(size: str, device: torch.device, dtype: torch.dtype, backend: str | No
 
 
 def measure(fn: Callable[[], object], device: torch.device, repeat: int = 5) -> tuple[float, float | None]:
-    """(best milliseconds of ``repeat`` runs, peak MB above the start on CUDA else None)."""
-    fn()
-    peak = None
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    if device.type == "cuda":
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    return best * 1e3, peak
+    """(best milliseconds of ``repeat`` runs after one warm-up, peak MB above the start on CUDA else None)."""
+    fn()  # warm-up (kernels built, allocator primed) before the peak is reset
+    memory = PeakMemory(device).start() if device.type == "cuda" else None
+    best = min(time_ms(fn, device, repeat, warmup=0))
+    return best, (memory.stop()[1] if memory else None)
 
 
 def run(size: str, device: torch.device, dtype: torch.dtype, repeat: int = 5, progress: bool = True,

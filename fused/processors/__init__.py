@@ -1,0 +1,17 @@
+"""Diffusers attention processors on the fused ops (apart from the op core in ``fused/ops.py``).
+
+- ``unet``: ``FusedAttnProcessor`` for UNets (SD 1.x/2.x, SDXL), ``MapRequest``,
+  ``attach`` and ``cross_attention_layers``.
+- ``joint``: ``FusedJointAttnProcessor`` (SD3) and ``FusedFluxAttnProcessor``
+  (FLUX) for joint image+text attention.
+- ``trace``: ``trace(pipe, prompt, words)``, token heat maps of a whole
+  generation (also importable as ``fused.maps``).
+
+Nothing here imports diffusers at import time.
+"""
+
+from .joint import FusedFluxAttnProcessor, FusedJointAttnProcessor
+from .unet import FusedAttnProcessor, MapRequest, attach, cross_attention_layers
+
+__all__ = ["FusedAttnProcessor", "FusedFluxAttnProcessor", "FusedJointAttnProcessor", "MapRequest", "attach",
+           "cross_attention_layers"]

@@ -1,0 +1,38 @@
+"""The methods by name, and rebuilding a trained one from its concept folder.
+
+Kept apart from ``base`` (the interface every method implements), so a method
+module imports ``base`` and the registry imports the methods: no cycle.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..model import Components, UserError
+from .attndreambooth import AttnDreamBooth
+from .base import Method, MethodConfig, read_concept
+from .catversion import CatVersion
+from .textual_inversion import TextualInversion
+from .vico import ViCo
+
+METHODS: dict[str, type[Method]] = {m.name: m for m in (ViCo, TextualInversion, AttnDreamBooth, CatVersion)}
+
+
+def available_methods() -> dict[str, type[Method]]:
+    """Method classes by their ``name`` (the ``--method`` choices), ViCo first."""
+    return dict(METHODS)
+
+
+def get_method(name: str) -> type[Method]:
+    """The method class called ``name``; a one-line ``UserError`` listing the choices otherwise."""
+    if name not in METHODS:
+        raise UserError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def load_method(components: Components, concept_dir: str | Path) -> Method:
+    """Rebuild a trained method on ``components`` from a saved concept folder."""
+    meta, weights = read_concept(concept_dir)
+    method = get_method(meta["method"])(components, MethodConfig(**meta["config"]))
+    method.load_state_dict(weights)
+    return method
