@@ -333,6 +333,14 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   });
 }
 
+// How many shares of the query blocks each (batch row, head) of the backward is
+// split into: 1 when B * H alone gives every thread a task, else enough shares
+// for all threads (at most one per query block).
+int64_t backward_shares(int64_t heads, int64_t query_blocks, int64_t threads) {
+  if (heads >= threads) return 1;
+  return std::max<int64_t>(1, std::min(query_blocks, (threads + heads - 1) / heads));
+}
+
 template <typename scalar_t>
 void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Extras& ex,
                    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& dout,
@@ -356,19 +364,37 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   scalar_t* dv_p = dv.data_ptr<scalar_t>();
   const auto opts = q.options();
 
-  // Tasks are (batch row, head): dk and dv of a head are owned by one task.
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+  // Tasks are (batch row, head, share of the query blocks). dq rows belong to one
+  // query block, so to one task. dk and dv of a head sum over every query block:
+  // with one share per head (B * H fills the threads) a task owns them outright;
+  // with S > 1 shares (few heads, e.g. B * H = 1 on a long sequence, where one
+  // thread per head left the others idle) each share accumulates into its own
+  // [L, D] slice of dk_parts / dv_parts, summed once all tasks are done, so the
+  // result does not depend on how threads pick up tasks.
+  const int64_t n_qblocks = (N + kQueryBlock - 1) / kQueryBlock;
+  const int64_t shares = backward_shares(B * H, n_qblocks, at::get_num_threads());
+  const int64_t per_share = (n_qblocks + shares - 1) / shares;
+  at::Tensor dk_parts, dv_parts;
+  if (shares > 1) {
+    dk_parts = at::zeros({shares, B * H, L, D}, opts);
+    dv_parts = at::zeros({shares, B * H, L, D}, opts);
+  }
+  at::parallel_for(0, B * H * shares, 1, [&](int64_t begin, int64_t end) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     at::Tensor p_buf = at::empty({kQueryBlock, std::min(kKeyBlock, L)}, opts);
     at::Tensor dp_buf = at::empty({kQueryBlock, std::min(kKeyBlock, L)}, opts);
     std::vector<scalar_t> drow(kQueryBlock);
     std::vector<scalar_t> k_clean, v_clean;
     KeyBlockMask<scalar_t> key_mask;
-    for (int64_t bh = begin; bh < end; ++bh) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bh = task / shares, share = task % shares;
       const int64_t b = bh / H, h = bh % H;
       const bool* visible_b = ex.key_mask ? ex.key_mask + b * L : nullptr;
       const int64_t* idx_b = ex.index ? ex.index + b * T : nullptr;
-      for (int64_t n0 = 0; n0 < N; n0 += kQueryBlock) {
+      scalar_t* dk_bh = shares > 1 ? dk_parts.data_ptr<scalar_t>() + (share * B * H + bh) * L * D : dk_p + bh * L * D;
+      scalar_t* dv_bh = shares > 1 ? dv_parts.data_ptr<scalar_t>() + (share * B * H + bh) * L * D : dv_p + bh * L * D;
+      const int64_t n_begin = share * per_share * kQueryBlock, n_end = std::min(N, n_begin + per_share * kQueryBlock);
+      for (int64_t n0 = n_begin; n0 < n_end; n0 += kQueryBlock) {
         const int64_t bn = std::min(kQueryBlock, N - n0);
         const scalar_t* qt = q_p + (bh * N + n0) * D;
         const scalar_t* dot = do_p + (bh * N + n0) * D;
@@ -422,15 +448,20 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
           }
           for (int64_t i = 0; i < bn; ++i)
             for (int64_t j = 0; j < bk; ++j) dp[i * ld + j] = p[i * ld + j] * (dp[i * ld + j] - drow[i]);
-          gemm_rm<scalar_t>(true, false, bk, D, bn, scalar_t(1), p, ld, dot, D, scalar_t(1), dv_p + (bh * L + j0) * D, D);
+          gemm_rm<scalar_t>(true, false, bk, D, bn, scalar_t(1), p, ld, dot, D, scalar_t(1), dv_bh + j0 * D, D);
           if (!uniform[b]) {  // uniform rows have constant scores: no dq, dk
             gemm_rm<scalar_t>(false, false, bn, D, bk, scale, dp, ld, kt, D, scalar_t(1), dq_p + (bh * N + n0) * D, D);
-            gemm_rm<scalar_t>(true, false, bk, D, bn, scale, dp, ld, qt, D, scalar_t(1), dk_p + (bh * L + j0) * D, D);
+            gemm_rm<scalar_t>(true, false, bk, D, bn, scale, dp, ld, qt, D, scalar_t(1), dk_bh + j0 * D, D);
           }
         }
       }
     }
   });
+  if (shares > 1) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    dk.view({B * H, L, D}).copy_(dk_parts.sum(0));
+    dv.view({B * H, L, D}).copy_(dv_parts.sum(0));
+  }
 }
 
 // Argument checks. torch.ops.fused_cpp.* is public and reached without fused's
@@ -547,6 +578,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_with_maps_backward(
   return {dq, dk, dv};
 }
 
+// Key compaction for masked attention. A hidden key contributes nothing to the
+// output or the gradients (docs/ops.md §4.2), so when every batch row sees at
+// least one key and the row that sees most sees at most kCompactShare of them,
+// each row's visible keys are gathered, in order, into [B, H, Lc, D] (Lc = that
+// largest count; a shorter row's tail slots stay hidden) and the kernels run on
+// Lc keys instead of L: ViCo's image attention hides the reference's background,
+// often half the keys. A fully hidden row attends to all L keys (§4.3), so any
+// such row turns compaction off.
+constexpr double kCompactShare = 0.75;
+
+struct CompactKeys {
+  bool used = false;
+  at::Tensor index;  // int64 [B, H, Lc, D]: where each compacted slot came from along L
+  at::Tensor k, v;   // [B, H, Lc, D]
+  at::Tensor mask;   // bool [B, Lc]
+};
+
+CompactKeys compact_keys(const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask) {
+  CompactKeys c;
+  const int64_t B = k.size(0), H = k.size(1), L = k.size(2), D = k.size(3);
+  const at::Tensor counts = mask.sum(1);
+  if (counts.min().item<int64_t>() == 0) return c;
+  const int64_t Lc = counts.max().item<int64_t>();
+  if (static_cast<double>(Lc) > kCompactShare * static_cast<double>(L)) return c;
+  // A stable descending sort of the mask puts each row's visible keys first, in key order.
+  const at::Tensor order = std::get<1>(mask.to(at::kInt).sort(/*stable=*/true, /*dim=*/1, /*descending=*/true));
+  const at::Tensor slots = order.narrow(1, 0, Lc);
+  c.used = true;
+  c.index = slots.view({B, 1, Lc, 1}).expand({B, H, Lc, D}).contiguous();
+  c.k = k.gather(2, c.index);
+  c.v = v.gather(2, c.index);
+  c.mask = at::arange(Lc, counts.options()).unsqueeze(0) < counts.unsqueeze(1);
+  return c;
+}
+
 std::tuple<at::Tensor, at::Tensor> masked_attention(const at::Tensor& q_in, const at::Tensor& k_in,
                                                     const at::Tensor& v_in, const at::Tensor& key_mask,
                                                     double scale) {
@@ -556,10 +622,14 @@ std::tuple<at::Tensor, at::Tensor> masked_attention(const at::Tensor& q_in, cons
   const at::Tensor mask = key_mask.contiguous();
   at::Tensor out = at::empty_like(q);
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
+  const CompactKeys c = compact_keys(k, v, mask);
+  const at::Tensor& keys = c.used ? c.k : k;
+  const at::Tensor& values = c.used ? c.v : v;
+  const at::Tensor& visible = c.used ? c.mask : mask;
   Extras ex;
-  ex.key_mask = mask.data_ptr<bool>();
+  ex.key_mask = visible.data_ptr<bool>();
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "masked_attention_cpu", [&] {
-    forward_impl<scalar_t>(q, k, v, ex, scale, out, lse, nullptr);
+    forward_impl<scalar_t>(q, keys, values, ex, scale, out, lse, nullptr);
   });
   return {out, lse};
 }
@@ -574,12 +644,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_attention_backward(
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
   const at::Tensor mask = key_mask.contiguous();
   const at::Tensor o = out.contiguous(), l = lse.contiguous(), d_o = grad_out.contiguous();
-  at::Tensor dq = at::zeros_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);
+  const CompactKeys c = compact_keys(k, v, mask);  // the forward's choice: same mask, same keys
+  const at::Tensor& keys = c.used ? c.k : k;
+  const at::Tensor& values = c.used ? c.v : v;
+  const at::Tensor& visible = c.used ? c.mask : mask;
+  at::Tensor dq = at::zeros_like(q), dk = at::zeros_like(keys), dv = at::zeros_like(values);
   Extras ex;
-  ex.key_mask = mask.data_ptr<bool>();
+  ex.key_mask = visible.data_ptr<bool>();
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "masked_attention_backward_cpu", [&] {
-    backward_impl<scalar_t>(q, k, v, ex, o, l, d_o, nullptr, scale, dq, dk, dv);
+    backward_impl<scalar_t>(q, keys, values, ex, o, l, d_o, nullptr, scale, dq, dk, dv);
   });
+  if (c.used) {  // hidden keys get exact zeros, as without compaction
+    return {dq, at::zeros_like(k).scatter_(2, c.index, dk), at::zeros_like(v).scatter_(2, c.index, dv)};
+  }
   return {dq, dk, dv};
 }
 

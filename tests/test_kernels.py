@@ -197,3 +197,117 @@ def test_cpp_first_call_in_a_process(cpp_backend):
     errors = [float(subprocess.run([sys.executable, "-c", FIRST_CALL], env=env, capture_output=True, text=True,
                                    check=True, timeout=300).stdout.strip().splitlines()[-1]) for _ in range(16)]
     assert max(errors) < 1e-13, errors
+
+
+@pytest.mark.parametrize("op", ["maps", "masked"])
+def test_cpp_backward_splits_few_heads_over_threads(cpp_backend, op):
+    """With fewer (batch row, head) pairs than threads the C++ backward splits each
+    head's query blocks into shares with their own dk/dv partials (one task per head
+    left all but B·H threads idle). B·H = 1, N = 700 (3 query blocks), L = 300 (2 key
+    blocks): 4 threads give 3 shares, 1 thread one; both equal the float64 reference."""
+    B, H, N, L, D = 1, 1, 700, 300, 16
+    q, k, v = _qkv(B, H, N, L, D, torch.float64)
+    idx = torch.tensor([[0, 299, -1, 0]])
+    key_mask = torch.rand(B, L, generator=torch.Generator().manual_seed(5)) > 0.4
+    if op == "maps":
+        def fused_fn(q, k, v):
+            return fused.cross_attention_with_maps(q, k, v, idx, backend=cpp_backend)
+
+        def ref_fn(q, k, v):
+            return reference.attention_with_maps(q, k, v, idx, D ** -0.5, "mean")
+    else:
+        def fused_fn(q, k, v):
+            return fused.masked_attention(q, k, v, key_mask, backend=cpp_backend)
+
+        def ref_fn(q, k, v):
+            return reference.masked_attention(q, k, v, key_mask, D ** -0.5)
+    ref_out = ref_fn(q, k, v)
+    ref_out = ref_out if isinstance(ref_out, tuple) else (ref_out,)
+    cot = [rand(*o.shape, seed=40 + i) for i, o in enumerate(ref_out)]
+    _, want = _grads(ref_fn, (q, k, v), cot)
+    threads = torch.get_num_threads()
+    try:
+        results = {}
+        for n in (1, 4):
+            torch.set_num_threads(n)
+            results[n] = _grads(fused_fn, (q, k, v), cot)[1]
+    finally:
+        torch.set_num_threads(threads)
+    for n, got in results.items():
+        for name, a, b in zip("qkv", got, want):
+            torch.testing.assert_close(a, b, **TOL[torch.float64], msg=lambda m: f"d{name}, {n} threads: {m}")
+
+
+def test_fp32_maps_at_large_scores_come_from_the_softmax_scores(cpu_backend):
+    """At scale 100 the fp32 scores are ~5000, where one rounding step is ~5e-4. A
+    kernel that recomputes the chosen columns' scores by a second dot (Triton did)
+    rounds them differently from the scores its log-sum-exp was built from, and a
+    dominant column's probability misses by that step (3.1e-4 here). Taken from the
+    same scores, every backend stays within fp32 score rounding of the float64
+    reference (torch 6.5e-6, C++ and Triton 2.5e-5)."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 2, 256, 64, generator=g)
+    k, v = torch.randn(2, 2, 77, 64, generator=g), torch.randn(2, 2, 77, 64, generator=g)
+    idx = torch.tensor([[0, 76, 5, 0], [3, -1, 40, 9]])
+    _, maps = fused.cross_attention_with_maps(q, k, v, idx, scale=100.0, backend=cpu_backend)
+    _, want = reference.attention_with_maps(q.double(), k.double(), v.double(), idx, 100.0, "mean")
+    assert float((maps.double() - want).abs().max()) < 1e-4
+
+
+@pytest.mark.parametrize("share", [0.3, 0.7, 0.9])
+def test_cpp_masked_attention_on_the_visible_keys_only(cpp_backend, share):
+    """The C++ op runs on each row's visible keys gathered together when every row sees
+    a key and none sees more than 3/4 of them (0.3, 0.7; 0.9 runs on all keys). Same
+    output and gradients as the float64 reference, with NaN in every hidden key and
+    value, and exact zero gradients there."""
+    B, H, N, L, D = 3, 2, 70, 300, 16
+    q, k, v = _qkv(B, H, N, L, D, torch.float64)
+    g = torch.Generator().manual_seed(6)
+    key_mask = torch.rand(B, L, generator=g) < torch.tensor([[share], [share / 2], [share / 3]])
+    k_bad = torch.where(key_mask[:, None, :, None], k.detach(), float("nan")).requires_grad_()
+    v_bad = torch.where(key_mask[:, None, :, None], v.detach(), float("nan")).requires_grad_()
+    cot = [rand(B, H, N, D, seed=31)]
+    got, got_g = _grads(lambda q, k, v: fused.masked_attention(q, k, v, key_mask, backend=cpp_backend),
+                        (q, k_bad, v_bad), cot)
+    want, want_g = _grads(lambda q, k, v: reference.masked_attention(q, k, v, key_mask, D ** -0.5), (q, k, v), cot)
+    for a, b in zip(got + got_g, want + want_g):
+        torch.testing.assert_close(a, b, **TOL[torch.float64])
+    hidden = ~key_mask[:, None, :, None].expand(B, H, L, D)
+    assert not got_g[1][hidden].any() and not got_g[2][hidden].any()
+
+
+def test_int64_offsets_only_for_tensors_that_need_them(triton_backend):
+    from fused.triton._common import needs_int64_offsets
+
+    assert not needs_int64_offsets(torch.empty(2, 8, 4096, 40, device="meta"))
+    assert needs_int64_offsets(torch.empty(2, 24, 2**22, 16, device="meta"))  # 3.2e9 elements
+    assert needs_int64_offsets(torch.empty(2, 8, 4096, 40, device="meta"), torch.empty(2**31, device="meta"))
+    # An expanded (stride-0) input spans only its storage.
+    assert not needs_int64_offsets(torch.empty(1, 1, 1, 64, device="meta").expand(4096, 64, 4096, 64))
+
+
+@pytest.mark.parametrize("op", ["maps", "masked"])
+def test_triton_int64_offset_variant_matches_the_reference(triton_backend, monkeypatch, op):
+    """The WIDE=True kernels (int64 batch/head bases, compiled only for > 2**31-element
+    tensors) give the same numbers as the reference; forced on at a small size."""
+    from fused.triton import attention_bwd, attention_fwd
+
+    monkeypatch.setattr(attention_fwd, "needs_int64_offsets", lambda *t: True)
+    monkeypatch.setattr(attention_bwd, "needs_int64_offsets", lambda *t: True)
+    B, H, N, L, D = 2, 3, 40, 70, 16
+    q, k, v = _qkv(B, H, N, L, D, torch.float64)
+    idx = torch.tensor([[0, 69, -1], [5, 5, 2]])
+    key_mask = torch.rand(B, L, generator=torch.Generator().manual_seed(7)) > 0.5
+    if op == "maps":
+        fn = lambda q, k, v: fused.cross_attention_with_maps(q, k, v, idx, head_reduce="none", backend="triton")  # noqa: E731
+        ref = lambda q, k, v: reference.attention_with_maps(q, k, v, idx, D ** -0.5, "none")  # noqa: E731
+    else:
+        fn = lambda q, k, v: fused.masked_attention(q, k, v, key_mask, backend="triton")  # noqa: E731
+        ref = lambda q, k, v: reference.masked_attention(q, k, v, key_mask, D ** -0.5)  # noqa: E731
+    want_out = ref(q, k, v)
+    want_out = want_out if isinstance(want_out, tuple) else (want_out,)
+    cot = [rand(*o.shape, seed=50 + i) for i, o in enumerate(want_out)]
+    got, got_g = _grads(fn, (q, k, v), cot)
+    want, want_g = _grads(ref, (q, k, v), cot)
+    for a, b in zip(got + got_g, want + want_g):
+        torch.testing.assert_close(a, b, **TOL[torch.float64])

@@ -23,6 +23,20 @@ def next_pow2(n: int, minimum: int = 16) -> int:
     return max(minimum, triton.next_power_of_2(int(n)))
 
 
+def needs_int64_offsets(*tensors: torch.Tensor) -> bool:
+    """True when an element offset into one of ``tensors`` can reach 2**31.
+
+    The attention kernels compute offsets in int32 (64-bit offsets cost registers:
+    compiled for sm_90, the fp16 forward at head dim 64 spills in 6 of 10
+    configurations instead of 1) and are compiled with ``WIDE=True`` (int64 batch
+    and head indices, so every offset built from them is int64) only for tensors
+    this large: long video or joint sequences. What stays int32 in both is the
+    offset within one head's rows (n·stride_n + d·stride_d), which would need
+    2**31 elements in a single head."""
+    return any(sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())) >= 2**31 - 1
+               for t in tensors if t.numel())
+
+
 def tl_dtype(dtype: torch.dtype):
     return _TL_DTYPE[dtype]
 

@@ -16,7 +16,8 @@ import triton
 import triton.language as tl
 
 from ..reference import accumulation_dtype
-from ._common import INTERPRET, INTERPRET_META, autotuned_by_head_dim, launcher, next_pow2, tl_dtype
+from ._common import (INTERPRET, INTERPRET_META, autotuned_by_head_dim, launcher, needs_int64_offsets, next_pow2,
+                      tl_dtype)
 from .attention_fwd import precision
 
 
@@ -88,11 +89,13 @@ def _attention_bwd_rowterm_kernel(
     Q, K, Out, DOut, Lse, Delta, DMaps, Index,
     sqb, sqh, sqn, sqd, skb, skh, skl, skd,
     H, N, D, T, scale, c,
-    HAS_MAPS: tl.constexpr, HEAD_MEAN: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_MAPS: tl.constexpr, HEAD_MEAN: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr, WIDE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
+    if WIDE:  # int64 bases (b, h follow) for tensors past 2**31 elements
+        bh = bh.to(tl.int64)
     b = bh // H
     h = bh % H
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -131,11 +134,13 @@ def _attention_bwd_dkdv_kernel(
     sqb, sqh, sqn, sqd, skb, skh, skl, skd, svb, svh, svl, svd,
     H, N, L, D, T, scale, c,
     HAS_MAPS: tl.constexpr, HEAD_MEAN: tl.constexpr, HAS_MASK: tl.constexpr,
-    ACC: tl.constexpr, PRECISION: tl.constexpr,
+    ACC: tl.constexpr, PRECISION: tl.constexpr, WIDE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     pid_l = tl.program_id(0)
     bh = tl.program_id(1)
+    if WIDE:  # int64 bases (b, h follow) for tensors past 2**31 elements
+        bh = bh.to(tl.int64)
     b = bh // H
     h = bh % H
     cols = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
@@ -176,11 +181,13 @@ def _attention_bwd_dq_kernel(
     sqb, sqh, sqn, sqd, skb, skh, skl, skd, svb, svh, svl, svd,
     H, N, L, D, T, scale, c,
     HAS_MAPS: tl.constexpr, HEAD_MEAN: tl.constexpr, HAS_MASK: tl.constexpr,
-    ACC: tl.constexpr, PRECISION: tl.constexpr,
+    ACC: tl.constexpr, PRECISION: tl.constexpr, WIDE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
+    if WIDE:  # int64 bases (b, h follow) for tensors past 2**31 elements
+        bh = bh.to(tl.int64)
     b = bh // H
     h = bh % H
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -265,7 +272,7 @@ def attention_backward(q, k, v, out, lse, grad_out, scale: float, token_index=No
     dq, dk, dv = torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty(
         (B, H, L, D), dtype=k.dtype, device=k.device), torch.empty((B, H, L, D), dtype=v.dtype, device=v.device)
     flags = dict(HAS_MAPS=has_maps, HEAD_MEAN=head_mean, ACC=tl_dtype(acc), PRECISION=precision(q.dtype),
-                 BLOCK_D=next_pow2(D), BLOCK_T=next_pow2(T))
+                 WIDE=needs_int64_offsets(q, k, v, grad_out, dmaps), BLOCK_D=next_pow2(D), BLOCK_T=next_pow2(T))
     bn = _ROWTERM_META["BLOCK_N"]
     launcher(_attention_bwd_rowterm_kernel)[(triton.cdiv(N, bn), B * H)](
         q, k, out, grad_out, lse, delta, dmaps, index,

@@ -9,8 +9,10 @@ maps on every run (which keeps the Otsu masks computed from them reproducible).
 Keys are visited in blocks with an online softmax, so any L works (77 text
 tokens are one block; MMDiT joint attention has thousands). The chosen
 columns' probabilities come from the final log-sum-exp in the epilogue,
-p = exp(q·k_j·scale − lse), with k_j gathered by index; a batch row whose
-indices are all −1 skips that work.
+p = exp(s_j − lse), with s_j picked out of the score tiles as they pass (fp32
+and fp64: the very values lse is built from) or, for 16-bit inputs, recomputed
+from k_j gathered by index; a batch row whose indices are all −1 skips that
+work.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import triton
 import triton.language as tl
 
 from ..reference import accumulation_dtype
-from ._common import INTERPRET, INTERPRET_META, autotuned_by_head_dim, launcher, next_pow2, tl_dtype
+from ._common import (INTERPRET, INTERPRET_META, autotuned_by_head_dim, launcher, needs_int64_offsets, next_pow2,
+                      tl_dtype)
 
 
 @triton.jit
@@ -29,11 +32,13 @@ def _attention_fwd_kernel(
     sqb, sqh, sqn, sqd, skb, skh, skl, skd, svb, svh, svl, svd,
     H, N, L, D, T, scale,
     HAS_MAPS: tl.constexpr, HEAD_MEAN: tl.constexpr, HAS_MASK: tl.constexpr,
-    ACC: tl.constexpr, PRECISION: tl.constexpr,
+    ACC: tl.constexpr, PRECISION: tl.constexpr, WIDE: tl.constexpr, KEEP_SCORES: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     b = tl.program_id(1)
+    if WIDE:  # int64 batch/head bases for tensors past 2**31 elements (needs_int64_offsets)
+        b = b.to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_l = tl.arange(0, BLOCK_L)
@@ -52,21 +57,39 @@ def _attention_fwd_kernel(
         uniform = tl.load(AnyVisible + b) == 0  # every key hidden: attend uniformly
 
     for h in range(H):
+        hh = h
+        if WIDE:
+            hh = tl.cast(h, tl.int64)
         q = tl.load(
-            Q + b * sqb + h * sqh + offs_n[:, None] * sqn + offs_d[None, :] * sqd,
+            Q + b * sqb + hh * sqh + offs_n[:, None] * sqn + offs_d[None, :] * sqd,
             mask=row_ok[:, None] & d_ok[None, :], other=0.0,
         )
         m_i = tl.full([BLOCK_N], neg_inf, dtype=ACC)
         l_i = tl.zeros([BLOCK_N], dtype=ACC)
         acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
+        if KEEP_SCORES:
+            s_sel = tl.zeros([BLOCK_N, BLOCK_T], dtype=ACC)  # the chosen columns' scores, from the tiles below
         for j0 in range(0, L, BLOCK_L):
             cols = j0 + offs_l
             live = cols < L
             k = tl.load(
-                K + b * skb + h * skh + cols[:, None] * skl + offs_d[None, :] * skd,
+                K + b * skb + hh * skh + cols[:, None] * skl + offs_d[None, :] * skd,
                 mask=live[:, None] & d_ok[None, :], other=0.0,
             )
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(ACC) * scale
+            if KEEP_SCORES:
+                if wants_maps:
+                    # Keep the chosen columns' scores from this tile, the very values the
+                    # log-sum-exp is built from: recomputing them by a second dot rounds
+                    # differently, and exp(s - lse) then misses by a score's rounding
+                    # error (3e-4 in fp32 maps with scores near 5000). 16-bit inputs
+                    # recompute (below): their maps are stored with a coarser step
+                    # (2**-11 near 1), and keeping costs registers (fp16, head dim 64:
+                    # 8 of 10 configurations spill instead of 1, sm_90).
+                    for t in range(T):
+                        j_t = tl.load(Index + b * T + t)
+                        hit = tl.sum(tl.where(cols[None, :] == j_t, s, 0.0), axis=1)  # 0 if j_t is elsewhere
+                        s_sel += tl.where(offs_t[None, :] == t, hit[:, None], 0.0)
             if HAS_MASK:
                 visible = tl.load(KeyMask + b * L + cols, mask=live, other=0) != 0
                 s = tl.where(uniform, 0.0, s)
@@ -80,7 +103,7 @@ def _attention_fwd_kernel(
             alpha = tl.exp(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, axis=1)
             v = tl.load(
-                V + b * svb + h * svh + cols[:, None] * svl + offs_d[None, :] * svd,
+                V + b * svb + hh * svh + cols[:, None] * svl + offs_d[None, :] * svd,
                 mask=live[:, None] & d_ok[None, :], other=0.0,
             )
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(ACC)
@@ -93,11 +116,12 @@ def _attention_fwd_kernel(
         tl.store(Lse + (b * H + h) * N + offs_n, lse, mask=row_ok)
         if HAS_MAPS:
             if wants_maps:
-                k_sel = tl.load(
-                    K + b * skb + h * skh + idx_safe[:, None] * skl + offs_d[None, :] * skd,
-                    mask=idx_ok[:, None] & d_ok[None, :], other=0.0,
-                )
-                s_sel = tl.dot(q, tl.trans(k_sel), input_precision=PRECISION).to(ACC) * scale
+                if not KEEP_SCORES:
+                    k_sel = tl.load(
+                        K + b * skb + hh * skh + idx_safe[:, None] * skl + offs_d[None, :] * skd,
+                        mask=idx_ok[:, None] & d_ok[None, :], other=0.0,
+                    )
+                    s_sel = tl.dot(q, tl.trans(k_sel), input_precision=PRECISION).to(ACC) * scale
                 p_sel = tl.where(idx_ok[None, :], tl.exp(s_sel - lse[:, None]), 0.0)
                 if HEAD_MEAN:
                     maps_acc += p_sel
@@ -174,6 +198,7 @@ def attention_forward(q, k, v, token_index=None, key_mask=None, scale: float = 1
         H, N, L, D, T, scale,
         HAS_MAPS=has_maps, HEAD_MEAN=head_mean, HAS_MASK=key_mask is not None,
         ACC=tl_dtype(acc), PRECISION=precision(q.dtype),
+        WIDE=needs_int64_offsets(q, k, v, out, maps), KEEP_SCORES=has_maps and q.dtype in (torch.float32, torch.float64),
         BLOCK_D=block_d, BLOCK_T=next_pow2(T),
         **_FWD_META,
     )
