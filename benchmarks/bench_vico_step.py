@@ -84,13 +84,11 @@ def limit_memory(gb: float | None) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (cap, resource.getrlimit(resource.RLIMIT_AS)[1]))
 
 
-def run_one(processor: str, model: str, latent: int, repeat: int, device: str, dtype: torch.dtype,
-            reference_stop: bool | None = None, phases=PHASES) -> dict:
-    """Time and peak memory of ``phases`` in this process, one after the other.
-
-    ``reference_stop``: whether ViCo stops the reference half after the last flagged
-    layer (default: for ``fused`` only). Returns {phase}_ms, {phase}_peak_mb and
-    {phase}_extra_mb per phase (MB as ``PeakMemory``)."""
+def build_steps(processor: str, model: str, latent: int, device: str, dtype: torch.dtype,
+                reference_stop: bool | None = None) -> dict:
+    """ViCo on ``model`` with ``processor`` installed: {"train": step, "sample": step}, each a
+    zero-argument function running one step. ``reference_stop``: whether ViCo stops the
+    reference half after the last flagged layer (default: for ``fused`` only)."""
     import fused
     from fused.benchmark import BASELINES
     from vico.methods.base import MethodConfig
@@ -129,16 +127,41 @@ def run_one(processor: str, model: str, latent: int, repeat: int, device: str, d
         method.predict_noise(mean[:1], torch.tensor(500, device=device), ids, cond.detach(), uncond, 7.5, context)
         sync()
 
+    return {"train": train_step, "sample": sample_step}
+
+
+def run_one(processor: str, model: str, latent: int, repeat: int, device: str, dtype: torch.dtype,
+            reference_stop: bool | None = None, phases=PHASES) -> dict:
+    """Time and peak memory of ``phases`` in this process, one after the other.
+
+    Returns {phase}_ms, {phase}_peak_mb and {phase}_extra_mb per phase (MB as ``PeakMemory``)."""
+    reference_stop = processor == "fused" if reference_stop is None else reference_stop
+    steps = build_steps(processor, model, latent, device, dtype, reference_stop)
     row = dict(processor=processor, model=model, latent=latent, device=device, dtype=str(dtype)[6:],
                reference_stop=reference_stop, threads=torch.get_num_threads(), repeat=repeat)
     for phase in phases:
-        fn = train_step if phase == "train" else sample_step
+        fn = steps[phase]
         fn()  # warm-up: kernels built, allocator primed
         memory = PeakMemory(device).start()
         times = time_ms(fn, device, repeat, warmup=0)
         row[f"{phase}_peak_mb"], row[f"{phase}_extra_mb"] = memory.stop()
         row[f"{phase}_ms"] = min(times)
     return row
+
+
+def profile(processor: str, model: str, latent: int, phase: str, device: str, dtype: torch.dtype,
+            reference_stop: bool | None = None, rows: int = 25) -> str:
+    """torch.profiler table (self time, top ``rows`` ops) of one step after a warm-up."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    step = build_steps(processor, model, latent, device, dtype, reference_stop)[phase]
+    step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        step()
+    key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows)
 
 
 def child(opts, processor: str, phase: str, latent: int) -> dict:
@@ -224,6 +247,9 @@ def main(argv=None) -> int:
                    help="CPU: address space a child may add after start-up before it stops with 'out of memory' "
                         "(default: 80%% of MemAvailable; 0: no limit)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
+    p.add_argument("--profile", choices=PROCESSORS,
+                   help="instead of timing: print a torch.profiler table of one step of this processor "
+                        "(first --phases entry, first --latent) in this process")
     p.add_argument("--one", help=argparse.SUPPRESS)
     p.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)
     opts = p.parse_args(argv)
@@ -232,6 +258,9 @@ def main(argv=None) -> int:
         opts.latent = [16] if opts.model == "tiny" else ([64, 96, 128] if opts.device == "cuda" else [32, 48])
     if opts.threads:
         torch.set_num_threads(opts.threads)
+    if opts.profile:
+        print(profile(opts.profile, opts.model, opts.latent[0], opts.phases[0], opts.device, DTYPES[opts.dtype]))
+        return 0
     if opts.one:
         if opts.device != "cuda":
             limit_memory(opts.mem_limit_gb)

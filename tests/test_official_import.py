@@ -138,3 +138,105 @@ def test_import_refuses_code_and_foreign_files_in_one_line(model_dir, tmp_path, 
         assert code == 2 and message in err and "Traceback" not in err, (message, err)
     assert not marker.exists() and not (tmp_path / "o" / "concept.json").exists()
     assert _decoder_transformers(comps.unet)  # the tiny UNet has decoder transformers to map onto
+
+
+# --- CatVersion and AttnDreamBooth -------------------------------------------------------------------------------
+
+
+def catversion_adapter(folder, text_encoder, layers, seed=0):
+    """adapter_gs-999/ as the official adapter-transformers save_adapter writes it: one flat control_trans
+    vector (1 x n_layers x 2 x hidden), stored under every shimmed layer's pool path and the pool's."""
+    hidden = text_encoder.config.hidden_size
+    flat = torch.randn(len(layers) * 2 * hidden, generator=torch.Generator().manual_seed(seed))
+    path = "prefix_tunings.prefix_tuning1.clip_text_model_self_prefix.control_trans"
+    state = {f"text_model.encoder.layers.{i}.self_attn.prefix_tuning.pool.{path}": flat for i in layers}
+    state[f"prefix_tuning.{path}"] = flat
+    folder.mkdir()
+    torch.save(state, folder / "pytorch_adapter.bin")
+    (folder / "adapter_config.json").write_text('{"config": {"architecture": "prefix_tuning", "flat": true, '
+                                                '"prefix_length": 1}, "name": "prefix_tuning1"}')
+    return flat
+
+
+def test_imported_catversion_adapter_gives_each_layer_the_official_prefix(model_dir, tmp_path):
+    comps = load_components(model_dir)
+    te = comps.text_encoder
+    n_layers = te.config.num_hidden_layers
+    layers = list(range(max(0, n_layers - 3), n_layers))  # the official run: the last three (9-11 of CLIP-L)
+    flat = catversion_adapter(tmp_path / "adapter_gs-999", te, layers)
+    out = tmp_path / "concept"
+    assert run("import", "--from", "catversion", "--model", model_dir, "--adapter", tmp_path / "adapter_gs-999",
+               "--out", out, "--init-word", "cat") == 0
+    meta = read_concept_meta(out)
+    assert meta["method"] == "catversion" and meta["config"]["init_word"] == "cat"
+    method = load_method(load_components(model_dir), out)
+    # The official FlatPrefixTuning.forward, step by step: view, permute, split; layer i gets chunk i.
+    heads, hidden = te.config.num_attention_heads, te.config.hidden_size
+    chunks = flat.unsqueeze(0).view(1, 1, 2 * len(layers), heads, hidden // heads).permute(2, 0, 3, 1, 4).split(2)
+    # each chunk: [2 (key, value), batch, heads, prefix_length, head_dim]
+    assert len(method.prefix) == len(layers)
+    for (name, module), (keys, values) in zip(method.prefix.items(), chunks):
+        assert name.endswith(f"layers.{layers[list(method.prefix).index(name)]}.self_attn")
+        # this project splits its prefix vector into heads exactly as the projected keys: view(heads, head_dim)
+        torch.testing.assert_close(module.prefix_key.detach().view(heads, -1), keys[0, :, 0], rtol=0, atol=0)
+        torch.testing.assert_close(module.prefix_value.detach().view(heads, -1), values[0, :, 0], rtol=0, atol=0)
+
+
+def attndreambooth_outputs(tmp_path, comps, seed=0):
+    """learned_embeds_steps_10.bin ({token: [dim]}) and full_model_step_10/unet as the official script saves."""
+    g = torch.Generator().manual_seed(seed)
+    dim = comps.text_encoder.get_input_embeddings().weight.shape[1]
+    vec = torch.randn(dim, generator=g)
+    torch.save({"<new1>": vec}, tmp_path / "learned_embeds_steps_10.bin")
+    unet = comps.unet
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=g))
+    unet.save_pretrained(tmp_path / "full_model_step_10" / "unet")
+    return vec, {k: v.clone() for k, v in unet.state_dict().items()}
+
+
+def test_imported_attndreambooth_concept_has_the_official_embedding_and_unet(model_dir, tmp_path, capsys):
+    vec, weights = attndreambooth_outputs(tmp_path, load_components(model_dir))
+    out = tmp_path / "concept"
+    assert run("import", "--from", "attndreambooth", "--model", model_dir, "--embeddings",
+               tmp_path / "learned_embeds_steps_10.bin", "--unet", tmp_path / "full_model_step_10", "--out", out,
+               "--init-word", "cat") == 0
+    assert read_concept_meta(out)["method"] == "attndreambooth"
+    method = load_method(load_components(model_dir), out)
+    torch.testing.assert_close(method.embedding.learned.detach().reshape(-1), vec, rtol=0, atol=0)
+    got = method.components.unet.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in weights.items())
+    assert method.concept_phrase("S*", "cat") == "S* cat"  # the official "[V] category" prompts
+    # Missing pieces and foreign files: one line each, before the model loads.
+    cases = [
+        (["--embeddings", tmp_path / "learned_embeds_steps_10.bin"], "--from attndreambooth needs --unet"),
+        (["--embeddings", tmp_path / "learned_embeds_steps_10.bin", "--unet", tmp_path], "is not a diffusers UNet"),
+        (["--embeddings", tmp_path / "full_model_step_10" / "unet" / "config.json", "--unet",
+          tmp_path / "full_model_step_10"], "embeddings file"),
+    ]
+    for extra, message in cases:
+        code = run("import", "--from", "attndreambooth", "--model", model_dir, *extra, "--out", tmp_path / "o")
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and "Traceback" not in err, (message, err)
+
+
+def test_catversion_import_refuses_foreign_adapters_in_one_line(model_dir, tmp_path, capsys):
+    te = load_components(model_dir).text_encoder
+    n = te.config.num_hidden_layers
+    catversion_adapter(tmp_path / "good", te, [n - 1])
+    torch.save({"prefix_tuning.prefix_tunings.p.self_prefix.control_trans.0.weight": torch.zeros(4, 4)},
+               tmp_path / "mlp.bin")
+    torch.save({"unrelated": torch.zeros(3)}, tmp_path / "foreign.bin")
+    long = torch.load(tmp_path / "good" / "pytorch_adapter.bin")
+    torch.save({k: torch.cat([v, v]) for k, v in long.items()}, tmp_path / "long.bin")  # prefix_length 2
+    wrong = {k.replace(f"layers.{n - 1}.", "layers.99."): v for k, v in long.items()}
+    torch.save(wrong, tmp_path / "wrong.bin")
+    cases = [(tmp_path / "mlp.bin", "unflattened prefix MLP"), (tmp_path / "foreign.bin", "not an official CatVersion"),
+             (tmp_path / "long.bin", "prefix_length 2"), (tmp_path / "wrong.bin", "CLIP layers [99]"),
+             (tmp_path / "missing", "does not exist")]
+    for adapter, message in cases:
+        code = run("import", "--from", "catversion", "--model", model_dir, "--adapter", adapter, "--out",
+                   tmp_path / "o")
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and "Traceback" not in err, (message, err)

@@ -445,26 +445,51 @@ def _require_positive(args, *names: str) -> None:
 
 
 def _import_parser(sub) -> None:
-    p = sub.add_parser("import", help="turn a concept trained with the official ViCo code into a concept folder",
-                       description="Import a concept trained with the official ViCo code (haoosz/ViCo): its "
-                       "embeddings.pt and cross_attention-<step>.pt become a concept folder that `vico sample` "
-                       "and `vico eval` read. The files are loaded without running code (weights only).")
+    p = sub.add_parser("import", help="turn a concept trained with the official ViCo, CatVersion or AttnDreamBooth "
+                       "code into a concept folder",
+                       description="Import a concept trained with the official code into a concept folder that "
+                       "`vico sample` and `vico eval` read. --from vico (haoosz/ViCo): --embeddings "
+                       "(embeddings.pt) and --cross-attention (cross_attention-<step>.pt). --from catversion "
+                       "(RoyZhao926/CatVersion): --adapter (the adapter_gs-<step> folder or its "
+                       "pytorch_adapter.bin). --from attndreambooth (lyuPang/AttnDreamBooth): --embeddings "
+                       "(learned_embeds_steps_<step>.bin) and --unet (full_model_step_<step>, or its unet/). "
+                       ".pt/.bin files are loaded without running code (weights only).")
+    p.add_argument("--from", dest="source", choices=["vico", "catversion", "attndreambooth"], default="vico",
+                   help="which official code trained the concept (default vico)")
     p.add_argument("--model", required=True, help="the Stable Diffusion folder (diffusers) the concept was trained on")
-    p.add_argument("--embeddings", required=True, help="the official embeddings.pt (or embeddings_gs-<step>.pt)")
-    p.add_argument("--cross-attention", required=True,
-                   help="the official cross_attention.pt (or cross_attention-<step>.pt)")
+    p.add_argument("--embeddings", help="vico: the official embeddings.pt (or embeddings_gs-<step>.pt); "
+                   "attndreambooth: learned_embeds_steps_<step>.bin")
+    p.add_argument("--cross-attention", help="vico: the official cross_attention.pt (or cross_attention-<step>.pt)")
+    p.add_argument("--adapter", help="catversion: the adapter_gs-<step> folder (or its pytorch_adapter.bin)")
+    p.add_argument("--unet", help="attndreambooth: the full_model_step_<step> folder (or its unet/)")
     p.add_argument("--out", required=True, help="the concept folder to write")
     p.add_argument("--token", default="S*", help="placeholder token in this project's prompts (default S*)")
-    p.add_argument("--official-token", help="the token in embeddings.pt to import (default: its only one, e.g. *)")
-    p.add_argument("--init-word", default="object", help="the class word (CLIP-T's prompts name the concept by it)")
+    p.add_argument("--official-token", help="the token in the embeddings file to import (default: its only one)")
+    p.add_argument("--init-word", default="object",
+                   help="the class word: CLIP-T's prompts name the concept by it; CatVersion's prompts are the "
+                        "class word itself and AttnDreamBooth's write it after the token (\"S* teapot\")")
+
+
+IMPORT_FILES = {"vico": ("embeddings", "cross_attention"), "catversion": ("adapter",),
+                "attndreambooth": ("embeddings", "unet")}
 
 
 def cmd_import(args) -> int:
-    from .official import import_vico
+    from . import official
 
-    out = import_vico(args.model, args.embeddings, args.cross_attention, args.out, placeholder=args.token,
-                      init_word=args.init_word, official_token=args.official_token)
-    print(f"vico: imported the official ViCo concept into {out}")
+    missing = [f"--{name.replace('_', '-')}" for name in IMPORT_FILES[args.source] if not getattr(args, name)]
+    if missing:
+        raise UserError(f"--from {args.source} needs {' and '.join(missing)}")
+    if args.source == "vico":
+        out = official.import_vico(args.model, args.embeddings, args.cross_attention, args.out,
+                                   placeholder=args.token, init_word=args.init_word,
+                                   official_token=args.official_token)
+    elif args.source == "catversion":
+        out = official.import_catversion(args.model, args.adapter, args.out, init_word=args.init_word)
+    else:
+        out = official.import_attndreambooth(args.model, args.embeddings, args.unet, args.out, placeholder=args.token,
+                                             init_word=args.init_word, official_token=args.official_token)
+    print(f"vico: imported the official {args.source} concept into {out}")
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Concepts trained with the official ViCo code, imported as this project's concept folders.
+"""Concepts trained with the official code of ViCo, CatVersion and AttnDreamBooth, imported as this
+project's concept folders (CatVersion and AttnDreamBooth: see their sections below).
 
 The official trainer (an LDM/Lightning fork, ``ldm/models/diffusion/ddpm.py``
 ``on_save_checkpoint``) writes two files per checkpoint:
@@ -115,4 +116,144 @@ def import_vico(model: str | Path, embeddings: str | Path, cross_attention: str 
             first = str(exc).strip().splitlines()
             raise UserError(f"{cross_attention}: the image block of {layer} does not fit this model: "
                             f"{' '.join(first[1:2] or first)[:300]}") from None
+    return method.save(out)
+
+
+# --- CatVersion (RoyZhao926/CatVersion) --------------------------------------------------------------------------
+#
+# Its trainer (`ldm/modules/encoders/modules.py` adapter_save -> adapter-transformers `save_adapter`) writes
+# `adapter_gs-<step>/` with `adapter_config.json` (prefix_tuning, flat, prefix_length 1) and `pytorch_adapter.bin`:
+# one flat `control_trans` vector of prefix_length x n_layers x 2 x hidden, stored once per layer that has a
+# prefix shim (`text_model.encoder.layers.<i>.self_attn.prefix_tuning.pool.prefix_tunings.<name>.<location>.
+# control_trans`, the official run: layers 9-11) and once for the pool. `FlatPrefixTuning.forward` views it as
+# [prefix_length, 2 n_layers, heads, head_dim] and hands layer slot 2i (key) and 2i+1 (value) to the i-th
+# shimmed layer, in layer order; both are in the projected key/value space, as this project's prefix.
+
+CATVERSION_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn\.prefix_tuning\.pool\.prefix_tunings\.[^.]+\.[^.]+"
+                              r"\.control_trans$")
+CLIP_SELF_ATTENTION = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn$")
+
+
+def official_catversion_prefix(data: dict, path: Path, hidden: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """{CLIP layer index: (key [hidden], value [hidden])} from an official ``pytorch_adapter.bin``."""
+    flat = {int(m.group(1)): torch.as_tensor(v).detach().float()
+            for k, v in data.items() if (m := CATVERSION_LAYER.search(k)) is not None}
+    if not flat:
+        mlp = [k for k in data if ".control_trans." in k or k.endswith(".wte.weight")]
+        if mlp:
+            raise UserError(f"{path} holds the unflattened prefix MLP ({mlp[0]}); only the flat form the official "
+                            "CatVersion config saves (\"flat\": true) imports")
+        raise UnreadableFile(f"{path} has no prefix_tuning control_trans tensors: not an official CatVersion "
+                             "pytorch_adapter.bin")
+    layers = sorted(flat)
+    vector = flat[layers[0]]
+    if any(not torch.equal(flat[i], vector) for i in layers[1:]):
+        raise UnreadableFile(f"{path}: the layers hold different prefix vectors (one shared pool is expected)")
+    per_prefix = len(layers) * 2 * hidden
+    if vector.dim() != 1 or vector.numel() % per_prefix:
+        raise UserError(f"{path}: a prefix of {vector.numel()} values does not split into {len(layers)} layers x "
+                        f"(key, value) x {hidden} (a different base model?)")
+    if vector.numel() != per_prefix:
+        raise UserError(f"{path}: prefix_length {vector.numel() // per_prefix}; this project's CatVersion learns "
+                        "one key and value per layer (the official prefix_length 1)")
+    slots = vector.view(1, 2 * len(layers), hidden)[0]  # [2 n_layers, hidden]: heads x head_dim, contiguous
+    return {layer: (slots[2 * i], slots[2 * i + 1]) for i, layer in enumerate(layers)}
+
+
+def import_catversion(model: str | Path, adapter: str | Path, out: str | Path, init_word: str = "object") -> Path:
+    """Write a CatVersion concept folder in ``out`` from the official ``adapter_gs-<step>`` folder (or its
+    ``pytorch_adapter.bin``), on base model ``model``; ``init_word`` is the class word prompts use."""
+    from .methods.base import MethodConfig
+    from .methods.catversion import CatVersion, _clip_attention_layers
+    from .model import check_output_folder, load_components
+
+    check_output_folder(out)
+    adapter = Path(adapter)
+    weights = adapter / "pytorch_adapter.bin" if adapter.is_dir() else adapter
+    data = load_official_file(weights, "adapter")
+    comps = load_components(model)
+    prefix = official_catversion_prefix(data, weights, int(comps.text_encoder.config.hidden_size))
+    names = {int(m.group(1)): n for n, _ in _clip_attention_layers(comps.text_encoder)
+             if (m := CLIP_SELF_ATTENTION.search(n)) is not None}
+    missing = sorted(set(prefix) - set(names))
+    if missing:
+        raise UserError(f"{weights}: prefixes for CLIP layers {missing}, which this text encoder "
+                        f"({len(names)} layers) does not have (a different base model?)")
+    size = comps.unet.config.sample_size * 2 ** (len(comps.vae.config.block_out_channels) - 1)
+    layers = [names[i] for i in sorted(prefix)]
+    method = CatVersion(comps, MethodConfig(init_word=init_word, resolution=size,
+                                            extra={"catversion_layers": layers}))
+    state = {}
+    for i, name in zip(sorted(prefix), layers):
+        state[f"{name}.prefix_key"], state[f"{name}.prefix_value"] = prefix[i]
+    method.load_state_dict(state)
+    return method.save(out)
+
+
+# --- AttnDreamBooth (lyuPang/AttnDreamBooth) ---------------------------------------------------------------------
+#
+# `train_attndreambooth.py` writes `learned_embeds_steps_<step>.bin` (torch.save of {token: embedding [dim]},
+# `save_learned_embedding`) and `full_model_step_<step>/`, a diffusers pipeline folder whose `unet/` holds the
+# fine-tuned UNet (`save_full_model`); its `inference.py` loads exactly those two.
+
+
+def official_token_embedding(data: dict, path: Path, token: str | None = None) -> torch.Tensor:
+    """The learned embedding [dim] of ``token`` (the only one when None) from a {token: tensor} file."""
+    tensors = {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise UnreadableFile(f"{path} holds no {{token: embedding}} tensors: not an official learned_embeds file")
+    if token is None:
+        if len(tensors) != 1:
+            raise UserError(f"{path} holds several tokens ({', '.join(tensors)}); name one with --official-token")
+        token = next(iter(tensors))
+    if token not in tensors:
+        raise UserError(f"{path} has no token {token!r} (it has {', '.join(tensors)})")
+    vec = tensors[token].detach().float()
+    if vec.dim() == 2 and vec.shape[0] == 1:
+        vec = vec[0]
+    if vec.dim() != 1:
+        raise UserError(f"{path}: token {token!r} has shape {tuple(vec.shape)}; one vector [dim] is expected")
+    return vec
+
+
+def import_attndreambooth(model: str | Path, embeddings: str | Path, unet: str | Path, out: str | Path,
+                          placeholder: str = "S*", init_word: str = "object",
+                          official_token: str | None = None) -> Path:
+    """Write an AttnDreamBooth concept folder in ``out`` from the official ``learned_embeds_steps_<step>.bin``
+    and ``full_model_step_<step>`` folder (or its ``unet/``), on base model ``model``; ``init_word`` is the
+    category word the official prompts write after the token ("[V] category")."""
+    from diffusers import UNet2DConditionModel
+
+    from .methods.attndreambooth import AttnDreamBooth
+    from .methods.base import MethodConfig
+    from .model import check_output_folder, load_components
+
+    check_output_folder(out)
+    vec = official_token_embedding(load_official_file(embeddings, "embeddings"), Path(embeddings), official_token)
+    unet_dir = Path(unet)
+    if (unet_dir / "unet").is_dir():
+        unet_dir = unet_dir / "unet"
+    if not (unet_dir / "config.json").is_file():
+        raise UserError(f"{unet} is not a diffusers UNet folder (no config.json; pass full_model_step_<step> or "
+                        "its unet/)")
+    try:
+        trained = UNet2DConditionModel.from_pretrained(unet_dir)
+    except Exception as exc:  # a truncated or foreign weights file: one line
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise UnreadableFile(f"cannot load the UNet in {unet_dir}: {first}") from None
+    comps = load_components(model)
+    dim = comps.text_encoder.get_input_embeddings().weight.shape[1]
+    if vec.shape[0] != dim:
+        raise UserError(f"{embeddings}: the learned vector has {vec.shape[0]} dims, this text encoder {dim} "
+                        "(a different base model?)")
+    size = comps.unet.config.sample_size * 2 ** (len(comps.vae.config.block_out_channels) - 1)
+    method = AttnDreamBooth(comps, MethodConfig(placeholder=placeholder, init_word=init_word, resolution=size))
+    try:
+        comps.unet.load_state_dict(trained.state_dict(), strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        raise UserError(f"{unet_dir}: the UNet does not fit this base model: {' '.join(first[1:2] or first)[:300]}") \
+            from None
+    with torch.no_grad():
+        method.embedding.learned.copy_(vec.reshape(method.embedding.learned.shape).to(method.embedding.learned))
     return method.save(out)
