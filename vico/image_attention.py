@@ -1,9 +1,13 @@
 """ViCo's image cross-attention blocks (docs/methods.md §2.1, §2.2) and their placement in a diffusers UNet.
 
 Each block is a standard transformer block (self-attention, cross-attention,
-GEGLU feed-forward, three LayerNorms), appended to a flagged
+GEGLU feed-forward, three LayerNorms), placed in a flagged
 ``Transformer2DModel``'s ``transformer_blocks`` so it runs right after the
-frozen block, inside the model's own forward (no monkey-patching). The batch
+frozen block, inside the model's own forward (no monkey-patching). A spatial
+transformer with several frozen blocks (SDXL) runs its one image block after
+each of them, as the official ``SpatialTransformer`` loop does: the same
+weights, each time masked by the S* map of the frozen block just before it
+(``ImageBlockRepeat`` after every frozen block but the last). The batch
 it sees is ``[noisy half; reference half]``: the noisy half attends to the
 reference half (the frozen block's output for the clean reference latent),
 with the reference half's keys masked by the Otsu mask of the S* text
@@ -26,8 +30,8 @@ import re
 import torch
 from torch import nn
 
-__all__ = ["ImageCrossAttention", "default_image_attention_layers", "inject_image_attention", "MASK_SLOT",
-           "ReferenceEarlyStop"]
+__all__ = ["ImageBlockRepeat", "ImageCrossAttention", "default_image_attention_layers", "image_block_sources",
+           "inject_image_attention", "MASK_SLOT", "ReferenceEarlyStop"]
 
 # Slot of the MapRequest's token_index whose Otsu mask gates the image
 # attention: S* (or EOT when the prompt has no S*).
@@ -72,19 +76,48 @@ class ImageCrossAttention(nn.Module):
         ``Transformer2DModel`` (and its gradient checkpointing) calls it as it
         calls the frozen block.
         """
+        return self.attend(hidden_states, cross_attention_kwargs, self.source_layer)
+
+    def attend(self, hidden_states: torch.Tensor, cross_attention_kwargs: dict | None,
+               source_layer: str) -> torch.Tensor:
+        """The block on [noisy; reference] with the reference keys masked by ``source_layer``'s Otsu mask."""
         request = (cross_attention_kwargs or {}).get("map_request")
-        mask = None if request is None else request.masks.get(self.source_layer)
+        mask = None if request is None else request.masks.get(source_layer)
         if mask is None:
             return hidden_states  # no reference branch in this forward
         if hidden_states.shape[0] % 2:
             raise ValueError(
-                f"{self.source_layer}: ViCo expects a batch of [noisy; reference] halves, got batch {hidden_states.shape[0]}"
+                f"{source_layer}: ViCo expects a batch of [noisy; reference] halves, got batch {hidden_states.shape[0]}"
             )
         half = hidden_states.shape[0] // 2
         noisy, reference = hidden_states[:half], hidden_states[half:]
         key_mask = mask[half:, MASK_SLOT, :]  # [B, N] from the reference half's S* map
         out = self.block(noisy, encoder_hidden_states=reference, cross_attention_kwargs={"key_mask": key_mask})
         return torch.cat([out, reference], dim=0)
+
+
+class ImageBlockRepeat(nn.Module):
+    """The flagged transformer's image block once more, after an earlier frozen block.
+
+    Holds no parameters: it calls ``image_block`` (kept out of the module tree, so
+    the UNet's parameters and state dict list the block once) with the Otsu mask
+    of ``source_layer``, the frozen block right before it.
+    """
+
+    def __init__(self, image_block: ImageCrossAttention, source_layer: str):
+        super().__init__()
+        self.__dict__["image_block"] = image_block  # not a submodule: the weights are the block's own
+        self.source_layer = source_layer
+
+    def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
+                timestep=None, cross_attention_kwargs=None, class_labels=None, added_cond_kwargs=None):
+        return self.image_block.attend(hidden_states, cross_attention_kwargs, self.source_layer)
+
+
+def image_block_sources(unet: nn.Module, layers: list[str]) -> list[str]:
+    """Every ``attn2`` whose Otsu mask an image block (or a repeat) of ``layers`` reads, in forward order."""
+    return [b.source_layer for name in layers for b in unet.get_submodule(name).transformer_blocks
+            if isinstance(b, (ImageCrossAttention, ImageBlockRepeat))]
 
 
 def _decoder_transformers(unet: nn.Module) -> list[str]:
@@ -114,7 +147,10 @@ def inject_image_attention(unet: nn.Module, layers: list[str] | None = None) -> 
 
     Returns:
         the new blocks (trainable) in a ModuleDict keyed by layer name with "."
-        replaced by "-"; they are also registered inside the UNet.
+        replaced by "-"; they are also registered inside the UNet. In a transformer
+        with k > 1 frozen blocks the list becomes [frozen, repeat, ..., frozen, block]:
+        frozen block i moves to ``transformer_blocks.{2i}`` (load base weights before
+        injecting), and the block's ``source_layer`` is the last frozen block's ``attn2``.
     """
     from fused import FusedAttnProcessor
 
@@ -131,18 +167,25 @@ def inject_image_attention(unet: nn.Module, layers: list[str] | None = None) -> 
         frozen_blocks = getattr(transformer, "transformer_blocks", None)
         if not frozen_blocks:
             raise ValueError(f"inject_image_attention: {name!r} is not a spatial transformer (no transformer_blocks)")
-        if any(isinstance(b, ImageCrossAttention) for b in frozen_blocks):
+        if any(isinstance(b, (ImageCrossAttention, ImageBlockRepeat)) for b in frozen_blocks):
             raise ValueError(f"inject_image_attention: {name!r} already has an image attention block")
         frozen = frozen_blocks[0]
+        depth = len(frozen_blocks)
         heads = frozen.attn1.heads
         dim = frozen.attn1.to_q.out_features
         param = next(frozen.parameters())
         with torch.device(param.device):
-            block = ImageCrossAttention(dim, heads, dim // heads, source_layer=f"{name}.transformer_blocks.0.attn2")
+            block = ImageCrossAttention(dim, heads, dim // heads,
+                                        source_layer=f"{name}.transformer_blocks.{2 * (depth - 1)}.attn2")
         block.to(dtype=param.dtype)
         for attn in (block.block.attn1, block.block.attn2):
             attn.set_processor(FusedAttnProcessor(records_maps=False))
-        frozen_blocks.append(block)
+        placed = []
+        for i, frozen_block in enumerate(list(frozen_blocks)):
+            placed.append(frozen_block)
+            placed.append(block if i == depth - 1 else
+                          ImageBlockRepeat(block, source_layer=f"{name}.transformer_blocks.{2 * i}.attn2"))
+        transformer.transformer_blocks = nn.ModuleList(placed)
         blocks[name.replace(".", "-")] = block
     blocks.requires_grad_(True)
     return blocks

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import fused
 
 from ..data import VICO_TEMPLATES
-from ..image_attention import MASK_SLOT, ReferenceEarlyStop, inject_image_attention
+from ..image_attention import MASK_SLOT, ReferenceEarlyStop, image_block_sources, inject_image_attention
 from ..model import Components, encode_prompts, token_positions
 from .base import Batch, MethodConfig, guide, noise_and_target
 from .textual_inversion import TextualInversion
@@ -41,7 +41,10 @@ class ViCo(TextualInversion):
         self.blocks = inject_image_attention(components.unet, config.extra.get("layers"))
         fused.attach(components.unet)  # names the new blocks' processors too
         self.layers = [key.replace("-", ".") for key in self.blocks.keys()]
-        self.source_layers = [f"{name}.transformer_blocks.0.attn2" for name in self.layers]
+        # The S* map each block's regulariser and sampled maps use (the last frozen block's attn2, as the
+        # official loop keeps its last loss_reg), and every attn2 whose Otsu mask some application reads.
+        self.source_layers = [block.source_layer for block in self.blocks.values()]
+        self.mask_layers = image_block_sources(components.unet, self.layers)
         # Training and sampling forwards return only the noisy half (nothing reads the reference's output);
         # ``reference_stop.enabled = False`` runs both halves to the end, as the official code does.
         self.reference_stop = ReferenceEarlyStop(components.unet, self.layers)
@@ -83,7 +86,7 @@ class ViCo(TextualInversion):
         noisy = torch.full_like(reference, -1)  # no maps, no work
         if generated:
             noisy[-slots.shape[0]:] = slots
-        return fused.MapRequest(torch.cat([noisy, reference]), layers=self.source_layers, otsu=True)
+        return fused.MapRequest(torch.cat([noisy, reference]), layers=self.mask_layers, otsu=True)
 
     def regulariser(self, request: fused.MapRequest, rows: slice) -> torch.Tensor:
         """Sum over flagged layers of MSE(a_S / max a_S, sg(a_EOT) / max a_EOT) on reference rows."""
