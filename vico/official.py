@@ -48,17 +48,23 @@ def load_official_file(path: str | Path, what: str) -> dict:
     return data
 
 
+def pick_token(tokens, path: Path, token: str | None) -> str:
+    """``token`` if the file has it; None: the file's only token; else a one-line error listing them."""
+    if token is None:
+        if len(tokens) != 1:
+            raise UserError(f"{path} holds several tokens ({', '.join(tokens)}); name one with --official-token")
+        return next(iter(tokens))
+    if token not in tokens:
+        raise UserError(f"{path} has no token {token!r} (it has {', '.join(tokens)})")
+    return token
+
+
 def official_embedding(data: dict, path: Path, token: str | None = None) -> torch.Tensor:
     """The learned vector [1, dim] of ``token`` (the only one when None) from an embedding manager's file."""
     params = data.get("string_to_param")
     if params is None or not len(params):
         raise UnreadableFile(f"{path} has no string_to_param: not an official ViCo embeddings file")
-    if token is None:
-        if len(params) != 1:
-            raise UserError(f"{path} holds several tokens ({', '.join(params)}); name one with --official-token")
-        token = next(iter(params))
-    if token not in params:
-        raise UserError(f"{path} has no token {token!r} (it has {', '.join(params)})")
+    token = pick_token(params, path, token)
     vec = torch.as_tensor(params[token]).detach().float()
     if vec.dim() != 2 or vec.shape[0] != 1:
         raise UserError(f"{path}: token {token!r} has {tuple(vec.shape)} vectors; only one vector per token "
@@ -202,12 +208,7 @@ def official_token_embedding(data: dict, path: Path, token: str | None = None) -
     tensors = {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
     if not tensors:
         raise UnreadableFile(f"{path} holds no {{token: embedding}} tensors: not an official learned_embeds file")
-    if token is None:
-        if len(tensors) != 1:
-            raise UserError(f"{path} holds several tokens ({', '.join(tensors)}); name one with --official-token")
-        token = next(iter(tensors))
-    if token not in tensors:
-        raise UserError(f"{path} has no token {token!r} (it has {', '.join(tensors)})")
+    token = pick_token(tensors, path, token)
     vec = tensors[token].detach().float()
     if vec.dim() == 2 and vec.shape[0] == 1:
         vec = vec[0]
