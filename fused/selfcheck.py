@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+
 import torch
 
 from . import reference

@@ -70,6 +70,16 @@ class Components:
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
 
+    @property
+    def vae_scale(self) -> int:
+        """Pixels per latent cell along each side (8 for SD's VAE)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def native_resolution(self) -> int:
+        """The image side the UNet was built for: its latent ``sample_size`` times ``vae_scale``."""
+        return self.unet.config.sample_size * self.vae_scale
+
     def to(self, device, dtype=None) -> "Components":
         for module in (self.text_encoder, self.vae, self.unet):
             module.to(device) if dtype is None else module.to(device=device, dtype=dtype)

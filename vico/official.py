@@ -109,8 +109,7 @@ def import_vico(model: str | Path, embeddings: str | Path, cross_attention: str 
     if vec.shape[1] != dim:
         raise UserError(f"{embeddings}: the learned vector has {vec.shape[1]} dims, this text encoder {dim} "
                         "(a different base model?)")
-    size = comps.unet.config.sample_size * 2 ** (len(comps.vae.config.block_out_channels) - 1)
-    method = ViCo(comps, MethodConfig(placeholder=placeholder, init_word=init_word, resolution=size,
+    method = ViCo(comps, MethodConfig(placeholder=placeholder, init_word=init_word, resolution=comps.native_resolution,
                                       extra={"layers": list(blocks)}))
     with torch.no_grad():
         method.embedding.learned.copy_(vec.to(method.embedding.learned))
@@ -185,12 +184,12 @@ def import_catversion(model: str | Path, adapter: str | Path, out: str | Path, i
     if missing:
         raise UserError(f"{weights}: prefixes for CLIP layers {missing}, which this text encoder "
                         f"({len(names)} layers) does not have (a different base model?)")
-    size = comps.unet.config.sample_size * 2 ** (len(comps.vae.config.block_out_channels) - 1)
-    layers = [names[i] for i in sorted(prefix)]
-    method = CatVersion(comps, MethodConfig(init_word=init_word, resolution=size,
+    indices = sorted(prefix)
+    layers = [names[i] for i in indices]
+    method = CatVersion(comps, MethodConfig(init_word=init_word, resolution=comps.native_resolution,
                                             extra={"catversion_layers": layers}))
     state = {}
-    for i, name in zip(sorted(prefix), layers):
+    for i, name in zip(indices, layers):
         state[f"{name}.prefix_key"], state[f"{name}.prefix_value"] = prefix[i]
     method.load_state_dict(state)
     return method.save(out)
@@ -247,8 +246,7 @@ def import_attndreambooth(model: str | Path, embeddings: str | Path, unet: str |
     if vec.shape[0] != dim:
         raise UserError(f"{embeddings}: the learned vector has {vec.shape[0]} dims, this text encoder {dim} "
                         "(a different base model?)")
-    size = comps.unet.config.sample_size * 2 ** (len(comps.vae.config.block_out_channels) - 1)
-    method = AttnDreamBooth(comps, MethodConfig(placeholder=placeholder, init_word=init_word, resolution=size))
+    method = AttnDreamBooth(comps, MethodConfig(placeholder=placeholder, init_word=init_word, resolution=comps.native_resolution))
     try:
         comps.unet.load_state_dict(trained.state_dict(), strict=True)
     except RuntimeError as exc:

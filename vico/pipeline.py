@@ -58,8 +58,7 @@ class ViCoPipeline:
         if guidance_scale is None:
             guidance_scale = self.method.guidance_scale
         size = self.method.config.resolution
-        vae_scale = 2 ** (len(c.vae.config.block_out_channels) - 1)
-        shape = (num_images, c.unet.config.in_channels, size // vae_scale, size // vae_scale)
+        shape = (num_images, c.unet.config.in_channels, size // c.vae_scale, size // c.vae_scale)
         generator = torch.Generator().manual_seed(seed)
         latents = torch.randn(shape, generator=generator).to(device, c.unet.dtype) * scheduler.init_noise_sigma
         ref_latents = None

@@ -291,8 +291,7 @@ def train(cfg: TrainConfig) -> Path:
     check_learning_rates(method_cls, cfg.learning_rates)
     list_images(cfg.images)  # fail on a bad folder before loading the model
     comps = load_components(cfg.model, device=accelerator.device)
-    vae_scale = 2 ** (len(comps.vae.config.block_out_channels) - 1)
-    resolution = cfg.resolution or comps.unet.config.sample_size * vae_scale
+    resolution = cfg.resolution or comps.native_resolution
     extra = dict(cfg.extra, **({"layers": cfg.layers} if cfg.layers else {}))
     mcfg = MethodConfig(placeholder=cfg.placeholder, init_word=cfg.init_word, resolution=resolution, seed=cfg.seed,
                         extra=extra, learning_rates=dict(cfg.learning_rates))

@@ -132,7 +132,7 @@ class AttnDreamBooth(Method):
         encoded: the VAE work of a process is its own share."""
         vae = self.components.vae
         images = self._source_images(latent_mean)
-        size = latent_mean.shape[-1] * 2 ** (len(vae.config.block_out_channels) - 1)
+        size = latent_mean.shape[-1] * self.components.vae_scale
         idx = torch.randint(0, images.shape[0], (batch_size,), generator=generator)
         pixels = torch.stack([attndreambooth_augment(images[i], generator, size) for i in idx.tolist()])
         mine = slice(None) if rows is None else rows
