@@ -70,6 +70,8 @@ def test_readme_commands_parse():
         assert installs[0] == ["torch==2.13.0"], (label, installs)
         assert any("-e" in args for args in installs), (label, installs)
     assert commands["Tests"] in (ROOT / ".ci" / "run").read_text(), ".ci/run must run the README's test command"
+    # the peer oracle of tests/test_peer_oracle.py, pinned, without its declared dependencies (torchvision...)
+    assert ["--no-deps", "attention-map-diffusers==1.0.0"] in pip_install_args(commands["Tests"])
 
 
 @pytest.mark.parametrize("label", ["Main job", "Tests"])
@@ -79,17 +81,29 @@ def test_readme_install_resolves_on_pypi_alone(label, tmp_path):
         print(f"skipped: {reason}")
         pytest.skip(reason)
     # One resolution for the whole chain: torch is pinned by the first line, so the later lines see it.
-    args = [a for install in pip_install_args(readme_commands()[label]) for a in install]
-    report = tmp_path / "report.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--report", str(report),
-         "--index-url", INDEX, *args],
-        cwd=ROOT, env=pypi_only_env(), capture_output=True, text=True, timeout=900,
-    )
-    assert proc.returncode == 0, f"pip cannot resolve the README's {label} install on PyPI alone:\n" + \
-        (proc.stderr[-3000:] or proc.stdout[-3000:])
-    resolved = {i["metadata"]["name"].lower(): i["metadata"]["version"]
+    # A --no-deps line (the peer oracle) would switch dependency resolution off for all of it: those
+    # lines are resolved on their own, as pip runs them.
+    installs = pip_install_args(readme_commands()[label])
+    no_deps = [args for args in installs if "--no-deps" in args]
+    args = [a for install in installs if install not in no_deps for a in install]
+
+    def dry_run(args, report):
+        proc = subprocess.run(
+            [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--report", str(report),
+             "--index-url", INDEX, *args],
+            cwd=ROOT, env=pypi_only_env(), capture_output=True, text=True, timeout=900,
+        )
+        assert proc.returncode == 0, f"pip cannot resolve the README's {label} install {args} on PyPI alone:\n" + \
+            (proc.stderr[-3000:] or proc.stdout[-3000:])
+        return {i["metadata"]["name"].lower().replace("_", "-"): i["metadata"]["version"]
                 for i in json.loads(report.read_text())["install"]}
+
+    for i, extra in enumerate(no_deps):
+        got = dry_run(extra, tmp_path / f"no-deps-{i}.json")
+        wanted = dict(a.split("==") for a in extra if "==" in a)
+        assert got == {name.lower(): version for name, version in wanted.items()}, (extra, got)
+    report = tmp_path / "report.json"
+    resolved = dry_run(args, report)
     assert resolved["torch"] == "2.13.0"  # PyPI's build, not a local +cpu wheel
     assert "triton" in resolved
     pins = {}
