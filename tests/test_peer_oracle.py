@@ -55,17 +55,19 @@ What cannot be matched directly, and how it is handled:
 - SD3 without T5 (the tiny builder's pipeline): the joint text is CLIP's 77
   tokens followed by ``max_sequence_length`` zero vectors; the tracer maps the
   CLIP segment only, which is what is compared.
-- Video pipelines (Wan, CogVideoX, HunyuanVideo): NOT compared here. The peer
-  supports them (its ``processors/video.py``), but this tracer has no video
-  support to compare with yet: ``fused/processors/video.py`` (being added
-  separately) did not exist in this tree when this file was written. A tiny
-  Wan comparison belongs here once it does.
+- Video pipelines: Wan only (a tiny T2V model), once the tracer supports
+  video pipelines (``fused/processors/video.py``, added separately: until it
+  is in the tree ``test_wan_matches_peer`` skips, saying so). The peer's
+  relation there is ``video->text`` (not its default ``image->text``), its
+  grid ``(frames, height, width)``. CogVideoX and HunyuanVideo, which the peer
+  also supports, are not compared here.
 
 Skipped, with the reason printed, where attention-map-diffusers is not
 installed (CI installs it: ``pip install --no-deps attention-map-diffusers==1.0.0``;
 its hooks need only torch and diffusers).
 """
 
+import importlib.util
 import math
 
 import pytest
@@ -115,27 +117,39 @@ def token_positions(tokenizer, prompt, word, offset=0):
     return [offset + i for i, t in enumerate(ids) if t == wid]
 
 
-def peer_word_maps(records, prefix, rows, positions):
-    """{(step, layer): {key: [b, h, w]}} from the peer's ``image->text`` records (columns: text positions),
-    and the peer's timesteps in call order."""
+def peer_word_maps(records, prefix, rows, positions, call=None):
+    """{(step, layer): {key: [b, h, w]}} from the peer's ``image->text`` / ``video->text`` records (columns:
+    text positions; video: ``[b, F, h, w]``), and the peer's timesteps in call order. ``call``: keep only
+    that denoiser call of each step (the peer's ``denoiser_call_index``: guidance run as separate calls)."""
     out, steps = {}, {}
     for r in records:
-        assert r.relation == "image->text", r.relation
+        assert r.relation in ("image->text", "video->text"), r.relation
+        if call is not None and r.metadata["denoiser_call_index"] != call:
+            continue
         layer = r.layer_id.removeprefix(prefix)
         data = r.data[:, 0].float()  # head mean: [B, N, L]
+        grid = (r.q_shape.height, r.q_shape.width)
+        if r.q_shape.frames is not None:
+            grid = (r.q_shape.frames, *grid)
         step = steps.setdefault(r.timestep, len(steps))
         entry = out.setdefault((step, layer), {})
         for key, cols in positions.items():
             m = data[rows][..., cols].sum(-1)
-            entry[key] = m.reshape(m.shape[0], r.q_shape.height, r.q_shape.width)
+            entry[key] = m.reshape(m.shape[0], *grid)
     return out, list(steps)
 
 
 def daam(per_call_layer, word, image):
-    """The DAAM aggregate of maps {(step, layer): {word: [b, h, w]}}: the tracer's documented rule."""
-    maps = [e[word][image][None, None].double() for e in per_call_layer.values()]
-    size = max((m.shape[-2:] for m in maps), key=lambda s: s[0] * s[1])
-    total = sum(F.interpolate(m, size=tuple(size), mode="bilinear", align_corners=False) for m in maps)[0, 0]
+    """The DAAM aggregate of maps {(step, layer): {word: [b, h, w]}}: the tracer's documented rule
+    (video maps ``[b, F, h, w]``: every layer has the whole patch grid, summed as they are)."""
+    maps = [e[word][image].double() for e in per_call_layer.values()]
+    if maps[0].ndim == 3:
+        assert len({m.shape for m in maps}) == 1
+        total = sum(maps)
+    else:
+        size = max((m.shape[-2:] for m in maps), key=lambda s: s[0] * s[1])
+        total = sum(F.interpolate(m[None, None], size=tuple(size), mode="bilinear", align_corners=False)
+                    for m in maps)[0, 0]
     return (total - total.min()) / (total.max() - total.min())
 
 
@@ -289,3 +303,39 @@ def test_flux_matches_peer(flux):
     peer = peer_word_maps(records, "transformer.", slice(0, 1), positions)
     # the peer's timestep is FLUX's transformer argument, t / 1000
     report("FLUX (double-stream block)", *compare(tr, peer, words, steps_scale=1000.0), bound=RAW_BOUND)
+
+
+def test_wan_matches_peer():
+    """Wan 2.1-shaped T2V (a tiny random WanTransformer3DModel, 2 blocks; patches 1x2x2): every ``attn2``
+    (video -> T5 text; ``attn1`` is self-attention), 9 frames at 32x48 -> a 3x2x3 patch grid, 2 steps,
+    guidance 5 (Wan runs the unconditional branch as a second denoiser call: the tracer traces the first,
+    the conditional one; the peer records both, its ``denoiser_call_index`` 0 is compared)."""
+    if importlib.util.find_spec("fused.processors.video") is None:
+        pytest.skip("fused.maps.trace has no video support in this tree (fused/processors/video.py)")
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    tok = t5_like_tokenizer()
+    pipe = WanPipeline(
+        tokenizer=tok,
+        text_encoder=T5EncoderModel(T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=32, num_layers=1,
+                                             num_heads=2)).eval(),
+        vae=AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                             temperal_downsample=[False, True, True]).eval(),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+        transformer=WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+                                          in_channels=16, out_channels=16, text_dim=32, freq_dim=256, ffn_dim=32,
+                                          num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                                          rope_max_seq_len=32).eval())
+    pipe.set_progress_bar_config(disable=True)
+    prompt, words = "a photo of a red cat", ["cat", "red"]
+    run = dict(num_inference_steps=2, height=32, width=48, num_frames=9, max_sequence_length=16, guidance_scale=5.0)
+    tr = traced(pipe, prompt, words, run)
+    assert tr.layers == ["blocks.0.attn2", "blocks.1.attn2"] and tr.shape == (3, 2, 3)
+    positions = {w: token_positions(tok, prompt, w) for w in words}
+    assert {w: tr.positions[w]["t5"] for w in words} == positions
+    records = peer_capture(pipe, prompt, run, relations=("video->text",))
+    assert {r.metadata["denoiser_call_index"] for r in records} == {0, 1}  # cond, then uncond, per step
+    peer = peer_word_maps(records, "transformer.", slice(0, 1), positions, call=0)
+    report("Wan (attn2, conditional call)", *compare(tr, peer, words), bound=RAW_BOUND)
