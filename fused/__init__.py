@@ -14,17 +14,22 @@ Importing this package imports neither diffusers nor triton.
 
 from ._dispatch import available_backends
 from .ops import cross_attention_with_mask, cross_attention_with_maps, masked_attention, otsu_mask
-from .processors import FusedAttnProcessor, FusedFluxAttnProcessor, FusedJointAttnProcessor, MapRequest, attach, \
+from .processors import FusedAttnProcessor, FusedCogVideoXAttnProcessor, FusedFluxAttnProcessor, \
+    FusedHunyuanVideoAttnProcessor, FusedJointAttnProcessor, FusedWanAttnProcessor, MapRequest, attach, attach_video, \
     cross_attention_layers
 
 __version__ = "0.1.0"
 
 __all__ = [
     "FusedAttnProcessor",
+    "FusedCogVideoXAttnProcessor",
     "FusedFluxAttnProcessor",
+    "FusedHunyuanVideoAttnProcessor",
     "FusedJointAttnProcessor",
+    "FusedWanAttnProcessor",
     "MapRequest",
     "attach",
+    "attach_video",
     "available_backends",
     "cross_attention_layers",
     "cross_attention_with_maps",

@@ -4,6 +4,8 @@
   ``attach`` and ``cross_attention_layers``.
 - ``joint``: ``FusedJointAttnProcessor`` (SD3) and ``FusedFluxAttnProcessor``
   (FLUX) for joint image+text attention.
+- ``video``: ``FusedWanAttnProcessor``, ``FusedCogVideoXAttnProcessor`` and
+  ``FusedHunyuanVideoAttnProcessor`` for video transformers, ``attach_video``.
 - ``trace``: ``trace(pipe, prompt, words)``, token heat maps of a whole
   generation (also importable as ``fused.maps``).
 
@@ -12,6 +14,8 @@ Nothing here imports diffusers at import time.
 
 from .joint import FusedFluxAttnProcessor, FusedJointAttnProcessor
 from .unet import FusedAttnProcessor, MapRequest, attach, cross_attention_layers
+from .video import FusedCogVideoXAttnProcessor, FusedHunyuanVideoAttnProcessor, FusedWanAttnProcessor, attach_video
 
-__all__ = ["FusedAttnProcessor", "FusedFluxAttnProcessor", "FusedJointAttnProcessor", "MapRequest", "attach",
-           "cross_attention_layers"]
+__all__ = ["FusedAttnProcessor", "FusedCogVideoXAttnProcessor", "FusedFluxAttnProcessor",
+           "FusedHunyuanVideoAttnProcessor", "FusedJointAttnProcessor", "FusedWanAttnProcessor", "MapRequest", "attach",
+           "attach_video", "cross_attention_layers"]

@@ -25,18 +25,57 @@ from ..ops import cross_attention_with_maps
 from .unet import MapRequest
 
 
+def _key_lengths(name: str | None, mask: torch.Tensor, batch: int, total: int) -> torch.Tensor:
+    """Visible keys per row of a boolean key mask ``[B, 1, 1, S]`` that hides a suffix (padded text)."""
+    if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != 1:
+        raise NotImplementedError(f"{name}: maps need no attention mask or a boolean key mask [B, 1, 1, S]; "
+                                  f"got {mask.dtype} {tuple(mask.shape)}")
+    keep = mask[:, 0, 0].expand(batch, total)
+    lengths = keep.sum(1)
+    if not torch.equal(keep, torch.arange(total, device=keep.device) < lengths[:, None]):
+        raise NotImplementedError(f"{name}: maps need a key mask that hides only the last keys (padded text)")
+    return lengths
+
+
 def _joint_attention(name: str | None, query, key, value, scale: float, request: MapRequest | None,
-                     text_start: int, text_len: int, image_rows: slice, records: bool) -> torch.Tensor:
-    """Attention over the joint sequence [B, H, S, D]; records image->text maps when asked."""
+                     text_start: int, text_len: int, image_rows: slice, records: bool,
+                     attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention over the joint sequence [B, H, S, D]; records image->text maps when asked.
+
+    The text keys are ``key[:, :, text_start:text_start + text_len]``; the maps
+    keep the query rows ``image_rows``. ``attention_mask`` goes to SDPA as is
+    when no maps are recorded; with maps it must be a boolean key mask
+    ``[B, 1, 1, S]`` hiding the last keys of each row (HunyuanVideo's padded
+    text): the hidden keys are cut off (rows with another length run
+    separately) and a map of a hidden text token is zero, its probability.
+    """
     if request is None or not records or not request.wants(name) or text_len <= 0:
-        return F.scaled_dot_product_attention(query, key, value, scale=scale)
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scale)
     index = request.token_index.to(query.device)
     if index.device.type == "cpu" and bool((index >= text_len).any()):  # would point at image tokens
-        raise ValueError(f"token_index has positions >= the {text_len} text tokens of {name}")
+        raise ValueError(f"token_index has positions >= the {text_len} text tokens of {name} "
+                         f"(largest: {int(index.max())})")
     joint_index = torch.where(index >= 0, index + text_start, index)
-    out, maps = cross_attention_with_maps(query, key, value, joint_index, scale=scale,
-                                          head_reduce=request.head_reduce, backend=request.backend)
-    request.maps[name or "<unnamed>"] = maps[..., image_rows]
+    total = key.shape[2]
+    if attention_mask is None:
+        lengths = [total] * query.shape[0]
+    else:
+        visible = _key_lengths(name, attention_mask, query.shape[0], total)
+        joint_index = torch.where(joint_index < visible[:, None], joint_index, -1)
+        lengths = visible.tolist()
+    outs, maps, start = [], [], 0
+    while start < len(lengths):  # runs of rows with the same visible keys
+        stop = start + 1
+        while stop < len(lengths) and lengths[stop] == lengths[start]:
+            stop += 1
+        n, rows = lengths[start], slice(start, stop)
+        out, m = cross_attention_with_maps(query[rows], key[rows, :, :n], value[rows, :, :n], joint_index[rows],
+                                           scale=scale, head_reduce=request.head_reduce, backend=request.backend)
+        outs.append(out)
+        maps.append(m)
+        start = stop
+    out, m = (outs[0], maps[0]) if len(outs) == 1 else (torch.cat(outs), torch.cat(maps))
+    request.maps[name or "<unnamed>"] = m[..., image_rows]
     return out
 
 

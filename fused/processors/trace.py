@@ -39,6 +39,20 @@ only (CLIP gives just the pooled vector), so its positions come from
 ``tokenizer_2`` (segment ``"t5"``). Positions past the text the denoiser gets
 (``max_sequence_length``) are dropped.
 
+Video pipelines (WanPipeline, CogVideoXPipeline, HunyuanVideoPipeline and
+their image-to-video variants but HunyuanVideo's LLaVA one): the
+transformer gets the ``fused.processors.video`` processors and the maps are
+``[F, h, w]`` in latent patches (frames // patch_t, height // patch_h,
+width // patch_w), normalised over the whole clip. Wan maps the T5 tokens of
+the cleaned prompt (``prompt_clean``, as the pipeline; segment ``"t5"``) in
+every ``attn2``, CogVideoX the T5 tokens in every joint block, HunyuanVideo
+the LLaMA tokens (segment ``"llama"``) of its prompt template: a word's
+position is its token's index in ``template.format(prompt)`` minus the
+template's ``crop_start`` (the system prompt the pipeline crops), found by
+the tokenizer's character offsets. Wan and HunyuanVideo run guidance as a
+separate call (not traced); CogVideoX batches ``[uncond; cond]`` when
+``pipe.guidance_scale > 1``. Wan 2.2's ``transformer_2`` is traced too.
+
 ``records=True`` also keeps every layer's map per timestep at its own
 resolution; ``MapTrace.save_records(path)`` writes them as safetensors
 (``load_records`` reads them back).
@@ -47,8 +61,12 @@ resolution; ``MapTrace.save_records(path)`` writes them as safetensors
 from __future__ import annotations
 
 import fnmatch
+import importlib
+import inspect
 import json
 import math
+import re
+import string
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -57,6 +75,7 @@ import torch.nn.functional as F
 
 from .joint import FusedFluxAttnProcessor, FusedJointAttnProcessor
 from .unet import FusedAttnProcessor, MapRequest, attach, cross_attention_layers
+from .video import attach_video, video_family, video_grid
 
 __all__ = ["MapTrace", "trace", "word_token_positions", "select_layers", "load_records"]
 
@@ -161,9 +180,11 @@ class MapTrace:
         records: keep per-layer, per-timestep maps (``save_records``).
         sums: word -> segment -> summed maps [images, h, w] (unnormalised).
         calls: denoiser calls traced.
-        shape: (h, w) of the aggregate (the largest layer's grid).
+        shape: (h, w) of the aggregate (the largest layer's grid); video: (F, h, w).
         steps: per traced call, (timestep, {layer: {word or "word/segment": [images, h_l, w_l]}}) when ``records``.
         segment_info: segment -> (offset in the text sequence, length of the tokenised prompt there).
+        no_end_token: segments whose truncated prompt does not end with an end token (HunyuanVideo's
+            template: the pipeline's truncation cuts the prompt and the template's ``<|eot_id|>`` off).
     """
 
     positions: dict[str, dict[str, list[int]]]
@@ -173,9 +194,10 @@ class MapTrace:
     records: bool = False
     sums: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     calls: int = 0
-    shape: tuple[int, int] | None = None
+    shape: tuple[int, ...] | None = None
     steps: list[tuple[float, dict[str, dict[str, torch.Tensor]]]] = field(default_factory=list)
     segment_info: dict[str, tuple[int, int]] = field(default_factory=dict)
+    no_end_token: frozenset[str] = frozenset()
 
     @property
     def segments(self) -> list[str]:
@@ -188,11 +210,14 @@ class MapTrace:
         ``index``: which image (the pipeline's images in order; with
         ``num_images_per_prompt=k`` images 0..k-1, the conditional rows under
         guidance) — default 0, the first image, giving ``[h, w]``; None gives
-        every image ``[images, h, w]``, each normalised on its own.
+        every image ``[images, h, w]``, each normalised on its own. Video
+        pipelines give ``[F, h, w]`` (``[images, F, h, w]``), normalised over
+        the whole clip.
         ``segment``: None (default) sums the word's maps over the text segments
         it occurs in (SD3: CLIP + T5); ``"clip"`` or ``"t5"`` gives one segment
         (a word absent from it is left out).
         """
+        dims = len(self.shape) if self.shape else 2
         out = {}
         for word, per_segment in self.sums.items():
             if segment is None:
@@ -202,7 +227,7 @@ class MapTrace:
             else:
                 continue
             m = total if index is None else total[index]
-            flat = m.reshape(-1, m.shape[-2] * m.shape[-1]) if index is None else m.reshape(1, -1)
+            flat = m.reshape(-1, math.prod(m.shape[-dims:])) if index is None else m.reshape(1, -1)
             lo, hi = flat.min(-1).values, flat.max(-1).values
             norm = (flat - lo[:, None]) / (hi - lo).clamp(min=1e-12)[:, None]
             out[word] = norm.reshape(m.shape)
@@ -218,7 +243,7 @@ class MapTrace:
         offset, n_ids = self.segment_info.get(segment, (0, 0))
         ends = sorted(o for o, _ in self.segment_info.values() if o > offset)
         seg_len = min((ends[0] if ends else text_len), text_len) - offset
-        if n_ids > seg_len:  # the pipeline truncated the prompt there: its last slot is the end token
+        if n_ids > seg_len and segment not in self.no_end_token:  # truncated: the last slot is the end token
             seg_len -= 1
         return p - offset < seg_len
 
@@ -230,20 +255,30 @@ class MapTrace:
         index[cond_rows] = slots
         return MapRequest(index, layers=self.layers, text_len=text_len)
 
-    def add(self, request: MapRequest, cond_rows: slice, grid: tuple[int, int] | None = None,
+    def add(self, request: MapRequest, cond_rows: slice, grid: tuple[int, ...] | None = None,
             timestep: float | None = None) -> None:
-        """Aggregate one call's maps; ``grid``: the generation's (H, W) token grid (latent or patches)."""
+        """Aggregate one call's maps; ``grid``: the generation's (H, W) token grid (latent or patches),
+        or a video transformer's (F, h, w) patch grid (every layer has all of its tokens)."""
         per_layer = {}
         for name, maps in request.maps.items():
             m = maps[cond_rows].detach().float()  # [b, T, N]
+            if grid is not None and len(grid) == 3:
+                if m.shape[-1] != math.prod(grid):
+                    raise ValueError(f"{name}: a map of {m.shape[-1]} tokens is not the {grid} video patch grid")
+                per_layer[name] = m.reshape(*m.shape[:2], *grid)
+                continue
             h, w = _layer_grid(m.shape[-1], grid)
             per_layer[name] = m.reshape(m.shape[0], m.shape[1], h, w)
         if not per_layer:
             return
-        big = max(per_layer.values(), key=lambda m: m.shape[-2] * m.shape[-1]).shape[-2:]
-        self.shape = (int(big[0]), int(big[1]))
-        total = sum(F.interpolate(m, size=self.shape, mode="bilinear", align_corners=False)
-                    for m in per_layer.values())
+        if grid is not None and len(grid) == 3:
+            self.shape = tuple(int(g) for g in grid)
+            total = sum(per_layer.values())
+        else:
+            big = max(per_layer.values(), key=lambda m: m.shape[-2] * m.shape[-1]).shape[-2:]
+            self.shape = (int(big[0]), int(big[1]))
+            total = sum(F.interpolate(m, size=self.shape, mode="bilinear", align_corners=False)
+                        for m in per_layer.values())
         spans, start = {}, 0
         for word, segs in self.positions.items():
             for seg, pos in segs.items():
@@ -272,12 +307,12 @@ class MapTrace:
 
         Keys ``"<layer>/<timestep>/<word>"`` (and ``".../<word>/<segment>"`` when
         the words are mapped in more than one text segment, SD3), each float32
-        ``[images, h, w]`` at the layer's own resolution, summed over the word's
+        ``[images, h, w]`` (video: ``[images, F, h, w]``) at the layer's own resolution, summed over the word's
         sub-tokens, not normalised. ``<timestep>`` is the scheduler's timestep
         (``"%.10g"``; a repeated timestep gets ``"#1"``, ``"#2"``... in call order).
         The file's metadata ``"fused.maps"`` is JSON: ``layers`` (model order),
         ``timesteps`` (floats, call order), ``timestep_keys``, ``words``,
-        ``segments``, ``images``, ``shape`` (the aggregate's h, w) and
+        ``segments``, ``images``, ``shape`` (the aggregate's h, w; video: F, h, w) and
         ``positions``.
         """
         from safetensors.torch import save_file
@@ -312,12 +347,27 @@ def load_records(path) -> tuple[dict[str, torch.Tensor], dict]:
     return load_file(str(path)), meta
 
 
-def _text_segments(pipe, flux: bool) -> list[tuple]:
-    """(tokenizer, segment name, offset in the denoiser's text sequence) per text segment, in sequence order."""
+def _kind(pipe) -> str:
+    """"unet", "sd3", "flux" or a video family's name ("wan", "cogvideox", "hunyuan_video")."""
     if getattr(pipe, "unet", None) is not None:
+        return "unet"
+    model = getattr(pipe, "transformer", None)
+    if model is None:
+        raise ValueError(f"{type(pipe).__name__}: no UNet or transformer to trace")
+    family = video_family(model)
+    if family is not None:
+        return family.name
+    return "flux" if "Flux" in type(model).__name__ else "sd3"
+
+
+def _text_segments(pipe, kind: str) -> list[tuple]:
+    """(tokenizer, segment name, offset in the denoiser's text sequence) per text segment, in sequence order."""
+    if kind == "unet":
         return [(pipe.tokenizer, "clip", 0)]
-    if flux:  # the transformer's text tokens are T5's; CLIP only gives the pooled vector
+    if kind == "flux":  # the transformer's text tokens are T5's; CLIP only gives the pooled vector
         return [(pipe.tokenizer_2, "t5", 0)]
+    if kind in ("wan", "cogvideox"):  # the transformer attends to T5 tokens only
+        return [(pipe.tokenizer, "t5", 0)]
     segments = [(pipe.tokenizer, "clip", 0)]  # SD3: [CLIP (77) | T5 (max_sequence_length)]
     if getattr(pipe, "tokenizer_3", None) is not None and getattr(pipe, "text_encoder_3", None) is not None:
         clip_len = getattr(pipe, "tokenizer_max_length", None) or pipe.tokenizer.model_max_length
@@ -325,12 +375,81 @@ def _text_segments(pipe, flux: bool) -> list[tuple]:
     return segments
 
 
-def _positions(pipe, prompt: str, words: list[str], occurrence: int | None, flux: bool) -> tuple[dict, dict]:
+def _hunyuan_template(pipe, prompt_template: dict | None) -> dict:
+    module = importlib.import_module(type(pipe).__module__)
+    if "image_emb_len" in (prompt_template or getattr(module, "DEFAULT_PROMPT_TEMPLATE", {})):
+        raise NotImplementedError(f"{type(pipe).__name__}: a prompt template with image tokens (LLaVA) is not "
+                                  "supported by trace")
+    template = prompt_template or getattr(module, "DEFAULT_PROMPT_TEMPLATE", None)
+    if template is None:
+        raise ValueError(f"{type(pipe).__name__}: pass trace(..., prompt_template=) as given to the pipeline")
+    return template
+
+
+def hunyuan_crop_start(tokenizer, template: dict) -> int:
+    """The number of template tokens HunyuanVideo's pipeline crops: ``crop_start``, or, when it is None,
+    the pipeline's own rule (the tokenised template less its last two tokens, ``{}`` and ``<|eot_id|>``)."""
+    crop_start = template.get("crop_start")
+    if crop_start is None:
+        ids = tokenizer(template["template"], padding="max_length", return_tensors="pt", return_length=False,
+                        return_overflowing_tokens=False, return_attention_mask=False)["input_ids"]
+        crop_start = ids.shape[-1] - 2
+    return int(crop_start)
+
+
+def template_token_positions(tokenizer, template: dict, prompt: str, word: str) -> tuple[list[list[int]], int]:
+    """Occurrences of ``word`` in HunyuanVideo's text: positions in the cropped sequence, and its length.
+
+    The pipeline tokenises ``template.format(prompt)`` and drops the first
+    ``crop_start`` tokens (``hunyuan_crop_start``), so a token at index ``i`` of
+    the formatted prompt is text token ``i - crop_start`` of the transformer.
+    A word is every whole-word, case-sensitive occurrence in ``prompt``; its
+    tokens are those whose character offsets overlap it (byte-level BPE merges
+    the leading space into the token, so sub-token matching would miss it).
+    """
+    text = template["template"]
+    prefix = 0  # characters of the formatted template before the prompt
+    for literal, field_name, _, _ in string.Formatter().parse(text):
+        prefix += len(literal)
+        if field_name is not None:
+            break
+    try:
+        enc = tokenizer(text.format(prompt), return_offsets_mapping=True)
+    except NotImplementedError as e:  # a slow tokenizer has no offsets
+        raise ValueError(f"trace needs a fast tokenizer for HunyuanVideo's text positions ({e})") from None
+    crop = hunyuan_crop_start(tokenizer, template)
+    found = []
+    for m in re.finditer(rf"(?<!\w){re.escape(word)}(?!\w)", prompt):
+        lo, hi = prefix + m.start(), prefix + m.end()
+        tokens = [i - crop for i, (a, b) in enumerate(enc["offset_mapping"]) if b > a and a < hi and b > lo]
+        if tokens and tokens[0] >= 0:
+            found.append(tokens)
+    return found, len(enc["input_ids"]) - crop
+
+
+def _positions(pipe, prompt: str, words: list[str], occurrence: int | None, kind: str,
+               prompt_template: dict | None = None) -> tuple[dict, dict]:
     """word -> segment -> joint positions, and segment -> (offset, tokenised prompt length)."""
     positions, info = {}, {}
-    for tokenizer, name, offset in _text_segments(pipe, flux):
+    if kind == "hunyuan_video":  # LLaMA tokens of the prompt template, after the pipeline's crop
+        template = _hunyuan_template(pipe, prompt_template)
         for word in words:
-            found, n_ids = _tokenise(tokenizer, prompt, word)
+            found, n_ids = template_token_positions(pipe.tokenizer, template, prompt, word)
+            info["llama"] = (0, n_ids)
+            if found:
+                positions.setdefault(word, {})["llama"] = _pick(found, occurrence, word, prompt)
+        segments = []
+    else:
+        segments = _text_segments(pipe, kind)
+    if kind == "wan":  # the pipeline tokenises the cleaned prompt (ftfy, HTML entities, whitespace)
+        from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+
+        tokenised = prompt_clean(prompt)
+    else:
+        tokenised = prompt
+    for tokenizer, name, offset in segments:
+        for word in words:
+            found, n_ids = _tokenise(tokenizer, tokenised, word)
             info[name] = (offset, n_ids)
             if found:
                 positions.setdefault(word, {})[name] = [offset + p for p in _pick(found, occurrence, word, prompt)]
@@ -340,9 +459,16 @@ def _positions(pipe, prompt: str, words: list[str], occurrence: int | None, flux
     return {w: positions[w] for w in words}, info
 
 
-def _is_guided(pipe, guided: bool | None) -> bool:
+def _is_guided(pipe, guided: bool | None, kind: str = "unet") -> bool:
     if guided is not None:
         return guided
+    if kind in ("wan", "hunyuan_video"):  # guidance is a separate (unconditional) call, never batched
+        return False
+    if kind == "cogvideox":  # [uncond; cond] when guidance_scale > 1 (no do_classifier_free_guidance)
+        try:
+            return bool(pipe.guidance_scale > 1)
+        except (AttributeError, TypeError):
+            return False
     try:
         return bool(pipe.do_classifier_free_guidance)
     except (AttributeError, TypeError):  # no such property, or read outside a pipeline call
@@ -362,9 +488,10 @@ def _token_grid(sample: torch.Tensor, kwargs: dict) -> tuple[int, int] | None:
 @contextmanager
 def trace(pipe, prompt: str, words: list[str], layers: list[str] | None = None,
           timesteps: tuple[float, float] | None = None, guided: bool | None = None,
-          occurrence: int | None = None, records: bool = False):
-    """Record aggregated maps of ``words`` while ``pipe`` (SD 1.x/2.x, SDXL, SD3 or FLUX) generates ``prompt``.
+          occurrence: int | None = None, records: bool = False, prompt_template: dict | None = None):
+    """Record aggregated maps of ``words`` while ``pipe`` generates ``prompt``.
 
+    Pipelines: SD 1.x/2.x, SDXL, SD3, FLUX, Wan, CogVideoX, HunyuanVideo.
     ``layers``: which attention layers (default all), by exact name, module
     prefix or ``fnmatch`` pattern (``select_layers``) — never by substring;
     ``timesteps``: (low, high) range of the scheduler's timesteps to aggregate
@@ -375,25 +502,35 @@ def trace(pipe, prompt: str, words: list[str], layers: list[str] | None = None,
     docstring); True/False forces [uncond; cond] halves or all rows;
     ``occurrence``: None (default) maps every occurrence of a repeated word,
     an int only that one (0 = first, -1 = last);
-    ``records``: also keep per-layer, per-timestep maps (``tr.save_records(path)``).
+    ``records``: also keep per-layer, per-timestep maps (``tr.save_records(path)``);
+    ``prompt_template``: HunyuanVideo only, the ``prompt_template`` given to the
+    pipeline (default: the pipeline's ``DEFAULT_PROMPT_TEMPLATE``).
     """
-    flux = False
-    if getattr(pipe, "unet", None) is not None:
-        model, processor, kwarg = pipe.unet, FusedAttnProcessor, "cross_attention_kwargs"
-        names = cross_attention_layers(model)
-    elif getattr(pipe, "transformer", None) is not None:
-        model = pipe.transformer
-        flux = "Flux" in type(model).__name__
-        processor = FusedFluxAttnProcessor if flux else FusedJointAttnProcessor
+    kind = _kind(pipe)
+    models = [pipe.unet if kind == "unet" else pipe.transformer]
+    if kind == "unet":
+        processor, kwarg = FusedAttnProcessor, "cross_attention_kwargs"
+        names = cross_attention_layers(models[0])
+    elif kind in ("sd3", "flux"):
+        processor = FusedFluxAttnProcessor if kind == "flux" else FusedJointAttnProcessor
         kwarg = "joint_attention_kwargs"
-        names = [n.removesuffix(".processor") for n in model.attn_processors]
-    else:
-        raise ValueError(f"{type(pipe).__name__}: no UNet or transformer to trace")
+        names = [n.removesuffix(".processor") for n in models[0].attn_processors]
+    else:  # a video transformer; Wan 2.2 also has a low-noise transformer_2
+        processor, kwarg, family = None, "attention_kwargs", video_family(models[0])
+        if getattr(pipe, "transformer_2", None) is not None:
+            models.append(pipe.transformer_2)
+        names = [n for n in (k.removesuffix(".processor") for k in models[0].attn_processors)
+                 if family.installs(n) and family.maps(n)]
     names = select_layers(names, layers)
-    positions, segment_info = _positions(pipe, prompt, words, occurrence, flux)
-    tr = MapTrace(positions, names, timesteps, guided, records, segment_info=segment_info)
-    previous = model.attn_processors
-    attach(model, processor)
+    positions, segment_info = _positions(pipe, prompt, words, occurrence, kind, prompt_template)
+    tr = MapTrace(positions, names, timesteps, guided, records, segment_info=segment_info,
+                  no_end_token=frozenset({"llama"}) if kind == "hunyuan_video" else frozenset())
+    previous = [model.attn_processors for model in models]
+    for model in models:
+        if processor is None:
+            attach_video(model)
+        else:
+            attach(model, processor)
 
     pending: list = []
     last_step: list = [None]
@@ -405,34 +542,39 @@ def trace(pipe, prompt: str, words: list[str], layers: list[str] | None = None,
         last_step[0] = marker
         if kwargs.get("skip_layers") is not None:
             return None  # SD3's skip-layer guidance: a perturbed conditional branch
-        sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
-        t = marker if marker is not None else (args[1] if len(args) > 1 else kwargs["timestep"])
+        inputs = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
+        sample = inputs.get("sample", inputs.get("hidden_states"))
+        t = marker if marker is not None else inputs["timestep"]
         t_value = float(t.flatten()[0]) if torch.is_tensor(t) else float(t)
         if tr.timesteps and not (tr.timesteps[0] <= t_value <= tr.timesteps[1]):
             return None
         batch = sample.shape[0]
-        if _is_guided(pipe, tr.guided):
+        if _is_guided(pipe, tr.guided, kind):
             if batch % 2:
                 raise ValueError(f"classifier-free guidance, but the denoiser's batch of {batch} rows has no "
                                  "[uncond; cond] halves; pass guided=False")
             cond = slice(batch // 2, batch)
         else:
             cond = slice(0, batch)
-        text = kwargs.get("encoder_hidden_states")
+        text = inputs.get("encoder_hidden_states")
         request = tr.request(batch, cond, text_len=None if text is None else text.shape[1])
         kwargs[kwarg] = dict(kwargs.get(kwarg) or {}, map_request=request)
-        pending.append((request, cond, _token_grid(sample, kwargs), t_value))
+        grid = _token_grid(sample, inputs) if processor is not None else video_grid(module, sample)
+        pending.append((request, cond, grid, t_value))
         return args, kwargs
 
     def post_hook(module, args, kwargs, output):
         while pending:
             tr.add(*pending.pop())
 
-    handles = [model.register_forward_pre_hook(pre_hook, with_kwargs=True),
-               model.register_forward_hook(post_hook, with_kwargs=True)]
+    # prepend: the request must be in attention_kwargs before attach_video's hook hands it to the layers
+    handles = [h for model in models for h in (model.register_forward_pre_hook(pre_hook, with_kwargs=True,
+                                                                                 prepend=True),
+                                               model.register_forward_hook(post_hook, with_kwargs=True))]
     try:
         yield tr
     finally:
         for h in handles:
             h.remove()
-        model.set_attn_processor(previous)
+        for model, procs in zip(models, previous):
+            model.set_attn_processor(procs)
