@@ -183,6 +183,7 @@ def model_and_inputs(kind):
 
 MAP_LAYERS = {
     "wan": {"blocks.0.attn2", "blocks.1.attn2"}, "wan_i2v": {"blocks.0.attn2", "blocks.1.attn2"},
+    "wan22": {"blocks.0.attn2", "blocks.1.attn2"},
     "cogvideox": {"transformer_blocks.0.attn1", "transformer_blocks.1.attn1"},
     "hunyuan_video": {"transformer_blocks.0.attn", "single_transformer_blocks.0.attn"},
 }
@@ -274,6 +275,16 @@ def test_unsupported_masks_models_and_templates():
         with fused_maps.trace(HunyuanVideoImageToVideoPipeline(), "a cat", ["cat"]):
             pass
 
+    class MochiTransformer3DModel(torch.nn.Module):  # another video transformer: refused, not taken for SD3
+        pass
+
+    class MochiPipeline:
+        transformer = MochiTransformer3DModel()
+
+    with pytest.raises(ValueError, match="Wan, CogVideoX and HunyuanVideo only"):
+        with fused_maps.trace(MochiPipeline(), "a cat", ["cat"]):
+            pass
+
 
 # ---------------------------------------------------------------- tiny pipelines for trace
 
@@ -330,10 +341,13 @@ def tiny_pipeline(kind):
                            HunyuanVideoPipeline, WanPipeline)
 
     torch.manual_seed(0)
-    if kind == "wan":
+    if kind in ("wan", "wan22"):  # Wan 2.2: a low-noise transformer_2 below the boundary timestep (500 of 1000)
         tok = t5_like_tokenizer()
+        two = dict(transformer_2=tiny_wan(), boundary_ratio=0.6) if kind == "wan22" else {}
+        if two:
+            torch.nn.init.normal_(two["transformer_2"].blocks[0].attn2.to_k.weight)  # not a copy of transformer
         pipe = WanPipeline(tokenizer=tok, text_encoder=tiny_t5(tok), vae=None, transformer=tiny_wan(),
-                           scheduler=FlowMatchEulerDiscreteScheduler())
+                           scheduler=FlowMatchEulerDiscreteScheduler(), **two)
     elif kind == "cogvideox":
         tok = t5_like_tokenizer()
         pipe = CogVideoXPipeline(tokenizer=tok, text_encoder=tiny_t5(tok), vae=None, transformer=tiny_cogvideox(),
@@ -359,11 +373,13 @@ def tiny_pipeline(kind):
 
 
 def run_pipe(pipe, prompt, kind):
-    """Two steps of a 9-frame 32 x 48 clip: latents 3 x 4 x 6, patches 3 x 2 x 3; the text encoder's input ids."""
+    """Two steps of a 9-frame 32 x 48 clip: latents 3 x 4 x 6, patches 3 x 2 x 3; the text encoder's input ids.
+    HunyuanVideo runs true guidance (a negative prompt: a second call per step)."""
     ids = []
     handle = pipe.text_encoder.register_forward_pre_hook(
         lambda m, a, kw: ids.append((a[0] if a else kw["input_ids"])[0].tolist()), with_kwargs=True)
-    extra = dict(prompt_template=HUNYUAN_TEMPLATE) if kind == "hunyuan_video" else {}
+    extra = dict(prompt_template=HUNYUAN_TEMPLATE, true_cfg_scale=2.0, negative_prompt="a dog") \
+        if kind == "hunyuan_video" else {}
     try:
         pipe(prompt, num_inference_steps=2, height=32, width=48, num_frames=9, max_sequence_length=16,
              output_type="latent", generator=torch.Generator().manual_seed(0), **extra)
@@ -375,14 +391,16 @@ def run_pipe(pipe, prompt, kind):
 def reference(pipe, prompt, kind, positions):
     """DAAM aggregate from materialised probabilities of the traced calls: [F, h, w] of the first video, in [0, 1]."""
     calls = []
-    previous = record(pipe.transformer, calls)
+    models = [m for m in (pipe.transformer, getattr(pipe, "transformer_2", None)) if m is not None]
+    previous = [record(model, calls) for model in models]
     try:
         run_pipe(pipe, prompt, kind)
     finally:
-        pipe.transformer.set_attn_processor(previous)
+        for model, procs in zip(models, previous):
+            model.set_attn_processor(procs)
     layers = len(MAP_LAYERS[kind])
     per_call = [calls[i:i + layers] for i in range(0, len(calls), layers)]
-    if kind == "wan":  # guidance: a conditional, then an unconditional call per step; only the first is traced
+    if kind != "cogvideox":  # guidance: a conditional, then an unconditional call per step; only the first is traced
         per_call = per_call[::2]
     row = 1 if kind == "cogvideox" else 0  # CogVideoX batches [uncond; cond]
     assert len(per_call) == 2  # two steps
@@ -390,15 +408,15 @@ def reference(pipe, prompt, kind, positions):
     return (total - total.min()) / (total.max() - total.min())
 
 
-@pytest.mark.parametrize("kind", ["wan", "cogvideox", "hunyuan_video"])
-def test_trace_gives_frame_maps_equal_to_materialised(kind):
+@pytest.mark.parametrize("kind", ["wan", "wan22", "cogvideox", "hunyuan_video"])
+def test_trace_gives_frame_maps_equal_to_materialised(kind, tmp_path):
     pipe = tiny_pipeline(kind)
     prompt = "a&nbsp;photo of a red cat on the beach, a cat" if kind == "wan" else "a photo of a red cat on the beach"
     extra = dict(prompt_template=HUNYUAN_TEMPLATE) if kind == "hunyuan_video" else {}
-    with fused_maps.trace(pipe, prompt, ["cat", "red"], **extra) as tr:
+    with fused_maps.trace(pipe, prompt, ["cat", "red"], records=True, **extra) as tr:
         ids = run_pipe(pipe, prompt, kind)
     segment = "llama" if kind == "hunyuan_video" else "t5"
-    assert set(tr.layers) == MAP_LAYERS[kind] and tr.calls == 2  # Wan's unconditional calls are not traced
+    assert set(tr.layers) == MAP_LAYERS[kind] and tr.calls == 2  # unconditional calls (Wan, Hunyuan) are not
     heat = tr.heatmaps()
     assert tr.shape == (3, 2, 3) and heat["cat"].shape == (3, 2, 3)
     assert heat["cat"].min() == 0 and heat["cat"].max() == 1  # normalised over the whole clip
@@ -413,3 +431,28 @@ def test_trace_gives_frame_maps_equal_to_materialised(kind):
         torch.testing.assert_close(heat[word].double(), reference(pipe, prompt, kind, tr.positions[word][segment]),
                                    **TRACE_TOL)
     assert tr.heatmaps(index=None)["cat"].shape == (1, 3, 2, 3)
+    # records: every layer's [images, F, h, w] per traced call, summing to the aggregate
+    assert len(tr.steps) == 2 and all(e["cat"].shape == (1, 3, 2, 3) for _, step in tr.steps for e in step.values())
+    torch.testing.assert_close(sum(e["cat"] for _, step in tr.steps for e in step.values()), tr.sums["cat"][segment])
+    tr.save_records(tmp_path / "records.safetensors")
+    maps, meta = fused_maps.load_records(tmp_path / "records.safetensors")
+    assert meta["shape"] == [3, 2, 3] and len(maps) == 2 * len(tr.layers) * 2
+
+
+@pytest.mark.parametrize("shift", [0, 3])
+def test_hunyuan_positions_count_from_the_pipelines_crop(shift):
+    """Position rule: index in the tokenised ``template.format(prompt)`` less ``crop_start``; checked against the
+    pipeline's own crop (its attention mask counts the prompt tokens it keeps) with the computed and a given crop."""
+    pipe = tiny_pipeline("hunyuan_video")
+    computed = fused_maps.hunyuan_crop_start(pipe.tokenizer, HUNYUAN_TEMPLATE)
+    template = dict(HUNYUAN_TEMPLATE, crop_start=computed - shift) if shift else HUNYUAN_TEMPLATE
+    prompt = "a red cat, a cat"
+    found, kept = fused_maps.template_token_positions(pipe.tokenizer, template, prompt, "cat")
+    _, _, mask = pipe.encode_prompt(prompt, prompt_template=template, max_sequence_length=32)
+    assert int(mask.sum()) == kept  # the same tokens are kept after the crop
+    ids = pipe.tokenizer(template["template"].format(prompt)).input_ids
+    assert len(found) == 2
+    for occurrence in found:
+        assert pipe.tokenizer.decode([ids[computed - shift + p] for p in occurrence]).strip() == "cat"
+    unshifted, _ = fused_maps.template_token_positions(pipe.tokenizer, HUNYUAN_TEMPLATE, prompt, "cat")
+    assert [[p - shift for p in occ] for occ in found] == unshifted

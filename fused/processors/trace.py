@@ -357,6 +357,9 @@ def _kind(pipe) -> str:
     family = video_family(model)
     if family is not None:
         return family.name
+    if type(model).__name__.endswith("3DModel"):  # another video transformer (LTX, Mochi, Wan VACE, FramePack...)
+        raise ValueError(f"{type(model).__name__}: trace supports the video transformers of Wan, CogVideoX and "
+                         "HunyuanVideo only")
     return "flux" if "Flux" in type(model).__name__ else "sd3"
 
 
@@ -498,8 +501,9 @@ def trace(pipe, prompt: str, words: list[str], layers: list[str] | None = None,
     (``pipe._current_timestep`` where the pipeline sets it, else the
     denoiser's timestep argument);
     ``guided``: None (default) detects classifier-free guidance from
-    ``pipe.do_classifier_free_guidance`` at every call (see the module
-    docstring); True/False forces [uncond; cond] halves or all rows;
+    ``pipe.do_classifier_free_guidance`` at every call (video pipelines: their
+    own rule; see the module docstring); True/False forces [uncond; cond]
+    halves or all rows;
     ``occurrence``: None (default) maps every occurrence of a repeated word,
     an int only that one (0 = first, -1 = last);
     ``records``: also keep per-layer, per-timestep maps (``tr.save_records(path)``);
@@ -542,7 +546,10 @@ def trace(pipe, prompt: str, words: list[str], layers: list[str] | None = None,
         last_step[0] = marker
         if kwargs.get("skip_layers") is not None:
             return None  # SD3's skip-layer guidance: a perturbed conditional branch
-        inputs = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
+        try:  # the call's arguments by name, however they were passed
+            inputs = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
+        except (TypeError, ValueError):
+            inputs = dict(kwargs)
         sample = inputs.get("sample", inputs.get("hidden_states"))
         t = marker if marker is not None else inputs["timestep"]
         t_value = float(t.flatten()[0]) if torch.is_tensor(t) else float(t)
