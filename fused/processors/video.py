@@ -1,4 +1,4 @@
-"""Map-extracting processors for diffusers' video transformers: Wan, CogVideoX, HunyuanVideo.
+"""Map-extracting processors for diffusers' video transformers: Wan, CogVideoX, HunyuanVideo (docs/ops.md §7.2).
 
 Each class is a drop-in for the model's own diffusers processor (same
 projections, norms, rotary embeddings and masks, so the transformer's output
