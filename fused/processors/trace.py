@@ -77,7 +77,8 @@ from .joint import FusedFluxAttnProcessor, FusedJointAttnProcessor
 from .unet import FusedAttnProcessor, MapRequest, attach, cross_attention_layers
 from .video import attach_video, video_family, video_grid
 
-__all__ = ["MapTrace", "trace", "word_token_positions", "select_layers", "load_records"]
+__all__ = ["MapTrace", "trace", "word_token_positions", "select_layers", "load_records", "hunyuan_crop_start",
+           "template_token_positions"]
 
 
 def _tokenise(tokenizer, prompt: str, word: str, max_length: int | None = None) -> tuple[list[list[int]], int]:
