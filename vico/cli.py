@@ -342,9 +342,13 @@ def cmd_eval(args) -> int:
 def _maps_parser(sub) -> None:
     p = sub.add_parser("maps", help="per-word attention heat maps of a generation (DAAM-style)",
                        description="Generate an image and write, per word, its cross-attention heat map "
-                       "summed over layers and timesteps (overlaid on the image) and its Otsu mask. Maps come "
+                       "summed over layers and timesteps (overlaid on the image) and its Otsu mask. For a video "
+                       "pipeline (Wan, CogVideoX, HunyuanVideo) each map has one frame per latent frame: it is "
+                       "written as a strip of its frames side by side (map_WORD.png), an animated GIF "
+                       "(map_WORD.gif) and a mask strip; with a VAE also frames.png and video.gif. Maps come "
                        "from the fused op: no attention matrix is materialised.")
-    p.add_argument("--model", required=True, help="local diffusers pipeline folder (SD 1.x/2.x, SDXL, SD3, FLUX)")
+    p.add_argument("--model", required=True, help="local diffusers pipeline folder: SD 1.x/2.x, SDXL, SD3, FLUX "
+                   "(images) or Wan, CogVideoX, HunyuanVideo (text-to-video)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--words", nargs="+", required=True, help="words of the prompt to map (all their sub-tokens)")
     p.add_argument("--out", required=True, help="output folder")
@@ -356,13 +360,75 @@ def _maps_parser(sub) -> None:
                    help="map only this occurrence of a repeated word (0 = first, -1 = last; default: all)")
     p.add_argument("--height", type=int, default=None, help="image height in pixels (default: the pipeline's)")
     p.add_argument("--width", type=int, default=None, help="image width in pixels (default: the pipeline's)")
+    p.add_argument("--frames", type=int, default=None, help="video pipelines: frames to generate (default: the "
+                   "pipeline's, e.g. 81 for Wan)")
+    p.add_argument("--fps", type=float, default=16.0, help="video pipelines: frame rate of the GIFs (default 16)")
     p.add_argument("--records", action="store_true",
                    help="also write OUT/records.safetensors: every layer's map per timestep and word "
                    "(keys <layer>/<timestep>/<word>; layer names and timesteps in its metadata)")
     p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--guidance", type=float, default=None,
+                   help="guidance scale (default: 7.5 for image pipelines, the pipeline's own for video ones)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
+
+
+# The denoisers `vico maps` traces (fused.maps.trace), by the class model_index.json names: image or video.
+MAP_DENOISERS = {"UNet2DConditionModel": "image", "SD3Transformer2DModel": "image", "FluxTransformer2DModel": "image",
+                 "WanTransformer3DModel": "video", "CogVideoXTransformer3DModel": "video",
+                 "HunyuanVideoTransformer3DModel": "video"}
+MAP_INPUTS = ("image", "video", "mask_image", "control_image")  # call arguments of pipelines that need more than text
+
+
+def _maps_pipeline_kind(path: str) -> str:
+    """"image" or "video" from the folder's model_index.json, before anything is loaded; a pipeline `vico maps`
+    cannot run is a one-line error naming --model."""
+    import inspect
+    import json
+
+    index_file = Path(path) / "model_index.json"
+    if not index_file.is_file():
+        raise UserError(f"--model {path} is not a diffusers pipeline folder (no model_index.json)")
+    try:
+        index = json.loads(index_file.read_text())
+        name = str(index.get("_class_name"))
+    except (ValueError, AttributeError, OSError):
+        raise UserError(f"--model {path}: model_index.json is not a diffusers pipeline index") from None
+    denoiser = next((v[1] for k, v in index.items() if k in ("unet", "transformer") and isinstance(v, list)
+                     and len(v) == 2 and v[1]), None)
+    if denoiser not in MAP_DENOISERS:
+        raise UserError(f"--model {path}: {name} ({denoiser or 'no UNet or transformer'}) is not a pipeline vico "
+                        "maps supports (SD 1.x/2.x, SDXL, SD3, FLUX; Wan, CogVideoX, HunyuanVideo text-to-video)")
+    try:
+        import diffusers
+
+        params = inspect.signature(getattr(diffusers, name).__call__).parameters
+    except (AttributeError, ImportError, TypeError, ValueError):
+        params = {}
+    needs = [p for p in MAP_INPUTS if p in params]
+    if needs:
+        raise UserError(f"--model {path}: {name} needs an input {needs[0]}; vico maps generates from --prompt alone")
+    return MAP_DENOISERS[denoiser]
+
+
+def _words_in_prompt(words: list[str], prompt: str) -> None:
+    """A word that cannot be in the prompt (not even as text, any case) is a one-line error before loading."""
+    import html
+
+    text = " ".join(html.unescape(prompt).lower().split())
+    for word in words:
+        if not word.strip() or " ".join(word.lower().split()) not in text:
+            raise UserError(f"--words: word {word!r} does not occur in the prompt {prompt!r}")
+
+
+def _maps_error(message: str) -> str:
+    """trace's ValueError, prefixed with the argument it is about."""
+    for prefix, option in (("no attention layer matches", "--layers"), ("word ", "--words")):
+        if message.startswith(prefix):
+            if option == "--words" and "occurrence=" in message:
+                option = "--occurrence"
+            return f"{option}: {message}"
+    return message
 
 
 def cmd_maps(args) -> int:
@@ -373,40 +439,67 @@ def cmd_maps(args) -> int:
     import fused
     from fused import maps as fused_maps
 
+    from .model import check_output_folder, load_pipeline
     from .pipeline import heatmap_overlay, image_grid
 
-    from .model import load_pipeline
-
+    _require_positive(args, "steps", "height", "width", "frames")
+    if args.fps <= 0:
+        raise UserError(f"--fps must be positive, got {args.fps:g}")
+    out = check_output_folder(args.out)
+    kind = _maps_pipeline_kind(args.model)
+    if kind == "image" and args.frames is not None:
+        raise UserError(f"--frames applies to video pipelines only; --model {args.model} generates images")
+    _words_in_prompt(args.words, args.prompt)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = load_pipeline(args.model, device)
     # Classifier-free guidance (which rows are traced) is detected from the pipeline during the call.
-    size = {k: v for k, v in (("height", args.height), ("width", args.width)) if v is not None}
+    call = {k: v for k, v in (("height", args.height), ("width", args.width), ("num_frames", args.frames))
+            if v is not None}
+    guidance = args.guidance if args.guidance is not None else 7.5 if kind == "image" else None
+    if guidance is not None:
+        call["guidance_scale"] = guidance
+    decode = kind == "image" or getattr(pipe, "vae", None) is not None  # tiny video pipelines may have no VAE
     try:
         with fused_maps.trace(pipe, args.prompt, args.words, layers=args.layers,
                               timesteps=tuple(args.timesteps) if args.timesteps else None,
                               occurrence=args.occurrence, records=args.records) as tr:
-            image = pipe(args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance, **size,
-                         generator=torch.Generator().manual_seed(args.seed), output_type="np").images[0]
+            result = pipe(args.prompt, num_inference_steps=args.steps, **call,
+                          generator=torch.Generator().manual_seed(args.seed),
+                          output_type="np" if decode else "latent")
     except ValueError as exc:
-        raise UserError(str(exc)) from exc
-    image = (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
-    out = Path(args.out)
+        raise UserError(_maps_error(str(exc))) from exc
     out.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image).save(out / "image.png")
-    tiles = [image]
-    for word, heat in tr.heatmaps().items():
-        overlay = heatmap_overlay(image, heat.numpy())
-        _, mask = fused.otsu_mask(heat.flatten()[None].double())
-        mask_img = np.asarray(Image.fromarray(mask.reshape(heat.shape).numpy().astype(np.uint8) * 255).resize(
-            image.shape[1::-1], Image.Resampling.NEAREST))
-        safe = "".join(ch if ch.isalnum() else "_" for ch in word)
-        Image.fromarray(overlay).save(out / f"map_{safe}.png")
-        Image.fromarray(mask_img).save(out / f"mask_{safe}.png")
-        tiles += [overlay, np.repeat(mask_img[..., None], 3, axis=-1)]
-    Image.fromarray(image_grid(np.stack(tiles), cols=len(tiles))).save(out / "grid.png")
+    heatmaps = tr.heatmaps()
+    if kind == "video":
+        from .video_maps import write_video_maps
+
+        video = None
+        if decode:
+            video = (np.clip(np.asarray(result.frames[0]), 0, 1) * 255).round().astype(np.uint8)
+        else:
+            print(f"vico maps: {type(pipe).__name__} has no VAE, so its latents are not decoded into frames; the "
+                  "maps are drawn on black")
+        write_video_maps(out, heatmaps, pipe, video, args.fps)
+    else:
+        image = (np.clip(result.images[0], 0, 1) * 255).round().astype(np.uint8)
+        Image.fromarray(image).save(out / "image.png")
+        tiles = [image]
+        for word, heat in heatmaps.items():
+            overlay = heatmap_overlay(image, heat.numpy())
+            _, mask = fused.otsu_mask(heat.flatten()[None].double())
+            mask_img = np.asarray(Image.fromarray(mask.reshape(heat.shape).numpy().astype(np.uint8) * 255).resize(
+                image.shape[1::-1], Image.Resampling.NEAREST))
+            safe = "".join(ch if ch.isalnum() else "_" for ch in word)
+            Image.fromarray(overlay).save(out / f"map_{safe}.png")
+            Image.fromarray(mask_img).save(out / f"mask_{safe}.png")
+            tiles += [overlay, np.repeat(mask_img[..., None], 3, axis=-1)]
+        Image.fromarray(image_grid(np.stack(tiles), cols=len(tiles))).save(out / "grid.png")
     if args.records:
         tr.save_records(out / "records.safetensors")
-    print(f"vico maps: {len(tr.heatmaps())} words over {len(tr.layers)} layers and {tr.calls} denoiser calls -> {out}")
+    frames = f", {tr.shape[0]} map frames of {tr.shape[1]}x{tr.shape[2]} patches" if kind == "video" and heatmaps \
+        else ""
+    print(f"vico maps: {len(heatmaps)} words over {len(tr.layers)} layers and {tr.calls} denoiser calls{frames} "
+          f"-> {out}")
     return 0
 
 

@@ -91,13 +91,17 @@ def image_grid(images: np.ndarray, cols: int | None = None) -> np.ndarray:
     return grid
 
 
-def heatmap_overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """Blend a [h, w] map (any range) as a red-yellow heat map over an RGB image."""
+def heatmap_overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.5, normalise: bool = True) -> np.ndarray:
+    """Blend a [h, w] map as a red-yellow heat map over an RGB image (bilinear to the image's size).
+
+    ``normalise``: stretch the map to [0, 1] first (any range); False takes it as
+    already in [0, 1] (a video frame's map, normalised over the whole clip)."""
     import torch.nn.functional as F
 
     H, W, _ = image.shape
     m = torch.as_tensor(heat, dtype=torch.float32)[None, None]
     m = F.interpolate(m, size=(H, W), mode="bilinear", align_corners=False)[0, 0].numpy()
-    m = (m - m.min()) / (m.max() - m.min() + 1e-12)
+    if normalise:
+        m = (m - m.min()) / (m.max() - m.min() + 1e-12)
     colour = np.stack([np.ones_like(m), m, np.zeros_like(m)], -1) * 255
     return (image * (1 - alpha * m[..., None]) + colour * alpha * m[..., None]).astype(np.uint8)
