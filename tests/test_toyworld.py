@@ -228,3 +228,48 @@ def test_texture_survival_reports_every_texture_and_the_shipped_model_keeps_a_se
     assert set(report) == set(world.ALL_TEXTURES)
     assert all(report[t]["novel"] == (t in world.NOVEL_TEXTURES) for t in report)
     assert report["striped"]["0.1"] == 1.0  # a seen texture survives a light img2img pass
+
+
+def test_free_texture_scenes_wear_broad_patterns_under_captions_without_a_texture_word():
+    """Stage 2's free-texture rows: the object wears a broad-family pattern in its own colour's shades, on the
+    scene's plain background, and the caption never says a texture (the vocabulary cannot name the pattern)."""
+    from vico.toyworld import train
+
+    rng = np.random.default_rng(0)
+    x, captions, masks, generic = train.stage2_batch(rng, 32, generic_fraction=0.25, free_texture_fraction=0.5)
+    assert x.shape == (32, 3, 32, 32) and generic.tolist() == [False] * 24 + [True] * 8
+    textures = set(world.ALL_TEXTURES)
+    free, named = captions[:16], captions[16:24]
+    assert not any(w in textures for c in free for w in c.split())
+    assert sum(w in textures for c in named for w in c.split()) >= 2  # the other scenes still name theirs
+    images = ((x.permute(0, 2, 3, 1) + 1) * 127.5).round().numpy()
+    distinct = set()
+    for img, mask in zip(images[:16], masks[:16, 0].bool().numpy()):
+        obj = img[mask]
+
+        def shade_error(colour):  # every pixel is s * colour, s in [0.2, 1]
+            c = np.array(colour, float)
+            s = obj @ c / (c @ c)
+            return abs(obj - s[:, None] * c).max(), s
+
+        err, ratio = min((shade_error(c) for c in world.COLOURS.values()), key=lambda e: e[0])
+        assert err <= 1.0 and ratio.min() >= 0.2 - 0.01 and ratio.max() <= 1 + 0.01
+        bg = img[~mask]
+        assert (bg == bg[0]).all()  # plain background
+        distinct.add(np.round(ratio, 2).tobytes())
+    assert len(distinct) >= 12  # patterns differ from scene to scene
+    # the same rows without the option are the seen textures only
+    x0, c0, _, _ = train.stage2_batch(np.random.default_rng(0), 8)
+    for img, cap in zip(((x0.permute(0, 2, 3, 1) + 1) * 127.5).round().numpy(), c0):
+        assert not any(w in world.NOVEL_TEXTURES for w in cap.split())
+
+
+def test_free_texture_fraction_is_checked_before_training(tmp_path, capsys):
+    from vico.toyworld import train
+
+    for bad in (["--free-texture-fraction", "1.1"], ["--free-texture-fraction", "0.8", "--generic-fraction", "0.5"]):
+        with pytest.raises(SystemExit) as exc:
+            train.main(["--out", str(tmp_path / "x"), *bad])
+        assert exc.value.code == 2
+        assert "--free-texture-fraction must be in" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -73,6 +73,10 @@ TEXT_SLOTS = 8  # supervised token positions per caption
 # at t ~ 100 (``evaluate --survival``). 0 for the shipped model; a 900-step fine-tune at 0.25 (lr 2e-4)
 # did not change that (benchmarks/RESULTS.md), so it is an option, not the default.
 GENERIC_FRACTION = 0.0
+# Share of each stage-2 batch whose object wears a broad-family pattern (``world.free_pattern``) under a
+# caption without a texture word: the denoiser then knows objects can carry any pattern (SD's UNet has
+# seen checkered things) while text still names only ``world.TEXTURES``.
+FREE_TEXTURE_FRACTION = 0.0
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -84,12 +88,19 @@ def generic_batch(rng: np.random.Generator, n: int) -> torch.Tensor:
     return to_tensor(np.stack([world.generic_image(rng) for _ in range(n)]))
 
 
-def scene_batch(rng: np.random.Generator, n: int) -> tuple[torch.Tensor, list[str], torch.Tensor]:
-    """Images, varied captions and true object masks (float [n, 1, 32, 32]) of n base-training scenes."""
-    pairs = [world.training_caption(world.random_scene(rng), rng) for _ in range(n)]
-    scenes = [scene for scene, _ in pairs]
-    masks = torch.from_numpy(np.stack([s.mask() for s in scenes])).float()[:, None]
-    return to_tensor(np.stack([world.render(s) for s in scenes])), [c for _, c in pairs], masks
+def scene_batch(rng: np.random.Generator, n: int, free_textures: int = 0
+                ) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+    """Images, varied captions and true object masks (float [n, 1, 32, 32]) of n base-training scenes;
+    the first ``free_textures`` carry a broad-family pattern (``world.free_pattern``) and a caption
+    without a texture word."""
+    images, captions, masks = [], [], []
+    for i in range(n):
+        free = i < free_textures
+        scene, caption = world.training_caption(world.random_scene(rng), rng, name_texture=not free)
+        images.append(world.render(scene, *world.free_pattern(rng)) if free else world.render(scene))
+        captions.append(caption)
+        masks.append(scene.mask())
+    return to_tensor(np.stack(images)), captions, torch.from_numpy(np.stack(masks)).float()[:, None]
 
 
 def attention_targets(captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,12 +185,14 @@ def export(out: Path, models: dict, scaling: float) -> Path:
     return out / "pipeline"
 
 
-def stage2_batch(rng: np.random.Generator, n: int, generic_fraction: float = GENERIC_FRACTION
+def stage2_batch(rng: np.random.Generator, n: int, generic_fraction: float = GENERIC_FRACTION,
+                 free_texture_fraction: float = FREE_TEXTURE_FRACTION
                  ) -> tuple[torch.Tensor, list[str], torch.Tensor, torch.Tensor]:
-    """Scenes with captions, then ``round(n * generic_fraction)`` broad-family images with the empty
-    caption. Returns images, captions, object masks (zeros for generic rows) and bool [n] "generic"."""
+    """Scenes with captions (``round(n * free_texture_fraction)`` of them with a free pattern and no
+    texture word), then ``round(n * generic_fraction)`` broad-family images with the empty caption.
+    Returns images, captions, object masks (zeros for generic rows) and bool [n] "generic"."""
     g = int(round(n * generic_fraction))
-    x, captions, masks = scene_batch(rng, n - g)
+    x, captions, masks = scene_batch(rng, n - g, int(round(n * free_texture_fraction)))
     if g:
         x = torch.cat([x, generic_batch(rng, g)])
         captions = captions + [""] * g
@@ -189,7 +202,8 @@ def stage2_batch(rng: np.random.Generator, n: int, generic_fraction: float = GEN
 
 def train(out: Path, minutes: float, vae_steps: int, batch: int, checkpoint_every: int, resume: bool,
           seed: int = 0, max_steps: int | None = None, init_from: Path | None = None,
-          generic_fraction: float = GENERIC_FRACTION, unet_lr: float = 5e-4) -> Path | None:
+          generic_fraction: float = GENERIC_FRACTION, unet_lr: float = 5e-4,
+          free_texture_fraction: float = FREE_TEXTURE_FRACTION) -> Path | None:
     """Stage 1 for ``vae_steps`` steps, then stage 2 until ``minutes`` of wall clock (both stages) or ``max_steps``."""
     from tqdm.auto import tqdm
 
@@ -262,7 +276,7 @@ def train(out: Path, minutes: float, vae_steps: int, batch: int, checkpoint_ever
                     progress = (elapsed - unet_start) / max(budget - unet_start, 1.0)
                 for group in opt.param_groups:
                     group["lr"] = cosine_lr(unet_lr, progress)
-                x, captions, masks, generic = stage2_batch(rng, batch, generic_fraction)
+                x, captions, masks, generic = stage2_batch(rng, batch, generic_fraction, free_texture_fraction)
                 with torch.no_grad():
                     latents = vae.encode(x).latent_dist.mean * scaling
                 drop = (torch.rand(batch, generator=gen) < 0.1) | generic
@@ -393,6 +407,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--generic-fraction", type=float, default=GENERIC_FRACTION,
                    help=f"share of each UNet batch from the broad pattern family, uncaptioned (default {GENERIC_FRACTION})")
+    p.add_argument("--free-texture-fraction", type=float, default=FREE_TEXTURE_FRACTION,
+                   help="share of each UNet batch whose object has a broad-family pattern and a caption without "
+                        f"a texture word (default {FREE_TEXTURE_FRACTION})")
     p.add_argument("--unet-lr", type=float, default=5e-4, help="peak UNet/text-encoder lr, cosine decay (default 5e-4)")
     p.add_argument("--init-from", type=Path, metavar="PIPELINE",
                    help="warm start stage 2 from a pipeline folder's weights (e.g. vico/toyworld/model) with a fresh "
@@ -417,8 +434,10 @@ def main(argv=None) -> int:
     save_on_signals()
     if not 0 <= o.generic_fraction < 1:
         p.error(f"--generic-fraction must be in [0, 1), got {o.generic_fraction}")
+    if not 0 <= o.free_texture_fraction <= 1 - o.generic_fraction:
+        p.error(f"--free-texture-fraction must be in [0, 1 - --generic-fraction], got {o.free_texture_fraction}")
     train(o.out, o.minutes, o.vae_steps, o.batch, o.checkpoint_every, o.resume, o.seed, o.max_steps, o.init_from,
-          o.generic_fraction, o.unet_lr)
+          o.generic_fraction, o.unet_lr, o.free_texture_fraction)
     return 0
 
 

@@ -97,17 +97,21 @@ def random_scene(rng: np.random.Generator, held_out: bool = False, texture: str 
                  list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))], cy, cx, r)
 
 
-def training_caption(scene: Scene, rng: np.random.Generator) -> tuple[Scene, str]:
+def training_caption(scene: Scene, rng: np.random.Generator, name_texture: bool = True) -> tuple[Scene, str]:
     """A varied caption of ``scene`` for base training (and the scene, resized when a template names a size).
 
     Half the captions are the full form; the others leave out some of size,
     colour, texture and background, and may be wrapped in one of the prompt
     templates personalization trains with ("a photo of the small {}"), so the
-    model knows those words and what an attribute left unsaid means.
+    model knows those words and what an attribute left unsaid means. With
+    ``name_texture=False`` the texture word is never said (an object whose
+    pattern the vocabulary has no word for).
     """
     if rng.random() < 0.5:
-        return scene, scene.caption()
-    words = [w for w, keep in ((scene.size, 0.5), (scene.colour, 0.7), (scene.texture, 0.6)) if rng.random() < keep]
+        full = scene.caption()
+        return scene, full if name_texture else full.replace(f" {scene.texture} ", " ", 1)
+    words = [w for w, keep in ((scene.size, 0.5), (scene.colour, 0.7), (scene.texture, 0.6 * name_texture))
+             if rng.random() < keep]
     template = "a {}"
     if rng.random() < 0.6:
         templates = _templates()
@@ -138,17 +142,30 @@ def shape_mask(shape: str, cy: int, cx: int, r: int) -> np.ndarray:
     return (yy >= top) & (yy <= bottom) & (abs(xx - cx) <= half)
 
 
-def render(scene: Scene) -> np.ndarray:
-    """uint8 [32, 32, 3]."""
+def render(scene: Scene, pattern: np.ndarray | None = None, shade: float = DARK_SHADE) -> np.ndarray:
+    """uint8 [32, 32, 3]. ``pattern`` (float [32, 32] in [0, 1], 1 = dark) replaces the scene's texture:
+    the object's colour blended toward ``shade`` times itself (``free_pattern``)."""
     img = np.empty((SIZE, SIZE, 3), np.float32)
     img[:] = BACKGROUNDS[scene.background]
     mask = scene.mask()
     colour = np.array(COLOURS[scene.colour], np.float32)
-    yy, xx = np.mgrid[:SIZE, :SIZE]
-    dark = ALL_TEXTURES[scene.texture](yy, xx)
-    fill = np.where(dark[..., None], colour * DARK_SHADE, colour)
+    if pattern is None:
+        yy, xx = np.mgrid[:SIZE, :SIZE]
+        fill = np.where(ALL_TEXTURES[scene.texture](yy, xx)[..., None], colour * DARK_SHADE, colour)
+    else:
+        fill = colour * (1 - (1 - shade) * pattern[..., None])
     img[mask] = fill[mask]
     return img.clip(0, 255).astype(np.uint8)
+
+
+def free_pattern(rng: np.random.Generator) -> tuple[np.ndarray, float]:
+    """A pattern from the broad family (``_generic_pattern``: stripes at any angle and period, checkers of
+    any cell, dots, rings, noise, gradients) and a dark shade in [0.2, 0.6]: what an object looks like in
+    base training when its caption names no texture. The vocabulary has words only for ``TEXTURES``, so
+    the base model can draw patterns like the novel ones (as SD can draw a checker) but no word asks for
+    one: a concept's exact pattern is carried by its images alone."""
+    yy, xx = np.mgrid[:SIZE, :SIZE].astype(float)
+    return _generic_pattern(rng, yy, xx).astype(np.float32), float(rng.uniform(0.2, 0.6))
 
 
 def dataset(n: int, seed: int, held_out: bool = False, texture: str | None = None) -> tuple[np.ndarray, list[Scene]]:
