@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -62,7 +61,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from benchmarks.bench_joint_maps import memory_bytes  # noqa: E402
-from benchmarks.bench_vico_step import default_mem_limit_gb, limit_memory  # noqa: E402
+from benchmarks.bench_vico_step import default_mem_limit_gb, limit_memory, run_child  # noqa: E402
 from fused.benchmark import DTYPES, PeakMemory, paper_maps, time_ms  # noqa: E402
 
 PATHS = ("sdpa", "fused", "materialised")
@@ -152,17 +151,7 @@ def child(opts, layer: Layer, path: str, heads: int, rows: int) -> dict:
     """One measurement in its own process; {"error": ...} when it fails or runs out of memory."""
     cmd = [sys.executable, __file__, "--one", json.dumps(asdict(layer)), "--path", path, "--slice-heads", str(heads),
            "--slice-rows", str(rows), "--device", opts.device, "--dtype", opts.dtype, "--repeat", str(opts.repeat)]
-    if opts.threads:
-        cmd += ["--threads", str(opts.threads)]
-    if opts.mem_limit_gb is not None:
-        cmd += ["--mem-limit-gb", str(opts.mem_limit_gb)]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    lines = res.stdout.strip().splitlines()
-    if res.returncode == 0 and lines:
-        return json.loads(lines[-1])
-    oom = "can't allocate memory" in res.stderr or "MemoryError" in res.stderr or res.returncode in (-9, 137)
-    return dict(error=f"out of memory (limit {opts.mem_limit_gb} GB)" if oom else
-                (res.stderr.strip().splitlines() or ["?"])[-1], stderr_tail=res.stderr[-2000:])
+    return run_child(cmd, opts)
 
 
 def measure_layer(opts, layer: Layer) -> list[dict]:

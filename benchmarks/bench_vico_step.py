@@ -168,20 +168,27 @@ def child(opts, processor: str, phase: str, latent: int) -> dict:
     cmd = [sys.executable, __file__, "--one", processor, "--phase", phase, "--model", opts.model,
            "--latent", str(latent), "--repeat", str(opts.repeat), "--device", opts.device, "--dtype", opts.dtype,
            "--reference-stop", opts.reference_stop]
+    row = run_child(cmd, opts)
+    if "error" not in row:
+        return {**{k: v for k, v in row.items() if not k.startswith(phase + "_")}, "phase": phase,
+                "ms": row[f"{phase}_ms"], "peak_mb": row[f"{phase}_peak_mb"], "extra_mb": row[f"{phase}_extra_mb"]}
+    return dict(processor=processor, phase=phase, latent=latent, **row)
+
+
+def run_child(cmd: list[str], opts) -> dict:
+    """Run one measurement process (``opts.threads`` and ``opts.mem_limit_gb`` passed on); its last stdout line as
+    JSON, or ``{"error", "returncode", "stderr_tail"}`` when it fails or runs out of memory."""
     if opts.threads:
-        cmd += ["--threads", str(opts.threads)]
+        cmd = cmd + ["--threads", str(opts.threads)]
     if opts.mem_limit_gb is not None:
-        cmd += ["--mem-limit-gb", str(opts.mem_limit_gb)]
+        cmd = cmd + ["--mem-limit-gb", str(opts.mem_limit_gb)]
     res = subprocess.run(cmd, capture_output=True, text=True)
     lines = res.stdout.strip().splitlines()
     if res.returncode == 0 and lines:
-        row = json.loads(lines[-1])
-        return {**{k: v for k, v in row.items() if not k.startswith(phase + "_")}, "phase": phase,
-                "ms": row[f"{phase}_ms"], "peak_mb": row[f"{phase}_peak_mb"], "extra_mb": row[f"{phase}_extra_mb"]}
+        return json.loads(lines[-1])
     oom = "can't allocate memory" in res.stderr or "MemoryError" in res.stderr or res.returncode in (-9, 137)
     error = f"out of memory (limit {opts.mem_limit_gb} GB)" if oom else (res.stderr.strip().splitlines() or ["?"])[-1]
-    return dict(processor=processor, phase=phase, latent=latent, error=error, returncode=res.returncode,
-                stderr_tail=res.stderr[-2000:])
+    return dict(error=error, returncode=res.returncode, stderr_tail=res.stderr[-2000:])
 
 
 def default_mem_limit_gb() -> float | None:

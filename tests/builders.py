@@ -194,3 +194,16 @@ def save_tiny_flux_pipeline(path: str | Path, seed: int = 0) -> Path:
     path = Path(path)
     pipe.save_pretrained(path)
     return path
+
+
+def t5_like_tokenizer():
+    """A word-level tokenizer like T5's: another vocabulary order than CLIP's, no BOS, '</s>' appended."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["<pad>", "</s>", "<unk>"] + list(reversed(WORDS)))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+                                   model_max_length=512)

@@ -129,19 +129,6 @@ def traced(pipe, prompt, words, run=None, **trace_kw):
 # ---------------------------------------------------------------- pipelines
 
 
-def t5_like_tokenizer():
-    """A word-level tokenizer like T5's: another vocabulary order, no BOS, '</s>' appended."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {t: i for i, t in enumerate(["<pad>", "</s>", "<unk>"] + list(reversed(tiny.WORDS)))}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-                                   model_max_length=512)
-
-
 def _ready(pipe):
     """Built in memory, the modules are in training mode (T5's dropout): evaluation mode, like from_pretrained."""
     for module in pipe.components.values():
@@ -173,7 +160,7 @@ def sd3_t5():
     from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(0)
-    tok, t5_tok = tiny.make_tokenizer(), t5_like_tokenizer()
+    tok, t5_tok = tiny.make_tokenizer(), tiny.t5_like_tokenizer()
 
     def clip():
         return tiny.tiny_clip_text_encoder(tok, num_hidden_layers=1)
@@ -197,7 +184,7 @@ def flux_t5():
     from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(0)
-    tok, t5_tok = tiny.make_tokenizer(), t5_like_tokenizer()
+    tok, t5_tok = tiny.make_tokenizer(), tiny.t5_like_tokenizer()
     pipe = FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(), vae=_vae(),
         text_encoder=tiny.tiny_clip_text_encoder(tok, num_hidden_layers=1, with_projection=False),

@@ -30,7 +30,8 @@ ARGS = ["--prompt", PROMPT, "--steps", "2", "--height", str(H), "--width", str(W
 def save_tiny_wan(path, vae: bool):
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
 
-    from tests.test_video_processors import t5_like_tokenizer, tiny_t5, tiny_wan
+    from tests.builders import t5_like_tokenizer
+    from tests.test_video_processors import tiny_t5, tiny_wan
 
     torch.manual_seed(0)
     tok = t5_like_tokenizer()

@@ -206,19 +206,6 @@ def report(name, r, diff, n, agg_r, agg_diff, bound):
 # ---------------------------------------------------------------- pipelines (tiny, built here)
 
 
-def t5_like_tokenizer():
-    """A word-level T5-like tokenizer: another vocabulary order than CLIP's, no BOS, '</s>' appended."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {t: i for i, t in enumerate(["<pad>", "</s>", "<unk>"] + list(reversed(tiny.WORDS)))}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-                                   model_max_length=512)
-
-
 @pytest.fixture(scope="module")
 def sd(model_dir):  # noqa: F811
     return load_pipeline(model_dir)
@@ -264,7 +251,7 @@ def test_sd3_matches_peer(sd3_dir, with_t5):
     pipe = load_pipeline(sd3_dir)  # the builder's folder has no T5: text_encoder_3 = tokenizer_3 = None
     if with_t5:
         torch.manual_seed(0)
-        tok3 = t5_like_tokenizer()
+        tok3 = tiny.t5_like_tokenizer()
         pipe.tokenizer_3, pipe.text_encoder_3 = tok3, T5EncoderModel(T5Config(
             vocab_size=len(tok3), d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2)).eval()
     prompt, words = "a photo of a red cat", ["cat", "red"]
@@ -316,7 +303,7 @@ def test_wan_matches_peer():
     from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(0)
-    tok = t5_like_tokenizer()
+    tok = tiny.t5_like_tokenizer()
     pipe = WanPipeline(
         tokenizer=tok,
         text_encoder=T5EncoderModel(T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=32, num_layers=1,

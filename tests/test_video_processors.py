@@ -289,19 +289,6 @@ def test_unsupported_masks_models_and_templates():
 # ---------------------------------------------------------------- tiny pipelines for trace
 
 
-def t5_like_tokenizer():
-    """A word-level tokenizer like T5's: no BOS, '</s>' appended, its own vocabulary order."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {t: i for i, t in enumerate(["<pad>", "</s>", "<unk>"] + list(reversed(tiny.WORDS)))}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-                                   model_max_length=512)
-
-
 HUNYUAN_TEMPLATE = {  # HunyuanVideo's template shape, with a short system prompt; crop_start by the pipeline's rule
     "template": ("<|start_header_id|>system<|end_header_id|>\n\nDescribe the video: the objects, their colour and "
                  "the background.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|>"),
@@ -342,14 +329,14 @@ def tiny_pipeline(kind):
 
     torch.manual_seed(0)
     if kind in ("wan", "wan22"):  # Wan 2.2: a low-noise transformer_2 below the boundary timestep (500 of 1000)
-        tok = t5_like_tokenizer()
+        tok = tiny.t5_like_tokenizer()
         two = dict(transformer_2=tiny_wan(), boundary_ratio=0.6) if kind == "wan22" else {}
         if two:
             torch.nn.init.normal_(two["transformer_2"].blocks[0].attn2.to_k.weight)  # not a copy of transformer
         pipe = WanPipeline(tokenizer=tok, text_encoder=tiny_t5(tok), vae=None, transformer=tiny_wan(),
                            scheduler=FlowMatchEulerDiscreteScheduler(), **two)
     elif kind == "cogvideox":
-        tok = t5_like_tokenizer()
+        tok = tiny.t5_like_tokenizer()
         pipe = CogVideoXPipeline(tokenizer=tok, text_encoder=tiny_t5(tok), vae=None, transformer=tiny_cogvideox(),
                                  scheduler=CogVideoXDDIMScheduler())
     else:
