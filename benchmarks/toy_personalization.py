@@ -31,7 +31,7 @@ def plot(rows: list[dict], path: Path) -> bool:
         return False
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for method in benchmark.METHODS:
-        for setting, marker in zip(benchmark.SETTINGS, "osD^vP"):
+        for setting, marker in zip(benchmark.SETTINGS, "osD^vP*Xhp"):
             pts = [r for r in rows if r["method"] == method and r["setting"] == setting]
             if not pts:
                 continue

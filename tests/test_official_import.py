@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vico import cli
-from vico.image_attention import _decoder_transformers, default_image_attention_layers
+from vico.image_attention import decoder_transformers, default_image_attention_layers
 from vico.methods import load_method
 from vico.methods.base import read_concept_meta
 from vico.model import load_components
@@ -73,7 +73,7 @@ def run(*argv):
     return cli.main([str(a) for a in argv])
 
 
-def test_ldm_output_block_index_of_sd15_decoder_transformers():
+def test_ldm_output_block_index_of_sd15decoder_transformers():
     # SD 1.5 (layers_per_block 2): ViCo's four blocks sit in LDM output_blocks 4, 6, 8, 10
     assert [ldm_output_block(n, 2) for n in ("up_blocks.1.attentions.1", "up_blocks.2.attentions.0",
                                              "up_blocks.2.attentions.2", "up_blocks.3.attentions.1")] == [4, 6, 8, 10]
@@ -137,7 +137,7 @@ def test_import_refuses_code_and_foreign_files_in_one_line(model_dir, tmp_path, 
         err = capsys.readouterr().err
         assert code == 2 and message in err and "Traceback" not in err, (message, err)
     assert not marker.exists() and not (tmp_path / "o" / "concept.json").exists()
-    assert _decoder_transformers(comps.unet)  # the tiny UNet has decoder transformers to map onto
+    assert decoder_transformers(comps.unet)  # the tiny UNet has decoder transformers to map onto
 
 
 # --- CatVersion and AttnDreamBooth -------------------------------------------------------------------------------

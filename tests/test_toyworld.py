@@ -167,6 +167,28 @@ def test_long_setting_doubles_each_methods_default():
     assert benchmark.method_steps("attndreambooth", "long") * 3 == 2 * get_method("attndreambooth").default_steps
 
 
+def test_ablation_settings_for_lr_and_block_placement():
+    from pathlib import Path
+
+    from vico.image_attention import default_image_attention_layers, inject_image_attention
+    from vico.toyworld import benchmark, demo
+
+    x10 = benchmark.SETTINGS["toy, image lr x10"]("vico")["learning_rates"]
+    assert x10["image"] == 10 * demo.TOY_RECIPES["vico"]["learning_rates"]["image"] == 1e-2
+    assert x10["embedding"] == demo.TOY_RECIPES["vico"]["learning_rates"]["embedding"]
+    every = benchmark.SETTINGS["toy, blocks in every decoder layer"]
+    assert every("textual-inversion") is None and every("vico")["layers"] == benchmark.EVERY_DECODER_LAYER
+    model = Path(__file__).resolve().parents[1] / "vico" / "toyworld" / "model"
+    names = benchmark.decoder_layers(model)
+    assert names == [f"up_blocks.{i}.attentions.{j}" for i in range(2) for j in range(2)]
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(model / "unet"))
+    assert default_image_attention_layers(unet) == names[1::2]  # the default: every second one
+    assert len(inject_image_attention(unet, names)) == 4  # every name is a real spatial transformer
+
+
 def test_trace_mask_iou_on_a_model(barely_trained_model):
     from vico.toyworld import evaluate
 

@@ -120,7 +120,8 @@ def image_block_sources(unet: nn.Module, layers: list[str]) -> list[str]:
             if isinstance(b, (ImageCrossAttention, ImageBlockRepeat))]
 
 
-def _decoder_transformers(unet: nn.Module) -> list[str]:
+def decoder_transformers(unet: nn.Module) -> list[str]:
+    """Names of every spatial transformer of the decoder (``up_blocks.i.attentions.j``), in forward order."""
     names = []
     for i, block in enumerate(getattr(unet, "up_blocks", [])):
         for j, _ in enumerate(getattr(block, "attentions", None) or []):
@@ -134,7 +135,7 @@ def default_image_attention_layers(unet: nn.Module) -> list[str]:
     For SD 1.x/2.x that is ``up_blocks.1.attentions.1``, ``up_blocks.2.attentions.0``,
     ``up_blocks.2.attentions.2`` and ``up_blocks.3.attentions.1``.
     """
-    return _decoder_transformers(unet)[1::2]
+    return decoder_transformers(unet)[1::2]
 
 
 def inject_image_attention(unet: nn.Module, layers: list[str] | None = None) -> nn.ModuleDict:

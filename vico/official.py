@@ -93,7 +93,7 @@ def official_blocks(data: dict, path: Path, layers_per_block: int, decoder: list
 def import_vico(model: str | Path, embeddings: str | Path, cross_attention: str | Path, out: str | Path,
                 placeholder: str = "S*", init_word: str = "object", official_token: str | None = None) -> Path:
     """Write a ViCo concept folder in ``out`` from the official code's two files, on base model ``model``."""
-    from .image_attention import _decoder_transformers
+    from .image_attention import decoder_transformers
     from .methods.base import MethodConfig
     from .methods.vico import ViCo
     from .model import check_output_folder, load_components
@@ -104,7 +104,7 @@ def import_vico(model: str | Path, embeddings: str | Path, cross_attention: str 
     vec = official_embedding(emb_data, Path(embeddings), official_token)
     comps = load_components(model)
     blocks = official_blocks(ca_data, Path(cross_attention), int(comps.unet.config.layers_per_block),
-                             _decoder_transformers(comps.unet))
+                             decoder_transformers(comps.unet))
     dim = comps.text_encoder.get_input_embeddings().weight.shape[1]
     if vec.shape[1] != dim:
         raise UserError(f"{embeddings}: the learned vector has {vec.shape[1]} dims, this text encoder {dim} "

@@ -9,7 +9,8 @@ Otsu object mask with the true mask. Settings (``SETTINGS``): each method's
 official defaults, a longer run (``LONG_FACTOR`` times the steps), the toy
 world's recipe (``demo.TOY_RECIPES``: the demo's batch, steps and learning
 rates, for the methods that have one) and ViCo ablations of that recipe
-(official image lr, embedding frozen, no regulariser; 4x the steps for both). Results are appended to
+(official image lr, 10x the toy image lr, image blocks in every decoder layer, embedding frozen,
+no regulariser; 4x the steps for both). Results are appended to
 ``OUT/benchmark.json`` after every row, and finished rows are not recomputed on
 a rerun (the command resumes).
 """
@@ -19,12 +20,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from .demo import CONCEPTS, TOY_RECIPES, TOY_STEPS, Concept, concept_scenes, reference_mask_iou, sample_and_score, summary, \
     write_concept_images
 
 METHODS = ("vico", "textual-inversion", "attndreambooth", "catversion")
 LONG_FACTOR = 2
-FROZEN_LR = 1e-12  # "embedding frozen": AdamW steps of ~1e-12 leave it where "init_word" put it
+FROZEN_LR = 1e-12
+EVERY_DECODER_LAYER = "every decoder layer"  # resolved per model by ``decoder_layers``  # "embedding frozen": AdamW steps of ~1e-12 leave it where "init_word" put it
 
 
 def method_steps(method: str, setting: str) -> int | None:
@@ -63,7 +67,20 @@ SETTINGS = {
     "toy, official image lr": _vico_only(lambda m: _toy(m, learning_rates={"image": 1e-5})),
     "toy, embedding frozen": _vico_only(lambda m: _toy(m, learning_rates={"embedding": FROZEN_LR})),
     "toy, no regulariser": _vico_only(lambda m: _toy(m, extra={"reg_weight": 0.0})),
+    "toy, image lr x10": _vico_only(lambda m: _toy(m, learning_rates={"image": 10 * TOY_RECIPES[m]["learning_rates"]["image"]})),
+    "toy, blocks in every decoder layer": _vico_only(lambda m: _toy(m, layers=EVERY_DECODER_LAYER)),
 }
+
+
+def decoder_layers(model: Path) -> list[str]:
+    """Names of every spatial transformer in the decoder of ``model``'s UNet (built on the meta device)."""
+    from diffusers import UNet2DConditionModel
+
+    from ..image_attention import decoder_transformers
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(Path(model) / "unet"))
+    return decoder_transformers(unet)
 
 
 def slug(concept: Concept) -> str:
@@ -87,6 +104,8 @@ def run(model: Path, out: Path, concepts=CONCEPTS, methods=METHODS, settings=("d
                 overrides = SETTINGS[setting](method)
                 if overrides is None or (concept.name, method, setting) in done:
                     continue
+                if overrides.get("layers") == EVERY_DECODER_LAYER:
+                    overrides = dict(overrides, layers=decoder_layers(model))
                 run_dir = out / slug(concept) / f"{method}-{setting.replace(', ', '-').replace(' ', '-')}"
                 train(TrainConfig(model=str(model), images=str(out / slug(concept) / "images"), out=str(run_dir),
                                   method=method, init_word=concept.shape, progress=not quiet,
