@@ -69,6 +69,8 @@ SETTINGS = {
     "toy, no regulariser": _vico_only(lambda m: _toy(m, extra={"reg_weight": 0.0})),
     "toy, image lr x10": _vico_only(lambda m: _toy(m, learning_rates={"image": 10 * TOY_RECIPES[m]["learning_rates"]["image"]})),
     "toy, blocks in every decoder layer": _vico_only(lambda m: _toy(m, layers=EVERY_DECODER_LAYER)),
+    "toy, 4x steps, blocks in every decoder layer": _vico_only(
+        lambda m: _toy(m, steps=4 * TOY_STEPS[m], layers=EVERY_DECODER_LAYER)),
 }
 
 
