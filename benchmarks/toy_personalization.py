@@ -12,6 +12,7 @@ already there are kept) and, when matplotlib is installed, OUT/benchmark.png
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from pathlib import Path
 
@@ -31,7 +32,7 @@ def plot(rows: list[dict], path: Path) -> bool:
         return False
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for method in benchmark.METHODS:
-        for setting, marker in zip(benchmark.SETTINGS, "osD^vP*Xhp"):
+        for setting, marker in zip(benchmark.SETTINGS, itertools.cycle("osD^vP*Xhp")):
             pts = [r for r in rows if r["method"] == method and r["setting"] == setting]
             if not pts:
                 continue

@@ -73,7 +73,7 @@ def run(*argv):
     return cli.main([str(a) for a in argv])
 
 
-def test_ldm_output_block_index_of_sd15decoder_transformers():
+def test_ldm_output_block_index_of_sd15_decoder_transformers():
     # SD 1.5 (layers_per_block 2): ViCo's four blocks sit in LDM output_blocks 4, 6, 8, 10
     assert [ldm_output_block(n, 2) for n in ("up_blocks.1.attentions.1", "up_blocks.2.attentions.0",
                                              "up_blocks.2.attentions.2", "up_blocks.3.attentions.1")] == [4, 6, 8, 10]

@@ -10,7 +10,7 @@ official defaults, a longer run (``LONG_FACTOR`` times the steps), the toy
 world's recipe (``demo.TOY_RECIPES``: the demo's batch, steps and learning
 rates, for the methods that have one) and ViCo ablations of that recipe
 (official image lr, 10x the toy image lr, image blocks in every decoder layer, embedding frozen,
-no regulariser; 4x the steps for both). Results are appended to
+no regulariser; 4x the steps for both methods, and for ViCo with blocks in every decoder layer). Results are appended to
 ``OUT/benchmark.json`` after every row, and finished rows are not recomputed on
 a rerun (the command resumes).
 """
@@ -27,8 +27,8 @@ from .demo import CONCEPTS, TOY_RECIPES, TOY_STEPS, Concept, concept_scenes, ref
 
 METHODS = ("vico", "textual-inversion", "attndreambooth", "catversion")
 LONG_FACTOR = 2
-FROZEN_LR = 1e-12
-EVERY_DECODER_LAYER = "every decoder layer"  # resolved per model by ``decoder_layers``  # "embedding frozen": AdamW steps of ~1e-12 leave it where "init_word" put it
+FROZEN_LR = 1e-12  # "embedding frozen": AdamW steps of ~1e-12 leave it where "init_word" put it
+EVERY_DECODER_LAYER = "every decoder layer"  # resolved per model by ``decoder_layers``
 
 
 def method_steps(method: str, setting: str) -> int | None:
