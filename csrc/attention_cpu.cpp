@@ -526,6 +526,43 @@ void check_saved(const at::Tensor& q, const at::Tensor& out, const at::Tensor& l
   check_like_q(lse, "lse", q, {q.size(0), q.size(1), q.size(2)});
 }
 
+// Torch's own CPU flash kernel gives out and lse at SDPA's speed; the chosen
+// columns' probabilities then need only a second dot over the T chosen keys,
+// p = exp(scale * q.k_t - lse). That recomputed score rounds differently from
+// the ones lse was summed from, by about eps * |score| (one fp32 step is 5e-4 at
+// |score| ~ 5000), so this route is taken only when Cauchy-Schwarz bounds every
+// score, scale * |q_i| * |k_j|, so that eps * bound stays within the rounding
+// budget (about 1e-5 in p for float32 at a bound of 256; float64 always passes at
+// realistic sizes). Otherwise the tiles keep maps and lse from the same scores
+// (docs/ops.md §2.4).
+constexpr double kSecondDotRoundingBudget = 3e-5;
+
+bool second_dot_is_exact_enough(const at::Tensor& q, const at::Tensor& k, double scale) {
+  // FUSED_CPU_MAPS_ROUTE=tiles forces the tiles (so tests check both routes at any scale).
+  const char* route = std::getenv("FUSED_CPU_MAPS_ROUTE");
+  if (route != nullptr && std::string(route) == "tiles") return false;
+  const double eps = q.scalar_type() == at::kDouble ? std::numeric_limits<double>::epsilon()
+                                                    : static_cast<double>(std::numeric_limits<float>::epsilon());
+  const at::Tensor q_norm = at::linalg_vector_norm(q, 2, {-1}).amax(-1);  // [B, H]
+  const at::Tensor k_norm = at::linalg_vector_norm(k, 2, {-1}).amax(-1);
+  const double bound = std::abs(scale) * (q_norm * k_norm).max().item<double>();
+  return std::isfinite(bound) && bound * eps <= kSecondDotRoundingBudget;  // NaN/inf inputs take the tiles
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_with_maps(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& idx, double scale,
+    bool head_mean) {
+  auto [out, lse] = at::_scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, false, std::nullopt, scale);
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(3), T = idx.size(1);
+  const at::Tensor wanted = idx.ge(0);                                             // [B, T]
+  const at::Tensor rows = idx.clamp_min(0).view({B, 1, T, 1}).expand({B, H, T, D});
+  const at::Tensor k_t = k.gather(2, rows);                                         // [B, H, T, D]
+  at::Tensor p = at::matmul(q, k_t.transpose(-1, -2)).mul_(scale).sub_(lse.unsqueeze(-1)).exp_();  // [B, H, N, T]
+  p.mul_(wanted.view({B, 1, 1, T}).to(p.scalar_type()));                            // slot -1: no map
+  at::Tensor maps = head_mean ? p.mean(1).transpose(1, 2).contiguous() : p.transpose(2, 3).contiguous();
+  return {out.contiguous(), maps, lse.contiguous()};
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_with_maps(
@@ -535,6 +572,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_with_maps(
   check_index(token_index, q_in, k_in);
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
   const at::Tensor idx = token_index.contiguous();
+  if (second_dot_is_exact_enough(q, k, scale)) return flash_attention_with_maps(q, k, v, idx, scale, head_mean);
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), T = idx.size(1);
   at::Tensor out = at::empty_like(q);
   at::Tensor lse = at::empty({B, H, N}, q.options());

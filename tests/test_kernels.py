@@ -254,6 +254,44 @@ def test_fp32_maps_at_large_scores_come_from_the_softmax_scores(cpu_backend):
     assert float((maps.double() - want).abs().max()) < 1e-4
 
 
+def _ran_torch_flash(fn) -> bool:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return any(e.key == "aten::_scaled_dot_product_flash_attention_for_cpu" for e in prof.key_averages())
+
+
+@pytest.mark.parametrize("route", ["auto", "tiles"])
+@pytest.mark.parametrize("head_reduce", ["mean", "none"])
+def test_cpp_maps_both_routes_match_the_reference(cpp_backend, monkeypatch, route, head_reduce):
+    """The C++ maps op runs torch's CPU flash kernel plus a second dot over the chosen keys
+    where a Cauchy-Schwarz bound on the scores keeps that dot's rounding in budget, and its
+    own tiles otherwise (docs/ops.md §2.4); FUSED_CPU_MAPS_ROUTE=tiles forces the tiles.
+    Either way: float64 forward and gradients within TOL of the reference, -1 slots zero;
+    the profiler shows which route ran, and scale-100 float32 scores never take the flash one."""
+    monkeypatch.setenv("FUSED_CPU_MAPS_ROUTE", route)
+    B, H, N, L, D = 2, 3, 300, 77, 16
+    q, k, v = _qkv(B, H, N, L, D, torch.float64)
+    idx = torch.tensor([[0, L - 1, -1, 3], [5, -1, 5, 40]])
+
+    def fused_fn(q, k, v):
+        return fused.cross_attention_with_maps(q, k, v, idx, head_reduce=head_reduce, backend=cpp_backend)
+
+    def ref_fn(q, k, v):
+        return reference.attention_with_maps(q, k, v, idx, D ** -0.5, head_reduce)
+
+    cot = [rand(*o.shape, dtype=torch.float64, seed=40 + i) for i, o in enumerate(ref_fn(q, k, v))]
+    got, got_g = _grads(fused_fn, (q, k, v), cot)
+    want, want_g = _grads(ref_fn, (q, k, v), cot)
+    for a, b in zip(got + got_g, want + want_g):
+        torch.testing.assert_close(a, b, **TOL[torch.float64])
+    assert not got[1][0, ..., 2, :].any() if head_reduce == "none" else not got[1][0, 2].any()
+    with torch.no_grad():
+        assert _ran_torch_flash(lambda: fused_fn(q, k, v)) == (route == "auto")
+        big = [t.float() for t in (q, k, v)]
+        assert not _ran_torch_flash(lambda: fused.cross_attention_with_maps(*big, idx, scale=100.0,
+                                                                            backend=cpp_backend))
+
+
 @pytest.mark.parametrize("share", [0.3, 0.7, 0.9])
 def test_cpp_masked_attention_on_the_visible_keys_only(cpp_backend, share):
     """The C++ op runs on each row's visible keys gathered together when every row sees
