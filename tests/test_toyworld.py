@@ -177,9 +177,10 @@ def test_ablation_settings_for_lr_and_block_placement():
     assert x10["image"] == 10 * demo.TOY_RECIPES["vico"]["learning_rates"]["image"] == 1e-2
     assert x10["embedding"] == demo.TOY_RECIPES["vico"]["learning_rates"]["embedding"]
     every = benchmark.SETTINGS["toy, blocks in every decoder layer"]
-    assert every("textual-inversion") is None and every("vico")["layers"] == benchmark.EVERY_DECODER_LAYER
+    assert every("textual-inversion") is None and every("vico")["layers"] == demo.EVERY_DECODER_LAYER
     model = Path(__file__).resolve().parents[1] / "vico" / "toyworld" / "model"
-    names = benchmark.decoder_layers(model)
+    names = demo.decoder_layers(model)
+    assert demo.for_model({"layers": demo.EVERY_DECODER_LAYER}, model) == {"layers": names}
     assert names == [f"up_blocks.{i}.attentions.{j}" for i in range(2) for j in range(2)]
     from diffusers import UNet2DConditionModel
 

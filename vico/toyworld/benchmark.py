@@ -20,15 +20,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
-from .demo import CONCEPTS, TOY_RECIPES, TOY_STEPS, Concept, concept_scenes, reference_mask_iou, sample_and_score, summary, \
-    write_concept_images
+from .demo import CONCEPTS, EVERY_DECODER_LAYER, TOY_RECIPES, TOY_STEPS, Concept, concept_scenes, for_model, \
+    reference_mask_iou, sample_and_score, summary, write_concept_images
 
 METHODS = ("vico", "textual-inversion", "attndreambooth", "catversion")
 LONG_FACTOR = 2
 FROZEN_LR = 1e-12  # "embedding frozen": AdamW steps of ~1e-12 leave it where "init_word" put it
-EVERY_DECODER_LAYER = "every decoder layer"  # resolved per model by ``decoder_layers``
 
 
 def method_steps(method: str, setting: str) -> int | None:
@@ -74,17 +71,6 @@ SETTINGS = {
 }
 
 
-def decoder_layers(model: Path) -> list[str]:
-    """Names of every spatial transformer in the decoder of ``model``'s UNet (built on the meta device)."""
-    from diffusers import UNet2DConditionModel
-
-    from ..image_attention import decoder_transformers
-
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(Path(model) / "unet"))
-    return decoder_transformers(unet)
-
-
 def slug(concept: Concept) -> str:
     return concept.name.replace(" ", "-")
 
@@ -106,8 +92,7 @@ def run(model: Path, out: Path, concepts=CONCEPTS, methods=METHODS, settings=("d
                 overrides = SETTINGS[setting](method)
                 if overrides is None or (concept.name, method, setting) in done:
                     continue
-                if overrides.get("layers") == EVERY_DECODER_LAYER:
-                    overrides = dict(overrides, layers=decoder_layers(model))
+                overrides = for_model(overrides, model)
                 run_dir = out / slug(concept) / f"{method}-{setting.replace(', ', '-').replace(' ', '-')}"
                 train(TrainConfig(model=str(model), images=str(out / slug(concept) / "images"), out=str(run_dir),
                                   method=method, init_word=concept.shape, progress=not quiet,

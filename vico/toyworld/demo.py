@@ -54,6 +54,26 @@ TOY_RECIPES: dict[str, dict] = {
     "vico": dict(batch_size=4, scale_lr=False, learning_rates={"embedding": 1e-3, "image": 1e-3}),
 }
 
+EVERY_DECODER_LAYER = "every decoder layer"  # a recipe's "layers" value, resolved per model by ``for_model``
+
+
+def decoder_layers(model: Path) -> list[str]:
+    """Names of every spatial transformer in the decoder of ``model``'s UNet (built on the meta device)."""
+    from diffusers import UNet2DConditionModel
+
+    from ..image_attention import decoder_transformers
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(Path(model) / "unet"))
+    return decoder_transformers(unet)
+
+
+def for_model(recipe: dict, model: Path) -> dict:
+    """``recipe`` (TrainConfig overrides) with a symbolic ``layers`` resolved against ``model``'s UNet."""
+    if recipe.get("layers") == EVERY_DECODER_LAYER:
+        return dict(recipe, layers=decoder_layers(model))
+    return recipe
+
 
 def concept_scenes(concept: Concept, n: int = 5, seed: int = 7) -> list[world.Scene]:
     """n scenes of the concept at different sizes, positions and backgrounds."""
@@ -162,7 +182,7 @@ def run(model: Path, out: Path, steps: int | None = VICO_STEPS, ti_steps: int | 
         t0 = time.perf_counter()
         train(TrainConfig(model=str(model), images=str(out / "images"), out=str(out / method), method=method,
                           init_word=CONCEPT.shape, steps=method_steps, progress=not quiet,
-                          checkpoint_every=10**9, **TOY_RECIPES[method]))
+                          checkpoint_every=10**9, **for_model(TOY_RECIPES[method], model)))
         train_s = time.perf_counter() - t0
         pipe = ViCoPipeline.from_pretrained(model, out / method)
         reference = pipe.default_reference(out / "images") if pipe.method.needs_reference else None
