@@ -424,8 +424,9 @@ def test_demo_help_describes_what_it_runs(capsys):
                    "OUT/grid.png", "OUT/metrics.json", "--model PATH --images DIR", "local Stable Diffusion"):
         assert phrase in text, phrase
     assert "random" not in text and "default cat" not in text
-    assert f"default: {demo.VICO_STEPS} at batch {demo.TOY_RECIPES['vico']['batch_size']} on the toy model" in text
-    assert demo.VICO_STEPS == demo.TI_STEPS and {r["batch_size"] for r in demo.TOY_RECIPES.values()} == {4}
+    assert (f"default on the toy model: {demo.VICO_STEPS} for ViCo, {demo.TI_STEPS} for Textual Inversion, batch "
+            f"{demo.TOY_RECIPES['vico']['batch_size']}") in text
+    assert {r["batch_size"] for r in demo.TOY_RECIPES.values()} == {4}
     assert cli.DEMO_MARKER == getattr(demo, "MARKER", cli.DEMO_MARKER)
 
 

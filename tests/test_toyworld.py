@@ -176,8 +176,13 @@ def test_ablation_settings_for_lr_and_block_placement():
     x10 = benchmark.SETTINGS["toy, image lr x10"]("vico")["learning_rates"]
     assert x10["image"] == 10 * demo.TOY_RECIPES["vico"]["learning_rates"]["image"] == 1e-2
     assert x10["embedding"] == demo.TOY_RECIPES["vico"]["learning_rates"]["embedding"]
-    every = benchmark.SETTINGS["toy, blocks in every decoder layer"]
-    assert every("textual-inversion") is None and every("vico")["layers"] == demo.EVERY_DECODER_LAYER
+    assert demo.TOY_RECIPES["vico"]["layers"] == demo.EVERY_DECODER_LAYER  # the toy recipe: every one
+    assert benchmark.SETTINGS["toy"]("vico")["layers"] == demo.EVERY_DECODER_LAYER
+    second = benchmark.SETTINGS["toy, blocks in every second decoder layer"]
+    assert second("textual-inversion") is None and second("vico")["layers"] is None  # None: the method's default
+    quarter = benchmark.SETTINGS["toy, 1/4 steps"]
+    assert [quarter(m)["steps"] for m in ("vico", "textual-inversion")] == [
+        demo.VICO_STEPS // 4, demo.TI_STEPS // 4]
     model = Path(__file__).resolve().parents[1] / "vico" / "toyworld" / "model"
     names = demo.decoder_layers(model)
     assert demo.for_model({"layers": demo.EVERY_DECODER_LAYER}, model) == {"layers": names}

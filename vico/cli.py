@@ -97,7 +97,7 @@ def _demo_parser(sub) -> None:
                        "maps and masks). Running it again with the same --out replaces its own previous output "
                        f"there (a folder marked by {DEMO_MARKER}); a non-empty folder it did not write is refused.")
     p.add_argument("--out", default="vico-demo", help="output folder (default vico-demo)")
-    p.add_argument("--steps", type=int, help="training steps (default: 300 at batch 4 on the toy model, 30 with --model)")
+    p.add_argument("--steps", type=int, help="training steps of both methods (default on the toy model: 800 for ViCo, 300 for Textual Inversion, batch 4; 30 with --model)")
     p.add_argument("--sample-steps", type=int, default=20, help="DDIM steps (default 20)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     own = p.add_argument_group("a local Stable Diffusion folder instead of the toy world (all with --model)")
