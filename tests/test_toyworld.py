@@ -28,6 +28,8 @@ def test_checker_reads_generator_images_exactly(texture):
     imgs, scenes = world.dataset(60, seed=0, texture=texture)
     acc = checker.accuracy(imgs, scenes)
     assert acc == {"background": 1.0, "colour": 1.0, "shape": 1.0, "texture": 1.0, "size": 1.0}
+    asked = [s.shape for s in scenes]
+    assert checker.confusion(imgs, scenes, "shape") == {k: {k: asked.count(k)} for k in set(asked)}
     held, hs = world.dataset(20, seed=2, held_out=True, texture=texture)
     assert min(checker.accuracy(held, hs).values()) == 1.0
     for img, scene in zip(imgs, scenes):  # the object mask it reads is the true one
@@ -81,7 +83,11 @@ def test_training_resumes_to_the_same_weights_and_exports_a_pipeline(tmp_path):
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
     report = evaluate.evaluate(path, n=2, cfgs=(3.0,), steps=2)
     assert set(report) == {"seen@cfg3", "held_out@cfg3"}
-    assert set(report["seen@cfg3"]) == {"background", "colour", "shape", "texture", "size"}
+    assert set(report["seen@cfg3"]) == {"background", "colour", "shape", "texture", "size", "shape_read_as"}
+    read_as = report["seen@cfg3"]["shape_read_as"]
+    assert sum(sum(row.values()) for row in read_as.values()) == 2 and set(read_as) <= set(world.SHAPES)
+    hits = sum(row.get(asked, 0) for asked, row in read_as.items())
+    assert hits / 2 == report["seen@cfg3"]["shape"]  # the confusion's diagonal is the accuracy
 
 
 @pytest.fixture(scope="module")

@@ -167,6 +167,16 @@ def accuracy(images: np.ndarray, scenes) -> dict[str, float]:
     return {k: hits[k] / len(scenes) for k in ATTRIBUTES}
 
 
+def confusion(images: np.ndarray, scenes, attribute: str) -> dict[str, dict[str, int]]:
+    """For one attribute: asked value -> {value read back: count}, to see which value a model misses."""
+    table: dict[str, dict[str, int]] = {}
+    for img, scene in zip(images, scenes):
+        row = table.setdefault(str(getattr(scene, attribute)), {})
+        got = str(read(img)[attribute])
+        row[got] = row.get(got, 0) + 1
+    return table
+
+
 def iou(a: np.ndarray, b: np.ndarray) -> float:
     """Intersection over union of two bool masks of the same shape (1.0 when both are empty)."""
     union = np.logical_or(a, b).sum()

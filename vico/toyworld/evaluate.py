@@ -33,7 +33,8 @@ def evaluate(model: str | Path, n: int = 24, cfgs=(5.0,), steps: int = 30, seed:
                           height=world.SIZE, width=world.SIZE, output_type="np",
                           generator=torch.Generator().manual_seed(seed)).images
             images = (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
-            report[f"{'held_out' if held_out else 'seen'}@cfg{cfg:g}"] = checker.accuracy(images, scenes)
+            report[f"{'held_out' if held_out else 'seen'}@cfg{cfg:g}"] = dict(
+                checker.accuracy(images, scenes), shape_read_as=checker.confusion(images, scenes, "shape"))
     return report
 
 
@@ -179,6 +180,10 @@ def main(argv=None) -> int:
     print("| set @ guidance | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys))
     for name, acc in report.items():
         print(f"| {name} | " + " | ".join(f"{acc[k]:.2f}" for k in keys) + " |")
+    for name, acc in report.items():  # which shape a model misses
+        print(f"{name} shape asked -> read: " + "; ".join(
+            f"{asked} -> " + ", ".join(f"{got} {n}" for got, n in sorted(row.items())) for asked, row in
+            sorted(acc["shape_read_as"].items())))
     if o.vae:
         from ..model import load_pipeline
 
