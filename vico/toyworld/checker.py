@@ -7,7 +7,8 @@ texture cell can be close to a dark background), its extent comes from the
 pixels with at least two object neighbours (stray pixels do not inflate it),
 gaps of up to 4 px (dark texture bands lost in noise) are closed,
 colour is the nearest palette entry to the bright quarter of the object's
-pixels, and shape the fill ratio and taper of that extent.
+pixels, and shape the taper of that extent (triangle) and whether its box or the
+box's inscribed ellipse fits it better (square or circle).
 
 Texture is read by template matching against every texture of the world
 (``world.ALL_TEXTURES``, the novel ones included): each pattern, at every
@@ -129,6 +130,21 @@ def read_texture(image: np.ndarray, fg: np.ndarray) -> str:
     return best
 
 
+# The object's mask is compared with the two templates its bounding box allows: the box itself (IoU = fill) and
+# the inscribed ellipse. A fixed fill threshold lost squares whose corners a denoiser softens by a pixel (a small
+# square loses ~15% of its box); the ellipse's IoU drops with them. Sharp small circles come within +0.011 of a
+# square (pixelation), hence the margin.
+SQUARE_MARGIN = 0.02
+
+
+def _ellipse_iou(inside: np.ndarray) -> float:
+    """IoU of a bool mask cropped to its bounding box with the ellipse inscribed in that box."""
+    h, w = inside.shape
+    yy, xx = np.mgrid[0:h, 0:w]
+    ellipse = ((yy + 0.5 - h / 2) / (h / 2)) ** 2 + ((xx + 0.5 - w / 2) / (w / 2)) ** 2 <= 1
+    return float((inside & ellipse).sum() / max((inside | ellipse).sum(), 1))
+
+
 def read(image: np.ndarray) -> dict[str, str | None]:
     img = image.astype(np.float32)
     background = _nearest(np.median(_border(img), axis=0), BACKGROUNDS)
@@ -145,7 +161,7 @@ def read(image: np.ndarray) -> dict[str, str | None]:
     if taper < 0.6:  # narrow top, wide bottom
         shape = "triangle"
     else:
-        shape = "square" if fill > 0.93 else "circle"  # circles fill 0.66-0.87 of their (trimmed) box
+        shape = "square" if fill - _ellipse_iou(inside) > SQUARE_MARGIN else "circle"
     pixels = img[core]
     brightness = pixels.sum(-1)
     bright = pixels[brightness >= np.percentile(brightness, 75)]  # the lit colour, not a texture's shade
