@@ -45,18 +45,34 @@ def test_checker_is_robust_to_sample_noise(texture):
     assert acc["shape"] >= 0.9 and acc["size"] >= 0.95
 
 
+def _soften(imgs: np.ndarray, weight: float) -> np.ndarray:
+    """Each image blended ``weight`` of the way to its 3x3 box blur (edge-padded), uint8."""
+    f = imgs.astype(np.float32)
+    pad = np.pad(f, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
+    box = sum(pad[:, dy:dy + f.shape[1], dx:dx + f.shape[2]] for dy in range(3) for dx in range(3)) / 9
+    return ((1 - weight) * f + weight * box).round().astype(np.uint8)
+
+
 @pytest.mark.parametrize("texture", ["solid", "striped", "dotted"])
 def test_checker_reads_soft_edged_squares_and_circles(texture):
     """A denoiser softens edges and rounds corners by a pixel: a fixed fill threshold (> 0.93 of the box) read
     7 of 17 base-model squares as circles. Blend each generator image half with its 3x3 box blur."""
     imgs, scenes = world.dataset(120, seed=4, texture=texture)
-    f = imgs.astype(np.float32)
-    pad = np.pad(f, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
-    box = sum(pad[:, dy:dy + f.shape[1], dx:dx + f.shape[2]] for dy in range(3) for dx in range(3)) / 9
-    soft = (0.5 * f + 0.5 * box).round().astype(np.uint8)
+    soft = _soften(imgs, 0.5)
     for shape in ("square", "circle"):
         read = [checker.read(img)["shape"] for img, s in zip(soft, scenes) if s.shape == shape]
         assert len(read) >= 20 and read.count(shape) / len(read) >= 0.95, (shape, read)
+
+
+@pytest.mark.parametrize("texture", list(world.ALL_TEXTURES))
+def test_checker_reads_colour_and_size_through_blurred_edges(texture):
+    """A decoder blurs edges by a pixel: on a white background the blended rim is the object's brightest part
+    (the old "bright quarter of all object pixels" read red as yellow, 0.80 of the time), and the rim plus
+    the restored circle tips moved the extent past thresholds set on the checker's own tip-trimmed masks
+    (size 0.84). A full 3x3 box blur of each generator image (which erases textures, so only colour and size)."""
+    imgs, scenes = world.dataset(120, seed=4, texture=texture)
+    acc = checker.accuracy(_soften(imgs, 1.0), scenes)
+    assert acc["colour"] >= 0.97 and acc["size"] >= 0.97, acc
 
 
 def test_checker_reads_a_texture_added_to_the_world(monkeypatch):
@@ -102,6 +118,27 @@ def test_training_resumes_to_the_same_weights_and_exports_a_pipeline(tmp_path):
     assert sum(sum(row.values()) for row in read_as.values()) == 2 and set(read_as) <= set(world.SHAPES)
     hits = sum(row.get(asked, 0) for asked, row in read_as.items())
     assert hits / 2 == report["seen@cfg3"]["shape"]  # the confusion's diagonal is the accuracy
+
+
+def test_decoder_finetune_of_a_pipeline_keeps_its_encoder_and_other_parts(tmp_path):
+    """Stage 3 from an exported pipeline (the shipped model has no training checkpoint): only the decoder moves,
+    so the UNet's latents stay valid, and the result loads as a pipeline."""
+    from diffusers import AutoencoderKL
+    from safetensors.torch import load_file
+
+    from vico.model import load_pipeline
+    from vico.toyworld import demo, train
+
+    shipped = demo.shipped_model()
+    assert train.main(["--out", str(tmp_path), "--finetune-decoder", "2", "--batch", "2",
+                       "--init-from", str(shipped)]) == 0
+    before = AutoencoderKL.from_pretrained(shipped, subfolder="vae").state_dict()
+    after = load_pipeline(tmp_path / "pipeline").vae.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all(k.startswith(("decoder.", "post_quant_conv.")) for k in moved)
+    assert set(load_file(tmp_path / train.DECODER_FILE)) >= moved
+    unet = "unet/diffusion_pytorch_model.safetensors"
+    assert (tmp_path / "pipeline" / unet).read_bytes() == (shipped / unet).read_bytes()
 
 
 @pytest.fixture(scope="module")

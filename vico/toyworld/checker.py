@@ -7,7 +7,9 @@ texture cell can be close to a dark background), its extent comes from the
 pixels with at least two object neighbours (stray pixels do not inflate it),
 gaps of up to 4 px (dark texture bands lost in noise) are closed,
 colour is the nearest palette entry to the bright quarter of the object's
-pixels, and shape the taper of that extent (triangle) and whether its box or the
+interior pixels (two rings in from the edge, where no background blends in),
+size its extent against the midpoints of the world's small and large extents,
+and shape the taper of that extent (triangle) and whether its box or the
 box's inscribed ellipse fits it better (square or circle).
 
 Texture is read by template matching against every texture of the world
@@ -102,11 +104,25 @@ def object_mask(image: np.ndarray) -> np.ndarray:
     return fg & (_neighbours(fg) >= 2)  # drop isolated noise pixels
 
 
+def _interior(mask: np.ndarray, depth: int = 2, min_pixels: int = 12) -> np.ndarray:
+    """``mask`` less its outer ``depth`` rings (fewer when that would leave under ``min_pixels``).
+
+    An edge pixel is a blend of object and background (a decoder's softening, a
+    denoiser's halo): on a white background it is brighter than the object's lit
+    colour, so reading colour or texture from it mixes the background in.
+    """
+    inner = mask
+    for _ in range(depth):
+        eroded = inner & (_neighbours(inner) == 4)
+        if eroded.sum() < min_pixels:
+            break
+        inner = eroded
+    return inner
+
+
 def read_texture(image: np.ndarray, fg: np.ndarray) -> str:
     """The world texture that best explains the brightness pattern inside ``fg`` ("solid" when none does)."""
-    inner = fg & (_neighbours(fg) == 4)  # away from the edge, where background blends in
-    if inner.sum() < 12:
-        inner = fg
+    inner = _interior(fg, depth=1)  # away from the edge, where background blends in
     brightness = image.astype(np.float32).sum(-1)[inner]
     if brightness.std() < 1e-6:
         return "solid"
@@ -162,14 +178,17 @@ def read(image: np.ndarray) -> dict[str, str | None]:
         shape = "triangle"
     else:
         shape = "square" if fill - _ellipse_iou(inside) > SQUARE_MARGIN else "circle"
-    pixels = img[core]
+    pixels = img[_interior(core)]
     brightness = pixels.sum(-1)
     bright = pixels[brightness >= np.percentile(brightness, 75)]  # the lit colour, not a texture's shade
     colour = _nearest(np.median(bright, axis=0), COLOURS)
     texture = read_texture(image, core)
-    # extent (max - min of the core) between the largest small (r = 8) and smallest large (r = 10) object
+    # extent (max - min of the core) at the midpoint between the true extents of the largest small (r = 8) and the
+    # smallest large (r = 10) object: circle and triangle 16 | 20, square 12 | 16 (above 14). Thresholds set on
+    # the checker's own masks (which trim a circle's one-pixel tips) sat a pixel low, and a decoder that restores
+    # the tips or adds a rim read small objects as large.
     extent = max(y1 - y0, x1 - x0)
-    size = "large" if extent >= {"circle": 16, "square": 14, "triangle": 17}[shape] else "small"
+    size = "large" if extent >= {"circle": 18, "square": 15, "triangle": 18}[shape] else "small"
     return {"background": background, "colour": colour, "shape": shape, "texture": texture, "size": size}
 
 

@@ -324,21 +324,30 @@ def train(out: Path, minutes: float, vae_steps: int, batch: int, checkpoint_ever
 DECODER_FILE = "decoder.safetensors"  # a fine-tuned VAE decoder (stage 3), used by every later export
 
 
-def finetune_decoder(out: Path, steps: int, batch: int = 32, seed: int = 1, lr: float = 3e-4) -> Path:
+def finetune_decoder(out: Path, steps: int, batch: int = 32, seed: int = 1, lr: float = 3e-4,
+                     pipeline: Path | None = None) -> Path:
     """Stage 3, any time after stage 1: sharpen the VAE's decoder with the encoder frozen.
 
     The latents the UNet learns from come from the frozen encoder, so this can
     run beside stage 2 (or after it) without invalidating it, as SD's released
     decoder fine-tunes did. Trains on the same broad family with L1 + MSE on the
     posterior mean's decoding; resumes from ``OUT/decoder.safetensors`` and
-    writes it atomically every 50 steps.
+    writes it atomically every 50 steps. With ``pipeline`` (an exported
+    pipeline folder, e.g. the shipped model) the VAE starts from that folder's
+    instead of OUT's checkpoint, and OUT/pipeline is written at the end: a copy
+    of it with the fine-tuned decoder.
     """
     from safetensors.torch import load_file, save_file
     from tqdm.auto import tqdm
 
-    st = load_checkpoint(out)
     vae = make_models()["vae"]
-    vae.load_state_dict(st["vae"])
+    if pipeline is not None:
+        from diffusers import AutoencoderKL
+
+        vae.load_state_dict(AutoencoderKL.from_pretrained(pipeline, subfolder="vae").state_dict())
+    else:
+        vae.load_state_dict(load_checkpoint(out)["vae"])
+    out.mkdir(parents=True, exist_ok=True)
     if (out / DECODER_FILE).is_file():
         vae.load_state_dict(load_file(out / DECODER_FILE), strict=False)
     decoder = [p for n, p in vae.named_parameters() if n.startswith(("decoder.", "post_quant_conv."))]
@@ -370,7 +379,28 @@ def finetune_decoder(out: Path, steps: int, batch: int = 32, seed: int = 1, lr: 
         save()
         raise
     save()
+    if pipeline is not None:
+        return export_with_decoder(pipeline, out / DECODER_FILE, out / "pipeline")
     return out / DECODER_FILE
+
+
+def export_with_decoder(pipeline: Path, decoder: Path, to: Path) -> Path:
+    """A copy of the pipeline folder ``pipeline`` at ``to`` whose VAE decoder is ``decoder``'s (encoder untouched)."""
+    import shutil
+
+    from diffusers import AutoencoderKL
+    from safetensors.torch import load_file
+
+    vae = AutoencoderKL.from_pretrained(pipeline, subfolder="vae")
+    vae.load_state_dict(load_file(decoder), strict=False)
+    tmp = to.with_name(to.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(pipeline, tmp)
+    vae.save_pretrained(tmp / "vae")
+    shutil.rmtree(to, ignore_errors=True)
+    tmp.rename(to)
+    print(f"toyworld: {pipeline} with the fine-tuned decoder -> {to}", file=sys.stderr)
+    return to
 
 
 def load_models(out: Path, st: dict) -> dict:
@@ -415,8 +445,9 @@ def main(argv=None) -> int:
                    help="warm start stage 2 from a pipeline folder's weights (e.g. vico/toyworld/model) with a fresh "
                         "optimizer, instead of training from scratch")
     p.add_argument("--finetune-decoder", type=int, metavar="STEPS",
-                   help="stage 3: fine-tune the VAE decoder of OUT's checkpoint for STEPS steps (beside or after "
-                        "stage 2; later exports use it) and exit")
+                   help="stage 3: fine-tune the VAE decoder of OUT's checkpoint (or, with --init-from, of that "
+                        "pipeline folder, then written as OUT/pipeline) for STEPS steps (beside or after stage 2; "
+                        "later exports use it) and exit")
     p.add_argument("--export-only", type=Path, metavar="DIR",
                    help="write the latest checkpoint's pipeline under DIR/pipeline and exit (no training)")
     o = p.parse_args(argv)
@@ -424,7 +455,7 @@ def main(argv=None) -> int:
         from ..training import save_on_signals
 
         save_on_signals()
-        finetune_decoder(o.out, o.finetune_decoder, batch=o.batch)
+        finetune_decoder(o.out, o.finetune_decoder, batch=o.batch, pipeline=o.init_from)
         return 0
     if o.export_only:
         export_checkpoint(o.out, o.export_only)
