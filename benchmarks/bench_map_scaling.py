@@ -45,6 +45,13 @@ whose formula exceeds the memory guard (``--mem-limit-gb`` on CPU, 80% of the
 GPU's memory on CUDA) is not run (its row says so); each CPU child's address
 space is capped at that guard (as bench_vico_step.py does).
 
+Time overhead, paired: the best-of times above come from separate processes,
+and on a busy machine they differ by more than a few percent for reasons of
+their own. So each layer also runs ``--pairs`` rounds of SDPA then fused, back
+to back in one process on the same slice; the table gives the median of
+fused / SDPA - 1 over the rounds and its quartiles (the number to compare
+with a 10% budget).
+
 Writes map_scaling.json, map_scaling.md and, with matplotlib, map_scaling.png.
 """
 
@@ -147,10 +154,29 @@ def run_one(layer: Layer, path: str, heads: int, rows: int, device: str, dtype: 
                 threads=torch.get_num_threads())
 
 
+def run_paired(layer: Layer, heads: int, rows: int, device: str, dtype: torch.dtype, rounds: int) -> dict:
+    """The fused op's extra time over SDPA from ``rounds`` back-to-back pairs (SDPA then fused, same inputs, one
+    process): per round fused / sdpa - 1, then the median and quartiles. Best-of times of two separate processes
+    differ by more than a small overhead when anything else runs on the machine; a pair shares its noise."""
+    q, k, v, index = inputs(layer, heads, rows, device, dtype)
+    fns = variants(q, k, v, index)
+    sdpa, fused_fn = fns["sdpa"], fns["fused"]
+    sdpa(), fused_fn()  # warm-up
+    ratios = []
+    for _ in range(rounds):
+        a = time_ms(sdpa, device, 1, warmup=0)[0]
+        b = time_ms(fused_fn, device, 1, warmup=0)[0]
+        ratios.append(b / a - 1)
+    ratios.sort()
+    n = len(ratios)
+    return dict(paired_extra=ratios[n // 2], paired_q1=ratios[n // 4], paired_q3=ratios[(3 * n) // 4], rounds=n)
+
+
 def child(opts, layer: Layer, path: str, heads: int, rows: int) -> dict:
     """One measurement in its own process; {"error": ...} when it fails or runs out of memory."""
     cmd = [sys.executable, __file__, "--one", json.dumps(asdict(layer)), "--path", path, "--slice-heads", str(heads),
-           "--slice-rows", str(rows), "--device", opts.device, "--dtype", opts.dtype, "--repeat", str(opts.repeat)]
+           "--slice-rows", str(rows), "--device", opts.device, "--dtype", opts.dtype, "--repeat", str(opts.repeat),
+           "--pairs", str(opts.pairs)]
     return run_child(cmd, opts)
 
 
@@ -182,7 +208,13 @@ def measure_layer(opts, layer: Layer) -> list[dict]:
         print(f"  {layer.label} {path}: " + (row["error"] if "error" in row else
                                               f"{row['best_ms']:.1f} ms, {row['peak_mb']:.1f} MB on the slice"),
               file=sys.stderr, flush=True)
-    base = out[0]
+    base, fused_row = out[0], out[1]
+    if opts.pairs and "error" not in base and "error" not in fused_row:
+        paired = child(opts, layer, "paired", heads, rows)
+        if "error" in paired:  # the fused row itself ran: keep it, say why the pairs did not
+            fused_row["paired_error"] = paired["error"]
+        else:
+            fused_row.update(paired)
     for row in out[1:]:
         if "error" not in row and "error" not in base:
             row["extra_layer_ms"] = row["layer_ms"] - base["layer_ms"]
@@ -193,6 +225,13 @@ def measure_layer(opts, layer: Layer) -> list[dict]:
 
 def _f(value, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
+
+
+def _paired(row: dict) -> str:
+    if "paired_extra" not in row:
+        return row.get("paired_error", "-")
+    return (f"{100 * row['paired_extra']:+.1f}% [{100 * row['paired_q1']:+.1f}%, {100 * row['paired_q3']:+.1f}%] "
+            f"of {row['rounds']}")
 
 
 def format_tables(rows: list[dict], opts) -> str:
@@ -216,8 +255,9 @@ def format_tables(rows: list[dict], opts) -> str:
     lines += ["", f"**The whole layer**: time {how} (slice ms x heads / slice heads x rows / slice rows); memory "
               "the formula (measured where the slice is the whole layer); extra = over SDPA", "",
               "| layer | heads | queries x keys | SDPA ms | fused ms | fused extra ms | materialised ms | "
-              "materialised extra ms | fused extra MB | materialised extra MB | materialised / fused extra MB |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "materialised extra ms | fused extra MB | materialised extra MB | materialised / fused extra MB | "
+              "fused extra time, paired rounds: median [quartiles] |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     by_layer: dict[str, dict[str, dict]] = {}
     for r in rows:
         by_layer.setdefault(r["layer"], {})[r["path"]] = r
@@ -229,7 +269,7 @@ def format_tables(rows: list[dict], opts) -> str:
                      f"{_f(f.get('layer_ms'), '.0f')} | {_f(f.get('extra_layer_ms'), '+.0f')} | "
                      f"{_f(m.get('layer_ms'), '.0f')} | {_f(m.get('extra_layer_ms'), '+.0f')} | "
                      f"{_f(f.get('extra_layer_mb'), '.1f')}{mem} | {_f(m.get('extra_layer_mb'), '.0f')}{mem} | "
-                     f"{_f(ratio, '.0f')}x |")
+                     f"{_f(ratio, '.0f')}x | {_paired(f)} |")
     return "\n".join(lines)
 
 
@@ -282,6 +322,9 @@ def main(argv=None) -> int:
     p.add_argument("--slice-rows", type=int,
                    help="query rows per measured slice (default: 4096 on CPU, all on CUDA; 0 = all)")
     p.add_argument("--repeat", type=int, default=3, help="timed calls after a warm-up (best of N)")
+    p.add_argument("--pairs", type=int, default=21,
+                   help="rounds of back-to-back SDPA/fused calls in one process for the fused extra time "
+                        "(median and quartiles of fused/SDPA - 1; 0: skip)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="default bf16 on CUDA, fp32 on CPU")
     p.add_argument("--threads", type=int, help="torch.set_num_threads in each child (default: torch's)")
@@ -290,7 +333,7 @@ def main(argv=None) -> int:
                         "space may grow by this much (default: 80%% of MemAvailable; 0: no limit)")
     p.add_argument("--out", type=Path, default=Path("map-scaling"), help="folder for map_scaling.json/.md/.png")
     p.add_argument("--one", help=argparse.SUPPRESS)
-    p.add_argument("--path", choices=PATHS, help=argparse.SUPPRESS)
+    p.add_argument("--path", choices=PATHS + ("paired",), help=argparse.SUPPRESS)
     opts = p.parse_args(argv)
     cpu = opts.device != "cuda"
     opts.dtype = opts.dtype or ("fp32" if cpu else "bf16")
@@ -301,7 +344,7 @@ def main(argv=None) -> int:
     if opts.slice_rows is None:
         opts.slice_rows = (256 if opts.quick else 4096) if cpu else 0
     if opts.quick:
-        opts.repeat = 1
+        opts.repeat, opts.pairs = 1, min(opts.pairs, 3)
     if opts.mem_limit_gb == 0:
         opts.mem_limit_gb = None
     if opts.threads:
@@ -310,6 +353,10 @@ def main(argv=None) -> int:
         if cpu:
             limit_memory(opts.mem_limit_gb)
         layer = Layer(**json.loads(opts.one))
+        if opts.path == "paired":
+            print(json.dumps(run_paired(layer, opts.slice_heads, opts.slice_rows, opts.device, DTYPES[opts.dtype],
+                                        opts.pairs)))
+            return 0
         print(json.dumps(run_one(layer, opts.path, opts.slice_heads, opts.slice_rows, opts.device,
                                  DTYPES[opts.dtype], opts.repeat)))
         return 0

@@ -42,16 +42,31 @@ def test_formula_matches_the_flux_projection():
 
 
 def test_a_tiny_sweep_writes_tables_and_plots(monkeypatch, tmp_path):
-    opts = argparse.Namespace(slice_heads=1, slice_rows=16, mem_limit_gb=None, device="cpu", dtype="fp32", repeat=1)
-    monkeypatch.setattr(bench, "child", lambda opts, layer, path, heads, rows: bench.run_one(
-        layer, path, heads, rows, "cpu", torch.float32, 1))
+    opts = argparse.Namespace(slice_heads=1, slice_rows=16, mem_limit_gb=None, device="cpu", dtype="fp32", repeat=1,
+                              pairs=3)
+
+    def here(opts, layer, path, heads, rows):
+        if path == "paired":
+            return bench.run_paired(layer, heads, rows, "cpu", torch.float32, opts.pairs)
+        return bench.run_one(layer, path, heads, rows, "cpu", torch.float32, 1)
+
+    monkeypatch.setattr(bench, "child", here)
     rows = [r for layer in TINY for r in bench.measure_layer(opts, layer)]
     assert [r["path"] for r in rows] == list(bench.PATHS) * 2 and not any("error" in r for r in rows)
+    fused_row = rows[1]  # the paired rounds land on the fused row only
+    assert fused_row["rounds"] == 3 and fused_row["paired_q1"] <= fused_row["paired_extra"] <= fused_row["paired_q3"]
+    assert fused_row["paired_extra"] > -1 and "paired_extra" not in rows[0] and "paired_extra" not in rows[2]
     joint = rows[0]
     assert joint["layer_ms"] == pytest.approx(joint["best_ms"] * 2 * 64 / 16)  # heads x rows of the whole layer
     assert rows[2]["extra_layer_mb"] > rows[1]["extra_layer_mb"]
     table = bench.format_tables(rows, opts)
     assert "| tiny joint | 64 x 64 | 1 x 16 | materialised |" in table and "computed from the slice" in table
+    assert " of 3 |" in table
+    failing = {**vars(opts)}
+    monkeypatch.setattr(bench, "child", lambda o, layer, path, heads, rows: {"error": "boom"} if path == "paired"
+                        else here(o, layer, path, heads, rows))
+    kept = bench.measure_layer(argparse.Namespace(**failing), TINY[1])
+    assert kept[1]["paired_error"] == "boom" and "error" not in kept[1] and "| boom |" in bench.format_tables(kept, opts)
     opts.mem_limit_gb = 1e-9  # the guard: nothing is run
     assert all(r["error"].startswith("not run") for r in bench.measure_layer(opts, TINY[0]))
     fake = mock.MagicMock()
