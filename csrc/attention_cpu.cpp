@@ -137,6 +137,16 @@ scalar_t row_sum(const scalar_t* x, int64_t n) {
   return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
 }
 
+template <typename scalar_t>
+scalar_t row_dot(const scalar_t* x, const scalar_t* y, int64_t n) {
+  scalar_t part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    for (int u = 0; u < 8; ++u) part[u] += x[j + u] * y[j + u];
+  for (; j < n; ++j) part[0] += x[j] * y[j];
+  return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+}
+
 // Per key block of one batch row: a keep factor (1 visible / 0 hidden). Hidden
 // keys' scores are *replaced* by -inf (mask_scores), never added to: -inf + NaN
 // is NaN, and one NaN or Inf stored in a hidden key then spread to the whole
@@ -537,30 +547,84 @@ void check_saved(const at::Tensor& q, const at::Tensor& out, const at::Tensor& l
 // (docs/ops.md §2.4).
 constexpr double kSecondDotRoundingBudget = 3e-5;
 
+// The largest squared row norm of a contiguous [..., D] tensor, in one pass; +inf when any row's is not finite
+// (NaN or inf inputs then take the tiles, which propagate them as attention does).
+template <typename scalar_t>
+double max_row_norm_sq(const at::Tensor& x) {
+  const scalar_t* p = x.data_ptr<scalar_t>();
+  const int64_t D = x.size(-1), rows = D ? x.numel() / D : 0;
+  return at::parallel_reduce(0, rows, 256, 0.0, [&](int64_t begin, int64_t end, double m) {
+    for (int64_t r = begin; r < end; ++r) {
+      const scalar_t* row = p + r * D;
+      const double sd = static_cast<double>(row_dot(row, row, D));
+      if (!std::isfinite(sd)) return std::numeric_limits<double>::infinity();
+      if (sd > m) m = sd;
+    }
+    return m;
+  }, [](double a, double b) { return a > b ? a : b; });
+}
+
 bool second_dot_is_exact_enough(const at::Tensor& q, const at::Tensor& k, double scale) {
   // FUSED_CPU_MAPS_ROUTE=tiles forces the tiles (so tests check both routes at any scale).
   const char* route = std::getenv("FUSED_CPU_MAPS_ROUTE");
   if (route != nullptr && std::string(route) == "tiles") return false;
-  const double eps = q.scalar_type() == at::kDouble ? std::numeric_limits<double>::epsilon()
-                                                    : static_cast<double>(std::numeric_limits<float>::epsilon());
-  const at::Tensor q_norm = at::linalg_vector_norm(q, 2, {-1}).amax(-1);  // [B, H]
-  const at::Tensor k_norm = at::linalg_vector_norm(k, 2, {-1}).amax(-1);
-  const double bound = std::abs(scale) * (q_norm * k_norm).max().item<double>();
-  return std::isfinite(bound) && bound * eps <= kSecondDotRoundingBudget;  // NaN/inf inputs take the tiles
+  double q_sq = 0, k_sq = 0, eps = 0;
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "maps_route_bound", [&] {
+    q_sq = max_row_norm_sq<scalar_t>(q);
+    k_sq = max_row_norm_sq<scalar_t>(k);
+    eps = static_cast<double>(std::numeric_limits<scalar_t>::epsilon());
+  });
+  const double bound = std::abs(scale) * std::sqrt(q_sq) * std::sqrt(k_sq);
+  return std::isfinite(bound) && bound * eps <= kSecondDotRoundingBudget;
+}
+
+// maps from out's own lse: p[b,h,t,n] = exp(scale * q[b,h,n] . k[b,h,idx[b,t]] - lse[b,h,n]), head-averaged into
+// maps [B, T, N] (zero-filled) or written to maps [B, H, T, N]. One pass over q per (batch row, block of rows),
+// every head of a row in the same task, so the head mean needs no atomics; a slot -1 stays zero.
+template <typename scalar_t>
+void chosen_column_maps(const at::Tensor& q, const at::Tensor& k, const at::Tensor& idx, const at::Tensor& lse,
+                        double scale, bool head_mean, at::Tensor& maps) {
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3), L = k.size(2), T = idx.size(1);
+  const scalar_t* qp = q.data_ptr<scalar_t>();
+  const scalar_t* kp = k.data_ptr<scalar_t>();
+  const scalar_t* lp = lse.data_ptr<scalar_t>();
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  scalar_t* mp = maps.data_ptr<scalar_t>();
+  const scalar_t sc = static_cast<scalar_t>(scale), inv_h = static_cast<scalar_t>(1.0 / H);
+  constexpr int64_t kRows = 64;
+  const int64_t blocks = (N + kRows - 1) / kRows;
+  at::parallel_for(0, B * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / blocks, n0 = (task % blocks) * kRows, n1 = std::min(N, n0 + kRows);
+      for (int64_t h = 0; h < H; ++h) {
+        const scalar_t* qh = qp + ((b * H + h) * N) * D;
+        const scalar_t* kh = kp + ((b * H + h) * L) * D;
+        const scalar_t* lh = lp + (b * H + h) * N;
+        for (int64_t n = n0; n < n1; ++n) {  // each query row read once, against the T chosen keys (in L1)
+          const scalar_t* qn = qh + n * D;
+          for (int64_t t = 0; t < T; ++t) {
+            const int64_t j = ip[b * T + t];
+            if (j < 0) continue;
+            const scalar_t p = std::exp(row_dot(qn, kh + j * D, D) * sc - lh[n]);
+            if (head_mean) mp[(b * T + t) * N + n] += p * inv_h; else mp[((b * H + h) * T + t) * N + n] = p;
+          }
+        }
+      }
+    }
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_with_maps(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& idx, double scale,
     bool head_mean) {
-  auto [out, lse] = at::_scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, false, std::nullopt, scale);
-  const int64_t B = q.size(0), H = q.size(1), D = q.size(3), T = idx.size(1);
-  const at::Tensor wanted = idx.ge(0);                                             // [B, T]
-  const at::Tensor rows = idx.clamp_min(0).view({B, 1, T, 1}).expand({B, H, T, D});
-  const at::Tensor k_t = k.gather(2, rows);                                         // [B, H, T, D]
-  at::Tensor p = at::matmul(q, k_t.transpose(-1, -2)).mul_(scale).sub_(lse.unsqueeze(-1)).exp_();  // [B, H, N, T]
-  p.mul_(wanted.view({B, 1, 1, T}).to(p.scalar_type()));                            // slot -1: no map
-  at::Tensor maps = head_mean ? p.mean(1).transpose(1, 2).contiguous() : p.transpose(2, 3).contiguous();
-  return {out.contiguous(), maps, lse.contiguous()};
+  auto [out, lse_raw] = at::_scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, false, std::nullopt, scale);
+  const at::Tensor lse = lse_raw.contiguous();
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), T = idx.size(1);
+  at::Tensor maps = head_mean ? at::zeros({B, T, N}, q.options()) : at::zeros({B, H, T, N}, q.options());
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "chosen_column_maps", [&] {
+    chosen_column_maps<scalar_t>(q, k, idx, lse, scale, head_mean, maps);
+  });
+  return {out.contiguous(), maps, lse};
 }
 
 }  // namespace
