@@ -229,10 +229,12 @@ def save_grid(path: Path, concept_images: np.ndarray, grid_rows: dict[str, dict]
     draw = ImageDraw.Draw(canvas)
     backgrounds = list(world.BACKGROUNDS)
     per = max(len(row_of("vico", "image")) // len(backgrounds), 1)
+    # the background headers belong to the sample rows, not to the training images (whose backgrounds vary)
     for i, bg in enumerate(backgrounds):
-        draw.text((label_w + i * per * (tile + 4) + 4, 4), f"prompt: ... on a {bg} background", fill=(0, 0, 0))
+        text = f"samples: ... on a {bg} background" if per > 1 else f"... on {bg}"  # fits the columns it heads
+        draw.text((label_w + i * per * (tile + 4) + 4, tile + 8), text, fill=(0, 0, 0))
     for r, (label, tiles) in enumerate(rows):
-        y = header + r * (tile + 4)
+        y = r * (tile + 4) + (header if r else 0)
         draw.text((6, y + tile // 2 - 6), label, fill=(0, 0, 0))
         for c, img in enumerate(tiles):
             big = Image.fromarray(np.kron(img, np.ones((scale, scale, 1))).astype(np.uint8))
