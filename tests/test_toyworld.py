@@ -91,6 +91,26 @@ def test_generic_family_is_broad():
     assert len(colours) > 300  # any colour, not the world's palette of 7
 
 
+def test_generic_family_has_block_dots_on_rectangular_grids():
+    """Dots in the family are round (on a square grid) or pixel-aligned blocks of any size on a grid whose row and
+    column pitches may differ: a pattern that is a row indicator times a column indicator (neither constant, so not
+    stripes) with different periods."""
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[:32, :32].astype(float)
+
+    def period(v: np.ndarray) -> int:
+        return next(p for p in range(1, 33) if np.array_equal(v[p:], v[:-p]))
+
+    pitches = set()
+    for _ in range(400):
+        t = world._generic_pattern(rng, yy, xx) > 0.5
+        rows, cols = t.any(1), t.any(0)
+        if rows.all() or cols.all() or not t.any() or not np.array_equal(t, np.outer(rows, cols)):
+            continue
+        pitches.add((period(rows), period(cols)))
+    assert len(pitches) >= 4 and any(p != q for p, q in pitches)
+
+
 def test_checker_on_an_empty_image():
     blank = np.full((32, 32, 3), 128, np.uint8)
     got = checker.read(blank)
@@ -120,9 +140,11 @@ def test_training_resumes_to_the_same_weights_and_exports_a_pipeline(tmp_path):
     assert hits / 2 == report["seen@cfg3"]["shape"]  # the confusion's diagonal is the accuracy
 
 
-def test_decoder_finetune_of_a_pipeline_keeps_its_encoder_and_other_parts(tmp_path):
-    """Stage 3 from an exported pipeline (the shipped model has no training checkpoint): only the decoder moves,
-    so the UNet's latents stay valid, and the result loads as a pipeline."""
+@pytest.mark.parametrize("part", ["decoder", "encoder"])
+def test_autoencoder_half_finetune_of_a_pipeline_moves_only_that_half(tmp_path, part):
+    """Stage 3 from an exported pipeline (the shipped model has no training checkpoint): only the chosen half of
+    the VAE moves (the decoder: the UNet's latents stay valid; the encoder: its samples decode as before), and the
+    result loads as a pipeline."""
     from diffusers import AutoencoderKL
     from safetensors.torch import load_file
 
@@ -130,15 +152,23 @@ def test_decoder_finetune_of_a_pipeline_keeps_its_encoder_and_other_parts(tmp_pa
     from vico.toyworld import demo, train
 
     shipped = demo.shipped_model()
-    assert train.main(["--out", str(tmp_path), "--finetune-decoder", "2", "--batch", "2",
+    assert train.main(["--out", str(tmp_path), f"--finetune-{part}", "2", "--batch", "2",
                        "--init-from", str(shipped)]) == 0
     before = AutoencoderKL.from_pretrained(shipped, subfolder="vae").state_dict()
     after = load_pipeline(tmp_path / "pipeline").vae.state_dict()
     moved = {k for k in before if not torch.equal(before[k], after[k])}
-    assert moved and all(k.startswith(("decoder.", "post_quant_conv.")) for k in moved)
-    assert set(load_file(tmp_path / train.DECODER_FILE)) >= moved
+    assert moved and all(k.startswith(train.PART_PREFIXES[part]) for k in moved)
+    assert set(load_file(tmp_path / train.PART_FILES[part])) >= moved
+    assert not (tmp_path / train.PART_FILES[{"decoder": "encoder", "encoder": "decoder"}[part]]).exists()
     unet = "unet/diffusion_pytorch_model.safetensors"
     assert (tmp_path / "pipeline" / unet).read_bytes() == (shipped / unet).read_bytes()
+
+
+def test_autoencoder_finetune_rejects_an_unknown_part(tmp_path):
+    from vico.toyworld import train
+
+    with pytest.raises(ValueError, match="part must be one of"):
+        train.finetune_autoencoder(tmp_path, 1, part="unet")
 
 
 @pytest.fixture(scope="module")

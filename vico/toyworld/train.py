@@ -22,6 +22,8 @@ the fly from one seeded numpy generator. Every
 state, step and elapsed time are written atomically to ``OUT/checkpoint``;
 ``--resume`` continues from there. The result is a diffusers folder at
 ``OUT/pipeline`` that ``StableDiffusionPipeline.from_pretrained`` loads.
+Stage 3 (``--finetune-decoder``, ``--finetune-encoder``) fine-tunes one half
+of the autoencoder with the other frozen, of a checkpoint or of a pipeline.
 """
 
 from __future__ import annotations
@@ -312,34 +314,56 @@ def train(out: Path, minutes: float, vae_steps: int, batch: int, checkpoint_ever
     if scaling is None:  # stopped inside the VAE stage: nothing to export yet
         print(f"toyworld: stopped at step {step}, still training the VAE; continue with --resume", file=sys.stderr)
         return None
-    if (out / DECODER_FILE).is_file():  # stage 3 ran beside this one
-        from safetensors.torch import load_file
-
-        models["vae"].load_state_dict(load_file(out / DECODER_FILE), strict=False)
+    load_parts(models["vae"], out)  # stage 3 ran beside this one
     path = export(out, models, scaling)
     print(f"toyworld: {step} steps in {elapsed / 60:.1f} min -> {path}", file=sys.stderr)
     return path
 
 
-DECODER_FILE = "decoder.safetensors"  # a fine-tuned VAE decoder (stage 3), used by every later export
+# Stage 3: one half of the autoencoder fine-tuned with the other frozen (``finetune_autoencoder``). Its weights,
+# in OUT/<part>.safetensors, are used by every later export.
+PART_PREFIXES = {"decoder": ("decoder.", "post_quant_conv."), "encoder": ("encoder.", "quant_conv.")}
+PART_FILES = {part: f"{part}.safetensors" for part in PART_PREFIXES}
+DECODER_FILE, ENCODER_FILE = PART_FILES["decoder"], PART_FILES["encoder"]
 
 
-def finetune_decoder(out: Path, steps: int, batch: int = 32, seed: int = 1, lr: float = 3e-4,
-                     pipeline: Path | None = None) -> Path:
-    """Stage 3, any time after stage 1: sharpen the VAE's decoder with the encoder frozen.
+def load_parts(vae, out: Path) -> None:
+    """Load OUT's fine-tuned autoencoder halves (stage 3) into ``vae``, where there are any."""
+    from safetensors.torch import load_file
 
-    The latents the UNet learns from come from the frozen encoder, so this can
-    run beside stage 2 (or after it) without invalidating it, as SD's released
-    decoder fine-tunes did. Trains on the same broad family with L1 + MSE on the
-    posterior mean's decoding; resumes from ``OUT/decoder.safetensors`` and
-    writes it atomically every 50 steps. With ``pipeline`` (an exported
-    pipeline folder, e.g. the shipped model) the VAE starts from that folder's
-    instead of OUT's checkpoint, and OUT/pipeline is written at the end: a copy
-    of it with the fine-tuned decoder.
+    for name in PART_FILES.values():
+        if (out / name).is_file():
+            vae.load_state_dict(load_file(out / name), strict=False)
+
+
+PART_LR = {"decoder": 3e-4, "encoder": 5e-4}  # peak, cosine decay
+
+
+def finetune_autoencoder(out: Path, steps: int, part: str = "decoder", batch: int = 32, seed: int = 1,
+                         lr: float | None = None, pipeline: Path | None = None) -> Path:
+    """Stage 3, any time after stage 1: fine-tune one half of the VAE (``part``) with the other frozen.
+
+    ``decoder``: the latents the UNet learns from come from the frozen encoder,
+    so this can run beside stage 2 (or after it) without invalidating it, as
+    SD's released decoder fine-tunes did; L1 + MSE on the posterior mean's
+    decoding. ``encoder``: the frozen decoder fixes what every latent means (so
+    the UNet's samples decode as before); the encoder learns to invert it more
+    closely, with stage 1's objective (a posterior sample decoded, the same
+    small KL term, so the posterior's spread stays what the methods' reference
+    latents were drawn with) plus L1. A small encoder amortises the inversion:
+    fitting latents one image at a time decodes fine detail (2-px dots) that
+    its one-pass encoding smears. Both train on the broad family, resume from
+    ``OUT/<part>.safetensors`` and write it atomically every 50 steps. With
+    ``pipeline`` (an exported pipeline folder, e.g. the shipped model) the VAE
+    starts from that folder's instead of OUT's checkpoint, and OUT/pipeline is
+    written at the end: a copy of it with the fine-tuned half.
     """
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
+    if part not in PART_PREFIXES:
+        raise ValueError(f"part must be one of {sorted(PART_PREFIXES)}, got {part!r}")
+    lr = PART_LR[part] if lr is None else lr
     vae = make_models()["vae"]
     if pipeline is not None:
         from diffusers import AutoencoderKL
@@ -348,28 +372,33 @@ def finetune_decoder(out: Path, steps: int, batch: int = 32, seed: int = 1, lr: 
     else:
         vae.load_state_dict(load_checkpoint(out)["vae"])
     out.mkdir(parents=True, exist_ok=True)
-    if (out / DECODER_FILE).is_file():
-        vae.load_state_dict(load_file(out / DECODER_FILE), strict=False)
-    decoder = [p for n, p in vae.named_parameters() if n.startswith(("decoder.", "post_quant_conv."))]
+    load_parts(vae, out)  # the other half's fine-tune, if any, and this half's for a resume
+    trained = [p for n, p in vae.named_parameters() if n.startswith(PART_PREFIXES[part])]
     vae.requires_grad_(False)
-    for p in decoder:
+    for p in trained:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(decoder, lr=lr)
+    opt = torch.optim.AdamW(trained, lr=lr)
     rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
 
     def save():
         state = {n: p.detach().contiguous() for n, p in vae.named_parameters() if p.requires_grad}
-        atomic_write(out / DECODER_FILE, lambda p: save_file(state, str(p)))
+        atomic_write(out / PART_FILES[part], lambda p: save_file(state, str(p)))
 
     try:
-        for step in tqdm(range(steps), desc="decoder", file=sys.stderr):
+        for step in tqdm(range(steps), desc=part, file=sys.stderr):
             for group in opt.param_groups:
                 group["lr"] = cosine_lr(lr, step / max(steps, 1))
             x = generic_batch(rng, batch)
-            with torch.no_grad():
-                z = vae.encode(x).latent_dist.mean
-            recon = vae.decode(z).sample
-            loss = F.l1_loss(recon, x) + F.mse_loss(recon, x)
+            if part == "decoder":
+                with torch.no_grad():
+                    z = vae.encode(x).latent_dist.mean
+                recon = vae.decode(z).sample
+                loss = F.l1_loss(recon, x) + F.mse_loss(recon, x)
+            else:
+                post = vae.encode(x).latent_dist
+                recon = vae.decode(post.mean + post.std * torch.randn(post.mean.shape, generator=gen)).sample
+                loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + 1e-4 * post.kl().mean() / x[0].numel()
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -380,26 +409,25 @@ def finetune_decoder(out: Path, steps: int, batch: int = 32, seed: int = 1, lr: 
         raise
     save()
     if pipeline is not None:
-        return export_with_decoder(pipeline, out / DECODER_FILE, out / "pipeline")
-    return out / DECODER_FILE
+        return export_with_parts(pipeline, out, out / "pipeline")
+    return out / PART_FILES[part]
 
 
-def export_with_decoder(pipeline: Path, decoder: Path, to: Path) -> Path:
-    """A copy of the pipeline folder ``pipeline`` at ``to`` whose VAE decoder is ``decoder``'s (encoder untouched)."""
+def export_with_parts(pipeline: Path, out: Path, to: Path) -> Path:
+    """A copy of the pipeline folder ``pipeline`` at ``to`` with OUT's fine-tuned autoencoder halves (stage 3)."""
     import shutil
 
     from diffusers import AutoencoderKL
-    from safetensors.torch import load_file
 
     vae = AutoencoderKL.from_pretrained(pipeline, subfolder="vae")
-    vae.load_state_dict(load_file(decoder), strict=False)
+    load_parts(vae, out)
     tmp = to.with_name(to.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(pipeline, tmp)
     vae.save_pretrained(tmp / "vae")
     shutil.rmtree(to, ignore_errors=True)
     tmp.rename(to)
-    print(f"toyworld: {pipeline} with the fine-tuned decoder -> {to}", file=sys.stderr)
+    print(f"toyworld: {pipeline} with the fine-tuned autoencoder parts of {out} -> {to}", file=sys.stderr)
     return to
 
 
@@ -408,10 +436,7 @@ def load_models(out: Path, st: dict) -> dict:
     models = make_models()
     for name in ("vae", "unet", "text_encoder"):
         models[name].load_state_dict(st[name])
-    if (out / DECODER_FILE).is_file():
-        from safetensors.torch import load_file
-
-        models["vae"].load_state_dict(load_file(out / DECODER_FILE), strict=False)
+    load_parts(models["vae"], out)
     return models
 
 
@@ -446,16 +471,22 @@ def main(argv=None) -> int:
                         "optimizer, instead of training from scratch")
     p.add_argument("--finetune-decoder", type=int, metavar="STEPS",
                    help="stage 3: fine-tune the VAE decoder of OUT's checkpoint (or, with --init-from, of that "
-                        "pipeline folder, then written as OUT/pipeline) for STEPS steps (beside or after stage 2; "
-                        "later exports use it) and exit")
+                        "pipeline folder, then written as OUT/pipeline) for STEPS steps, encoder frozen (beside or "
+                        "after stage 2; later exports use it) and exit")
+    p.add_argument("--finetune-encoder", type=int, metavar="STEPS",
+                   help="stage 3: the same for the VAE encoder, decoder frozen (so samples decode as before; "
+                        "encoded images move slightly: run it after stage 2); with --finetune-decoder too, the "
+                        "encoder goes first")
     p.add_argument("--export-only", type=Path, metavar="DIR",
                    help="write the latest checkpoint's pipeline under DIR/pipeline and exit (no training)")
     o = p.parse_args(argv)
-    if o.finetune_decoder:
+    if o.finetune_encoder or o.finetune_decoder:
         from ..training import save_on_signals
 
         save_on_signals()
-        finetune_decoder(o.out, o.finetune_decoder, batch=o.batch, pipeline=o.init_from)
+        for part, steps in (("encoder", o.finetune_encoder), ("decoder", o.finetune_decoder)):
+            if steps:
+                finetune_autoencoder(o.out, steps, part, batch=o.batch, pipeline=o.init_from)
         return 0
     if o.export_only:
         export_checkpoint(o.out, o.export_only)

@@ -197,10 +197,15 @@ def _generic_pattern(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray) -
             return (((yy + int(y0)) // c + (xx + int(x0)) // c) % 2).astype(float)
         v = -yy * np.sin(theta) + xx * np.cos(theta)
         return ((np.floor(u / c) + np.floor(v / c)) % 2).astype(float)
-    if kind == 4:  # dots or holes on a grid
-        p, rad = int(rng.integers(3, 8)), rng.uniform(0.5, 2.5)
-        d2 = ((yy + y0) % p - p / 2) ** 2 + ((xx + x0) % p - p / 2) ** 2
-        return (d2 <= rad * rad).astype(float)
+    if kind == 4:  # dots or holes on a grid: round ones anywhere, or pixel-aligned blocks of any size and pitch
+        p = int(rng.integers(3, 8))
+        if rng.random() < 0.5:
+            rad = rng.uniform(0.5, 2.5)
+            d2 = ((yy + y0) % p - p / 2) ** 2 + ((xx + x0) % p - p / 2) ** 2
+            return (d2 <= rad * rad).astype(float)
+        q = p if rng.random() < 0.5 else int(rng.integers(3, 8))
+        h, w = int(rng.integers(1, p)), int(rng.integers(1, q))
+        return (((yy + int(y0)) % p < h) & ((xx + int(x0)) % q < w)).astype(float)
     if kind == 5:  # concentric rings
         return (np.hypot(yy - rng.uniform(0, SIZE), xx - rng.uniform(0, SIZE)) // rng.uniform(1, 4) % 2).astype(float)
     if kind == 6:  # per-pixel noise, binary or continuous
