@@ -423,10 +423,12 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
             const scalar_t* q_row = q_p + (bh * N + n0 + i) * D;
             for (int64_t t = 0; t < T; ++t) {
               const int64_t j = idx_b[t];
-              if (j < 0) continue;
+              // A hidden column has p = 0; a row that hides every key has all scores 0 (p = 1/L).
+              if (j < 0 || (visible_b && !uniform[b] && !visible_b[j])) continue;
               const scalar_t* k_row = k_p + (bh * L + j) * D;
               scalar_t sc = 0;
-              for (int64_t d = 0; d < D; ++d) sc += q_row[d] * k_row[d];
+              if (!uniform[b])
+                for (int64_t d = 0; d < D; ++d) sc += q_row[d] * k_row[d];
               acc += c * dm_at(t, i) * std::exp(sc * scale - lse_row[i]);
             }
           }
@@ -627,59 +629,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_with_maps(
   return {out.contiguous(), maps, lse};
 }
 
-}  // namespace
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_with_maps(
-    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-    const at::Tensor& token_index, double scale, bool head_mean) {
-  check_qkv(q_in, k_in, v_in);
-  check_index(token_index, q_in, k_in);
-  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
-  const at::Tensor idx = token_index.contiguous();
-  if (second_dot_is_exact_enough(q, k, scale)) return flash_attention_with_maps(q, k, v, idx, scale, head_mean);
-  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), T = idx.size(1);
-  at::Tensor out = at::empty_like(q);
-  at::Tensor lse = at::empty({B, H, N}, q.options());
-  at::Tensor maps = head_mean ? at::zeros({B, T, N}, q.options()) : at::zeros({B, H, T, N}, q.options());
-  Extras ex;
-  ex.index = idx.data_ptr<int64_t>();
-  ex.T = T;
-  ex.head_mean = head_mean;
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attention_with_maps_cpu", [&] {
-    forward_impl<scalar_t>(q, k, v, ex, scale, out, lse, &maps);
-  });
-  return {out, maps, lse};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_with_maps_backward(
-    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-    const at::Tensor& token_index, const at::Tensor& out, const at::Tensor& lse,
-    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_maps, double scale,
-    bool head_mean) {
-  check_qkv(q_in, k_in, v_in);
-  check_index(token_index, q_in, k_in);
-  check_saved(q_in, out, lse, grad_out);
-  const int64_t B = q_in.size(0), H = q_in.size(1), N = q_in.size(2), T = token_index.size(1);
-  if (grad_maps.has_value()) {
-    const std::vector<int64_t> want = head_mean ? std::vector<int64_t>{B, T, N} : std::vector<int64_t>{B, H, T, N};
-    check_like_q(*grad_maps, "grad_maps", q_in, want);
-  }
-  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
-  const at::Tensor idx = token_index.contiguous();
-  const at::Tensor o = out.contiguous(), l = lse.contiguous(), d_o = grad_out.contiguous();
-  at::Tensor dm;
-  if (grad_maps.has_value()) dm = grad_maps->contiguous();
-  at::Tensor dq = at::zeros_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);
-  Extras ex;
-  ex.index = idx.data_ptr<int64_t>();
-  ex.T = T;
-  ex.head_mean = head_mean;
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attention_with_maps_backward_cpu", [&] {
-    backward_impl<scalar_t>(q, k, v, ex, o, l, d_o, dm.defined() ? &dm : nullptr, scale, dq, dk, dv);
-  });
-  return {dq, dk, dv};
-}
-
 // Key compaction for masked attention. A hidden key contributes nothing to the
 // output or the gradients (docs/ops.md §4.2), so when every batch row sees at
 // least one key and the row that sees most sees at most kCompactShare of them,
@@ -715,49 +664,97 @@ CompactKeys compact_keys(const at::Tensor& k, const at::Tensor& v, const at::Ten
   return c;
 }
 
-std::tuple<at::Tensor, at::Tensor> masked_attention(const at::Tensor& q_in, const at::Tensor& k_in,
-                                                    const at::Tensor& v_in, const at::Tensor& key_mask,
-                                                    double scale) {
-  check_qkv(q_in, k_in, v_in);
-  check_key_mask(key_mask, q_in, k_in);
-  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
-  const at::Tensor mask = key_mask.contiguous();
-  at::Tensor out = at::empty_like(q);
-  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
-  const CompactKeys c = compact_keys(k, v, mask);
-  const at::Tensor& keys = c.used ? c.k : k;
-  const at::Tensor& values = c.used ? c.v : v;
-  const at::Tensor& visible = c.used ? c.mask : mask;
+// Optional tensors of one call, checked and made contiguous; `ex` points into them.
+struct Inputs {
+  at::Tensor q, k, v, idx, mask;
   Extras ex;
-  ex.key_mask = visible.data_ptr<bool>();
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "masked_attention_cpu", [&] {
-    forward_impl<scalar_t>(q, keys, values, ex, scale, out, lse, nullptr);
-  });
-  return {out, lse};
+};
+
+Inputs prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+               const std::optional<at::Tensor>& token_index, const std::optional<at::Tensor>& key_mask,
+               bool head_mean) {
+  check_qkv(q, k, v);
+  Inputs in{q.contiguous(), k.contiguous(), v.contiguous(), at::Tensor(), at::Tensor(), Extras()};
+  if (token_index.has_value()) {
+    check_index(*token_index, q, k);
+    in.idx = token_index->contiguous();
+    in.ex.index = in.idx.data_ptr<int64_t>();
+    in.ex.T = in.idx.size(1);
+  }
+  if (key_mask.has_value()) {
+    check_key_mask(*key_mask, q, k);
+    in.mask = key_mask->contiguous();
+  }
+  in.ex.head_mean = head_mean;
+  return in;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_attention_backward(
+// Keys and mask the tiles run on: the visible keys only (compacted) when the call takes no maps, whose
+// token_index names columns of the full key set.
+struct KeySet {
+  CompactKeys c;
+  at::Tensor k, v, mask;
+};
+
+KeySet key_set(const Inputs& in) {
+  KeySet s;
+  if (in.mask.defined() && !in.idx.defined()) s.c = compact_keys(in.k, in.v, in.mask);
+  s.k = s.c.used ? s.c.k : in.k;
+  s.v = s.c.used ? s.c.v : in.v;
+  s.mask = s.c.used ? s.c.mask : in.mask;
+  return s;
+}
+
+at::Tensor empty_maps(const at::Tensor& q, int64_t T, bool head_mean) {
+  return head_mean ? at::zeros({q.size(0), T, q.size(2)}, q.options())
+                   : at::zeros({q.size(0), q.size(1), T, q.size(2)}, q.options());
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-    const at::Tensor& key_mask, const at::Tensor& out, const at::Tensor& lse,
-    const at::Tensor& grad_out, double scale) {
-  check_qkv(q_in, k_in, v_in);
-  check_key_mask(key_mask, q_in, k_in);
-  check_saved(q_in, out, lse, grad_out);
-  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
-  const at::Tensor mask = key_mask.contiguous();
-  const at::Tensor o = out.contiguous(), l = lse.contiguous(), d_o = grad_out.contiguous();
-  const CompactKeys c = compact_keys(k, v, mask);  // the forward's choice: same mask, same keys
-  const at::Tensor& keys = c.used ? c.k : k;
-  const at::Tensor& values = c.used ? c.v : v;
-  const at::Tensor& visible = c.used ? c.mask : mask;
-  at::Tensor dq = at::zeros_like(q), dk = at::zeros_like(keys), dv = at::zeros_like(values);
-  Extras ex;
-  ex.key_mask = visible.data_ptr<bool>();
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "masked_attention_backward_cpu", [&] {
-    backward_impl<scalar_t>(q, keys, values, ex, o, l, d_o, nullptr, scale, dq, dk, dv);
+    const std::optional<at::Tensor>& token_index, const std::optional<at::Tensor>& key_mask, double scale,
+    bool head_mean) {
+  Inputs in = prepare(q_in, k_in, v_in, token_index, key_mask, head_mean);
+  const bool maps_wanted = in.idx.defined();
+  if (maps_wanted && !in.mask.defined() && second_dot_is_exact_enough(in.q, in.k, scale))
+    return flash_attention_with_maps(in.q, in.k, in.v, in.idx, scale, head_mean);
+  KeySet keys = key_set(in);
+  at::Tensor out = at::empty_like(in.q);
+  at::Tensor lse = at::empty({in.q.size(0), in.q.size(1), in.q.size(2)}, in.q.options());
+  at::Tensor maps = empty_maps(in.q, in.ex.T, head_mean);
+  if (keys.mask.defined()) in.ex.key_mask = keys.mask.data_ptr<bool>();
+  AT_DISPATCH_FLOATING_TYPES(in.q.scalar_type(), "attention_cpu", [&] {
+    forward_impl<scalar_t>(in.q, keys.k, keys.v, in.ex, scale, out, lse, maps_wanted ? &maps : nullptr);
   });
-  if (c.used) {  // hidden keys get exact zeros, as without compaction
-    return {dq, at::zeros_like(k).scatter_(2, c.index, dk), at::zeros_like(v).scatter_(2, c.index, dv)};
+  return {out, maps, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const std::optional<at::Tensor>& token_index, const std::optional<at::Tensor>& key_mask, const at::Tensor& out,
+    const at::Tensor& lse, const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_maps, double scale,
+    bool head_mean) {
+  Inputs in = prepare(q_in, k_in, v_in, token_index, key_mask, head_mean);
+  check_saved(q_in, out, lse, grad_out);
+  const int64_t B = q_in.size(0), H = q_in.size(1), N = q_in.size(2), T = in.ex.T;
+  at::Tensor dm;
+  if (grad_maps.has_value()) {
+    TORCH_CHECK(in.idx.defined(), "fused_cpp: grad_maps was given but token_index was not");
+    const std::vector<int64_t> want = head_mean ? std::vector<int64_t>{B, T, N} : std::vector<int64_t>{B, H, T, N};
+    check_like_q(*grad_maps, "grad_maps", q_in, want);
+    dm = grad_maps->contiguous();
+  }
+  KeySet keys = key_set(in);  // the forward's choice: same mask, same keys
+  if (keys.mask.defined()) in.ex.key_mask = keys.mask.data_ptr<bool>();
+  const at::Tensor o = out.contiguous(), l = lse.contiguous(), d_o = grad_out.contiguous();
+  at::Tensor dq = at::zeros_like(in.q), dk = at::zeros_like(keys.k), dv = at::zeros_like(keys.v);
+  AT_DISPATCH_FLOATING_TYPES(in.q.scalar_type(), "attention_backward_cpu", [&] {
+    backward_impl<scalar_t>(in.q, keys.k, keys.v, in.ex, o, l, d_o, dm.defined() ? &dm : nullptr, scale, dq, dk, dv);
+  });
+  if (keys.c.used) {  // hidden keys get exact zeros, as without compaction
+    return {dq, at::zeros_like(in.k).scatter_(2, keys.c.index, dk), at::zeros_like(in.v).scatter_(2, keys.c.index, dv)};
   }
   return {dq, dk, dv};
 }

@@ -316,8 +316,5 @@ std::tuple<at::Tensor, at::Tensor> otsu_mask(const at::Tensor& maps_in, int64_t 
 }  // namespace
 }  // namespace fused_cuda
 
-TORCH_LIBRARY(fused_cuda, m) {
-  m.def("otsu_mask(Tensor maps, int bins, str mode) -> (Tensor threshold, Tensor mask)");
-}
-
+// The schema is declared once, in Python (fused/_library.py), before this library is loaded.
 TORCH_LIBRARY_IMPL(fused_cuda, CUDA, m) { m.impl("otsu_mask", &fused_cuda::otsu_mask); }

@@ -6,9 +6,9 @@ the torch version, the CUDA version and a hash of the sources, so a changed
 source or a new torch never loads a stale binary. ``csrc/`` ships inside the
 wheel as package data (``fused/csrc``); in a checkout it sits beside ``fused/``.
 
-The ops register themselves with ``TORCH_LIBRARY`` (``torch.ops.fused_cpp.*``
-and, for the CUDA Otsu kernel, ``torch.ops.fused_cuda.*``); this module gives
-them fake implementations (for ``torch.compile``) and autograd.
+The libraries implement ops declared in ``fused._library`` (``torch.ops.fused_cpp.*``
+and, for the CUDA Otsu kernel, ``torch.ops.fused_cuda.*``) with ``TORCH_LIBRARY_IMPL``;
+the two backends are registered at the end of this module.
 """
 
 from __future__ import annotations
@@ -24,14 +24,15 @@ from pathlib import Path
 
 import torch
 
-from . import _library, _validate
+from . import _library
+from ._registry import FLOATS, BackendUnavailable, register_backend
 
 CPU_SOURCES = ("attention_cpu.cpp", "otsu_cpu.cpp", "registration.cpp")
 CPU_HEADERS = ("ops.h", "otsu_rule.h")
 CUDA_SOURCES = ("otsu_cuda.cu",)
 
 
-class BuildError(RuntimeError):
+class BuildError(BackendUnavailable):
     """The compiled kernels could not be built or loaded."""
 
 
@@ -179,14 +180,13 @@ def _build(name: str, sources: tuple[str, ...], headers: tuple[str, ...], **kwar
 @functools.cache
 def load_cpu() -> None:
     """Build (first time) and load the CPU kernels; raises ``BuildError``."""
+    _library.define_schemas("fused_cpp", ("attention", "attention_backward", "otsu_mask"))
     _build("fused_cpp", CPU_SOURCES, CPU_HEADERS, extra_cflags=_cflags(), extra_ldflags=["-fopenmp"])
-    _library.register_fakes("fused_cpp")
-    _library.register_autograd("fused_cpp")
 
 
 # The CUDA Otsu kernel's bin limits (per-thread partials for "vico", a shared-memory
 # histogram for "skimage"): compiled into csrc/otsu_cuda.cu through CUDA_CFLAGS and
-# read by fused._validate.max_bins, so the kernel and the Python check cannot differ.
+# read by fused._dispatch.max_bins (the registry), so the kernel and the Python check cannot differ.
 CUDA_MAX_BINS = {"vico": 64, "skimage": 1024}
 CUDA_CFLAGS = ["-O3", "-std=c++17", "-fmad=false", f"-DFUSED_MAX_VICO_BINS={CUDA_MAX_BINS['vico']}",
                f"-DFUSED_MAX_SKIMAGE_BINS={CUDA_MAX_BINS['skimage']}"]
@@ -197,6 +197,7 @@ def load_cuda() -> None:
     """Build (first time) and load the CUDA Otsu kernel; raises ``BuildError``."""
     if not torch.cuda.is_available():
         raise BuildError("fused: the CUDA backend needs a CUDA build of torch and a GPU")
+    _library.define_schemas("fused_cuda", ("otsu_mask",))
     _build(
         "fused_cuda",
         CUDA_SOURCES,
@@ -204,39 +205,18 @@ def load_cuda() -> None:
         extra_cflags=["-O3", "-std=c++17"],
         extra_cuda_cflags=CUDA_CFLAGS,
     )
-    _library.register_otsu_fake("fused_cuda::otsu_mask")
 
 
-def _status(load) -> tuple[bool, str]:
-    """(True, "") when ``load()`` succeeds, else (False, reason)."""
-    try:
-        load()
-    except BuildError as exc:
-        return False, str(exc)
-    return True, ""
+@register_backend("cpp", devices={"cpu"},
+                  dtypes={"attention": frozenset({torch.float32, torch.float64}), "otsu_mask": FLOATS},
+                  self_checked=True, note="C++/OpenMP kernels from csrc/ (fp32/fp64; Otsu also takes fp16/bf16 maps)")
+def cpu_backend() -> _library.OpsBackend:
+    load_cpu()
+    return _library.OpsBackend("fused_cpp", upcast_half_maps=True)
 
 
-def cpu_available() -> tuple[bool, str]:
-    return _status(load_cpu)
-
-
-def cuda_available() -> tuple[bool, str]:
-    return _status(load_cuda)
-
-
-# --- backend functions (uniform signatures, see fused._dispatch) -----------
-
-cpu_backend = _library.OpsBackend("fused_cpp", upcast_half_maps=True)
-
-
-
-class _CudaOtsuBackend:
-    """The CUDA backend implements Otsu only."""
-
-    @staticmethod
-    def otsu_mask(maps, bins: int, mode: str):
-        _validate.check_bins_for_backend(bins, mode, "cuda")  # the kernel's TORCH_CHECK says the same
-        return torch.ops.fused_cuda.otsu_mask(maps, bins, mode)
-
-
-cuda_backend = _CudaOtsuBackend()
+@register_backend("cuda", devices={"cuda"}, dtypes={"otsu_mask": FLOATS}, max_bins=CUDA_MAX_BINS,
+                  self_checked=True, note="CUDA kernel from csrc/ (Otsu only)")
+def cuda_backend() -> _library.OpsBackend:
+    load_cuda()
+    return _library.OpsBackend("fused_cuda")

@@ -144,34 +144,6 @@ def check_bins(bins: object, mode: str) -> int:
     return bins
 
 
-# Largest `bins` the Triton Otsu kernel takes, both modes: its candidates are one
-# power-of-two block, and a [candidates, chunk] tile must stay within Triton's
-# 2**20-element tensor limit at the chunk the launch picks (up to 1024 under the
-# interpreter; 16 or more on a GPU). 1025 bins already fail inside the kernel launch.
-TRITON_MAX_BINS = 1024
-
-
-def max_bins(backend: str, mode: str) -> int | None:
-    """The largest ``bins`` backend ``backend``'s Otsu kernel accepts in ``mode`` (None: no limit)."""
-    if backend == "triton":
-        return TRITON_MAX_BINS
-    if backend == "cuda":
-        from ._cpp import CUDA_MAX_BINS  # per-thread partials / shared-memory histogram
-
-        return CUDA_MAX_BINS[mode]
-    return None
-
-
-def check_bins_for_backend(bins: int, mode: str, backend: str) -> None:
-    """Refuse, before any launch, more bins than the chosen backend's kernel holds."""
-    limit = max_bins(backend, mode)
-    if limit is not None and bins > limit:
-        raise ValueError(
-            f"bins={bins} exceeds the {backend} Otsu kernel's limit of {limit} bins for mode {mode!r}; "
-            f"use fewer bins or backend='torch'"
-        )
-
-
 def check_otsu_args(maps: object, bins: int | None, mode: object, validate: bool) -> int:
     """maps: floating [..., N] without NaN/Inf; returns the number of bins."""
     check_mode(mode)

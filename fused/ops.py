@@ -2,9 +2,9 @@
 
 Every op accepts tensors in the layout of ``scaled_dot_product_attention``
 and a ``backend`` (None = automatic, see ``fused._dispatch``). The backends
-are differentiable: "torch" through autograd, "cpp" and "triton" through
-their registered backward kernels (``fused._library``); see docs/ops.md §2.5
-and §4.4.
+are differentiable: "torch" through autograd, the others through the backward
+of the one attention op they implement (``fused._library``); see docs/ops.md
+§2.5 and §4.4.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from . import _validate
-from ._dispatch import implementation, resolve
+from ._dispatch import check_bins_for_backend, implementation, resolve
 
 
 def cross_attention_with_maps(
@@ -21,6 +21,7 @@ def cross_attention_with_maps(
     v: torch.Tensor,
     token_index: torch.Tensor,
     *,
+    key_mask: torch.Tensor | None = None,
     scale: float | None = None,
     head_reduce: str = "mean",
     backend: str | None = None,
@@ -32,9 +33,11 @@ def cross_attention_with_maps(
         q: [B, H, N, D] queries (image tokens); k, v: [B, H, L, D]. One floating dtype.
         token_index: int64 [B, T]; column of k whose probabilities form map t of
             batch row b. -1 = no map (zeros, no work, no gradient); repeats allowed.
+        key_mask: optional bool [B, L]; hidden keys as in ``masked_attention`` (a map
+            of a hidden column is zero).
         scale: softmax scale, default D ** -0.5.
         head_reduce: "mean" -> maps [B, T, N] averaged over heads; "none" -> [B, H, T, N].
-        backend: None (automatic), "torch", "cpp" or "triton".
+        backend: None (automatic), "torch", "cpp", "triton" or "sdpa".
         validate: check index values on CUDA tensors too (syncs the host).
 
     Returns:
@@ -42,10 +45,12 @@ def cross_attention_with_maps(
     """
     _validate.check_qkv(q, k, v)
     token_index = _validate.check_token_index(token_index, q, k, validate)
+    if key_mask is not None:
+        _validate.check_key_mask(key_mask, q, k)
     head_reduce = _validate.check_head_reduce(head_reduce)
     scale = _validate.check_scale(scale, q.shape[-1])
-    name = resolve("attention_with_maps", q.device.type, q.dtype, backend)
-    return implementation("attention_with_maps", name)(q, k, v, token_index, scale, head_reduce)
+    name = resolve("attention", q.device.type, q.dtype, backend, head_dim=q.shape[-1])
+    return implementation(name).attention(q, k, v, token_index, key_mask, scale, head_reduce)
 
 
 def masked_attention(
@@ -82,8 +87,8 @@ def masked_attention(
     _validate.check_qkv(q, k, v)
     _validate.check_key_mask(key_mask, q, k)
     scale = _validate.check_scale(scale, q.shape[-1])
-    name = resolve("masked_attention", q.device.type, q.dtype, backend)
-    return implementation("masked_attention", name)(q, k, v, key_mask, scale)
+    name = resolve("attention", q.device.type, q.dtype, backend, head_dim=q.shape[-1])
+    return implementation(name).attention(q, k, v, None, key_mask, scale, "mean")[0]
 
 
 def otsu_mask(
@@ -109,8 +114,8 @@ def otsu_mask(
     """
     bins = _validate.check_otsu_args(maps, bins, mode, validate)
     name = resolve("otsu_mask", maps.device.type, maps.dtype, backend)
-    _validate.check_bins_for_backend(bins, mode, name)
-    return implementation("otsu_mask", name)(maps, bins, mode)
+    check_bins_for_backend(bins, mode, name)
+    return implementation(name).otsu_mask(maps, bins, mode)
 
 
 def cross_attention_with_mask(
@@ -139,9 +144,9 @@ def cross_attention_with_mask(
     token_index = _validate.check_token_index(token_index, q, k, validate)
     scale = _validate.check_scale(scale, q.shape[-1])
     bins = _validate.check_bins(bins, _validate.check_mode(mode))
-    attn = resolve("attention_with_maps", q.device.type, q.dtype, backend)
-    otsu = resolve("otsu_mask", q.device.type, q.dtype, backend)
-    _validate.check_bins_for_backend(bins, mode, otsu)
-    out, maps = implementation("attention_with_maps", attn)(q, k, v, token_index, scale, "mean")
-    _, mask = implementation("otsu_mask", otsu)(maps.detach(), bins, mode)
+    attn = resolve("attention", q.device.type, q.dtype, backend, head_dim=q.shape[-1])
+    otsu = resolve("otsu_mask", q.device.type, q.dtype, None if backend == "sdpa" else backend)
+    check_bins_for_backend(bins, mode, otsu)
+    out, maps = implementation(attn).attention(q, k, v, token_index, None, scale, "mean")
+    _, mask = implementation(otsu).otsu_mask(maps.detach(), bins, mode)
     return out, maps, mask

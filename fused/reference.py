@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import torch
 
+from ._registry import FLOATS, register_backend
+
 __all__ = [
+    "attention",
     "attention_with_maps",
     "masked_attention",
     "otsu_mask",
@@ -33,6 +36,56 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    token_index: torch.Tensor | None,
+    key_mask: torch.Tensor | None,
+    scale: float,
+    head_reduce: str,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """softmax(q kᵀ·scale) v over the visible keys, and the probabilities of chosen key columns.
+
+    q: [B, H, N, D], k/v: [B, H, L, D]; token_index: int64 [B, T] (−1 = no map) or None;
+    key_mask: bool [B, L] or None. Returns out [B, H, N, D] and maps [B, T, N] ("mean")
+    or [B, H, T, N] ("none"), both in q's dtype; maps is None without token_index.
+
+    A hidden key contributes nothing: its score is replaced by -inf (not added to),
+    and its key and value rows enter as zeros, so a NaN or Inf stored in a hidden key
+    or value reaches neither the output nor the gradients (0 · NaN is NaN, so a zero
+    probability alone would not keep it out; docs/ops.md §4.2). A batch row whose
+    mask is all False attends uniformly to all keys (the paper's code fills with a
+    large finite negative, which makes every score equal): it uses every value and
+    no key (§4.3).
+    """
+    if key_mask is not None:
+        rows_visible = key_mask[:, None, :, None]  # over the L rows of k and v
+        any_visible = key_mask.any(dim=-1)[:, None, None, None]
+        zero = torch.zeros((), dtype=k.dtype, device=k.device)
+        k = torch.where(rows_visible, k, zero)
+        v = torch.where(rows_visible | ~any_visible, v, zero)
+    scores = (q @ k.transpose(-1, -2)) * scale  # [B, H, N, L]
+    if key_mask is not None:
+        scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+        scores = torch.where(any_visible, scores, torch.zeros_like(scores))
+    probs = torch.softmax(scores, dim=-1)
+    out = probs @ v
+    if token_index is None:
+        return out, None
+    B, H, N, _ = q.shape
+    T = token_index.shape[1]
+    valid = (token_index >= 0)[:, None, None, :]
+    cols = token_index.clamp(min=0)[:, None, None, :].expand(B, H, N, T)
+    # gather's backward scatter-adds, so duplicated columns accumulate gradient;
+    # -1 slots are zero (a NaN in q included) with zero gradient (docs/ops.md §2.2).
+    picked = torch.where(valid, probs.gather(-1, cols), torch.zeros((), dtype=probs.dtype, device=probs.device))
+    maps = picked.transpose(-1, -2)  # [B, H, T, N]
+    if head_reduce == "mean":
+        maps = maps.mean(dim=1)
+    return out, maps
+
+
 def attention_with_maps(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -41,25 +94,8 @@ def attention_with_maps(
     scale: float,
     head_reduce: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """softmax(q kᵀ·scale) v and the probabilities of chosen key columns.
-
-    q: [B, H, N, D], k/v: [B, H, L, D], token_index: int64 [B, T] (−1 = no map).
-    Returns out [B, H, N, D] and maps [B, T, N] ("mean") or [B, H, T, N] ("none"),
-    both in q's dtype.
-    """
-    B, H, N, _ = q.shape
-    T = token_index.shape[1]
-    probs = torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1)  # [B, H, N, L]
-    out = probs @ v
-    valid = token_index >= 0
-    cols = token_index.clamp(min=0)[:, None, None, :].expand(B, H, N, T)
-    # gather's backward scatter-adds, so duplicated columns accumulate gradient;
-    # multiplying by `valid` gives −1 slots zero value and zero gradient.
-    picked = probs.gather(-1, cols) * valid[:, None, None, :].to(probs.dtype)
-    maps = picked.transpose(-1, -2)  # [B, H, T, N]
-    if head_reduce == "mean":
-        maps = maps.mean(dim=1)
-    return out, maps
+    """The reference of ``fused.cross_attention_with_maps``: ``attention`` with every key visible."""
+    return attention(q, k, v, token_index, None, scale, head_reduce)
 
 
 def masked_attention(
@@ -69,25 +105,8 @@ def masked_attention(
     key_mask: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """Attention where key j of batch row b is visible only if key_mask[b, j].
-
-    key_mask: bool [B, L]. A hidden key contributes nothing: its score is
-    replaced by -inf (not added to), and its key and value rows enter as zeros,
-    so a NaN or Inf stored in a hidden key or value reaches neither the output
-    nor the gradients (0 · NaN is NaN, so a zero probability alone would not
-    keep it out; docs/ops.md §4.2). A batch row whose mask is all False attends
-    uniformly to all keys (the paper's code fills with a large finite negative,
-    which makes every score equal): it uses every value and no key (§4.3).
-    """
-    rows_visible = key_mask[:, None, :, None]  # over the L rows of k and v
-    any_visible = key_mask.any(dim=-1)[:, None, None, None]
-    zero = torch.zeros((), dtype=k.dtype, device=k.device)
-    k = torch.where(rows_visible, k, zero)
-    v = torch.where(rows_visible | ~any_visible, v, zero)
-    scores = (q @ k.transpose(-1, -2)) * scale
-    scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))
-    scores = torch.where(any_visible, scores, torch.zeros_like(scores))
-    return torch.softmax(scores, dim=-1) @ v
+    """The reference of ``fused.masked_attention``: ``attention`` without maps."""
+    return attention(q, k, v, None, key_mask, scale, "mean")[0]
 
 
 def otsu_stat_dtype() -> torch.dtype:
@@ -185,3 +204,11 @@ def otsu_mask(maps: torch.Tensor, bins: int, mode: str) -> tuple[torch.Tensor, t
     if mode == "vico":
         return otsu_vico(maps, bins)
     return otsu_skimage(maps, bins)
+
+
+@register_backend("torch", devices={"*"}, dtypes={"attention": FLOATS, "otsu_mask": FLOATS},
+                  note="this module: PyTorch autograd through the materialised probabilities")
+def reference_backend():
+    import sys
+
+    return sys.modules[__name__]

@@ -1,26 +1,219 @@
-"""``python -m fused.selfcheck``: every available backend against the reference.
+"""Kernels checked against the float64 reference: at first use, and on demand.
 
-Runs each op on a few shapes (including SD's head dims and 77 text tokens),
-compares forward and backward with the float64 PyTorch reference, and prints
-one table: backend, op, shape, dtype, max error, time and speed vs the
-reference at the same dtype. Exits non-zero when any error exceeds its
-tolerance, so it doubles as an installation check.
+First use (``verdict``, called by ``fused._dispatch``): the first time a compiled
+kernel is about to run for a (device model, backend, op, dtype, head-dim class),
+a small case of that kind runs against the float64 reference — forward, and
+backward for attention — and the verdict is remembered in memory and on disk
+(``<kernel cache>/selfcheck/``, keyed also by the torch and triton versions and
+a hash of the kernel's sources). A kernel that fails to build or launch, or
+misses the tolerance, is not used for that key: one warning names the kernel,
+the case and the error, and dispatch moves on to the next backend.
+``FUSED_SELFCHECK=0`` switches the check off; ``FUSED_SELFCHECK=force`` runs it
+again once per process, ignoring verdicts on disk.
+
+``python -m fused.selfcheck``: the verdicts on disk, then every available
+backend on a few shapes (including SD's head dims and 77 text tokens) against
+the reference: forward and backward, max error, time and speed vs the reference
+at the same dtype. Exits non-zero when any error exceeds its tolerance, so it
+doubles as an installation check.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import hashlib
+import importlib.metadata
 import json
+import os
 import sys
+import warnings
+from pathlib import Path
 
 import torch
 
 from . import reference
-from ._dispatch import available_backends
+from ._dispatch import available_backends, implementation
 from .benchmark.timing import time_ms
 from .ops import cross_attention_with_maps, masked_attention, otsu_mask
 
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+
+# --- first use ----------------------------------------------------------------------------------------------
+
+def _head_dim_class(head_dim: int | None) -> int:
+    """Kernels are specialised on the power-of-two block that holds the head dim."""
+    return 0 if head_dim is None else max(16, 1 << (int(head_dim) - 1).bit_length())
+
+
+@functools.cache
+def _source_hash(backend: str) -> str:
+    """A hash of the sources a backend's kernels are built from."""
+    here = Path(__file__).resolve().parent
+    if backend == "triton":
+        files = sorted((here / "triton").glob("*.py"))
+    elif backend == "sdpa":
+        files = [here / "sdpa.py"]
+    else:
+        from . import _cpp
+
+        src = _cpp.source_dir()
+        names = _cpp.CUDA_SOURCES + ("otsu_rule.h",) if backend == "cuda" else _cpp.CPU_SOURCES + _cpp.CPU_HEADERS
+        files = [src / n for n in names]
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.name.encode())
+        digest.update(f.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _versions() -> str:
+    try:
+        triton_v = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        triton_v = "none"
+    return f"torch {torch.__version__}, triton {triton_v}"
+
+
+def _device_name(device_type: str) -> str:
+    return torch.cuda.get_device_name() if device_type == "cuda" else device_type
+
+
+def cache_dir() -> Path:
+    from ._cpp import cache_root
+
+    return cache_root() / "selfcheck"
+
+
+def _key(backend: str, op: str, device_type: str, dtype: torch.dtype, head_dim: int | None) -> dict:
+    return {"backend": backend, "op": op, "device": _device_name(device_type),
+            "dtype": str(dtype).replace("torch.", ""),
+            "head_dim_class": _head_dim_class(head_dim) if op == "attention" else 0,
+            "versions": _versions(), "source": _source_hash(backend)}
+
+
+def _path(key: dict) -> Path:
+    name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    return cache_dir() / f"{name}.json"
+
+
+_VERDICTS: dict[str, str] = {}
+
+
+def verdict(backend: str, op: str, device_type: str, dtype: torch.dtype, head_dim: int | None) -> str:
+    """"" when the backend's kernel for this key agrees with the reference; else what went wrong."""
+    mode = os.environ.get("FUSED_SELFCHECK", "1")
+    if mode == "0" or (device_type == "cuda" and not torch.cuda.is_available()):
+        return ""  # off; or a dispatch question about CUDA tensors where none can exist
+    key = _key(backend, op, device_type, dtype, head_dim)
+    memo = json.dumps(key, sort_keys=True)
+    if memo in _VERDICTS:
+        return _VERDICTS[memo]
+    path = _path(key)
+    if mode != "force":
+        try:
+            saved = json.loads(path.read_text())
+            if saved.get("key") == key:
+                _VERDICTS[memo] = saved["error"]
+                return saved["error"]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # none yet, or unreadable: check again
+    if torch.compiler.is_compiling():
+        return ""  # a graph being traced cannot run kernels; eager calls check first
+    error = run_case(backend, op, device_type, dtype, key["head_dim_class"] or 24)
+    _VERDICTS[memo] = error
+    _save(path, {"key": key, "error": error})
+    if error:
+        warnings.warn(f"fused: the {backend} kernel for {op} ({key['dtype']}, head dim class "
+                      f"{key['head_dim_class']}, {key['device']}) failed its first-use check against the float64 "
+                      f"reference and will not be used: {error}", RuntimeWarning, stacklevel=5)
+    return error
+
+
+def _save(path: Path, record: dict) -> None:
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(record, indent=1))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only cache only costs the check again in the next process
+
+
+def _attention_case(device: str, head_dim: int) -> tuple:
+    """B=2, H=2, N=37, L=19: odd sizes, a -1 slot, a repeated column and hidden keys."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, n, head_dim, generator=g, dtype=torch.float64) * 0.5 for n in (37, 19, 19))
+    index = torch.tensor([[1, 5, -1], [0, 0, 18]])
+    key_mask = torch.rand(2, 19, generator=g) > 0.4
+    key_mask[:, 0] = True
+    return q, k, v, index, key_mask
+
+
+def _outputs(fn, q, k, v, index, key_mask, scale) -> list[torch.Tensor]:
+    """out, maps (when indexed) and the gradients of a loss that uses both."""
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out, maps = fn(q, k, v, index, key_mask, scale, "mean")
+    weights = torch.linspace(-1, 1, out.numel(), dtype=torch.float64, device=out.device).view(out.shape)
+    loss = (out.double() * weights).sum()
+    if maps is not None:
+        loss = loss + maps.double().square().sum()
+    return [out] + ([maps] if maps is not None else []) + list(torch.autograd.grad(loss, (q, k, v)))
+
+
+def _first_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}"
+
+
+def run_case(backend: str, op: str, device_type: str, dtype: torch.dtype, head_dim: int) -> str:
+    """Run the first-use case; "" when every output is within tolerance, else the failure in one line."""
+    device = "cuda" if device_type == "cuda" else "cpu"
+    try:
+        fns = implementation(backend)
+        if op == "otsu_mask":
+            return _otsu_case(fns, device, dtype)
+        q, k, v, index, key_mask = _attention_case(device, head_dim)
+        scale = head_dim ** -0.5
+        for name, idx, mask in (("maps", index, None), ("maps and a key mask", index, key_mask),
+                                ("a key mask", None, key_mask)):
+            moved = [t.to(device, dtype) for t in (q, k, v)] + [None if t is None else t.to(device) for t in (idx, mask)]
+            got = _outputs(fns.attention, *moved, scale)
+            want = _outputs(reference.attention, q, k, v, idx, mask, scale)
+            labels = ("out", "maps", "dq", "dk", "dv") if idx is not None else ("out", "dq", "dk", "dv")
+            for label, a, b in zip(labels, got, want):
+                err = float((a.detach().double().cpu() - b.detach()).abs().max())
+                if not err <= TOLERANCE[dtype]:
+                    return (f"attention with {name}, q [2, 2, 37, {head_dim}], k [2, 2, 19, {head_dim}]: "
+                            f"{label} differs by {err:.3g} (tolerance {TOLERANCE[dtype]:g})")
+        return ""
+    except Exception as exc:  # a build, compile or launch failure is a verdict too
+        return _first_line(exc)
+
+
+def _otsu_case(fns, device: str, dtype: torch.dtype) -> str:
+    g = torch.Generator().manual_seed(0)
+    maps = (torch.rand(4, 300, generator=g, dtype=torch.float64) ** 3).to(dtype)
+    for mode in ("vico", "skimage"):
+        _, mask = fns.otsu_mask(maps.to(device), 10, mode)
+        _, want = reference.otsu_mask(maps, 10, mode)
+        wrong = int((mask.cpu() != want).sum())
+        if wrong:
+            return f"otsu_mask {mode}, maps [4, 300] {dtype}: {wrong} mask elements differ from the reference"
+    return ""
+
+
+def cached_verdicts() -> list[dict]:
+    """Every verdict on disk, oldest first."""
+    records = []
+    for path in sorted(cache_dir().glob("*.json"), key=lambda p: p.stat().st_mtime):
+        try:
+            records.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+    return records
+
+
+# --- on demand ----------------------------------------------------------------------------------------------
 
 
 def _cases(device: str, quick: bool):

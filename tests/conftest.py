@@ -33,7 +33,15 @@ def triton_backend():
     return "triton"
 
 
-@pytest.fixture(params=["torch", "cpp", "triton"])
+@pytest.fixture(scope="session")
+def sdpa_backend():
+    """The composed backend on torch's own fused attention: it needs nothing but torch."""
+    ok, why = _dispatch.backend_status("sdpa")
+    assert ok, why
+    return "sdpa"
+
+
+@pytest.fixture(params=["torch", "cpp", "triton", "sdpa"])
 def cpu_backend(request):
     """Every backend that runs on CPU tensors here."""
     if request.param != "torch":
@@ -41,9 +49,9 @@ def cpu_backend(request):
     return request.param
 
 
-@pytest.fixture(params=["cpp", "triton"])
+@pytest.fixture(params=["cpp", "triton", "sdpa"])
 def kernel_backend(request):
-    """The compiled backends (everything but the reference)."""
+    """Every backend but the reference (their gradients come from a backward op)."""
     return request.getfixturevalue(f"{request.param}_backend")
 
 

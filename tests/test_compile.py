@@ -11,9 +11,10 @@ from .conftest import rand
 def all_ops(q, k, v, idx, key_mask, maps, backend):
     out, m = fused.cross_attention_with_maps(q, k, v, idx, backend=backend)
     out2 = fused.masked_attention(q, k, v, key_mask, backend=backend)
-    thr, mask = fused.otsu_mask(maps, backend=backend)
+    thr, mask = fused.otsu_mask(maps, backend=None if backend == "sdpa" else backend)  # sdpa has no Otsu
     out3, m3, mask3 = fused.cross_attention_with_mask(q, k, v, idx, backend=backend)
-    return out, m, out2, thr, mask, out3, m3, mask3
+    out4, m4 = fused.cross_attention_with_maps(q, k, v, idx, key_mask=key_mask, backend=backend)
+    return out, m, out2, thr, mask, out3, m3, mask3, out4, m4
 
 
 def test_compile_fullgraph_matches_eager(cpu_backend):
@@ -29,8 +30,8 @@ def test_compile_fullgraph_matches_eager(cpu_backend):
     want = all_ops(q, k, v, idx, key_mask, maps, cpu_backend)
     for a, b in zip(got, want):
         assert torch.allclose(a.double(), b.double(), rtol=1e-12, atol=1e-12) if a.is_floating_point() else torch.equal(a, b)
-    g_got = torch.autograd.grad(got[0].sum() + got[1].sum() + got[2].sum(), (q, k, v))
-    g_want = torch.autograd.grad(want[0].sum() + want[1].sum() + want[2].sum(), (q, k, v))
+    g_got = torch.autograd.grad(got[0].sum() + got[1].sum() + got[2].sum() + got[9].square().sum(), (q, k, v))
+    g_want = torch.autograd.grad(want[0].sum() + want[1].sum() + want[2].sum() + want[9].square().sum(), (q, k, v))
     for a, b in zip(g_got, g_want):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 

@@ -21,15 +21,15 @@ def test_available_backends_on_cpu(cpp_backend):
 
 
 def test_cpu_default_is_cpp(cpp_backend):
-    assert _dispatch.resolve("attention_with_maps", "cpu", torch.float32, None) == "cpp"
+    assert _dispatch.resolve("attention", "cpu", torch.float32, None) == "cpp"
     assert _dispatch.resolve("otsu_mask", "cpu", torch.float16, None) == "cpp"  # upcast inside
 
 
-def test_half_attention_on_cpu_warns_and_uses_reference(cpp_backend):
+def test_half_attention_on_cpu_warns_and_uses_sdpa(cpp_backend):
     q = rand(1, 2, 8, 4, dtype=torch.float16)
     k = rand(1, 2, 5, 4, dtype=torch.float16, seed=1)
     _dispatch._warn_once.cache_clear()
-    with pytest.warns(RuntimeWarning, match="falls back to the PyTorch reference .*cpp has no torch.float16 kernel"):
+    with pytest.warns(RuntimeWarning, match="falls back to the sdpa backend .*cpp has no torch.float16 kernel"):
         out, maps = fused.cross_attention_with_maps(q, k, k, torch.tensor([[1]]))
     assert out.dtype == maps.dtype == torch.float16
     with pytest.raises(TypeError, match="backend 'cpp' does not support torch.float16"):
@@ -43,10 +43,10 @@ def test_unavailable_cpp_falls_back_with_warning(monkeypatch):
     )
     _dispatch._warn_once.cache_clear()
     with pytest.warns(RuntimeWarning, match="cpp: no compiler"):
-        name = _dispatch.resolve("masked_attention", "cpu", torch.float32, None)
-    assert name == "torch"
+        name = _dispatch.resolve("attention", "cpu", torch.float32, None)
+    assert name == "sdpa"  # torch's fused attention, never the materialising reference, when it can run
     with pytest.raises(RuntimeError, match="backend 'cpp' is not available: no compiler"):
-        _dispatch.resolve("masked_attention", "cpu", torch.float32, "cpp")
+        _dispatch.resolve("attention", "cpu", torch.float32, "cpp")
 
 
 def test_no_warning_when_the_preferred_backend_runs(cpp_backend):
@@ -73,12 +73,12 @@ def test_float64_attention_on_cuda_skips_triton_with_warning(triton_backend):
     every other dtype stay on Triton. Decided from the device *type*: no GPU needed."""
     _dispatch._warn_once.cache_clear()
     with pytest.warns(RuntimeWarning, match="falls back to the PyTorch reference .*triton has no torch.float64 kernel"):
-        assert _dispatch.resolve("attention_with_maps", "cuda", torch.float64, None) == "torch"
-    with pytest.raises(TypeError, match="does not support torch.float64 for masked_attention on cuda"):
-        _dispatch.resolve("masked_attention", "cuda", torch.float64, "triton")
+        assert _dispatch.resolve("attention", "cuda", torch.float64, None) == "torch"
+    with pytest.raises(TypeError, match="does not support torch.float64 for attention on cuda"):
+        _dispatch.resolve("attention", "cuda", torch.float64, "triton")
     assert _dispatch.resolve("otsu_mask", "cuda", torch.float64, None) == "triton"
     # bf16 attention is refused while the interpreter is on (tests/test_op_hardening.py).
-    dtypes = (torch.float16, torch.float32) + (() if _dispatch._triton_interpreted() else (torch.bfloat16,))
+    dtypes = (torch.float16, torch.float32) + (() if fused.triton.interpreted() else (torch.bfloat16,))
     for dtype in dtypes:
-        assert _dispatch.resolve("attention_with_maps", "cuda", dtype, None) == "triton"
-    assert _dispatch.resolve("attention_with_maps", "cpu", torch.float64, "triton") == "triton"  # interpreter
+        assert _dispatch.resolve("attention", "cuda", dtype, None) == "triton"
+    assert _dispatch.resolve("attention", "cpu", torch.float64, "triton") == "triton"  # interpreter

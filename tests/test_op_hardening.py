@@ -225,7 +225,7 @@ def test_poisoned_value_of_a_fully_masked_row_propagates(cpu_backend):
 
 
 # Item 7 concerns the interpreter itself; conftest switches it on where there is no GPU.
-interpreted = pytest.mark.skipif(not _dispatch._triton_interpreted(), reason="needs TRITON_INTERPRET=1")
+interpreted = pytest.mark.skipif(not fused.triton.interpreted(), reason="needs TRITON_INTERPRET=1")
 
 
 def _bf16_qkv():
@@ -254,10 +254,10 @@ def test_bf16_attention_falls_back_with_the_interpreter_named(monkeypatch):
     _dispatch._warn_once.cache_clear()
     reason = r"triton has no torch.bfloat16 kernel: the Triton interpreter \(TRITON_INTERPRET=1\) computes bfloat16"
     with pytest.warns(RuntimeWarning, match=r"falls back to the PyTorch reference .*" + reason):
-        assert _dispatch.resolve("masked_attention", "cuda", torch.bfloat16, None) == "torch"
-    assert _dispatch._dtype_refusal("triton", "otsu_mask", torch.bfloat16, "cuda") is None  # exact: allowed
+        assert _dispatch.resolve("attention", "cuda", torch.bfloat16, None) == "torch"
+    assert _dispatch.REGISTRY["triton"].refusal("otsu_mask", torch.bfloat16, "cuda") is None  # exact: allowed
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # compiled for a GPU, bf16 attention is fine
-    assert _dispatch._dtype_refusal("triton", "attention_with_maps", torch.bfloat16, "cuda") is None
+    assert _dispatch.REGISTRY["triton"].refusal("attention", torch.bfloat16, "cuda") is None
 
 
 def test_bf16_attention_on_cpu_runs_the_reference(cpp_backend):

@@ -17,18 +17,14 @@ import pytest
 import torch
 
 import fused  # noqa: F401  (loads the op namespaces the fixtures build)
-from fused import _cpp, _validate
+from fused import _cpp, _dispatch
 from fused.reference import accumulation_dtype, otsu_compute_dtype
 
 from .conftest import rand
 
-NAMESPACE = {"cpp": "fused_cpp", "triton": "fused_triton"}
-
-
 def _ops(kernel_backend: str):
-    if kernel_backend == "triton":
-        import fused.triton  # noqa: F401  (registers torch.ops.fused_triton)
-    return getattr(torch.ops, NAMESPACE[kernel_backend])
+    _dispatch.implementation(kernel_backend)  # builds / registers torch.ops.fused_<backend>
+    return getattr(torch.ops, f"fused_{kernel_backend}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
@@ -38,21 +34,23 @@ def test_lse_and_outputs_follow_the_accumulation_rule_and_the_fakes(kernel_backe
                                                                                              seed=2)
     index = torch.tensor([[1, 3], [2, -1]])
     key_mask = torch.tensor([[True] * 5 + [False] * 3, [False] * 8])
-    for head_mean in (True, False):
-        out, maps, lse = ops.attention_with_maps(q, k, v, index, 0.25, head_mean)
-        assert (out.dtype, maps.dtype, lse.dtype) == (dtype, dtype, accumulation_dtype(dtype))
-        torch.library.opcheck(ops.attention_with_maps, (q, k, v, index, 0.25, head_mean),
+    for idx, mask in ((index, None), (None, key_mask), (index, key_mask)):
+        for head_mean in (True, False):
+            out, maps, lse = ops.attention(q, k, v, idx, mask, 0.25, head_mean)
+            assert (out.dtype, maps.dtype, lse.dtype) == (dtype, dtype, accumulation_dtype(dtype))
+            torch.library.opcheck(ops.attention, (q, k, v, idx, mask, 0.25, head_mean),
+                                  test_utils=("test_faketensor",))
+        grad = rand(*out.shape, dtype=dtype, seed=3)
+        grad_maps = None if idx is None else rand(*maps.shape, dtype=dtype, seed=4)
+        torch.library.opcheck(ops.attention_backward,
+                              (q, k, v, idx, mask, out, lse, grad, grad_maps, 0.25, False),
                               test_utils=("test_faketensor",))
-    out, lse = ops.masked_attention(q, k, v, key_mask, 0.25)
-    assert (out.dtype, lse.dtype) == (dtype, accumulation_dtype(dtype))
-    torch.library.opcheck(ops.masked_attention, (q, k, v, key_mask, 0.25), test_utils=("test_faketensor",))
-    grad = rand(*out.shape, dtype=dtype, seed=3)
-    torch.library.opcheck(ops.masked_attention_backward, (q, k, v, key_mask, out, lse, grad, 0.25),
-                          test_utils=("test_faketensor",))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64], ids=["fp16", "fp32", "fp64"])
 def test_otsu_threshold_follows_the_compute_rule_and_the_fake(kernel_backend, dtype):
+    if kernel_backend == "sdpa":
+        pytest.skip("the sdpa backend has no Otsu op")
     maps = rand(3, 64, dtype=torch.float64).abs().to(dtype)
     if kernel_backend == "cpp" and dtype == torch.float16:
         maps_in = maps.float()  # the C++ op takes fp32/fp64; its Python wrapper upcasts half maps
@@ -73,7 +71,7 @@ def test_cuda_bin_limits_have_one_source():
     for mode, define in (("vico", "FUSED_MAX_VICO_BINS"), ("skimage", "FUSED_MAX_SKIMAGE_BINS")):
         assert define in source
         assert f"-D{define}={_cpp.CUDA_MAX_BINS[mode]}" in _cpp.CUDA_CFLAGS
-        assert _validate.max_bins("cuda", mode) == _cpp.CUDA_MAX_BINS[mode]
-    # The backend refuses before it reaches torch.ops.fused_cuda (no GPU needed to see it).
+        assert _dispatch.max_bins("cuda", mode) == _cpp.CUDA_MAX_BINS[mode]
+    # Dispatch refuses before it reaches torch.ops.fused_cuda (no GPU needed to see it).
     with pytest.raises(ValueError, match=r"bins=65 exceeds the cuda Otsu kernel's limit of 64 bins for mode 'vico'"):
-        _cpp.cuda_backend.otsu_mask(torch.rand(2, 8), 65, "vico")
+        _dispatch.check_bins_for_backend(65, "vico", "cuda")

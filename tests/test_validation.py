@@ -71,7 +71,7 @@ def test_int32_token_index_is_accepted(cpu_backend):
         (dict(head_reduce="sum"), ValueError, r"head_reduce must be one of"),
         (dict(scale=float("nan")), ValueError, r"scale must be finite"),
         (dict(scale="0.1"), TypeError, r"scale must be a Python number"),
-        (dict(backend="cuda"), ValueError, r"backend 'cuda' does not implement attention_with_maps"),
+        (dict(backend="cuda"), ValueError, r"backend 'cuda' does not implement attention"),
         (dict(backend="nope"), ValueError, r"backend must be one of"),
     ],
 )

@@ -1,63 +1,54 @@
-"""The Triton backend: kernels in attention_fwd.py, attention_bwd.py and otsu.py.
+"""The Triton backend: kernels in attention_fwd.py, attention_bwd.py and otsu.py,
+registered as ``torch.ops.fused_triton.*`` by ``fused.triton.ops``.
 
-Registered as ``torch.ops.fused_triton.*`` with the op schemas shared by every
-compiled backend (fused/_library.py). On a GPU they are ``torch.library.triton_op``s,
-so torch.compile sees the kernels; under ``TRITON_INTERPRET=1`` triton_op fails
-inside torch.compile, so they are plain ``custom_op``s with fake implementations.
-Importing this module imports triton; ``import fused`` does not.
+Importing this package declares the backend without importing triton; the
+dispatcher imports ``fused.triton.ops`` (and with it triton) on first use.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import importlib.util
+import os
 
 import torch
-from torch import Tensor
 
-from .. import _library
-from ._common import INTERPRET
-from .attention_bwd import attention_backward
-from .attention_fwd import attention_forward
-from .otsu import otsu_forward
+from .._registry import FLOATS, BackendUnavailable, Refusal, register_backend
 
-_define = torch.library.custom_op if INTERPRET else torch.library.triton_op
-NS = "fused_triton"
+# Largest `bins` the Triton Otsu kernel takes, both modes: its candidates are one
+# power-of-two block, and a [candidates, chunk] tile must stay within Triton's
+# 2**20-element tensor limit at the chunk the launch picks (up to 1024 under the
+# interpreter; 16 or more on a GPU). 1025 bins already fail inside the kernel launch.
+MAX_BINS = 1024
 
-
-@_define(f"{NS}::attention_with_maps", mutates_args=())
-def _attention_with_maps(q: Tensor, k: Tensor, v: Tensor, token_index: Tensor, scale: float,
-                         head_mean: bool) -> tuple[Tensor, Tensor, Tensor]:
-    out, maps, lse = attention_forward(q, k, v, token_index=token_index, scale=scale, head_mean=head_mean)
-    return out, maps, lse
+INTERPRETER_BF16 = "the Triton interpreter (TRITON_INTERPRET=1) cannot compute bfloat16 attention"
 
 
-@_define(f"{NS}::attention_with_maps_backward", mutates_args=())
-def _attention_with_maps_backward(q: Tensor, k: Tensor, v: Tensor, token_index: Tensor, out: Tensor, lse: Tensor,
-                                  grad_out: Tensor, grad_maps: Optional[Tensor], scale: float,
-                                  head_mean: bool) -> tuple[Tensor, Tensor, Tensor]:
-    return attention_backward(q, k, v, out, lse, grad_out, scale, token_index=token_index,
-                              grad_maps=grad_maps, head_mean=head_mean)
+def interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@_define(f"{NS}::masked_attention", mutates_args=())
-def _masked_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    out, _, lse = attention_forward(q, k, v, key_mask=key_mask, scale=scale)
-    return out, lse
+@register_backend(
+    "triton", devices={"cuda"}, dtypes={"attention": FLOATS, "otsu_mask": FLOATS},
+    max_bins={"vico": MAX_BINS, "skimage": MAX_BINS}, self_checked=True,
+    also_runs_on=lambda device_type: device_type == "cpu" and interpreted(),
+    refusals=(
+        # Triton cannot compile the float64 attention kernels for a GPU: fp64 tl.dot with a
+        # head dim of 160 trips "fp64 don't support largeK MMA", and the tiles need up to
+        # 650 KB of shared memory (tools/triton_compile_check.py --dtype fp64).
+        Refusal("attention", torch.float64, "cuda", ""),
+        # The interpreter runs the kernels in numpy, which has no bfloat16: the attention
+        # kernels' output was off by ~8e8 and their maps by ~0.5, without a word. Otsu loads
+        # bf16 maps as fp32 and stays exact. Any device: the interpreter also runs CUDA
+        # tensors' kernels on the host.
+        Refusal("attention", torch.bfloat16, "*", INTERPRETER_BF16, interpreted),
+    ),
+    note="Triton kernels (GPU, or CPU under TRITON_INTERPRET=1)",
+)
+def triton_backend():
+    if importlib.util.find_spec("triton") is None:
+        raise BackendUnavailable("triton is not installed")
+    if not (torch.cuda.is_available() or interpreted()):
+        raise BackendUnavailable("Triton needs a CUDA device or TRITON_INTERPRET=1")
+    from . import ops
 
-
-@_define(f"{NS}::masked_attention_backward", mutates_args=())
-def _masked_attention_backward(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor, out: Tensor, lse: Tensor,
-                               grad_out: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    return attention_backward(q, k, v, out, lse, grad_out, scale, key_mask=key_mask)
-
-
-@_define(f"{NS}::otsu_mask", mutates_args=())
-def _otsu_mask(maps: Tensor, bins: int, mode: str) -> tuple[Tensor, Tensor]:
-    return otsu_forward(maps, bins, mode)
-
-
-if INTERPRET:  # triton_op derives its fake implementation from the kernels
-    _library.register_fakes(NS)
-_library.register_autograd(NS)
-
-backend = _library.OpsBackend(NS)
+    return ops.backend

@@ -86,10 +86,11 @@ def _probs_and_dscores(q, k, v, do, lse, delta, cols, L, b, h, H, N, T, offs_n, 
 
 @triton.jit
 def _attention_bwd_rowterm_kernel(
-    Q, K, Out, DOut, Lse, Delta, DMaps, Index,
+    Q, K, Out, DOut, Lse, Delta, DMaps, Index, KeyMask, AnyVisible,
     sqb, sqh, sqn, sqd, skb, skh, skl, skd,
-    H, N, D, T, scale, c,
-    HAS_MAPS: tl.constexpr, HEAD_MEAN: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr, WIDE: tl.constexpr,
+    H, N, L, D, T, scale, c,
+    HAS_MAPS: tl.constexpr, HEAD_MEAN: tl.constexpr, HAS_MASK: tl.constexpr, ACC: tl.constexpr,
+    PRECISION: tl.constexpr, WIDE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -118,7 +119,13 @@ def _attention_bwd_rowterm_kernel(
             )
             lse = tl.load(Lse + bh * N + offs_n, mask=row_ok, other=0.0)
             s_sel = tl.dot(q, tl.trans(k_sel), input_precision=PRECISION).to(ACC) * scale
-            p_sel = tl.where(idx_ok[None, :], tl.exp(s_sel - lse[:, None]), 0.0)
+            chosen = idx_ok
+            if HAS_MASK:  # as in the forward: hidden columns 0, a row hiding every key scores 0
+                uniform = tl.load(AnyVisible + b) == 0
+                chosen = idx_ok & ((tl.load(KeyMask + b * L + tl.where(idx_ok, idx, 0), mask=idx_ok, other=0) != 0)
+                                   | uniform)
+                s_sel = tl.where(uniform, 0.0, s_sel)
+            p_sel = tl.where(chosen[None, :], tl.exp(s_sel - lse[:, None]), 0.0)
             if HEAD_MEAN:
                 dm_ptrs = DMaps + (b * T + offs_t[None, :]) * N + offs_n[:, None]
             else:
@@ -275,8 +282,8 @@ def attention_backward(q, k, v, out, lse, grad_out, scale: float, token_index=No
                  WIDE=needs_int64_offsets(q, k, v, grad_out, dmaps), BLOCK_D=next_pow2(D), BLOCK_T=next_pow2(T))
     bn = _ROWTERM_META["BLOCK_N"]
     launcher(_attention_bwd_rowterm_kernel)[(triton.cdiv(N, bn), B * H)](
-        q, k, out, grad_out, lse, delta, dmaps, index,
-        *q.stride(), *k.stride(), H, N, D, T, scale, c, **flags, **_ROWTERM_META,
+        q, k, out, grad_out, lse, delta, dmaps, index, mask, any_visible,
+        *q.stride(), *k.stride(), H, N, L, D, T, scale, c, HAS_MASK=key_mask is not None, **flags, **_ROWTERM_META,
     )
     strides = (*q.stride(), *k.stride(), *v.stride())
     launcher(_dkdv_kernel(flags["BLOCK_D"], q.dtype))[lambda meta: (triton.cdiv(L, meta["BLOCK_L"]), B * H)](

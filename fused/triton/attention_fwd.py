@@ -122,7 +122,11 @@ def _attention_fwd_kernel(
                         mask=idx_ok[:, None] & d_ok[None, :], other=0.0,
                     )
                     s_sel = tl.dot(q, tl.trans(k_sel), input_precision=PRECISION).to(ACC) * scale
-                p_sel = tl.where(idx_ok[None, :], tl.exp(s_sel - lse[:, None]), 0.0)
+                chosen = idx_ok
+                if HAS_MASK:  # a hidden column's probability is 0; a row hiding every key scores 0 everywhere
+                    chosen = idx_ok & ((tl.load(KeyMask + b * L + idx_safe, mask=idx_ok, other=0) != 0) | uniform)
+                    s_sel = tl.where(uniform, 0.0, s_sel)
+                p_sel = tl.where(chosen[None, :], tl.exp(s_sel - lse[:, None]), 0.0)
                 if HEAD_MEAN:
                     maps_acc += p_sel
                 else:
