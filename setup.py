@@ -21,7 +21,7 @@ setup(
     package_data={"fused.csrc": ["*.cpp", "*.h", "*.cu"],
                   "vico": ["prompts/*.txt", "toyworld/model/*.json", "toyworld/model/*/*"]},
     include_package_data=False,
-    # Floors are the versions this project was tested with (see README).
+    # Floors are the versions this project was tested with (see docs/install.md).
     install_requires=[
         "torch>=2.13",
         "numpy>=2.0",

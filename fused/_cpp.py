@@ -2,8 +2,10 @@
 
 The C++ (CPU) kernels are built on first use with
 ``torch.utils.cpp_extension.load`` and ninja into a cache directory keyed by
-the torch version, the CUDA version and a hash of the sources, so a changed
-source or a new torch never loads a stale binary. ``csrc/`` ships inside the
+the torch version, the CUDA version and a hash of the sources and of the
+compile and link flags the build passes (the CUDA build's flags define the
+Otsu bin limits), so a changed source, flag or torch never loads a stale
+binary (docs/dispatch.md §7.1). ``csrc/`` ships inside the
 wheel as package data (``fused/csrc``); in a checkout it sits beside ``fused/``.
 
 The libraries implement ops declared in ``fused._library`` (``torch.ops.fused_cpp.*``
@@ -45,14 +47,14 @@ def source_dir() -> Path:
     raise BuildError(f"fused: C++ sources not found next to {here} (looked in fused/csrc and ../csrc)")
 
 
-def cache_key(files: tuple[str, ...]) -> str:
-    """torch version + CUDA version + hash of the sources (and compile flags)."""
+def cache_key(files: tuple[str, ...], flags: tuple[str, ...] = ()) -> str:
+    """torch version + CUDA version + hash of the sources ``files`` and of the build's ``flags``."""
     src = source_dir()
     digest = hashlib.sha256()
     for name in sorted(files):
         digest.update(name.encode())
         digest.update((src / name).read_bytes())
-    digest.update(" ".join(_cflags()).encode())
+    digest.update("\0".join(flags).encode())
     cuda = torch.version.cuda or "cpu"
     torch_v = torch.__version__.replace("+", "_")
     return f"torch{torch_v}-cuda{cuda}-{digest.hexdigest()[:16]}"
@@ -144,7 +146,9 @@ def _build(name: str, sources: tuple[str, ...], headers: tuple[str, ...], **kwar
     from torch.utils import cpp_extension
 
     src = source_dir()
-    key = cache_key(sources + headers)
+    # Every flag list handed to the compiler or linker (the CUDA one defines the Otsu bin limits).
+    flags = tuple(f"{option}={' '.join(values)}" for option, values in sorted(kwargs.items()))
+    key = cache_key(sources + headers, flags)
     build_dir = _private_dir(cache_root()) / key
     _private_dir(build_dir)
     ext_name = f"{name}_{key.rsplit('-', 1)[-1]}"

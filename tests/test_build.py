@@ -132,3 +132,17 @@ def test_killed_build_leaves_no_lock_that_blocks(fake_build):
     build()  # waits for the holder, then finds and removes the stale baton
     holder.wait()
     assert fake.calls == 1 and not (build_dir / "lock").exists()
+
+
+def test_build_cache_key_tracks_the_flags_passed_to_the_compiler(monkeypatch, tmp_path):
+    # The CUDA build's flags define the Otsu bin limits: a library built with other limits
+    # must not be loaded, so each flag set builds into its own folder.
+    from torch.utils import cpp_extension
+
+    folders = []
+    monkeypatch.setattr(cpp_extension, "load", lambda build_directory, **kwargs: folders.append(build_directory))
+    monkeypatch.setenv("FUSED_CACHE_DIR", str(tmp_path))
+    other_limit = [f for f in _cpp.CUDA_CFLAGS if not f.startswith("-DFUSED_MAX_VICO_BINS")]
+    for cuda_flags in (_cpp.CUDA_CFLAGS, other_limit + ["-DFUSED_MAX_VICO_BINS=32"], _cpp.CUDA_CFLAGS):
+        _cpp._build("fused_cuda", _cpp.CUDA_SOURCES, ("otsu_rule.h",), extra_cuda_cflags=cuda_flags)
+    assert folders[0] != folders[1] and folders[0] == folders[2]

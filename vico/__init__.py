@@ -1,5 +1,5 @@
-"""vico: attention-map-driven personalization (ViCo first; AttnDreamBooth and
-CatVersion to follow) on the fused ops of the ``fused`` package.
+"""vico: attention-map-driven personalization (ViCo, AttnDreamBooth, CatVersion
+and Textual Inversion; ``vico.methods``) on the fused ops of the ``fused`` package.
 
 Importing ``vico`` does not import diffusers; the functions that need it
 import it when called.

@@ -1,7 +1,8 @@
 """The methods by name, and rebuilding a trained one from its concept folder.
 
-Kept apart from ``base`` (the interface every method implements), so a method
-module imports ``base`` and the registry imports the methods: no cycle.
+Kept apart from ``base`` (the interface every method implements): the method
+modules import ``base``, the registry imports the method modules, and ``base``
+needs none of them.
 """
 
 from __future__ import annotations
