@@ -160,3 +160,39 @@ def test_sdxl_style_unet_processor_and_maps(cpu_backend):
     assert set(request.maps) == set(layers)
     for name in layers:
         torch.testing.assert_close(request.maps[name], want[name], rtol=1e-10, atol=1e-12)
+
+
+def test_layers_without_maps_use_the_attention_backend_chosen_in_diffusers(monkeypatch, cpp_backend):
+    """set_attention_backend before or after attach: every layer that takes no map calls that backend."""
+    from diffusers.models import attention_dispatch as dispatch
+
+    name = dispatch.AttentionBackendName._NATIVE_MATH
+    real = dispatch._AttentionBackendRegistry._backends[name]
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setitem(dispatch._AttentionBackendRegistry._backends, name, spy)
+    monkeypatch.setattr(dispatch._AttentionBackendRegistry, "_active_backend",
+                        dispatch._AttentionBackendRegistry._active_backend)  # restored after the test
+    unet = tiny_unet().double()
+    x, t, ctx = _inputs()
+    with torch.no_grad():
+        want = unet(x, t, ctx).sample
+    unet.set_attention_backend("_native_math")
+    fused.attach(unet)
+    n_layers = len(unet.attn_processors)
+    with torch.no_grad():
+        got = unet(x, t, ctx).sample
+        assert len(calls) == n_layers
+        request = fused.MapRequest(torch.tensor([[1, 3], [-1, 6]]))
+        unet(x, t, ctx, cross_attention_kwargs={"map_request": request})
+    assert len(calls) == 2 * n_layers - len(request.maps) and len(request.maps) == 4
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    unet.set_attention_backend("native")  # after attach, diffusers sets it on the fused processors themselves
+    assert {p._attention_backend for p in unet.attn_processors.values()} == {dispatch.AttentionBackendName.NATIVE}
+    with torch.no_grad():
+        unet(x, t, ctx)
+    assert len(calls) == 2 * n_layers - len(request.maps)  # the spied backend is no longer chosen

@@ -261,10 +261,14 @@ def test_unsupported_masks_models_and_templates():
     attn = model.transformer_blocks[0].attn
     hidden, text = rand(1, 5, 16, seed=4), rand(1, 3, 16, seed=5)
     holes = torch.tensor([True] * 5 + [True, False, True]).view(1, 1, 1, 8)  # hides a middle text token
-    request = fused.MapRequest(torch.tensor([[0]]))
-    with pytest.raises(NotImplementedError, match="hides only the last keys"):
-        attn.processor(attn, hidden, text, holes, None, map_request=request)
-    attn.processor(attn, hidden, text, holes, None)  # without maps any mask goes to SDPA, as in diffusers
+    request = fused.MapRequest(torch.tensor([[0, 1]]))  # text token 1 is hidden
+    with_maps = attn.processor(attn, hidden, text, holes, None, map_request=request)
+    plain = attn.processor(attn, hidden, text, holes, None)  # without maps the mask goes to SDPA, as in diffusers
+    torch.testing.assert_close(with_maps, plain, rtol=1e-10, atol=1e-12)
+    (maps,) = request.maps.values()
+    assert maps.shape == (1, 2, 5) and bool((maps[:, 0] > 0).all()) and bool((maps[:, 1] == 0).all())
+    with pytest.raises(NotImplementedError, match="a boolean key mask"):
+        attn.processor(attn, hidden, text, holes.float(), None, map_request=request)
     with pytest.raises(ValueError, match="not a supported video transformer"):
         attach_video(torch.nn.Linear(2, 2))
 

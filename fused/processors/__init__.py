@@ -6,8 +6,9 @@
   (FLUX) for joint image+text attention.
 - ``video``: ``FusedWanAttnProcessor``, ``FusedCogVideoXAttnProcessor`` and
   ``FusedHunyuanVideoAttnProcessor`` for video transformers, ``attach_video``.
-- ``trace``: ``trace(pipe, prompt, words)``, token heat maps of a whole
-  generation (also importable as ``fused.maps``).
+
+``fused.maps`` builds on them: ``trace(pipe, prompt, words)``, token heat maps of a
+whole generation.
 
 Nothing here imports diffusers at import time.
 """

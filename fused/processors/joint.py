@@ -19,72 +19,48 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ..ops import cross_attention_with_maps
+from .base import FusedProcessor
 from .unet import MapRequest
 
 
-def _key_lengths(name: str | None, mask: torch.Tensor, batch: int, total: int) -> torch.Tensor:
-    """Visible keys per row of a boolean key mask ``[B, 1, 1, S]`` that hides a suffix (padded text)."""
+def _key_mask(name: str | None, mask: torch.Tensor, batch: int, total: int) -> torch.Tensor:
+    """bool [B, S] from a boolean key mask ``[B, 1, 1, S]`` (e.g. padded text)."""
     if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != 1:
         raise NotImplementedError(f"{name}: maps need no attention mask or a boolean key mask [B, 1, 1, S]; "
                                   f"got {mask.dtype} {tuple(mask.shape)}")
-    keep = mask[:, 0, 0].expand(batch, total)
-    lengths = keep.sum(1)
-    if not torch.equal(keep, torch.arange(total, device=keep.device) < lengths[:, None]):
-        raise NotImplementedError(f"{name}: maps need a key mask that hides only the last keys (padded text)")
-    return lengths
+    return mask[:, 0, 0].expand(batch, total)
 
 
-def _joint_attention(name: str | None, query, key, value, scale: float, request: MapRequest | None,
-                     text_start: int, text_len: int, image_rows: slice, records: bool,
-                     attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+def joint_attention(processor: FusedProcessor, query, key, value, scale: float, request: MapRequest | None,
+                    text_start: int, text_len: int, image_rows: slice,
+                    attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Attention over the joint sequence [B, H, S, D]; records image->text maps when asked.
 
     The text keys are ``key[:, :, text_start:text_start + text_len]``; the maps
     keep the query rows ``image_rows``. ``attention_mask`` goes to SDPA as is
     when no maps are recorded; with maps it must be a boolean key mask
-    ``[B, 1, 1, S]`` hiding the last keys of each row (HunyuanVideo's padded
-    text): the hidden keys are cut off (rows with another length run
-    separately) and a map of a hidden text token is zero, its probability.
+    ``[B, 1, 1, S]`` (HunyuanVideo's padded text), the op's ``key_mask``: a map
+    of a hidden text token is zero, its probability.
     """
-    if request is None or not records or not request.wants(name) or text_len <= 0:
-        return F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scale)
+    name = processor.name
+    if request is None or not processor.records_maps or not request.wants(name) or text_len <= 0:
+        return processor.plain_attention(query, key, value, attn_mask=attention_mask, scale=scale)
     index = request.token_index.to(query.device)
     if index.device.type == "cpu" and bool((index >= text_len).any()):  # would point at image tokens
         raise ValueError(f"token_index has positions >= the {text_len} text tokens of {name} "
                          f"(largest: {int(index.max())})")
     joint_index = torch.where(index >= 0, index + text_start, index)
-    total = key.shape[2]
-    if attention_mask is None:
-        lengths = [total] * query.shape[0]
-    else:
-        visible = _key_lengths(name, attention_mask, query.shape[0], total)
-        joint_index = torch.where(joint_index < visible[:, None], joint_index, -1)
-        lengths = visible.tolist()
-    outs, maps, start = [], [], 0
-    while start < len(lengths):  # runs of rows with the same visible keys
-        stop = start + 1
-        while stop < len(lengths) and lengths[stop] == lengths[start]:
-            stop += 1
-        n, rows = lengths[start], slice(start, stop)
-        out, m = cross_attention_with_maps(query[rows], key[rows, :, :n], value[rows, :, :n], joint_index[rows],
-                                           scale=scale, head_reduce=request.head_reduce, backend=request.backend)
-        outs.append(out)
-        maps.append(m)
-        start = stop
-    out, m = (outs[0], maps[0]) if len(outs) == 1 else (torch.cat(outs), torch.cat(maps))
+    key_mask = None if attention_mask is None else _key_mask(name, attention_mask, query.shape[0], key.shape[2])
+    out, m = cross_attention_with_maps(query, key, value, joint_index, key_mask=key_mask, scale=scale,
+                                       head_reduce=request.head_reduce, backend=request.backend)
     request.maps[name or "<unnamed>"] = m[..., image_rows]
     return out
 
 
-class FusedJointAttnProcessor:
+class FusedJointAttnProcessor(FusedProcessor):
     """Drop-in for diffusers' SD3 ``JointAttnProcessor2_0`` (image tokens, then text)."""
-
-    def __init__(self, name: str | None = None, records_maps: bool = True):
-        self.name = name
-        self.records_maps = records_maps
 
     def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, map_request: MapRequest | None = None,
@@ -114,9 +90,8 @@ class FusedJointAttnProcessor:
                 ek = attn.norm_added_k(ek)
             text_len = eq.shape[2]
             query, key, value = torch.cat([query, eq], 2), torch.cat([key, ek], 2), torch.cat([value, ev], 2)
-        hidden_states = _joint_attention(self.name, query, key, value, attn.scale, map_request,
-                                         text_start=n_image, text_len=text_len, image_rows=slice(0, n_image),
-                                         records=self.records_maps)
+        hidden_states = joint_attention(self, query, key, value, attn.scale, map_request,
+                                        text_start=n_image, text_len=text_len, image_rows=slice(0, n_image))
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
         if encoder_hidden_states is not None:
             hidden_states, encoder_hidden_states = hidden_states[:, : residual.shape[1]], hidden_states[:, residual.shape[1]:]
@@ -128,12 +103,9 @@ class FusedJointAttnProcessor:
         return hidden_states
 
 
-class FusedFluxAttnProcessor:
+class FusedFluxAttnProcessor(FusedProcessor):
     """Drop-in for diffusers' ``FluxAttnProcessor`` (text tokens first, rotary embeddings)."""
 
-    def __init__(self, name: str | None = None, records_maps: bool = True):
-        self.name = name
-        self.records_maps = records_maps
 
     def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, image_rotary_emb: Any = None,
@@ -160,8 +132,8 @@ class FusedFluxAttnProcessor:
         else:  # single-stream block: the text is the prefix of hidden_states
             text_len = getattr(map_request, "text_len", None) or 0
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # [B, H, S, D]
-        out = _joint_attention(self.name, q, k, v, attn.head_dim ** -0.5, map_request, text_start=0,
-                               text_len=text_len, image_rows=slice(text_len, None), records=self.records_maps)
+        out = joint_attention(self, q, k, v, attn.head_dim ** -0.5, map_request, text_start=0,
+                              text_len=text_len, image_rows=slice(text_len, None))
         hidden_states = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
         if encoder_hidden_states is not None:
             encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(

@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from typing import Any, Collection
 
 import torch
-import torch.nn.functional as F
 
-from ..ops import cross_attention_with_mask, cross_attention_with_maps, masked_attention
+from ..ops import cross_attention_with_mask, cross_attention_with_maps, masked_attention, otsu_mask
+from .base import FusedProcessor
 
 __all__ = ["MapRequest", "FusedAttnProcessor", "attach", "cross_attention_layers"]
 
@@ -82,7 +82,7 @@ def cross_attention_layers(model: torch.nn.Module) -> list[str]:
     ]
 
 
-class FusedAttnProcessor:
+class FusedAttnProcessor(FusedProcessor):
     """Drop-in replacement for ``AttnProcessor2_0`` that can also return maps.
 
     Besides ``map_request`` it accepts ``key_mask`` (bool [B, L]) for
@@ -96,10 +96,6 @@ class FusedAttnProcessor:
         records_maps: False for cross-attention layers whose keys are not text
             tokens (an owner marks such modules with ``fused_no_maps = True``).
     """
-
-    def __init__(self, name: str | None = None, records_maps: bool = True):
-        self.name = name
-        self.records_maps = records_maps
 
     def __call__(
         self,
@@ -163,30 +159,32 @@ class FusedAttnProcessor:
         if (wants_maps or (key_mask is not None and is_cross)) and attention_mask is not None:
             raise NotImplementedError(f"{self.name}: an attention_mask cannot be combined with maps or key_mask")
         if wants_maps:
-            return self._attention_with_maps(attn, query, key, value, map_request)
+            return self._attention_with_maps(attn, query, key, value, map_request, key_mask if is_cross else None)
         if key_mask is not None and is_cross:
             return masked_attention(query, key, value, key_mask, scale=attn.scale)
-        return F.scaled_dot_product_attention(
-            query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False, scale=attn.scale
-        )
+        return self.plain_attention(query, key, value, attn_mask=attention_mask, scale=attn.scale)
 
     def wants_maps(self, is_cross: bool, map_request: MapRequest | None) -> bool:
         return map_request is not None and is_cross and self.records_maps and map_request.wants(self.name)
 
-    def _attention_with_maps(self, attn, query, key, value, request: MapRequest) -> torch.Tensor:
+    def _attention_with_maps(self, attn, query, key, value, request: MapRequest,
+                             key_mask: torch.Tensor | None) -> torch.Tensor:
         name = self.name or "<unnamed>"
         index = request.token_index
         if index.device != query.device:
             index = index.to(query.device)
-        if request.otsu:
+        if request.otsu and key_mask is None:
             out, maps, mask = cross_attention_with_mask(
                 query, key, value, index, scale=attn.scale, backend=request.backend
             )
             request.masks[name] = mask
         else:
             out, maps = cross_attention_with_maps(
-                query, key, value, index, scale=attn.scale, head_reduce=request.head_reduce, backend=request.backend
+                query, key, value, index, key_mask=key_mask, scale=attn.scale,
+                head_reduce="mean" if request.otsu else request.head_reduce, backend=request.backend
             )
+            if request.otsu:
+                request.masks[name] = otsu_mask(maps.detach(), backend=request.backend)[1]
         request.maps[name] = maps
         return out
 
@@ -203,5 +201,6 @@ def attach(model: torch.nn.Module, processor_class: type = FusedAttnProcessor) -
         name = key.removesuffix(".processor")
         module = model.get_submodule(name)
         processors[key] = processor_class(name, records_maps=not getattr(module, "fused_no_maps", False))
+        processors[key].take_backend_of(module.processor)
     model.set_attn_processor(processors)
     return {p.name: p for p in processors.values()}

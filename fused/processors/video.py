@@ -43,9 +43,9 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 
-from .joint import _joint_attention
+from .base import FusedProcessor
+from .joint import joint_attention
 from .unet import MapRequest
 
 __all__ = ["FusedWanAttnProcessor", "FusedCogVideoXAttnProcessor", "FusedHunyuanVideoAttnProcessor", "VideoFamily",
@@ -54,22 +54,20 @@ __all__ = ["FusedWanAttnProcessor", "FusedCogVideoXAttnProcessor", "FusedHunyuan
 WAN_TEXT_LEN = 512  # what WanAttnProcessor assumes for I2V: the text is the last 512 keys
 
 
-class _VideoProcessor:
-    """Name, whether the layer maps, and the request handed over by ``attach_video``'s hook."""
+class _VideoProcessor(FusedProcessor):
+    """A fused processor that also holds the request handed over by ``attach_video``'s hook."""
 
     def __init__(self, name: str | None = None, records_maps: bool = True):
-        self.name = name
-        self.records_maps = records_maps
+        super().__init__(name, records_maps)
         self.map_request: MapRequest | None = None
 
     def _request(self, map_request: MapRequest | None) -> MapRequest | None:
         return map_request if map_request is not None else self.map_request
 
     def _attend(self, q, k, v, request, text_start: int, text_len: int, video_rows: slice, mask=None):
-        """``_joint_attention`` on [B, H, S, D] with the default scale D ** -0.5 (what diffusers' SDPA uses)."""
-        return _joint_attention(self.name, q, k, v, q.shape[-1] ** -0.5, request, text_start=text_start,
-                                text_len=text_len, image_rows=video_rows, records=self.records_maps,
-                                attention_mask=mask)
+        """``joint_attention`` on [B, H, S, D] with the default scale D ** -0.5 (what diffusers' SDPA uses)."""
+        return joint_attention(self, q, k, v, q.shape[-1] ** -0.5, request, text_start=text_start,
+                               text_len=text_len, image_rows=video_rows, attention_mask=mask)
 
 
 def _wan_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -103,7 +101,7 @@ class FusedWanAttnProcessor(_VideoProcessor):
             key_img, value_img = _get_added_kv_projections(attn, image_context)
             key_img = attn.norm_added_k(key_img).unflatten(2, (attn.heads, -1)).transpose(1, 2)
             value_img = value_img.unflatten(2, (attn.heads, -1)).transpose(1, 2)
-            image_out = F.scaled_dot_product_attention(q, key_img, value_img).transpose(1, 2).flatten(2, 3)
+            image_out = self.plain_attention(q, key_img, value_img).transpose(1, 2).flatten(2, 3)
             image_out = image_out.type_as(query)
 
         cross = encoder_hidden_states is not None
@@ -278,8 +276,9 @@ def attach_video(model: torch.nn.Module) -> dict[str, _VideoProcessor]:
     for key, current in model.attn_processors.items():
         name = key.removesuffix(".processor")
         if family.installs(name):
-            current = family.processor(name, records_maps=family.maps(name))
-            installed[name] = current
+            fused_processor = family.processor(name, records_maps=family.maps(name))
+            fused_processor.take_backend_of(current)
+            installed[name] = current = fused_processor
         processors[key] = current
     model.set_attn_processor(processors)
     if not getattr(model, "_fused_hand_over", False):

@@ -285,15 +285,3 @@ def read_concept(concept_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]
         raise UnreadableFile(f"{weights} is unreadable ({describe_error(exc)}): truncated or not a safetensors "
                              "file") from None
     return meta, tensors
-
-
-def __getattr__(name: str):
-    # The registry moved to vico.methods.registry (it imports every method; base imports none of them).
-    if name in ("available_methods", "get_method", "load_method"):
-        import warnings
-
-        from . import registry
-
-        warnings.warn(f"vico.methods.base.{name} moved to vico.methods.{name}", DeprecationWarning, stacklevel=2)
-        return getattr(registry, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
