@@ -9,7 +9,8 @@ a hash of the kernel's sources). A kernel that fails to build or launch, or
 misses the tolerance, is not used for that key: one warning names the kernel,
 the case and the error, and dispatch moves on to the next backend.
 ``FUSED_SELFCHECK=0`` switches the check off; ``FUSED_SELFCHECK=force`` runs it
-again once per process, ignoring verdicts on disk.
+again once per process, ignoring verdicts on disk; ``FUSED_SELFCHECK_DIR`` moves
+the verdicts.
 
 ``python -m fused.selfcheck``: the verdicts on disk, then every available
 backend on a few shapes (including SD's head dims and 77 text tokens) against
@@ -80,6 +81,10 @@ def _device_name(device_type: str) -> str:
 
 
 def cache_dir() -> Path:
+    """``FUSED_SELFCHECK_DIR``, else ``selfcheck/`` in the kernel build cache."""
+    env = os.environ.get("FUSED_SELFCHECK_DIR")
+    if env:
+        return Path(env)
     from ._cpp import cache_root
 
     return cache_root() / "selfcheck"
@@ -213,6 +218,15 @@ def cached_verdicts() -> list[dict]:
     return records
 
 
+def print_verdicts() -> None:
+    records = cached_verdicts()
+    print(f"first-use verdicts in {cache_dir()}: {len(records)}")
+    for r in records:
+        k = r["key"]
+        print(f"  {k['backend']:7} {k['op']:10} {k['dtype']:9} head dim class {k['head_dim_class']:<4} {k['device']}: "
+              f"{'ok' if not r['error'] else 'FAILED: ' + r['error']}  ({k['versions']}, source {k['source']})")
+
+
 # --- on demand ----------------------------------------------------------------------------------------------
 
 
@@ -270,7 +284,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--full", action="store_true", help="larger shapes (slower)")
     parser.add_argument("--repeat", type=int, default=3, help="timing repeats (best of)")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON only")
+    parser.add_argument("--verdicts", action="store_true",
+                        help="only print the first-use verdicts remembered on this machine, then exit")
     opts = parser.parse_args(argv)
+    if opts.verdicts or not opts.json:
+        print_verdicts()
+    if opts.verdicts:
+        return 0
 
     backends = available_backends(opts.device)
     dtypes = [torch.float64, torch.float32] + ([torch.float16, torch.bfloat16] if opts.device == "cuda" else [])
