@@ -68,6 +68,7 @@ def _source_hash(backend: str) -> str:
     return digest.hexdigest()[:16]
 
 
+@functools.cache
 def _versions() -> str:
     try:
         triton_v = importlib.metadata.version("triton")
@@ -102,7 +103,7 @@ def _path(key: dict) -> Path:
     return cache_dir() / f"{name}.json"
 
 
-_VERDICTS: dict[str, str] = {}
+_VERDICTS: dict[tuple, str] = {}  # (backend, op, device type, dtype, head dim class) -> verdict, this process
 
 
 def verdict(backend: str, op: str, device_type: str, dtype: torch.dtype, head_dim: int | None) -> str:
@@ -110,10 +111,10 @@ def verdict(backend: str, op: str, device_type: str, dtype: torch.dtype, head_di
     mode = os.environ.get("FUSED_SELFCHECK", "1")
     if mode == "0" or (device_type == "cuda" and not torch.cuda.is_available()):
         return ""  # off; or a dispatch question about CUDA tensors where none can exist
-    key = _key(backend, op, device_type, dtype, head_dim)
-    memo = json.dumps(key, sort_keys=True)
-    if memo in _VERDICTS:
+    memo = (backend, op, device_type, dtype, _head_dim_class(head_dim) if op == "attention" else 0)
+    if memo in _VERDICTS:  # the per-call path: one dict lookup
         return _VERDICTS[memo]
+    key = _key(backend, op, device_type, dtype, head_dim)
     path = _path(key)
     if mode != "force":
         try:
