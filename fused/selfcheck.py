@@ -219,6 +219,30 @@ def cached_verdicts() -> list[dict]:
     return records
 
 
+def run_first_use(device: str, head_dims: list[int]) -> int:
+    """Every checked backend's first-use verdict on ``device``; non-zero exit when one fails."""
+    from ._dispatch import REGISTRY
+
+    device_type = torch.device(device).type
+    failed = False
+    for name in available_backends(device):
+        info = REGISTRY[name]
+        if not info.self_checked:
+            continue
+        for op in info.dtypes:
+            for dtype in (torch.float16, torch.bfloat16, torch.float32):
+                if info.refusal(op, dtype, device_type) is not None:
+                    continue
+                for head_dim in head_dims if op == "attention" else [None]:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        error = verdict(name, op, device_type, dtype, head_dim)
+                    failed |= bool(error)
+                    print(f"{name:7} {op:10} {str(dtype).replace('torch.', ''):9} head dim {head_dim or '-':<4} "
+                          f"{'ok' if not error else 'FAILED: ' + error}", flush=True)
+    return 1 if failed else 0
+
+
 def print_verdicts() -> None:
     records = cached_verdicts()
     print(f"first-use verdicts in {cache_dir()}: {len(records)}")
@@ -287,7 +311,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the rows as JSON only")
     parser.add_argument("--verdicts", action="store_true",
                         help="only print the first-use verdicts remembered on this machine, then exit")
+    parser.add_argument("--first-use", action="store_true",
+                        help="run (FUSED_SELFCHECK=force: again) the first-use check of every checked backend on "
+                             "--device for fp16/bf16/fp32 and --head-dims, print the verdicts, then exit")
+    parser.add_argument("--head-dims", type=int, nargs="+", default=[40, 64, 80, 128, 160])
     opts = parser.parse_args(argv)
+    if opts.first_use:
+        return run_first_use(opts.device, opts.head_dims)
     if opts.verdicts or not opts.json:
         print_verdicts()
     if opts.verdicts:
