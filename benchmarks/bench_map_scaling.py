@@ -69,6 +69,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from benchmarks.bench_joint_maps import memory_bytes  # noqa: E402
 from benchmarks.bench_vico_step import default_mem_limit_gb, limit_memory, run_child  # noqa: E402
+import fused  # noqa: E402
 from fused.benchmark import DTYPES, PeakMemory, paper_maps, time_ms  # noqa: E402
 
 PATHS = ("sdpa", "fused", "materialised")
@@ -325,7 +326,7 @@ def main(argv=None) -> int:
     p.add_argument("--pairs", type=int, default=21,
                    help="rounds of back-to-back SDPA/fused calls in one process for the fused extra time "
                         "(median and quartiles of fused/SDPA - 1; 0: skip)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=fused.default_device())
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="default bf16 on CUDA, fp32 on CPU")
     p.add_argument("--threads", type=int, help="torch.set_num_threads in each child (default: torch's)")
     p.add_argument("--mem-limit-gb", type=float, default=default_mem_limit_gb(),

@@ -46,6 +46,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+import fused  # noqa: E402
 from fused.benchmark import DTYPES, PeakMemory, time_ms  # noqa: E402
 from fused.benchmark.timing import proc_kb  # noqa: E402
 
@@ -243,7 +244,7 @@ def main(argv=None) -> int:
                    help="processors to compare (fused is always run first: the ratios need it)")
     p.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES), help="steps to time")
     p.add_argument("--repeat", type=int, default=3, help="timed steps per measurement after a warm-up (best of N)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--device", default=fused.default_device(), help="cpu or cuda")
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="default fp16 on CUDA, fp32 on CPU")
     p.add_argument("--threads", type=int, help="torch.set_num_threads in each child (default: torch's)")
     p.add_argument("--reference-stop", choices=["fused", "all", "none"], default="fused",

@@ -169,7 +169,7 @@ def main(argv=None) -> int:
                         help="dtypes to check on CUDA, in this order (CPU checks fp32 only); "
                              "benchmarks/gpu_session.sh splits them over two shorter runs")
     opts = parser.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(fused.default_device())
     attn2, image_attn = (TINY_ATTN2, TINY_IMAGE_ATTN) if opts.tiny else (SD15_ATTN2_ND, SD15_IMAGE_ND)
     dtypes = [DTYPES[d] for d in opts.dtypes] if device.type == "cuda" else [torch.float32]
     backends = fused.available_backends(device)

@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=10)
     p.add_argument("--out", type=Path, default=Path("scaling"))
     opts = p.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(fused.default_device())
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     rows = [r for lat in opts.latents for r in rows_for(lat, device, dtype, opts.repeat)]
     opts.out.mkdir(parents=True, exist_ok=True)

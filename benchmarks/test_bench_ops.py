@@ -12,7 +12,7 @@ from .conftest import bench_size
 
 
 def _params(config):
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(fused.default_device())
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     size = bench_size(config)
     backends = [b for b in fused.available_backends(device) if b != "cuda"]

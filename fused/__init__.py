@@ -12,7 +12,7 @@ Public API (contracts: docs/ops.md §1)::
 Importing this package imports neither diffusers nor triton.
 """
 
-from ._dispatch import available_backends
+from ._dispatch import available_backends, default_device
 from .ops import cross_attention_with_mask, cross_attention_with_maps, masked_attention, otsu_mask
 from .processors import FusedAttnProcessor, FusedCogVideoXAttnProcessor, FusedFluxAttnProcessor, \
     FusedHunyuanVideoAttnProcessor, FusedJointAttnProcessor, FusedWanAttnProcessor, MapRequest, attach, attach_video, \
@@ -31,6 +31,7 @@ __all__ = [
     "attach",
     "attach_video",
     "available_backends",
+    "default_device",
     "cross_attention_layers",
     "cross_attention_with_maps",
     "cross_attention_with_mask",

@@ -40,6 +40,11 @@ def backend_status(name: str) -> tuple[bool, str]:
 _LOADED: dict[str, Any] = {}
 
 
+def default_device() -> str:
+    """"cuda" when torch sees a GPU, else "cpu": where commands and benchmarks run unless told."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def available_backends(device: torch.device | str | None = None) -> list[str]:
     """Backends usable for tensors on ``device`` (default: CPU, plus CUDA when present).
 

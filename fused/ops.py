@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from . import _validate
-from ._dispatch import check_bins_for_backend, implementation, resolve
+from ._dispatch import BACKENDS, check_bins_for_backend, implementation, resolve
 
 
 def cross_attention_with_maps(
@@ -113,6 +113,8 @@ def otsu_mask(
         mask bool [..., N].
     """
     bins = _validate.check_otsu_args(maps, bins, mode, validate)
+    if backend in BACKENDS:  # a named kernel's limit is known before anything is resolved or checked
+        check_bins_for_backend(bins, mode, backend)
     name = resolve("otsu_mask", maps.device.type, maps.dtype, backend)
     check_bins_for_backend(bins, mode, name)
     return implementation(name).otsu_mask(maps, bins, mode)
@@ -144,8 +146,11 @@ def cross_attention_with_mask(
     token_index = _validate.check_token_index(token_index, q, k, validate)
     scale = _validate.check_scale(scale, q.shape[-1])
     bins = _validate.check_bins(bins, _validate.check_mode(mode))
+    otsu_backend = None if backend == "sdpa" else backend  # sdpa has no Otsu kernel
+    if otsu_backend in BACKENDS:
+        check_bins_for_backend(bins, mode, otsu_backend)
     attn = resolve("attention", q.device.type, q.dtype, backend, head_dim=q.shape[-1])
-    otsu = resolve("otsu_mask", q.device.type, q.dtype, None if backend == "sdpa" else backend)
+    otsu = resolve("otsu_mask", q.device.type, q.dtype, otsu_backend)
     check_bins_for_backend(bins, mode, otsu)
     out, maps = implementation(attn).attention(q, k, v, token_index, None, scale, "mean")
     _, mask = implementation(otsu).otsu_mask(maps.detach(), bins, mode)

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from . import reference
-from ._dispatch import available_backends, implementation
+from ._dispatch import available_backends, default_device, implementation
 from .benchmark.timing import time_ms
 from .ops import cross_attention_with_maps, masked_attention, otsu_mask
 
@@ -305,7 +305,7 @@ def _max_error(got, want) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fused.selfcheck", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=default_device())
     parser.add_argument("--full", action="store_true", help="larger shapes (slower)")
     parser.add_argument("--repeat", type=int, default=3, help="timing repeats (best of)")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON only")

@@ -1,5 +1,6 @@
 """JIT build of the C++ kernels: cache key and the error when no compiler exists."""
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -10,7 +11,7 @@ import threading
 import pytest
 import torch
 
-from fused import _cpp
+from fused import _cpp, _dispatch
 
 
 def test_build_cache_key_tracks_sources_and_versions(monkeypatch, tmp_path):
@@ -113,7 +114,9 @@ def test_cache_of_another_user_is_refused(fake_build, monkeypatch):
         build()
     # and the public API reports it as a reason, not a traceback
     monkeypatch.setattr(_cpp, "load_cpu", lambda: _cpp._build("fused_cpp", _cpp.CPU_SOURCES, _cpp.CPU_HEADERS))
-    ok, why = _cpp.cpu_available()
+    uncached = dataclasses.replace(_dispatch.REGISTRY["cpp"], load=_cpp.cpu_backend.__wrapped__)
+    monkeypatch.setitem(_dispatch.REGISTRY, "cpp", uncached)
+    ok, why = _dispatch.backend_status.__wrapped__("cpp")
     assert not ok and "FUSED_CACHE_DIR" in why
 
 

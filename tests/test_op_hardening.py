@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import fused
-from fused import _dispatch, _validate, reference
+from fused import _dispatch, reference
 
 from .conftest import rand
 
@@ -66,38 +66,38 @@ B, H, N, L, D, T = 2, 2, 5, 6, 4, 3
 
 
 def _valid():
-    """Valid arguments of every fused_cpp op, built by the forward ops themselves."""
+    """Valid arguments of the fused_cpp ops, built by the forward op itself."""
     q, k, v = _qkv(B, H, N, L, D, dtype=torch.float32, grad=False)
     idx = torch.tensor([[0, -1, 5], [2, 2, 1]])
     mask = torch.ones(B, L, dtype=torch.bool)
-    out, maps, lse = torch.ops.fused_cpp.attention_with_maps(q, k, v, idx, 0.5, True)
-    m_out, m_lse = torch.ops.fused_cpp.masked_attention(q, k, v, mask, 0.5)
+    out, maps, lse = torch.ops.fused_cpp.attention(q, k, v, idx, None, 0.5, True)
+    m_out, _, m_lse = torch.ops.fused_cpp.attention(q, k, v, None, mask, 0.5, True)
     return dict(q=q, k=k, v=v, idx=idx, mask=mask, out=out, maps=maps, lse=lse, m_out=m_out, m_lse=m_lse,
                 maps_none=torch.zeros(B, H, T, N))
 
 
 def _maps_fwd(a, **over):
     a = {**a, **over}
-    return torch.ops.fused_cpp.attention_with_maps(a["q"], a["k"], a["v"], a["idx"], 0.5, a.get("head_mean", True))
+    return torch.ops.fused_cpp.attention(a["q"], a["k"], a["v"], a["idx"], None, 0.5, a.get("head_mean", True))
 
 
 def _maps_bwd(a, **over):
     a = {**a, **over}
-    return torch.ops.fused_cpp.attention_with_maps_backward(
-        a["q"], a["k"], a["v"], a["idx"], a["out"], a["lse"], a.get("grad_out", a["out"]),
+    return torch.ops.fused_cpp.attention_backward(
+        a["q"], a["k"], a["v"], a["idx"], None, a["out"], a["lse"], a.get("grad_out", a["out"]),
         a.get("grad_maps", a["maps"]), 0.5, a.get("head_mean", True))
 
 
 def _masked_fwd(a, **over):
     a = {**a, **over}
-    return torch.ops.fused_cpp.masked_attention(a["q"], a["k"], a["v"], a["mask"], 0.5)
+    return torch.ops.fused_cpp.attention(a["q"], a["k"], a["v"], None, a["mask"], 0.5, True)
 
 
 def _masked_bwd(a, **over):
     a = {**a, **over}
-    return torch.ops.fused_cpp.masked_attention_backward(
-        a["q"], a["k"], a["v"], a["mask"], a.get("out", a["m_out"]), a.get("lse", a["m_lse"]),
-        a.get("grad_out", a["m_out"]), 0.5)
+    return torch.ops.fused_cpp.attention_backward(
+        a["q"], a["k"], a["v"], None, a["mask"], a.get("out", a["m_out"]), a.get("lse", a["m_lse"]),
+        a.get("grad_out", a["m_out"]), a.get("grad_maps"), 0.5, True)
 
 
 BAD_CPP_CALLS = [
@@ -126,7 +126,9 @@ BAD_CPP_CALLS = [
     ("index-1d", _maps_fwd, lambda a: dict(idx=a["idx"][0]), r"token_index must be \[B=2, T\]"),
     ("index-range", _maps_fwd, lambda a: dict(idx=torch.tensor([[0], [6]])), r"values must lie in \[-1, 5\], got 6"),
     ("index-bwd-float", _maps_bwd, lambda a: dict(idx=a["idx"].double()), r"token_index must be int64"),
-    # attention_with_maps_backward: what the forward saved
+    ("bwd-grad-maps-without-index", _masked_bwd, lambda a: dict(grad_maps=a["maps"]),
+     r"grad_maps was given but token_index was not"),
+    # attention_backward: what the forward saved
     ("bwd-short-lse", _maps_bwd, lambda a: dict(lse=a["lse"][:, :, :1]), r"lse must have shape \[2, 2, 5\]"),
     ("bwd-lse-dtype", _maps_bwd, lambda a: dict(lse=a["lse"].double()), r"lse must have q's dtype Float"),
     ("bwd-out", _maps_bwd, lambda a: dict(out=a["out"][:, :, :2]), r"out must have shape \[2, 2, 5, 4\]"),
@@ -274,17 +276,15 @@ def test_bf16_attention_on_cpu_runs_the_reference(cpp_backend):
 
 @pytest.mark.parametrize("mode", ["vico", "skimage"])
 def test_triton_too_many_bins_is_a_value_error_before_launch(triton_backend, monkeypatch, mode):
-    from fused import triton as triton_ops
-
     def no_launch(*args):
         raise AssertionError("the kernel was launched")
 
-    monkeypatch.setattr(triton_ops.backend, "otsu_mask", no_launch)
+    monkeypatch.setattr(_dispatch.implementation("triton"), "otsu_mask", no_launch)
     maps = torch.rand(2, 30)
     with pytest.raises(ValueError, match=r"bins=1000000 exceeds the triton Otsu kernel's limit of 1024 bins"):
         fused.otsu_mask(maps, bins=10 ** 6, mode=mode, backend="triton")
     with pytest.raises(ValueError, match=r"bins=1025 exceeds .*limit of 1024"):
-        fused.otsu_mask(maps, bins=_validate.TRITON_MAX_BINS + 1, mode=mode, backend="triton")
+        fused.otsu_mask(maps, bins=fused.triton.MAX_BINS + 1, mode=mode, backend="triton")
     q, k, v = _qkv(1, 1, 4, 3, 2, grad=False)
     with pytest.raises(ValueError, match=r"bins=1000000 exceeds the triton Otsu kernel's limit"):
         fused.cross_attention_with_mask(q, k, v, torch.tensor([[1]]), bins=10 ** 6, mode=mode, backend="triton")
@@ -293,6 +293,6 @@ def test_triton_too_many_bins_is_a_value_error_before_launch(triton_backend, mon
 @pytest.mark.parametrize("mode", ["vico", "skimage"])
 def test_triton_takes_its_largest_bins(triton_backend, mode):
     maps = torch.rand(2, 64, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
-    got = fused.otsu_mask(maps, bins=_validate.TRITON_MAX_BINS, mode=mode, backend="triton")
-    want = reference.otsu_mask(maps, _validate.TRITON_MAX_BINS, mode)
+    got = fused.otsu_mask(maps, bins=fused.triton.MAX_BINS, mode=mode, backend="triton")
+    want = reference.otsu_mask(maps, fused.triton.MAX_BINS, mode)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

@@ -44,7 +44,6 @@ def sample_concept(concept: str | Path, prompt: str, out: str | Path, *, model: 
         the concept's first training image. guidance: None = the method's default scale.
     """
     import numpy as np
-    import torch
     from PIL import Image
 
     from .methods import get_method
@@ -75,7 +74,9 @@ def sample_concept(concept: str | Path, prompt: str, out: str | Path, *, model: 
     if reference is not None and not Path(reference).is_file():
         raise UserError(f"--reference {reference} does not exist")
     images_dir = _training_images(concept) if reference is None and method_cls.needs_reference else None
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    import fused
+
+    device = device or fused.default_device()
     pipe = ViCoPipeline.from_pretrained(model, concept, device=device)
     ref = None
     if reference is not None:
