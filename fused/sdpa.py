@@ -210,7 +210,7 @@ class SdpaBackend:
             name = _dispatch.resolve("attention", q.device.type, q.dtype, None, exclude=("sdpa",))
             _warn_once(f"fused: scores up to {_scores_bound(q, k, key_mask, scale):.3g} are too large for the sdpa "
                        f"backend's maps to keep their rounding budget; the {name} backend computes this call")
-            return _dispatch.implementation(name)(q, k, v, token_index, key_mask, scale, head_reduce)
+            return _dispatch.implementation(name).attention(q, k, v, token_index, key_mask, scale, head_reduce)
         needs_graph = torch.compiler.is_compiling() or (
             torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
         # The registered op carries autograd and the fake for torch.compile; plain calls skip its dispatch (~0.5 ms)

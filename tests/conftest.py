@@ -1,5 +1,6 @@
 import importlib.util
 import os
+import tempfile
 
 import torch
 
@@ -7,6 +8,9 @@ import torch
 # be switched on before triton is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# First-use verdicts of this run stay in this run: a test that breaks a kernel on purpose must never
+# leave a verdict in the user's cache (nor read one from it).
+os.environ["FUSED_SELFCHECK_DIR"] = tempfile.mkdtemp(prefix="fused-selfcheck-")
 
 import pytest  # noqa: E402
 
@@ -47,6 +51,20 @@ def cpu_backend(request):
     if request.param != "torch":
         request.getfixturevalue(f"{request.param}_backend")
     return request.param
+
+
+@pytest.fixture(params=["torch", "cpp", "triton"])
+def otsu_backend(request):
+    """Every backend with an Otsu op that runs on CPU tensors here."""
+    if request.param != "torch":
+        request.getfixturevalue(f"{request.param}_backend")
+    return request.param
+
+
+@pytest.fixture(params=["cpp", "triton"])
+def otsu_kernel_backend(request):
+    """The compiled Otsu kernels."""
+    return request.getfixturevalue(f"{request.param}_backend")
 
 
 @pytest.fixture(params=["cpp", "triton", "sdpa"])

@@ -98,10 +98,10 @@ def otsu_case(draw):
 @seed(20261203)
 @FUZZ
 @given(case=otsu_case())
-def test_fuzz_otsu_mask(cpu_backend, case):
+def test_fuzz_otsu_mask(otsu_backend, case):
     maps, mode, bins = case
     nbins = bins if bins is not None else (10 if mode == "vico" else 256)
-    thr, mask = fused.otsu_mask(maps, bins=bins, mode=mode, backend=cpu_backend)
+    thr, mask = fused.otsu_mask(maps, bins=bins, mode=mode, backend=otsu_backend)
     r_thr, r_mask = reference.otsu_mask(maps, nbins, mode)
     torch.testing.assert_close(thr, r_thr, atol=0, rtol=0)
     assert torch.equal(mask, r_mask)

@@ -47,30 +47,30 @@ def check_vico(maps, bins, backend):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("bins", [10, 4])
-def test_vico_random_maps(cpu_backend, dtype, bins):
+def test_vico_random_maps(otsu_backend, dtype, bins):
     g = torch.Generator().manual_seed(3)
     maps = torch.rand(3, 2, 200, generator=g, dtype=dtype) ** 3  # skewed, like attention
-    thr, mask = check_vico(maps, bins, cpu_backend)
+    thr, mask = check_vico(maps, bins, otsu_backend)
     assert thr.shape == (3, 2) and mask.shape == (3, 2, 200) and mask.dtype == torch.bool
     assert thr.dtype == dtype
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_vico_values_exactly_on_candidates(cpu_backend, dtype):
+def test_vico_values_exactly_on_candidates(otsu_backend, dtype):
     """Values k/10 (with 0 and 1 present, so normalisation is the identity) sit
     exactly on candidate thresholds and must go to the high class."""
     g = torch.Generator().manual_seed(5)
     k = torch.randint(0, 11, (4, 60), generator=g)
     k[:, 0], k[:, 1] = 0, 10
     maps = k.to(dtype) / 10
-    thr, mask = check_vico(maps, 10, cpu_backend)
+    thr, mask = check_vico(maps, 10, otsu_backend)
     for i in range(4):
         assert torch.equal(mask[i], maps[i] >= thr[i])  # on-threshold values are high
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("bins", [10, 256, 1000])
-def test_vico_bucket_of_values_on_and_beside_every_candidate(cpu_backend, dtype, bins):
+def test_vico_bucket_of_values_on_and_beside_every_candidate(otsu_backend, dtype, bins):
     """One probe value v per map, between a cluster at 0 and a cluster at 1: v joins
     the 0s, so the threshold is the first candidate above v, i.e. tau_{b+1} with
     b = #{t : tau_t <= v}. A bucket off by one in either direction (the C++ kernel
@@ -84,7 +84,7 @@ def test_vico_bucket_of_values_on_and_beside_every_candidate(cpu_backend, dtype,
                         torch.nextafter(taus, torch.ones_like(taus))])
     maps = torch.cat([torch.zeros(len(probes), 8, dtype=dtype), probes[:, None],
                       torch.ones(len(probes), 8, dtype=dtype)], dim=1)
-    thr, mask = fused.otsu_mask(maps, bins=bins, mode="vico", backend=cpu_backend)
+    thr, mask = fused.otsu_mask(maps, bins=bins, mode="vico", backend=otsu_backend)
     all_taus = t.to(dtype) / torch.tensor(bins, dtype=dtype)
     bucket = (all_taus[None, :] <= probes[:, None]).sum(dim=1)
     assert torch.equal(thr, all_taus[bucket])  # tau_{b+1} is all_taus[b]
@@ -93,41 +93,41 @@ def test_vico_bucket_of_values_on_and_beside_every_candidate(cpu_backend, dtype,
     assert torch.equal(thr, want_thr) and torch.equal(mask, want_mask)
 
 
-def test_vico_constant_and_two_valued_maps(cpu_backend):
+def test_vico_constant_and_two_valued_maps(otsu_backend):
     maps = torch.tensor(
         [[0.3] * 8, [0.0] * 8, [0.2, 0.2, 0.2, 0.9, 0.9, 0.2, 0.9, 0.2], [1.0] + [0.0] * 7],
         dtype=torch.float64,
     )
-    thr, mask = check_vico(maps, 10, cpu_backend)
+    thr, mask = check_vico(maps, 10, otsu_backend)
     assert thr[0] == 0 and mask[0].all() and mask[1].all()  # constant: tau 0, all True
     # two values: normalised to {0, 1}; every candidate ties, the first (0.1) wins
     assert thr[2].item() == pytest.approx(0.1) and torch.equal(mask[2], maps[2] > 0.5)
     assert torch.equal(mask[3], maps[3] > 0.5)
 
 
-def test_vico_half_maps_compute_in_float32(cpu_backend):
+def test_vico_half_maps_compute_in_float32(otsu_backend):
     g = torch.Generator().manual_seed(9)
     maps = torch.rand(5, 64, generator=g).half()
-    thr, _ = check_vico(maps, 10, cpu_backend)
+    thr, _ = check_vico(maps, 10, otsu_backend)
     assert thr.dtype == torch.float32
 
 
-def test_vico_batched_equals_one_by_one(cpu_backend):
+def test_vico_batched_equals_one_by_one(otsu_backend):
     g = torch.Generator().manual_seed(11)
     maps = torch.rand(2, 3, 4, 50, generator=g, dtype=torch.float64)
-    thr, mask = fused.otsu_mask(maps, backend=cpu_backend)
+    thr, mask = fused.otsu_mask(maps, backend=otsu_backend)
     for idx in np.ndindex(2, 3, 4):
-        t1, m1 = fused.otsu_mask(maps[idx], backend=cpu_backend)
+        t1, m1 = fused.otsu_mask(maps[idx], backend=otsu_backend)
         assert t1 == thr[idx] and torch.equal(m1, mask[idx])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("bins", [256, 64, 7])
-def test_skimage_mode_matches_threshold_otsu(cpu_backend, dtype, bins):
+def test_skimage_mode_matches_threshold_otsu(otsu_backend, dtype, bins):
     g = torch.Generator().manual_seed(bins)
     maps = torch.randn(6, 300, generator=g, dtype=dtype).exp()  # log-normal, like attention maps
     maps[0] = torch.rand(300, generator=g, dtype=dtype)
-    thr, mask = fused.otsu_mask(maps, bins=bins, mode="skimage", backend=cpu_backend)
+    thr, mask = fused.otsu_mask(maps, bins=bins, mode="skimage", backend=otsu_backend)
     assert thr.dtype == dtype
     for i in range(maps.shape[0]):
         want = threshold_otsu(maps[i].numpy(), nbins=bins)
@@ -135,21 +135,21 @@ def test_skimage_mode_matches_threshold_otsu(cpu_backend, dtype, bins):
         assert torch.equal(mask[i], maps[i] > thr[i])
 
 
-def test_skimage_mode_constant_map(cpu_backend):
+def test_skimage_mode_constant_map(otsu_backend):
     maps = torch.full((2, 16), 0.25, dtype=torch.float64)
-    thr, mask = fused.otsu_mask(maps, mode="skimage", backend=cpu_backend)
+    thr, mask = fused.otsu_mask(maps, mode="skimage", backend=otsu_backend)
     assert torch.all(thr == 0.25) and not mask.any()
     assert float(threshold_otsu(maps[0].numpy())) == 0.25
 
 
-def test_default_bins_depend_on_mode(cpu_backend):
+def test_default_bins_depend_on_mode(otsu_backend):
     g = torch.Generator().manual_seed(2)
     maps = torch.rand(3, 500, generator=g, dtype=torch.float64) ** 2
-    t_default, _ = fused.otsu_mask(maps, mode="skimage", backend=cpu_backend)
-    t_256, _ = fused.otsu_mask(maps, bins=256, mode="skimage", backend=cpu_backend)
+    t_default, _ = fused.otsu_mask(maps, mode="skimage", backend=otsu_backend)
+    t_256, _ = fused.otsu_mask(maps, bins=256, mode="skimage", backend=otsu_backend)
     assert torch.equal(t_default, t_256)
-    v_default, _ = fused.otsu_mask(maps, backend=cpu_backend)
-    v_10, _ = fused.otsu_mask(maps, bins=10, backend=cpu_backend)
+    v_default, _ = fused.otsu_mask(maps, backend=otsu_backend)
+    v_10, _ = fused.otsu_mask(maps, bins=10, backend=otsu_backend)
     assert torch.equal(v_default, v_10)
 
 

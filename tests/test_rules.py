@@ -48,9 +48,8 @@ def test_lse_and_outputs_follow_the_accumulation_rule_and_the_fakes(kernel_backe
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64], ids=["fp16", "fp32", "fp64"])
-def test_otsu_threshold_follows_the_compute_rule_and_the_fake(kernel_backend, dtype):
-    if kernel_backend == "sdpa":
-        pytest.skip("the sdpa backend has no Otsu op")
+def test_otsu_threshold_follows_the_compute_rule_and_the_fake(otsu_kernel_backend, dtype):
+    kernel_backend = otsu_kernel_backend
     maps = rand(3, 64, dtype=torch.float64).abs().to(dtype)
     if kernel_backend == "cpp" and dtype == torch.float16:
         maps_in = maps.float()  # the C++ op takes fp32/fp64; its Python wrapper upcasts half maps

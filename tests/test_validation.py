@@ -112,8 +112,8 @@ def test_bad_key_mask(cpu_backend, mask, exc, pattern):
         (torch.rand(3, 4), dict(backend="cuda"), ValueError, r"backend 'cuda' does not run on cpu"),
     ],
 )
-def test_bad_otsu_input(cpu_backend, maps, kwargs, exc, pattern):
-    kwargs.setdefault("backend", cpu_backend)
+def test_bad_otsu_input(otsu_backend, maps, kwargs, exc, pattern):
+    kwargs.setdefault("backend", otsu_backend)
     with pytest.raises(exc, match=pattern):
         fused.otsu_mask(maps, **kwargs)
 
