@@ -82,9 +82,6 @@ def _sample_parser(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-DEMO_MARKER = ".vico-demo"  # the same marker as vico.toyworld.demo.MARKER: "vico demo wrote this folder"
-
-
 def _demo_parser(sub) -> None:
     p = sub.add_parser("demo", help="personalize the shipped toy-world model with ViCo and Textual Inversion",
                        description="Personalize the toy-world model shipped with vico (vico/toyworld/model, "
@@ -95,7 +92,8 @@ def _demo_parser(sub) -> None:
                        "With --model PATH --images DIR it runs on a local Stable Diffusion folder instead: it "
                        "trains ViCo on your images and writes OUT/concept and OUT/samples (images, grid.png, S* "
                        "maps and masks). Running it again with the same --out replaces its own previous output "
-                       f"there (a folder marked by {DEMO_MARKER}); a non-empty folder it did not write is refused.")
+                       "there (what vico recorded writing in OUT/.vico-written); a folder holding anything else "
+                       "is refused.")
     p.add_argument("--out", default="vico-demo", help="output folder (default vico-demo)")
     p.add_argument("--steps", type=int, help="training steps of both methods (default on the toy model: 800 for ViCo, 300 for Textual Inversion, batch 4; 30 with --model)")
     p.add_argument("--sample-steps", type=int, default=20, help="DDIM steps (default 20)")
@@ -107,31 +105,10 @@ def _demo_parser(sub) -> None:
     own.add_argument("--num-images", type=int, help="images to sample (default 4)")
 
 
-def _prepare_demo_output(out: Path, own: tuple[str, ...]) -> None:
-    """Create ``out``, or clear the entries ``own`` a previous demo wrote there. A non-empty folder
-    without the demo's marker is refused: the demo never deletes what it did not write."""
-    import shutil
-
-    from .model import check_output_folder
-
-    check_output_folder(out)
-    if out.is_dir() and any(p.name != DEMO_MARKER for p in out.iterdir()):
-        if not (out / DEMO_MARKER).is_file():
-            raise UserError(f"--out {out} is not empty and was not written by vico demo (no {DEMO_MARKER} in it); "
-                            "choose another --out")
-        for name in own:
-            path = out / name
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            elif path.exists() or path.is_symlink():
-                path.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / DEMO_MARKER).write_text("written by vico demo; a rerun replaces its contents\n")
-
-
 def cmd_demo(args) -> int:
     import time
 
+    from .files import output_folder
     from .model import check_output_folder
     from .sampling import sample_concept
     from .toyworld import demo as toy_demo
@@ -161,17 +138,17 @@ def cmd_demo(args) -> int:
         raise UserError("--model and --images go together: a local Stable Diffusion folder and your training "
                         "images (without both, the demo runs the shipped toy-world model)")
     model, images = args.model, args.images
-    _prepare_demo_output(out, ("concept", "samples"))  # a rerun replaces its own previous output
-    concept = out / "concept"
-    t0 = time.perf_counter()
-    steps = args.steps or 30
-    train(TrainConfig(model=str(model), images=str(images), out=str(concept), init_word=args.init_word or "object",
-                      steps=steps, progress=not args.quiet))
-    print(f"vico: concept saved to {concept}")
-    train_s = time.perf_counter() - t0
-    samples = out / "samples"
-    sample_concept(concept, "a photo of S* on the beach", samples, num_images=args.num_images or 4,
-                   steps=args.sample_steps, guidance=7.5, save_maps=True, progress=not args.quiet)
+    concept, samples = out / "concept", out / "samples"
+    with output_folder(out) as folder:
+        folder.replace([concept.name, samples.name])  # the concept records its own path: written in place
+        t0 = time.perf_counter()
+        steps = args.steps or 30
+        train(TrainConfig(model=str(model), images=str(images), out=str(concept),
+                          init_word=args.init_word or "object", steps=steps, progress=not args.quiet))
+        print(f"vico: concept saved to {concept}")
+        train_s = time.perf_counter() - t0
+        sample_concept(concept, "a photo of S* on the beach", samples, num_images=args.num_images or 4,
+                       steps=args.sample_steps, guidance=7.5, save_maps=True, progress=not args.quiet)
     print(f"vico: wrote {args.num_images or 4} images and grid.png to {samples}")
     print(f"vico demo: {steps} training steps in {train_s:.1f} s ({train_s / max(steps, 1):.3f} s/step "
           f"incl. loading); concept in {concept}, images and S* maps/masks in {samples}")
@@ -261,6 +238,21 @@ def _check_encoder_folder(path: str | None, option: str, model_type: str, kind: 
 
 
 def cmd_eval(args) -> int:
+    """Held output first (the report's folder, or the --prompts folder), then the work."""
+    from .files import output_folder
+
+    if args.prompts is None and args.out:
+        report = Path(args.out)
+        with output_folder(report.parent, "--out", exclusive=False) as folder:
+            folder.check_replaceable(report.name)  # never overwrite a file vico did not write
+            return _eval(args, folder)
+    if args.prompts is not None and args.concept:
+        with output_folder(args.out or "vico-eval") as folder:
+            return _eval(args, folder)
+    return _eval(args, None)
+
+
+def _eval(args, folder) -> int:
     import json
 
     import numpy as np
@@ -312,26 +304,27 @@ def cmd_eval(args) -> int:
     if args.prompts is None:
         if not args.generated:
             raise UserError("pass --generated DIR, or --concept with --prompts")
-        report = score(Path(args.generated))
-        text = json.dumps(report, indent=1)
-        if args.out:
-            Path(args.out).write_text(text)
+        text = json.dumps(score(Path(args.generated)), indent=1)
+        if folder is not None:
+            (folder.staging() / Path(args.out).name).write_text(text)
+            folder.commit()
         print(text)
         return 0
 
     if not args.concept:
         raise UserError("--prompts needs --concept")
-    out = Path(args.out or "vico-eval")
+    out = folder.staging()
     rows = []
     for i, template in enumerate(metrics.load_eval_prompts(args.prompts or None)):
-        folder = out / f"prompt-{i:02d}"
+        prompt_dir = out / f"prompt-{i:02d}"
         prompt = method_cls.prompt_for(template, placeholder, class_word)
-        sample_concept(args.concept, prompt, folder, num_images=args.num_images, steps=args.steps, seed=i,
+        sample_concept(args.concept, prompt, prompt_dir, num_images=args.num_images, steps=args.steps, seed=i,
                        device=device, save_maps=True, progress=not args.quiet)
-        rows.append(score(folder))
+        rows.append(score(prompt_dir))
     keys = [k for k in ("clip_i", "clip_t", "dino", "masked_clip_i") if k in rows[0]]
     summary = {k: float(np.mean([r[k] for r in rows])) for k in keys}
     (out / "report.json").write_text(json.dumps({"summary": summary, "per_prompt": rows}, indent=1))
+    folder.commit()
     print("| prompt | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys))
     for r in rows:
         print(f"| {r['prompt']} | " + " | ".join(f"{r[k]:.4f}" for k in keys) + " |")
@@ -432,6 +425,26 @@ def _maps_error(message: str) -> str:
 
 
 def cmd_maps(args) -> int:
+    from .files import output_folder
+    from .model import check_output_folder
+
+    _require_positive(args, "steps", "height", "width", "frames")
+    if args.fps <= 0:
+        raise UserError(f"--fps must be positive, got {args.fps:g}")
+    check_output_folder(args.out)
+    kind = _maps_pipeline_kind(args.model)
+    if kind == "image" and args.frames is not None:
+        raise UserError(f"--frames applies to video pipelines only; --model {args.model} generates images")
+    _words_in_prompt(args.words, args.prompt)
+    with output_folder(args.out) as folder:  # locked before the pipeline loads
+        summary = _maps_into(folder.staging(), args, kind)
+        folder.commit()  # an earlier run's maps of other words go
+    print(f"{summary} -> {args.out}")
+    return 0
+
+
+def _maps_into(out: Path, args, kind: str) -> str:
+    """Generate and write the maps of ``args`` into ``out``; returns the summary line's start."""
     import numpy as np
     import torch
     from PIL import Image
@@ -439,17 +452,9 @@ def cmd_maps(args) -> int:
     import fused
     from fused import maps as fused_maps
 
-    from .model import check_output_folder, load_pipeline
+    from .model import load_pipeline
     from .pipeline import heatmap_overlay, image_grid
 
-    _require_positive(args, "steps", "height", "width", "frames")
-    if args.fps <= 0:
-        raise UserError(f"--fps must be positive, got {args.fps:g}")
-    out = check_output_folder(args.out)
-    kind = _maps_pipeline_kind(args.model)
-    if kind == "image" and args.frames is not None:
-        raise UserError(f"--frames applies to video pipelines only; --model {args.model} generates images")
-    _words_in_prompt(args.words, args.prompt)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = load_pipeline(args.model, device)
     # Classifier-free guidance (which rows are traced) is detected from the pipeline during the call.
@@ -468,7 +473,6 @@ def cmd_maps(args) -> int:
                           output_type="np" if decode else "latent")
     except ValueError as exc:
         raise UserError(_maps_error(str(exc))) from exc
-    out.mkdir(parents=True, exist_ok=True)
     heatmaps = tr.heatmaps()
     if kind == "video":
         from .video_maps import write_video_maps
@@ -498,9 +502,7 @@ def cmd_maps(args) -> int:
         tr.save_records(out / "records.safetensors")
     frames = f", {tr.shape[0]} map frames of {tr.shape[1]}x{tr.shape[2]} patches" if kind == "video" and heatmaps \
         else ""
-    print(f"vico maps: {len(heatmaps)} words over {len(tr.layers)} layers and {tr.calls} denoiser calls{frames} "
-          f"-> {out}")
-    return 0
+    return f"vico maps: {len(heatmaps)} words over {len(tr.layers)} layers and {tr.calls} denoiser calls{frames}"
 
 
 def cmd_train(args) -> int:
@@ -569,19 +571,21 @@ IMPORT_FILES = {"vico": ("embeddings", "cross_attention"), "catversion": ("adapt
 
 def cmd_import(args) -> int:
     from . import official
+    from .files import output_folder
 
     missing = [f"--{name.replace('_', '-')}" for name in IMPORT_FILES[args.source] if not getattr(args, name)]
     if missing:
         raise UserError(f"--from {args.source} needs {' and '.join(missing)}")
-    if args.source == "vico":
-        out = official.import_vico(args.model, args.embeddings, args.cross_attention, args.out,
-                                   placeholder=args.token, init_word=args.init_word,
-                                   official_token=args.official_token)
-    elif args.source == "catversion":
-        out = official.import_catversion(args.model, args.adapter, args.out, init_word=args.init_word)
-    else:
-        out = official.import_attndreambooth(args.model, args.embeddings, args.unet, args.out, placeholder=args.token,
-                                             init_word=args.init_word, official_token=args.official_token)
+    with output_folder(args.out, exclusive=False):  # locked: a concurrent import or train is refused
+        if args.source == "vico":
+            out = official.import_vico(args.model, args.embeddings, args.cross_attention, args.out,
+                                       placeholder=args.token, init_word=args.init_word,
+                                       official_token=args.official_token)
+        elif args.source == "catversion":
+            out = official.import_catversion(args.model, args.adapter, args.out, init_word=args.init_word)
+        else:
+            out = official.import_attndreambooth(args.model, args.embeddings, args.unet, args.out, placeholder=args.token,
+                                                 init_word=args.init_word, official_token=args.official_token)
     print(f"vico: imported the official {args.source} concept into {out}")
     return 0
 

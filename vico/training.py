@@ -263,7 +263,19 @@ def check_learning_rates(method_cls, learning_rates: dict[str, float]) -> None:
 
 
 def train(cfg: TrainConfig) -> Path:
-    """Train and save a concept into ``cfg.out``; returns that folder."""
+    """Train and save a concept into ``cfg.out``; returns that folder. The main process holds the folder's
+    lock for the whole run (``vico.files.output_folder``): a second run into it is refused in one line."""
+    from accelerate import PartialState
+
+    from .files import output_folder
+
+    if not PartialState().is_main_process:
+        return _train(cfg)
+    with output_folder(cfg.out, exclusive=False):
+        return _train(cfg)
+
+
+def _train(cfg: TrainConfig) -> Path:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
