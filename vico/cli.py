@@ -13,15 +13,28 @@ from pathlib import Path
 from .model import UserError
 
 
+def _finite(text: str) -> float:
+    """A float option's value: ``nan`` and ``inf`` are refused (they give black images, exit 0)."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
 def _learning_rate(text: str) -> tuple[str, float]:
     """``--lr image=1e-4`` -> ("image", 1e-4)."""
     name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE (e.g. image=1e-4), got {text!r}")
     try:
-        if not sep or not name:
-            raise ValueError
-        return name.strip(), float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected NAME=VALUE (e.g. image=1e-4), got {text!r}") from None
+        return name.strip(), _finite(value)
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
 
 
 def _train_parser(sub) -> None:
@@ -73,7 +86,7 @@ def _sample_parser(sub) -> None:
     p.add_argument("--reference", help="ViCo reference image (default: the first training image)")
     p.add_argument("--num-images", type=int, default=4)
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
-    p.add_argument("--guidance", type=float, default=None,
+    p.add_argument("--guidance", type=_finite, default=None,
                    help="classifier-free guidance scale (default: the method's, 7.5; CatVersion 10)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
@@ -348,19 +361,19 @@ def _maps_parser(sub) -> None:
     p.add_argument("--layers", nargs="+", help="only these attention layers: exact names, module prefixes "
                    "(up_blocks, transformer_blocks.0 - not single_transformer_blocks.0) or fnmatch patterns "
                    "('transformer_blocks.*')")
-    p.add_argument("--timesteps", nargs=2, type=float, metavar=("LOW", "HIGH"), help="aggregate only these timesteps")
+    p.add_argument("--timesteps", nargs=2, type=_finite, metavar=("LOW", "HIGH"), help="aggregate only these timesteps")
     p.add_argument("--occurrence", type=int, default=None,
                    help="map only this occurrence of a repeated word (0 = first, -1 = last; default: all)")
     p.add_argument("--height", type=int, default=None, help="image height in pixels (default: the pipeline's)")
     p.add_argument("--width", type=int, default=None, help="image width in pixels (default: the pipeline's)")
     p.add_argument("--frames", type=int, default=None, help="video pipelines: frames to generate (default: the "
                    "pipeline's, e.g. 81 for Wan)")
-    p.add_argument("--fps", type=float, default=16.0, help="video pipelines: frame rate of the GIFs (default 16)")
+    p.add_argument("--fps", type=_finite, default=16.0, help="video pipelines: frame rate of the GIFs (default 16)")
     p.add_argument("--records", action="store_true",
                    help="also write OUT/records.safetensors: every layer's map per timestep and word "
                    "(keys <layer>/<timestep>/<word>; layer names and timesteps in its metadata)")
     p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--guidance", type=float, default=None,
+    p.add_argument("--guidance", type=_finite, default=None,
                    help="guidance scale (default: 7.5 for image pipelines, the pipeline's own for video ones)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)

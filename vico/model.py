@@ -30,6 +30,14 @@ def require_at_least_one(values: dict[str, int | None], hints: dict[str, str] | 
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}{hint}")
 
 
+def first_nonfinite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor holding NaN or inf, None when all are finite."""
+    for name, value in tensors.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return name
+    return None
+
+
 class UnreadableFile(UserError):
     """A file that exists but cannot be read (truncated, garbage, wrong format): resume can fall back."""
 

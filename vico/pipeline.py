@@ -19,7 +19,7 @@ import torch
 from .data import list_images, load_image
 from .methods import load_method
 from .methods.base import Method
-from .model import Components, encode_prompts, load_components
+from .model import Components, UserError, encode_prompts, load_components
 
 
 class ViCoPipeline:
@@ -74,6 +74,9 @@ class ViCoPipeline:
             model_in = scheduler.scale_model_input(latents, t)
             eps = self.method.predict_noise(model_in, t, ids, cond, uncond, guidance_scale, context)
             latents = scheduler.step(eps, t, latents).prev_sample
+        if not bool(torch.isfinite(latents).all()):  # decoding them would give black images, silently
+            raise UserError(f"sampling produced NaN or inf latents (guidance {guidance_scale:g}, "
+                            f"{c.unet.dtype}); try float32 or a lower --guidance")
         images = c.vae.decode(latents / c.vae.config.scaling_factor).sample
         images = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         return images.permute(0, 2, 3, 1).cpu().numpy(), context

@@ -10,6 +10,7 @@ with ``save_maps``, each generated image's S* map and Otsu mask.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from .model import UserError
@@ -52,6 +53,8 @@ def sample_concept(concept: str | Path, prompt: str, out: str | Path, *, model: 
     from .pipeline import ViCoPipeline
 
     require_at_least_one({"num_images": num_images, "steps": steps})
+    if guidance is not None and not math.isfinite(guidance):
+        raise UserError(f"--guidance must be a finite number, got {guidance}")
     check_output_folder(out)  # before any sampling
     concept = Path(concept)
     meta = check_concept(concept)  # a missing, truncated or garbage concept.json / concept.safetensors: one line

@@ -30,7 +30,8 @@ from .data import list_images, load_images
 from .files import atomic_folder, atomic_write, describe_error, load_tensors_only, write_errors
 from .methods import get_method
 from .methods.base import MethodConfig
-from .model import UnreadableFile, UserError, check_output_folder, load_components, require_at_least_one, warn
+from .model import (UnreadableFile, UserError, check_output_folder, first_nonfinite, load_components,
+                    require_at_least_one, warn)
 
 CHECKPOINTS = "checkpoints"
 
@@ -262,6 +263,19 @@ def check_learning_rates(method_cls, learning_rates: dict[str, float]) -> None:
             raise UserError(f"--lr {name}={value}: a learning rate must be a positive finite number")
 
 
+def check_finite(method, diverged_at: int | None, step: int, out: Path) -> None:
+    """Stop a run whose loss or trained tensors went NaN or inf, before it saves them: one line naming the
+    step and the last checkpoint, which is kept (nothing newer is written, no concept)."""
+    bad = first_nonfinite(method.state_dict())
+    if diverged_at is None and bad is None:
+        return
+    what = f"the loss was NaN or inf at step {diverged_at}" if diverged_at is not None else \
+        f"{bad!r} holds NaN or inf at step {step}"
+    kept = _checkpoint_dirs(out)
+    safe = f"the last finite checkpoint, {kept[-1].name}, is kept" if kept else "no checkpoint was written"
+    raise UserError(f"training diverged: {what}; {safe}; lower the learning rate (--lr) and train again")
+
+
 def train(cfg: TrainConfig) -> Path:
     """Train and save a concept into ``cfg.out``; returns that folder. The main process holds the folder's
     lock for the whole run (``vico.files.output_folder``): a second run into it is refused in one line."""
@@ -368,7 +382,7 @@ def _train(cfg: TrainConfig) -> Path:
     bar = tqdm(total=total, initial=start, desc=method.name, file=sys.stderr,
                disable=not cfg.progress or not accelerator.is_local_main_process)
     world, rank = accelerator.num_processes, accelerator.process_index
-    completed, first = start, 0
+    completed, first, diverged_at = start, 0, None
     for index, stage in enumerate(stages):
         last = first + stage.steps
         if start >= last:  # finished before the checkpoint we resumed from
@@ -394,6 +408,8 @@ def _train(cfg: TrainConfig) -> Path:
                 batch = method.make_batch(latent_mean, latent_std, generator, global_batch, rows=rows)
                 with accelerator.autocast():
                     loss, logs = method.training_loss(batch)
+                if diverged_at is None and not math.isfinite(float(loss.detach())):
+                    diverged_at = step + 1
                 accelerator.backward(loss)
                 with hold_interrupts():  # the weights and the step counter move together
                     optimizer.step()
@@ -402,12 +418,14 @@ def _train(cfg: TrainConfig) -> Path:
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()})
                 if completed % cfg.checkpoint_every == 0 or completed == total:
+                    check_finite(method, diverged_at, completed, out)  # on every process: all of them stop
                     if accelerator.is_main_process:
                         save_checkpoint(out, completed, method, optimizer, generator, stage=index, world_size=world)
                         prune_checkpoints(out, cfg.checkpoints_total_limit)
                     accelerator.wait_for_everyone()  # no process runs ahead of a checkpoint being written
         except KeyboardInterrupt:
-            if accelerator.is_main_process and completed > start:
+            if accelerator.is_main_process and completed > start and diverged_at is None \
+                    and first_nonfinite(method.state_dict()) is None:
                 if completed == step:  # interrupted inside a step: rewind its random draws
                     generator.set_state(gen_state)
                 path = save_checkpoint(out, completed, method, optimizer, generator, stage=index, world_size=world)

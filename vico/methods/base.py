@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..files import atomic_write, describe_error
-from ..model import Components, UnreadableFile, UserError, encode_prompts
+from ..model import Components, UnreadableFile, UserError, encode_prompts, first_nonfinite
 
 CONFIG_FILE = "concept.json"
 WEIGHTS_FILE = "concept.safetensors"
@@ -284,4 +284,8 @@ def read_concept(concept_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]
     except Exception as exc:  # SafetensorError (truncated, garbage header) or OSError
         raise UnreadableFile(f"{weights} is unreadable ({describe_error(exc)}): truncated or not a safetensors "
                              "file") from None
+    bad = first_nonfinite(tensors)
+    if bad is not None:  # a diverged run: it would sample black images
+        raise UnreadableFile(f"{weights}: tensor {bad!r} holds NaN or inf values (training diverged); retrain "
+                             "with a lower learning rate")
     return meta, tensors
