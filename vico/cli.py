@@ -65,6 +65,9 @@ def _train_parser(sub) -> None:
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
                    help="continue from the latest checkpoint in --out (`--resume` or `--resume latest`), or "
                    "from one of them (`--resume step-000200`; newer ones are moved to checkpoints/superseded/)")
+    p.add_argument("--resume-with-changes", action="store_true",
+                   help="resume although --images, --resolution, --token, --method, --layers or --model differ "
+                   "from the run's train_config.json (refused otherwise)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resolution", type=int, help="training image size (default: the model's native size)")
     p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"], help="GPU mixed precision")
@@ -269,15 +272,15 @@ def _eval(args, folder) -> int:
     import json
 
     import numpy as np
-    import torch
 
     from . import evaluation, metrics
     from .data import list_images
     from .methods import get_method
     from .methods.base import Method, read_concept_meta
+    from .model import resolve_device
     from .sampling import sample_concept
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     meta = read_concept_meta(args.concept) if args.concept else {}  # a garbage concept.json: one line
     _check_encoder_folder(args.clip, "--clip", "clip", "CLIPModel")
     _check_encoder_folder(args.dino, "--dino", "vit", "ViTModel")
@@ -449,11 +452,31 @@ def cmd_maps(args) -> int:
     if kind == "image" and args.frames is not None:
         raise UserError(f"--frames applies to video pipelines only; --model {args.model} generates images")
     _words_in_prompt(args.words, args.prompt)
+    _check_maps_numbers(args, kind)
     with output_folder(args.out) as folder:  # locked before the pipeline loads
         summary = _maps_into(folder.staging(), args, kind)
         folder.commit()  # an earlier run's maps of other words go
     print(f"{summary} -> {args.out}")
     return 0
+
+
+def _check_maps_numbers(args, kind: str) -> None:
+    """Seed, device, steps, --timesteps and image size against the pipeline's configs, before it loads."""
+    from .model import check_image_size, check_seed, check_steps, resolve_device, scheduler_timesteps
+
+    check_seed(args.seed)
+    args.device = resolve_device(args.device)
+    check_steps(args.steps, args.model)
+    if args.timesteps:
+        low, high, limit = *args.timesteps, scheduler_timesteps(args.model)
+        if low > high or high < 0 or low > limit:
+            raise UserError(f"--timesteps {low:g} {high:g}: give LOW <= HIGH overlapping the schedule's "
+                            f"0..{limit}")
+    if kind == "image":
+        denoiser = "unet" if (Path(args.model) / "unet").is_dir() else "transformer"
+        for option in ("height", "width"):
+            if getattr(args, option) is not None:
+                check_image_size(getattr(args, option), args.model, f"--{option}", denoiser)
 
 
 def _maps_into(out: Path, args, kind: str) -> str:
@@ -468,8 +491,7 @@ def _maps_into(out: Path, args, kind: str) -> str:
     from .model import load_pipeline
     from .pipeline import heatmap_overlay, image_grid
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = load_pipeline(args.model, device)
+    pipe = load_pipeline(args.model, args.device)
     # Classifier-free guidance (which rows are traced) is detected from the pipeline during the call.
     call = {k: v for k, v in (("height", args.height), ("width", args.width), ("num_frames", args.frames))
             if v is not None}
@@ -486,6 +508,10 @@ def _maps_into(out: Path, args, kind: str) -> str:
                           output_type="np" if decode else "latent")
     except ValueError as exc:
         raise UserError(_maps_error(str(exc))) from exc
+    if args.timesteps and tr.calls == 0:  # --timesteps between the sampled ones: nothing was aggregated
+        sampled = [float(t) for t in pipe.scheduler.timesteps]
+        raise UserError(f"--timesteps {args.timesteps[0]:g} {args.timesteps[1]:g}: none of the {len(sampled)} "
+                        f"sampling timesteps ({sampled[0]:g} ... {sampled[-1]:g}) falls in it; nothing written")
     heatmaps = tr.heatmaps()
     if kind == "video":
         from .video_maps import write_video_maps
@@ -527,7 +553,7 @@ def cmd_train(args) -> int:
         init_word=args.init_word, steps=args.steps, batch_size=args.batch_size, scale_lr=args.scale_lr,
         checkpoint_every=args.checkpoint_every, checkpoints_total_limit=args.checkpoints_total_limit, seed=args.seed, resolution=args.resolution,
         mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
-        resume=args.resume, layers=args.layers, progress=not args.quiet, learning_rates=dict(args.lr),
+        resume=args.resume, resume_with_changes=args.resume_with_changes, layers=args.layers, progress=not args.quiet, learning_rates=dict(args.lr),
         extra={"fast": True} if getattr(args, "fast", False) else {},
     )
     out = train(cfg)

@@ -8,7 +8,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .data import load_images
+from .data import list_images, load_images
+from .model import UserError
 from .pipeline import ViCoPipeline
 
 
@@ -34,7 +35,13 @@ def real_masks(mask_dir: str | None, meta: dict, concept: str | None, real_dir: 
     """(masks, where they came from): a user folder of PNGs, else for a ViCo concept the
     Otsu mask of S* from the reference branch (the real image seen as the reference)."""
     if mask_dir:
+        if not Path(mask_dir).is_dir():
+            raise UserError(f"--real-masks {mask_dir} is not a folder")
         files = sorted(p for p in Path(mask_dir).iterdir() if p.suffix.lower() == ".png")
+        count = len(list_images(real_dir))
+        if len(files) != count:  # zip() would silently drop the unmatched images
+            raise UserError(f"--real-masks {mask_dir} has {len(files)} PNG masks for {count} real images in "
+                            f"{real_dir}; give one mask per image, in the same order")
         return [np.asarray(Image.open(p).convert("L")) > 127 for p in files], f"user masks from {mask_dir}"
     if meta.get("method") != "vico":
         return None, "none"

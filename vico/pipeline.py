@@ -37,6 +37,15 @@ class ViCoPipeline:
         """The first training image of a folder, at the concept's resolution."""
         return load_image(list_images(images_dir)[0], self.method.config.resolution)
 
+    def _check_token_kept(self, prompt: str, ids: torch.Tensor) -> None:
+        """A placeholder the prompt names but the text encoder's token limit cut off is one line (its images
+        would not show the concept, and ``--save-maps`` would save another token's maps)."""
+        token_id = getattr(self.method, "token_id", None)
+        placeholder = self.method.config.placeholder
+        if token_id is not None and placeholder in prompt and not bool((ids == token_id).any()):
+            raise UserError(f"--prompt: {placeholder!r} comes after the text encoder's {ids.shape[1]}-token limit and "
+                            "would be cut off; shorten the prompt or name the concept earlier")
+
     @torch.no_grad()
     def __call__(self, prompt: str, reference: torch.Tensor | None = None, num_images: int = 1,
                  num_inference_steps: int = 50, guidance_scale: float | None = None, seed: int = 0,
@@ -54,6 +63,7 @@ class ViCoPipeline:
         scheduler = sampler.from_config(c.scheduler.config)
         scheduler.set_timesteps(num_inference_steps, device=device)
         ids, cond = encode_prompts(c.tokenizer, c.text_encoder, [prompt] * num_images)
+        self._check_token_kept(prompt, ids)
         uncond = self.method.encode_unconditional(num_images)
         if guidance_scale is None:
             guidance_scale = self.method.guidance_scale

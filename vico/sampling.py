@@ -44,17 +44,18 @@ def sample_concept(concept: str | Path, prompt: str, out: str | Path, *, model: 
     reference: for methods that need one (``Method.needs_reference``, ViCo), an image file; default
         the concept's first training image. guidance: None = the method's default scale.
     """
-    import fused
-
     from .files import output_folder
     from .methods import get_method
     from .methods.base import CONFIG_FILE, check_concept
-    from .model import check_output_folder, require_at_least_one, warn
+    from .model import (check_image_size, check_output_folder, check_seed, check_steps, require_at_least_one,
+                        resolve_device, warn)
     from .pipeline import ViCoPipeline
 
     require_at_least_one({"num_images": num_images, "steps": steps})
     if guidance is not None and not math.isfinite(guidance):
         raise UserError(f"--guidance must be a finite number, got {guidance}")
+    check_seed(seed)
+    device = resolve_device(device)
     check_output_folder(out)  # before any sampling
     concept = Path(concept)
     meta = check_concept(concept)  # a missing, truncated or garbage concept.json / concept.safetensors: one line
@@ -65,9 +66,11 @@ def sample_concept(concept: str | Path, prompt: str, out: str | Path, *, model: 
         if not Path(model).is_dir():
             raise UserError(f"the concept's base model {model} (recorded in {concept / CONFIG_FILE}) does not "
                             "exist; pass --model PATH")
-    placeholder = meta["config"].get("placeholder", "S*")
+    check_image_size(meta["config"]["resolution"], model, f"{concept / CONFIG_FILE}: config.resolution")
+    check_steps(steps, model)
+    placeholder = meta["config"]["placeholder"]
     method_cls = get_method(meta["method"])
-    phrase = method_cls.concept_phrase(placeholder, meta["config"].get("init_word", "object"))
+    phrase = method_cls.concept_phrase(placeholder, meta["config"]["init_word"])
     # "S* cat" (AttnDreamBooth) is named by its S* too; CatVersion's concept is its class word alone
     if phrase not in prompt and not (placeholder in phrase and placeholder in prompt):
         warn(f"the prompt does not contain the concept's token {phrase!r}: the images will not show the "
@@ -77,7 +80,6 @@ def sample_concept(concept: str | Path, prompt: str, out: str | Path, *, model: 
     if reference is not None and not Path(reference).is_file():
         raise UserError(f"--reference {reference} does not exist")
     images_dir = _training_images(concept) if reference is None and method_cls.needs_reference else None
-    device = device or fused.default_device()
     with output_folder(out) as folder:  # locked before the model loads; only vico's own earlier output replaced
         pipe = ViCoPipeline.from_pretrained(model, concept, device=device)
         ref = None

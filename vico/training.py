@@ -30,8 +30,8 @@ from .data import list_images, load_images
 from .files import atomic_folder, atomic_write, describe_error, load_tensors_only, write_errors
 from .methods import get_method
 from .methods.base import MethodConfig
-from .model import (UnreadableFile, UserError, check_output_folder, first_nonfinite, load_components,
-                    require_at_least_one, warn)
+from .model import (UnreadableFile, UserError, check_image_size, check_layers, check_output_folder,
+                    check_placeholder, check_seed, first_nonfinite, load_components, require_at_least_one, warn)
 
 CHECKPOINTS = "checkpoints"
 
@@ -108,6 +108,7 @@ class TrainConfig:
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
     resume: bool | str = False  # True or "latest": the newest checkpoint; or a checkpoint folder name/path
+    resume_with_changes: bool = False  # resume although RESUME_FIXED arguments differ from the saved run's
     layers: list[str] | None = None
     learning_rates: dict[str, float] = field(default_factory=dict)  # base lr by group name (--lr NAME=VALUE)
     progress: bool = True
@@ -231,10 +232,10 @@ def remove_stale_temporaries(out: Path) -> list[Path]:
 
 def _load_checkpoint(path: Path, method, generator: torch.Generator) -> dict:
     """Restore weights and RNG; returns the trainer state (step, stage, optimizer)."""
-    from .methods.base import read_concept
+    from .methods.base import WEIGHTS_FILE, load_weights, read_concept
 
     _, weights = read_concept(path)
-    method.load_state_dict(weights)
+    load_weights(method, weights, path / WEIGHTS_FILE)
     state = load_trainer_state(path / "trainer.pt")
     generator.set_state(state["generator"])
     return state
@@ -261,6 +262,51 @@ def check_learning_rates(method_cls, learning_rates: dict[str, float]) -> None:
             raise UserError(f"--lr {name}=...: {method_cls.name} has no parameter group {name!r}; it has {known}")
         if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
             raise UserError(f"--lr {name}={value}: a learning rate must be a positive finite number")
+
+
+def check_inputs(cfg: TrainConfig, method_cls) -> None:
+    """One line for a bad token, seed, image folder, resolution or layer name, from the configs alone."""
+    check_placeholder(cfg.placeholder)
+    check_seed(cfg.seed)
+    list_images(cfg.images)
+    if not Path(cfg.model).is_dir():
+        raise UserError(f"--model {cfg.model} is not a directory (expected a diffusers Stable Diffusion folder)")
+    if cfg.resolution is not None:
+        check_image_size(cfg.resolution, cfg.model, "--resolution")
+    if cfg.layers:
+        if not method_cls.image_layers:
+            raise UserError(f"--layers applies to --method vico only (image attention layers); {method_cls.name} "
+                            "has none")
+        check_layers(cfg.layers, cfg.model)
+
+
+# What a resumed run must share with the run that wrote the checkpoints: they decide what is trained.
+RESUME_FIXED = {"images": "--images", "resolution": "--resolution", "placeholder": "--token", "method": "--method",
+                "layers": "--layers", "model": "--model"}
+
+
+def check_resume_config(cfg: TrainConfig, out: Path) -> None:
+    """Refuse to resume with arguments that change what is trained (``RESUME_FIXED``) against the run's
+    train_config.json, unless ``cfg.resume_with_changes``."""
+    path = out / "train_config.json"
+    try:
+        saved = json.loads(path.read_text())
+        if not isinstance(saved, dict):
+            raise ValueError("not an object")
+    except (OSError, ValueError) as exc:
+        if cfg.resume_with_changes:
+            return
+        raise UserError(f"--resume: cannot compare with the run's {path} ({describe_error(exc)}); pass "
+                        "--resume-with-changes to resume anyway") from None
+    changed = [(opt, saved.get(key), getattr(cfg, key)) for key, opt in RESUME_FIXED.items()
+               if saved.get(key) != getattr(cfg, key)]
+    if changed and not cfg.resume_with_changes:
+        opt, before, now = changed[0]
+        raise UserError(f"--resume: {opt} is {now!r}, the run in {out} was trained with {before!r} (recorded in "
+                        f"{path.name}); resume with the same arguments, or pass --resume-with-changes to train on "
+                        "with the change")
+    for opt, before, now in changed:
+        warn(f"--resume-with-changes: {opt} changes from {before!r} to {now!r}")
 
 
 def check_finite(method, diverged_at: int | None, step: int, out: Path) -> None:
@@ -315,7 +361,9 @@ def _train(cfg: TrainConfig) -> Path:
     candidates = resume_candidates(out, cfg.resume, checkpoints) if cfg.resume else []
     method_cls = get_method(cfg.method)
     check_learning_rates(method_cls, cfg.learning_rates)
-    list_images(cfg.images)  # fail on a bad folder before loading the model
+    check_inputs(cfg, method_cls)  # against the model's configs, before it loads
+    if candidates:
+        check_resume_config(cfg, out)
     comps = load_components(cfg.model, device=accelerator.device)
     resolution = cfg.resolution or comps.native_resolution
     extra = dict(cfg.extra, **({"layers": cfg.layers} if cfg.layers else {}))

@@ -57,13 +57,10 @@ TOY_RECIPES: dict[str, dict] = {
 
 def decoder_layers(model: Path) -> list[str]:
     """Names of every spatial transformer in the decoder of ``model``'s UNet (built on the meta device)."""
-    from diffusers import UNet2DConditionModel
-
     from ..image_attention import decoder_transformers
+    from ..model import meta_unet
 
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(Path(model) / "unet"))
-    return decoder_transformers(unet)
+    return decoder_transformers(meta_unet(model))
 
 
 def for_model(recipe: dict, model: Path) -> dict:
