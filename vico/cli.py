@@ -297,8 +297,8 @@ def _eval(args, folder) -> int:
     if real_dir is None:
         raise UserError("pass --real DIR (or a --concept trained from an image folder)")
     real = metrics.read_image_files(list_images(real_dir))
-    enc = metrics.load_encoders(args.clip, args.dino, device)
     real_masks, real_mask_source = evaluation.real_masks(args.real_masks, meta, args.concept, real_dir, device)
+    enc = metrics.load_encoders(args.clip, args.dino, device)
 
     def score(folder: Path) -> dict:
         gen = metrics.read_images(folder)

@@ -84,6 +84,12 @@ def image_size_rule(model: str | Path, denoiser: str = "unet") -> tuple[int, int
     return factor, factor * 2 ** (len(config.get("block_out_channels", [0])) - 1)
 
 
+def native_size(model: str | Path) -> int:
+    """The image side ``model``'s UNet was built for (its latent ``sample_size`` x the VAE factor), from configs."""
+    vae = 2 ** (len(read_model_config(model, "vae").get("block_out_channels", [0])) - 1)
+    return int(read_model_config(model, "unet")["sample_size"]) * vae
+
+
 def check_image_size(value: int, model: str | Path, option: str, denoiser: str = "unet") -> None:
     """One line when ``value`` (pixels) is not a size ``model`` can generate as asked (``image_size_rule``)."""
     factor, minimum = image_size_rule(model, denoiser)

@@ -31,7 +31,8 @@ from .files import atomic_folder, atomic_write, describe_error, load_tensors_onl
 from .methods import get_method
 from .methods.base import MethodConfig
 from .model import (UnreadableFile, UserError, check_image_size, check_layers, check_output_folder,
-                    check_placeholder, check_seed, first_nonfinite, load_components, require_at_least_one, warn)
+                    check_placeholder, check_seed, first_nonfinite, load_components, native_size,
+                    require_at_least_one, warn)
 
 CHECKPOINTS = "checkpoints"
 
@@ -362,6 +363,7 @@ def _train(cfg: TrainConfig) -> Path:
     method_cls = get_method(cfg.method)
     check_learning_rates(method_cls, cfg.learning_rates)
     check_inputs(cfg, method_cls)  # against the model's configs, before it loads
+    cfg = replace(cfg, resolution=cfg.resolution or native_size(cfg.model))  # what --resume compares
     if candidates:
         check_resume_config(cfg, out)
     comps = load_components(cfg.model, device=accelerator.device)

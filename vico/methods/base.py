@@ -258,6 +258,7 @@ def read_concept_meta(concept_dir: str | Path) -> dict:
 
 
 MAX_RESOLUTION = 8192  # pixels per side; a larger recorded size is a corrupt field, not a concept to sample
+REQUIRED_CONCEPT_FIELDS = ("placeholder", "init_word", "resolution")  # no default may stand in for these
 
 
 def check_concept_fields(meta: dict, cfg: Path) -> None:
@@ -275,7 +276,7 @@ def check_concept_fields(meta: dict, cfg: Path) -> None:
     if "base_model" in meta and not (meta["base_model"] is None or isinstance(meta["base_model"], str)):
         raise bad("base_model", "is not a folder path")
     config = meta["config"]
-    missing = [f.name for f in fields(MethodConfig) if f.name not in config]
+    missing = [key for key in REQUIRED_CONCEPT_FIELDS if key not in config]
     if missing:
         raise bad(f"config.{missing[0]}", "is missing")
     checks = {
@@ -290,9 +291,9 @@ def check_concept_fields(meta: dict, cfg: Path) -> None:
             "must map group names to positive finite numbers"),
     }
     for key, (ok, why) in checks.items():
-        if not ok(config[key]):
+        if key in config and not ok(config[key]):
             raise bad(f"config.{key}", f"{why}, got {config[key]!r}"[:300])
-    layers = config["extra"].get("layers")
+    layers = config.get("extra", {}).get("layers")
     if layers is not None and not (isinstance(layers, list) and layers and all(isinstance(x, str) for x in layers)):
         raise bad("config.extra.layers", f"must be a list of module names, got {layers!r}"[:300])
 
