@@ -473,6 +473,8 @@ def _check_maps_numbers(args, kind: str) -> None:
             raise UserError(f"--timesteps {low:g} {high:g}: give LOW <= HIGH overlapping the schedule's "
                             f"0..{limit}")
     if kind == "image":
+        if (args.height is None) != (args.width is None):  # diffusers' image pipelines ignore one alone
+            raise UserError("--height and --width go together for image pipelines (given alone, one is ignored)")
         denoiser = "unet" if (Path(args.model) / "unet").is_dir() else "transformer"
         for option in ("height", "width"):
             if getattr(args, option) is not None:
