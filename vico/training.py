@@ -290,6 +290,9 @@ def check_resume_config(cfg: TrainConfig, out: Path) -> None:
     """Refuse to resume with arguments that change what is trained (``RESUME_FIXED``) against the run's
     train_config.json, unless ``cfg.resume_with_changes``."""
     path = out / "train_config.json"
+    if not path.exists():  # e.g. a checkpoint copied into a new folder
+        warn(f"--resume: {out} has no train_config.json to compare the arguments with; resuming with these")
+        return
     try:
         saved = json.loads(path.read_text())
         if not isinstance(saved, dict):
@@ -326,18 +329,18 @@ def check_finite(method, diverged_at: int | None, step: int, out: Path) -> None:
 def train(cfg: TrainConfig) -> Path:
     """Train and save a concept into ``cfg.out``; returns that folder. The main process holds the folder's
     lock for the whole run (``vico.files.output_folder``): a second run into it is refused in one line."""
-    from accelerate import PartialState
+    from accelerate import Accelerator
 
     from .files import output_folder
 
-    if not PartialState().is_main_process:
-        return _train(cfg)
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    if not accelerator.is_main_process:
+        return _train(cfg, accelerator)
     with output_folder(cfg.out, exclusive=False):
-        return _train(cfg)
+        return _train(cfg, accelerator)
 
 
-def _train(cfg: TrainConfig) -> Path:
-    from accelerate import Accelerator
+def _train(cfg: TrainConfig, accelerator) -> Path:
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
@@ -350,7 +353,6 @@ def _train(cfg: TrainConfig) -> Path:
     # concept.json / train_config.json record where the model and images are: absolute, so that
     # `vico sample` works from any working directory
     cfg = replace(cfg, model=os.path.abspath(cfg.model), images=os.path.abspath(cfg.images))
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
     out = Path(cfg.out)
     if accelerator.is_main_process:
         for path in remove_stale_temporaries(out):
