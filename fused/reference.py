@@ -158,8 +158,8 @@ def otsu_vico(maps: torch.Tensor, bins: int) -> tuple[torch.Tensor, torch.Tensor
     tau = torch.arange(1, bins, dtype=x.dtype, device=x.device) / bins  # [C]
     sd = otsu_stat_dtype()
     xs = xn.to(sd).unsqueeze(-2)
-    # candidates in chunks: the [..., chunk, N] temporaries stay ~2**22 elements whatever ``bins`` is
-    chunk = max(1, 2**22 // max(xn.numel(), 1))
+    # candidates in chunks: the [..., chunk, N] temporaries stay ~2**20 elements whatever ``bins`` is
+    chunk = max(1, 2**20 // max(xn.numel(), 1))
     g = torch.cat([_between_class_variance(xn, xs, part, n) for part in tau.split(chunk)], dim=-1)  # [..., C]
     best = g.argmax(dim=-1)  # first index of the maximum
     g_best = g.gather(-1, best[..., None])[..., 0]
