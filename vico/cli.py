@@ -191,7 +191,9 @@ def cmd_bench(args) -> int:
 
     from fused.benchmark import DTYPES, format_table, run
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from .model import resolve_device
+
+    device = torch.device(resolve_device(args.device))
     dtype = DTYPES[args.dtype or ("fp16" if device.type == "cuda" else "fp32")]
     size = args.size or ("gpu" if device.type == "cuda" else "cpu")
     rows = run(size, device, dtype, repeat=args.repeat, progress=True, backend=args.backend)
