@@ -198,3 +198,17 @@ def test_a_failed_run_leaves_the_folder_as_it_was(tmp_path):
             (folder.staging() / "b.png").write_text("b")
             raise RuntimeError("killed")
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [WRITTEN_FILE, "a.png"]
+
+
+def test_hidden_files_do_not_block_and_a_file_that_appears_mid_run_is_kept(tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / ".DS_Store").write_text("a file manager's")
+    with output_folder(out) as folder:  # hidden entries are not output: no refusal
+        (folder.staging() / "000.png").write_text("new")
+        (out / "grid.png").write_text("the user's, written during the run")
+        (folder.staging() / "grid.png").write_text("new")
+        with pytest.raises(UserError, match="grid.png exists and was not written by vico"):
+            folder.commit()
+    assert (out / "grid.png").read_text() == "the user's, written during the run"
+    assert (out / ".DS_Store").read_text() == "a file manager's" and not (out / "000.png").exists()

@@ -157,10 +157,10 @@ class OutputFolder:
         atomic_write(self.path / WRITTEN_FILE, lambda p: p.write_text(text))
 
     def foreign(self) -> list[str]:
-        """Entries in the folder that vico did not write (hidden staging/lock files aside)."""
-        ours = set(self.written()) | set(_OWN)
-        return sorted(p.name for p in self.path.iterdir() if p.name not in ours
-                      and not p.name.startswith(STAGING_PREFIX))
+        """Visible entries in the folder that vico did not write (hidden ones, e.g. a file manager's
+        ``.DS_Store``, are left alone and never read as output)."""
+        ours = set(self.written())
+        return sorted(p.name for p in self.path.iterdir() if p.name not in ours and not p.name.startswith("."))
 
     def check_replaceable(self, name: str) -> None:
         """One line when ``name`` exists here and vico did not write it (it would be lost)."""
@@ -199,6 +199,8 @@ class OutputFolder:
         if self._staging is None:
             return []
         new = sorted(p.name for p in self._staging.iterdir())
+        for name in new:  # something put there during the run is not replaced either
+            self.check_replaceable(name)
         old = self.written()
         self._record(old + new)
         for name in (old if self.exclusive else [n for n in old if n in new]):
