@@ -63,6 +63,8 @@ def read_model_config(model: str | Path, sub: str) -> dict:
     import json
 
     path = Path(model) / sub / "config.json"
+    if not path.parent.is_dir():  # the words of load_components, which would find the same
+        raise UserError(f"model path {model} has no {sub}/ folder: not a diffusers Stable Diffusion pipeline")
     try:
         config = json.loads(path.read_text())
     except FileNotFoundError:
@@ -78,16 +80,20 @@ def image_size_rule(model: str | Path, denoiser: str = "unet") -> tuple[int, int
     """(factor, minimum): an image side ``model`` generates without resizing is a multiple of ``factor`` (the
     VAE's downsampling, times a transformer's patch size) and at least ``minimum`` (one latent cell left at the
     UNet's deepest level). Read from the configs only."""
-    vae = 2 ** (len(read_model_config(model, "vae").get("block_out_channels", [0])) - 1)
     config = read_model_config(model, denoiser)
-    factor = vae * int(config.get("patch_size") or 1)
+    factor = vae_factor(model) * int(config.get("patch_size") or 1)
     return factor, factor * 2 ** (len(config.get("block_out_channels", [0])) - 1)
 
 
+def vae_factor(model: str | Path) -> int:
+    """Pixels per latent cell along each side of ``model``'s VAE (8 for SD's), from its config
+    (``Components.vae_scale`` of a loaded one)."""
+    return 2 ** (len(read_model_config(model, "vae").get("block_out_channels", [0])) - 1)
+
+
 def native_size(model: str | Path) -> int:
-    """The image side ``model``'s UNet was built for (its latent ``sample_size`` x the VAE factor), from configs."""
-    vae = 2 ** (len(read_model_config(model, "vae").get("block_out_channels", [0])) - 1)
-    return int(read_model_config(model, "unet")["sample_size"]) * vae
+    """The image side ``model``'s UNet was built for (``Components.native_resolution``), from its configs."""
+    return int(read_model_config(model, "unet")["sample_size"]) * vae_factor(model)
 
 
 def check_image_size(value: int, model: str | Path, option: str, denoiser: str = "unet") -> None:

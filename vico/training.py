@@ -369,7 +369,7 @@ def _train(cfg: TrainConfig, accelerator) -> Path:
     if candidates:
         check_resume_config(cfg, out)
     comps = load_components(cfg.model, device=accelerator.device)
-    resolution = cfg.resolution or comps.native_resolution
+    resolution = cfg.resolution
     extra = dict(cfg.extra, **({"layers": cfg.layers} if cfg.layers else {}))
     mcfg = MethodConfig(placeholder=cfg.placeholder, init_word=cfg.init_word, resolution=resolution, seed=cfg.seed,
                         extra=extra, learning_rates=dict(cfg.learning_rates))
