@@ -136,9 +136,11 @@ def check_placeholder(token: str, option: str = "--token") -> None:
 
 
 def resolve_device(device: str | None, option: str = "--device") -> str:
-    """``device``, or cuda when available else cpu; a device this machine lacks is one line."""
+    """``device``, or ``fused.default_device()``; a device this machine lacks is one line."""
     if device is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        import fused
+
+        return fused.default_device()
     try:
         kind = torch.device(device).type
     except (RuntimeError, ValueError):
