@@ -109,6 +109,19 @@ def test_a_missing_or_extra_tensor_names_the_file(concept, tmp_path, capsys):
     assert f"{bad / 'concept.safetensors'}: tensor 'embedding' is missing (1 missing, 1 unexpected)" in line
 
 
+@pytest.fixture(scope="module")
+def run_dir(model_dir, images_dir, tmp_path_factory):
+    """A ViCo run of 1 step with its checkpoint (what a refused resume must leave as it is)."""
+    out = tmp_path_factory.mktemp("resume") / "run"
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        assert train(model_dir, images_dir, out, "--steps", 1, "--checkpoint-every", 1) == 0
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+    return out
+
+
 @pytest.mark.parametrize("change, option", [
     (("--resolution", 16), "--resolution"),
     (("--token", "T*"), "--token"),
@@ -116,28 +129,24 @@ def test_a_missing_or_extra_tensor_names_the_file(concept, tmp_path, capsys):
     (("--layers", "up_blocks.1.attentions.0"), "--layers"),
     (("--images", None), "--images"),
 ])
-def test_resume_refuses_arguments_that_change_what_is_trained(model_dir, images_dir, tmp_path, capsys, change,
-                                                              option):
+def test_resume_refuses_arguments_that_change_what_is_trained(model_dir, images_dir, run_dir, tmp_path, capsys,
+                                                              change, option):
     from tests import builders as tiny
 
-    out = tmp_path / "run"
-    assert train(model_dir, images_dir, out, "--steps", 1, "--checkpoint-every", 1) == 0
-    before = (out / "train_config.json").read_text()
+    before = {p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     value = change[1] if change[1] is not None else tiny.write_toy_images(tmp_path / "other", n=2)[0].parent
     args = [a for a in ("--images", images_dir) if change[0] != "--images"]
-    argv = ["train", "--model", model_dir, *args, "--out", out, "--init-word", "cat", "--quiet", "--steps", 2,
+    argv = ["train", "--model", model_dir, *args, "--out", run_dir, "--init-word", "cat", "--quiet", "--steps", 2,
             "--resume", change[0], value]
     capsys.readouterr()
     assert run(*argv) == 2
     line = error_line(capsys)
     assert f"vico: error: --resume: {option} is " in line and "--resume-with-changes" in line
-    assert (out / "train_config.json").read_text() == before
-    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000001"]
+    assert {p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
 
 
-def test_resume_with_changes_says_what_changed_and_trains_on(model_dir, images_dir, tmp_path, capsys):
-    out = tmp_path / "run"
-    assert train(model_dir, images_dir, out, "--steps", 1, "--checkpoint-every", 1) == 0
+def test_resume_with_changes_says_what_changed_and_trains_on(model_dir, images_dir, run_dir, tmp_path, capsys):
+    out = shutil.copytree(run_dir, tmp_path / "run")
     assert train(model_dir, images_dir, out, "--steps", 2, "--resume", "--resume-with-changes",
                  "--resolution", 16) == 0
     assert "--resume-with-changes: --resolution changes from 32 to 16" in capsys.readouterr().err
@@ -145,7 +154,13 @@ def test_resume_with_changes_says_what_changed_and_trains_on(model_dir, images_d
     assert json.loads((out / "concept.json").read_text())["config"]["resolution"] == 16
 
 
-def test_resume_restating_the_default_resolution_is_no_change(model_dir, images_dir, tmp_path):
-    out = tmp_path / "run"
-    assert train(model_dir, images_dir, out, "--steps", 1, "--checkpoint-every", 1) == 0
+def test_resume_restating_the_default_resolution_is_no_change(model_dir, images_dir, run_dir, tmp_path):
+    out = shutil.copytree(run_dir, tmp_path / "run")
     assert train(model_dir, images_dir, out, "--steps", 2, "--resume", "--resolution", 32) == 0
+
+
+def test_resume_with_an_unreadable_train_config_is_one_line(model_dir, images_dir, run_dir, tmp_path, capsys):
+    out = shutil.copytree(run_dir, tmp_path / "run")
+    (out / "train_config.json").write_text("{truncated")
+    assert train(model_dir, images_dir, out, "--steps", 2, "--resume") == 2
+    assert f"--resume: cannot compare with the run's {out / 'train_config.json'}" in error_line(capsys)

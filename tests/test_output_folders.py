@@ -55,38 +55,37 @@ def sample(concept, out, n=1, *extra):
                "--steps", 1, "--quiet", *extra)
 
 
-def hold_lock(folder: Path) -> subprocess.Popen:
-    """Another process holding ``folder``'s lock, the way a running vico command does."""
+def held(folder: Path):
+    """``folder``'s lock held the way a running vico command holds it (here, by this process: ``flock`` locks
+    belong to open files, so the CLI called below still finds it held)."""
+    from fused._locks import exclusive_lock
+
     folder.mkdir(parents=True, exist_ok=True)
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import time
-        from fused._locks import exclusive_lock
-        with exclusive_lock({str(folder / LOCK_FILE)!r}):
-            print('locked', flush=True)
-            time.sleep(600)
-    """)], stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=os.getcwd()))
-    assert holder.stdout.readline().strip() == "locked"
-    return holder
+    return exclusive_lock(folder / LOCK_FILE)
 
 
 def test_a_second_train_into_a_held_folder_is_refused_before_any_work(model_dir, images_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    holder = hold_lock(out)
-    try:
+    with held(out):
         code = run("train", "--model", model_dir, "--images", images_dir, "--out", out, "--init-word", "cat",
                    "--steps", 1, "--quiet")
-    finally:
-        holder.kill()
-        holder.wait()
+        assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]  # nothing written, no train_config.json
     assert code == 2
-    line = error_line(capsys)
-    assert f"--out {out} is in use by another vico process (pid {holder.pid})" in line
-    assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]  # nothing written, no train_config.json
+    assert f"--out {out} is in use by another vico process (pid {os.getpid()})" in error_line(capsys)
 
 
 def test_the_lock_of_a_killed_process_is_taken_over(model_dir, images_dir, tmp_path):
     out = tmp_path / "run"
-    holder = hold_lock(out)
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import fcntl, os, time
+        fd = os.open({str(out / LOCK_FILE)!r}, os.O_RDWR | os.O_CREAT)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, str(os.getpid()).encode())
+        print('locked', flush=True)
+        time.sleep(600)
+    """)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
     holder.send_signal(signal.SIGKILL)
     holder.wait()
     assert (out / LOCK_FILE).read_text().strip() == str(holder.pid)  # its PID is still in the file
@@ -97,13 +96,9 @@ def test_the_lock_of_a_killed_process_is_taken_over(model_dir, images_dir, tmp_p
 
 def test_sample_into_a_held_folder_is_refused(concept, tmp_path, capsys):
     out = tmp_path / "samples"
-    holder = hold_lock(out)
-    try:
+    with held(out):
         assert sample(concept, out) == 2
-    finally:
-        holder.kill()
-        holder.wait()
-    assert f"in use by another vico process (pid {holder.pid})" in error_line(capsys)
+    assert f"in use by another vico process (pid {os.getpid()})" in error_line(capsys)
     assert not (out / "000.png").exists()
 
 
