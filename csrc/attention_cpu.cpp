@@ -332,7 +332,8 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
           if (ex.head_mean) {
             scalar_t* dst = maps_p + (b * T + t) * N + n0;
             const scalar_t w = scalar_t(1) / static_cast<scalar_t>(H);
-            for (int64_t i = 0; i < bn; ++i) dst[i] += std::exp(kept[i * T + t] - lse_row[i]) * w;
+            // a probability: H terms of p/H may round past 1 (H = 3, L = 1 gave 1.0000001)
+            for (int64_t i = 0; i < bn; ++i) dst[i] = std::min(dst[i] + std::exp(kept[i * T + t] - lse_row[i]) * w, scalar_t(1));
           } else {
             scalar_t* dst = maps_p + ((b * H + h) * T + t) * N + n0;
             for (int64_t i = 0; i < bn; ++i) dst[i] = std::exp(kept[i * T + t] - lse_row[i]);

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from . import _library
+from ._locks import exclusive_lock
 from ._registry import FLOATS, BackendUnavailable, register_backend
 
 CPU_SOURCES = ("attention_cpu.cpp", "otsu_cpu.cpp", "registration.cpp")
@@ -101,23 +102,13 @@ def _private_dir(path: Path) -> Path:
 
 @contextlib.contextmanager
 def _build_lock(build_dir: Path):
-    """An exclusive ``flock`` on the build folder: the kernel releases it when its holder dies, so a
-    killed build never blocks later processes (torch's own ``lock`` file would, forever)."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no cross-process lock, and torch's own baton remains
+    """An exclusive lock on the build folder (``fused._locks``): the kernel releases it when its holder
+    dies, so a killed build never blocks later processes (torch's own ``lock`` file would, forever)."""
+    def say(pid: int | None) -> None:
+        print(f"fused: waiting for another process (pid {pid}) building the kernels in {build_dir}", file=sys.stderr)
+
+    with exclusive_lock(build_dir / "build.lock", wait=True, on_wait=say):
         yield
-        return
-    with open(build_dir / "build.lock", "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"fused: waiting for another process building the kernels in {build_dir}", file=sys.stderr)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _sha256(path: Path) -> str:

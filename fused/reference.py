@@ -125,6 +125,21 @@ def otsu_compute_dtype(maps: torch.Tensor) -> torch.dtype:
     return torch.float32 if maps.dtype in (torch.float16, torch.bfloat16) else maps.dtype
 
 
+def _between_class_variance(xn: torch.Tensor, xs: torch.Tensor, tau: torch.Tensor, n: int) -> torch.Tensor:
+    """Otsu's between-class variance [..., C] of normalised maps ``xn`` [..., N] (``xs``: the same in the
+    statistics dtype, [..., 1, N]) for thresholds ``tau`` [C]; -1 where a class is empty."""
+    high = xn.unsqueeze(-2) >= tau[:, None]  # [..., C, N]
+    n_high = high.sum(dim=-1).to(xs.dtype)
+    n_low = n - n_high
+    s_high = (xs * high).sum(dim=-1)
+    s_low = (xs * ~high).sum(dim=-1)
+    nonempty = (n_low > 0) & (n_high > 0)
+    mu_low = s_low / n_low.clamp(min=1)
+    mu_high = s_high / n_high.clamp(min=1)
+    g = (n_low / n) * (n_high / n) * (mu_low - mu_high) ** 2
+    return torch.where(nonempty, g, torch.full_like(g, -1.0))
+
+
 def otsu_vico(maps: torch.Tensor, bins: int) -> tuple[torch.Tensor, torch.Tensor]:
     """ViCo's Otsu rule over the last dim (docs/ops.md §3.2, mode "vico").
 
@@ -141,18 +156,11 @@ def otsu_vico(maps: torch.Tensor, bins: int) -> tuple[torch.Tensor, torch.Tensor
     xn = (x - lo) / torch.where(constant, torch.ones_like(span), span)
     # τ_t = t/bins, rounded once to the compute dtype.
     tau = torch.arange(1, bins, dtype=x.dtype, device=x.device) / bins  # [C]
-    high = xn.unsqueeze(-2) >= tau[:, None]  # [..., C, N]
     sd = otsu_stat_dtype()
-    n_high = high.sum(dim=-1).to(sd)
-    n_low = n - n_high
     xs = xn.to(sd).unsqueeze(-2)
-    s_high = (xs * high).sum(dim=-1)
-    s_low = (xs * ~high).sum(dim=-1)
-    nonempty = (n_low > 0) & (n_high > 0)
-    mu_low = s_low / n_low.clamp(min=1)
-    mu_high = s_high / n_high.clamp(min=1)
-    g = (n_low / n) * (n_high / n) * (mu_low - mu_high) ** 2
-    g = torch.where(nonempty, g, torch.full_like(g, -1.0))
+    # candidates in chunks: the [..., chunk, N] temporaries stay ~2**20 elements whatever ``bins`` is
+    chunk = max(1, 2**20 // max(xn.numel(), 1))
+    g = torch.cat([_between_class_variance(xn, xs, part, n) for part in tau.split(chunk)], dim=-1)  # [..., C]
     best = g.argmax(dim=-1)  # first index of the maximum
     g_best = g.gather(-1, best[..., None])[..., 0]
     threshold = torch.where(g_best > 0, tau[best], torch.zeros_like(tau[best]))

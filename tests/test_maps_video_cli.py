@@ -184,7 +184,7 @@ def test_image_pipelines_write_what_they_did(model_dir, tmp_path, capsys):
     out = tmp_path / "sd"
     assert cli.main(["maps", "--model", str(model_dir), "--prompt", "a photo of a red cat", "--words", "cat",
                      "--out", str(out), "--steps", "2"]) == 0
-    assert {p.name for p in out.iterdir()} == {"image.png", "grid.png", "map_cat.png", "mask_cat.png"}
+    assert {p.name for p in out.iterdir()} == {".vico-written", "image.png", "grid.png", "map_cat.png", "mask_cat.png"}
     assert "map frames" not in capsys.readouterr().out
     assert cli.main(["maps", "--model", str(model_dir), "--prompt", "a photo of a cat", "--words", "dog",
                      "--out", str(out), "--steps", "2"]) == 2

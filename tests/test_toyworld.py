@@ -199,7 +199,7 @@ def test_toy_demo_writes_grid_and_metrics_and_reruns(barely_trained_model, tmp_p
     foreign = tmp_path / "someone-elses"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
-    with pytest.raises(UserError, match="not written by vico demo"):
+    with pytest.raises(UserError, match="holds notes.txt, which vico did not write there"):
         demo.run(barely_trained_model, foreign, steps=1, ti_steps=1, sample_steps=1, samples=1, quiet=True)
     assert (foreign / "notes.txt").read_text() == "keep me"
 

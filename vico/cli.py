@@ -13,15 +13,28 @@ from pathlib import Path
 from .model import UserError
 
 
+def _finite(text: str) -> float:
+    """A float option's value: ``nan`` and ``inf`` are refused (they give black images, exit 0)."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
 def _learning_rate(text: str) -> tuple[str, float]:
     """``--lr image=1e-4`` -> ("image", 1e-4)."""
     name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE (e.g. image=1e-4), got {text!r}")
     try:
-        if not sep or not name:
-            raise ValueError
-        return name.strip(), float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected NAME=VALUE (e.g. image=1e-4), got {text!r}") from None
+        return name.strip(), _finite(value)
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
 
 
 def _train_parser(sub) -> None:
@@ -52,6 +65,9 @@ def _train_parser(sub) -> None:
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
                    help="continue from the latest checkpoint in --out (`--resume` or `--resume latest`), or "
                    "from one of them (`--resume step-000200`; newer ones are moved to checkpoints/superseded/)")
+    p.add_argument("--resume-with-changes", action="store_true",
+                   help="resume although --images, --resolution, --token, --method, --layers or --model differ "
+                   "from the run's train_config.json (refused otherwise)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resolution", type=int, help="training image size (default: the model's native size)")
     p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"], help="GPU mixed precision")
@@ -73,16 +89,13 @@ def _sample_parser(sub) -> None:
     p.add_argument("--reference", help="ViCo reference image (default: the first training image)")
     p.add_argument("--num-images", type=int, default=4)
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
-    p.add_argument("--guidance", type=float, default=None,
+    p.add_argument("--guidance", type=_finite, default=None,
                    help="classifier-free guidance scale (default: the method's, 7.5; CatVersion 10)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--save-maps", action="store_true",
                    help="ViCo: also write the S* attention map and its Otsu mask per flagged layer (last step)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
-DEMO_MARKER = ".vico-demo"  # the same marker as vico.toyworld.demo.MARKER: "vico demo wrote this folder"
 
 
 def _demo_parser(sub) -> None:
@@ -95,7 +108,8 @@ def _demo_parser(sub) -> None:
                        "With --model PATH --images DIR it runs on a local Stable Diffusion folder instead: it "
                        "trains ViCo on your images and writes OUT/concept and OUT/samples (images, grid.png, S* "
                        "maps and masks). Running it again with the same --out replaces its own previous output "
-                       f"there (a folder marked by {DEMO_MARKER}); a non-empty folder it did not write is refused.")
+                       "there (what vico recorded writing in OUT/.vico-written); a folder holding anything else "
+                       "is refused.")
     p.add_argument("--out", default="vico-demo", help="output folder (default vico-demo)")
     p.add_argument("--steps", type=int, help="training steps of both methods (default on the toy model: 800 for ViCo, 300 for Textual Inversion, batch 4; 30 with --model)")
     p.add_argument("--sample-steps", type=int, default=20, help="DDIM steps (default 20)")
@@ -107,31 +121,10 @@ def _demo_parser(sub) -> None:
     own.add_argument("--num-images", type=int, help="images to sample (default 4)")
 
 
-def _prepare_demo_output(out: Path, own: tuple[str, ...]) -> None:
-    """Create ``out``, or clear the entries ``own`` a previous demo wrote there. A non-empty folder
-    without the demo's marker is refused: the demo never deletes what it did not write."""
-    import shutil
-
-    from .model import check_output_folder
-
-    check_output_folder(out)
-    if out.is_dir() and any(p.name != DEMO_MARKER for p in out.iterdir()):
-        if not (out / DEMO_MARKER).is_file():
-            raise UserError(f"--out {out} is not empty and was not written by vico demo (no {DEMO_MARKER} in it); "
-                            "choose another --out")
-        for name in own:
-            path = out / name
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            elif path.exists() or path.is_symlink():
-                path.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / DEMO_MARKER).write_text("written by vico demo; a rerun replaces its contents\n")
-
-
 def cmd_demo(args) -> int:
     import time
 
+    from .files import output_folder
     from .model import check_output_folder
     from .sampling import sample_concept
     from .toyworld import demo as toy_demo
@@ -161,17 +154,17 @@ def cmd_demo(args) -> int:
         raise UserError("--model and --images go together: a local Stable Diffusion folder and your training "
                         "images (without both, the demo runs the shipped toy-world model)")
     model, images = args.model, args.images
-    _prepare_demo_output(out, ("concept", "samples"))  # a rerun replaces its own previous output
-    concept = out / "concept"
-    t0 = time.perf_counter()
-    steps = args.steps or 30
-    train(TrainConfig(model=str(model), images=str(images), out=str(concept), init_word=args.init_word or "object",
-                      steps=steps, progress=not args.quiet))
-    print(f"vico: concept saved to {concept}")
-    train_s = time.perf_counter() - t0
-    samples = out / "samples"
-    sample_concept(concept, "a photo of S* on the beach", samples, num_images=args.num_images or 4,
-                   steps=args.sample_steps, guidance=7.5, save_maps=True, progress=not args.quiet)
+    concept, samples = out / "concept", out / "samples"
+    with output_folder(out) as folder:
+        folder.replace([concept.name, samples.name])  # the concept records its own path: written in place
+        t0 = time.perf_counter()
+        steps = args.steps or 30
+        train(TrainConfig(model=str(model), images=str(images), out=str(concept),
+                          init_word=args.init_word or "object", steps=steps, progress=not args.quiet))
+        print(f"vico: concept saved to {concept}")
+        train_s = time.perf_counter() - t0
+        sample_concept(concept, "a photo of S* on the beach", samples, num_images=args.num_images or 4,
+                       steps=args.sample_steps, guidance=7.5, save_maps=True, progress=not args.quiet)
     print(f"vico: wrote {args.num_images or 4} images and grid.png to {samples}")
     print(f"vico demo: {steps} training steps in {train_s:.1f} s ({train_s / max(steps, 1):.3f} s/step "
           f"incl. loading); concept in {concept}, images and S* maps/masks in {samples}")
@@ -198,7 +191,9 @@ def cmd_bench(args) -> int:
 
     from fused.benchmark import DTYPES, format_table, run
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from .model import resolve_device
+
+    device = torch.device(resolve_device(args.device))
     dtype = DTYPES[args.dtype or ("fp16" if device.type == "cuda" else "fp32")]
     size = args.size or ("gpu" if device.type == "cuda" else "cpu")
     rows = run(size, device, dtype, repeat=args.repeat, progress=True, backend=args.backend)
@@ -261,18 +256,33 @@ def _check_encoder_folder(path: str | None, option: str, model_type: str, kind: 
 
 
 def cmd_eval(args) -> int:
+    """Held output first (the report's folder, or the --prompts folder), then the work."""
+    from .files import output_folder
+
+    if args.prompts is None and args.out:
+        report = Path(args.out)
+        with output_folder(report.parent, "--out", exclusive=False) as folder:
+            folder.check_replaceable(report.name)  # never overwrite a file vico did not write
+            return _eval(args, folder)
+    if args.prompts is not None and args.concept:
+        with output_folder(args.out or "vico-eval") as folder:
+            return _eval(args, folder)
+    return _eval(args, None)
+
+
+def _eval(args, folder) -> int:
     import json
 
     import numpy as np
-    import torch
 
     from . import evaluation, metrics
     from .data import list_images
     from .methods import get_method
     from .methods.base import Method, read_concept_meta
+    from .model import resolve_device
     from .sampling import sample_concept
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     meta = read_concept_meta(args.concept) if args.concept else {}  # a garbage concept.json: one line
     _check_encoder_folder(args.clip, "--clip", "clip", "CLIPModel")
     _check_encoder_folder(args.dino, "--dino", "vit", "ViTModel")
@@ -289,8 +299,8 @@ def cmd_eval(args) -> int:
     if real_dir is None:
         raise UserError("pass --real DIR (or a --concept trained from an image folder)")
     real = metrics.read_image_files(list_images(real_dir))
-    enc = metrics.load_encoders(args.clip, args.dino, device)
     real_masks, real_mask_source = evaluation.real_masks(args.real_masks, meta, args.concept, real_dir, device)
+    enc = metrics.load_encoders(args.clip, args.dino, device)
 
     def score(folder: Path) -> dict:
         gen = metrics.read_images(folder)
@@ -312,26 +322,27 @@ def cmd_eval(args) -> int:
     if args.prompts is None:
         if not args.generated:
             raise UserError("pass --generated DIR, or --concept with --prompts")
-        report = score(Path(args.generated))
-        text = json.dumps(report, indent=1)
-        if args.out:
-            Path(args.out).write_text(text)
+        text = json.dumps(score(Path(args.generated)), indent=1)
+        if folder is not None:
+            (folder.staging() / Path(args.out).name).write_text(text)
+            folder.commit()
         print(text)
         return 0
 
     if not args.concept:
         raise UserError("--prompts needs --concept")
-    out = Path(args.out or "vico-eval")
+    out = folder.staging()
     rows = []
     for i, template in enumerate(metrics.load_eval_prompts(args.prompts or None)):
-        folder = out / f"prompt-{i:02d}"
+        prompt_dir = out / f"prompt-{i:02d}"
         prompt = method_cls.prompt_for(template, placeholder, class_word)
-        sample_concept(args.concept, prompt, folder, num_images=args.num_images, steps=args.steps, seed=i,
+        sample_concept(args.concept, prompt, prompt_dir, num_images=args.num_images, steps=args.steps, seed=i,
                        device=device, save_maps=True, progress=not args.quiet)
-        rows.append(score(folder))
+        rows.append(score(prompt_dir))
     keys = [k for k in ("clip_i", "clip_t", "dino", "masked_clip_i") if k in rows[0]]
     summary = {k: float(np.mean([r[k] for r in rows])) for k in keys}
     (out / "report.json").write_text(json.dumps({"summary": summary, "per_prompt": rows}, indent=1))
+    folder.commit()
     print("| prompt | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys))
     for r in rows:
         print(f"| {r['prompt']} | " + " | ".join(f"{r[k]:.4f}" for k in keys) + " |")
@@ -355,19 +366,19 @@ def _maps_parser(sub) -> None:
     p.add_argument("--layers", nargs="+", help="only these attention layers: exact names, module prefixes "
                    "(up_blocks, transformer_blocks.0 - not single_transformer_blocks.0) or fnmatch patterns "
                    "('transformer_blocks.*')")
-    p.add_argument("--timesteps", nargs=2, type=float, metavar=("LOW", "HIGH"), help="aggregate only these timesteps")
+    p.add_argument("--timesteps", nargs=2, type=_finite, metavar=("LOW", "HIGH"), help="aggregate only these timesteps")
     p.add_argument("--occurrence", type=int, default=None,
                    help="map only this occurrence of a repeated word (0 = first, -1 = last; default: all)")
     p.add_argument("--height", type=int, default=None, help="image height in pixels (default: the pipeline's)")
     p.add_argument("--width", type=int, default=None, help="image width in pixels (default: the pipeline's)")
     p.add_argument("--frames", type=int, default=None, help="video pipelines: frames to generate (default: the "
                    "pipeline's, e.g. 81 for Wan)")
-    p.add_argument("--fps", type=float, default=16.0, help="video pipelines: frame rate of the GIFs (default 16)")
+    p.add_argument("--fps", type=_finite, default=16.0, help="video pipelines: frame rate of the GIFs (default 16)")
     p.add_argument("--records", action="store_true",
                    help="also write OUT/records.safetensors: every layer's map per timestep and word "
                    "(keys <layer>/<timestep>/<word>; layer names and timesteps in its metadata)")
     p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--guidance", type=float, default=None,
+    p.add_argument("--guidance", type=_finite, default=None,
                    help="guidance scale (default: 7.5 for image pipelines, the pipeline's own for video ones)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
@@ -432,6 +443,48 @@ def _maps_error(message: str) -> str:
 
 
 def cmd_maps(args) -> int:
+    from .files import output_folder
+    from .model import check_output_folder
+
+    _require_positive(args, "steps", "height", "width", "frames")
+    if args.fps <= 0:
+        raise UserError(f"--fps must be positive, got {args.fps:g}")
+    check_output_folder(args.out)
+    kind = _maps_pipeline_kind(args.model)
+    if kind == "image" and args.frames is not None:
+        raise UserError(f"--frames applies to video pipelines only; --model {args.model} generates images")
+    _words_in_prompt(args.words, args.prompt)
+    _check_maps_numbers(args, kind)
+    with output_folder(args.out) as folder:  # locked before the pipeline loads
+        summary = _maps_into(folder.staging(), args, kind)
+        folder.commit()  # an earlier run's maps of other words go
+    print(f"{summary} -> {args.out}")
+    return 0
+
+
+def _check_maps_numbers(args, kind: str) -> None:
+    """Seed, device, steps, --timesteps and image size against the pipeline's configs, before it loads."""
+    from .model import check_image_size, check_seed, check_steps, resolve_device, scheduler_timesteps
+
+    check_seed(args.seed)
+    args.device = resolve_device(args.device)
+    check_steps(args.steps, args.model)
+    if args.timesteps:
+        low, high, limit = *args.timesteps, scheduler_timesteps(args.model)
+        if low > high or high < 0 or low > limit:
+            raise UserError(f"--timesteps {low:g} {high:g}: give LOW <= HIGH overlapping the schedule's "
+                            f"0..{limit}")
+    if kind == "image":
+        if (args.height is None) != (args.width is None):  # diffusers' image pipelines ignore one alone
+            raise UserError("--height and --width go together for image pipelines (given alone, one is ignored)")
+        denoiser = "unet" if (Path(args.model) / "unet").is_dir() else "transformer"
+        for option in ("height", "width"):
+            if getattr(args, option) is not None:
+                check_image_size(getattr(args, option), args.model, f"--{option}", denoiser)
+
+
+def _maps_into(out: Path, args, kind: str) -> str:
+    """Generate and write the maps of ``args`` into ``out``; returns the summary line's start."""
     import numpy as np
     import torch
     from PIL import Image
@@ -439,19 +492,10 @@ def cmd_maps(args) -> int:
     import fused
     from fused import maps as fused_maps
 
-    from .model import check_output_folder, load_pipeline
+    from .model import load_pipeline
     from .pipeline import heatmap_overlay, image_grid
 
-    _require_positive(args, "steps", "height", "width", "frames")
-    if args.fps <= 0:
-        raise UserError(f"--fps must be positive, got {args.fps:g}")
-    out = check_output_folder(args.out)
-    kind = _maps_pipeline_kind(args.model)
-    if kind == "image" and args.frames is not None:
-        raise UserError(f"--frames applies to video pipelines only; --model {args.model} generates images")
-    _words_in_prompt(args.words, args.prompt)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = load_pipeline(args.model, device)
+    pipe = load_pipeline(args.model, args.device)
     # Classifier-free guidance (which rows are traced) is detected from the pipeline during the call.
     call = {k: v for k, v in (("height", args.height), ("width", args.width), ("num_frames", args.frames))
             if v is not None}
@@ -468,7 +512,10 @@ def cmd_maps(args) -> int:
                           output_type="np" if decode else "latent")
     except ValueError as exc:
         raise UserError(_maps_error(str(exc))) from exc
-    out.mkdir(parents=True, exist_ok=True)
+    if args.timesteps and tr.calls == 0:  # --timesteps between the sampled ones: nothing was aggregated
+        sampled = [float(t) for t in pipe.scheduler.timesteps]
+        raise UserError(f"--timesteps {args.timesteps[0]:g} {args.timesteps[1]:g}: none of the {len(sampled)} "
+                        f"sampling timesteps ({sampled[0]:g} ... {sampled[-1]:g}) falls in it; nothing written")
     heatmaps = tr.heatmaps()
     if kind == "video":
         from .video_maps import write_video_maps
@@ -498,9 +545,7 @@ def cmd_maps(args) -> int:
         tr.save_records(out / "records.safetensors")
     frames = f", {tr.shape[0]} map frames of {tr.shape[1]}x{tr.shape[2]} patches" if kind == "video" and heatmaps \
         else ""
-    print(f"vico maps: {len(heatmaps)} words over {len(tr.layers)} layers and {tr.calls} denoiser calls{frames} "
-          f"-> {out}")
-    return 0
+    return f"vico maps: {len(heatmaps)} words over {len(tr.layers)} layers and {tr.calls} denoiser calls{frames}"
 
 
 def cmd_train(args) -> int:
@@ -512,7 +557,7 @@ def cmd_train(args) -> int:
         init_word=args.init_word, steps=args.steps, batch_size=args.batch_size, scale_lr=args.scale_lr,
         checkpoint_every=args.checkpoint_every, checkpoints_total_limit=args.checkpoints_total_limit, seed=args.seed, resolution=args.resolution,
         mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
-        resume=args.resume, layers=args.layers, progress=not args.quiet, learning_rates=dict(args.lr),
+        resume=args.resume, resume_with_changes=args.resume_with_changes, layers=args.layers, progress=not args.quiet, learning_rates=dict(args.lr),
         extra={"fast": True} if getattr(args, "fast", False) else {},
     )
     out = train(cfg)
@@ -569,19 +614,21 @@ IMPORT_FILES = {"vico": ("embeddings", "cross_attention"), "catversion": ("adapt
 
 def cmd_import(args) -> int:
     from . import official
+    from .files import output_folder
 
     missing = [f"--{name.replace('_', '-')}" for name in IMPORT_FILES[args.source] if not getattr(args, name)]
     if missing:
         raise UserError(f"--from {args.source} needs {' and '.join(missing)}")
-    if args.source == "vico":
-        out = official.import_vico(args.model, args.embeddings, args.cross_attention, args.out,
-                                   placeholder=args.token, init_word=args.init_word,
-                                   official_token=args.official_token)
-    elif args.source == "catversion":
-        out = official.import_catversion(args.model, args.adapter, args.out, init_word=args.init_word)
-    else:
-        out = official.import_attndreambooth(args.model, args.embeddings, args.unet, args.out, placeholder=args.token,
-                                             init_word=args.init_word, official_token=args.official_token)
+    with output_folder(args.out, exclusive=False):  # locked: a concurrent import or train is refused
+        if args.source == "vico":
+            out = official.import_vico(args.model, args.embeddings, args.cross_attention, args.out,
+                                       placeholder=args.token, init_word=args.init_word,
+                                       official_token=args.official_token)
+        elif args.source == "catversion":
+            out = official.import_catversion(args.model, args.adapter, args.out, init_word=args.init_word)
+        else:
+            out = official.import_attndreambooth(args.model, args.embeddings, args.unet, args.out, placeholder=args.token,
+                                                 init_word=args.init_word, official_token=args.official_token)
     print(f"vico: imported the official {args.source} concept into {out}")
     return 0
 

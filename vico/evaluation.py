@@ -6,10 +6,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
-from .data import load_images
+from .data import list_images, load_images, open_image
+from .model import UserError
 from .pipeline import ViCoPipeline
+
+
+def read_mask(path: Path) -> np.ndarray:
+    """A mask image as bool [H, W]: foreground where its brightness is over half (any mode, ``open_image``)."""
+    return np.asarray(open_image(path).convert("L")) > 127
 
 
 def generated_masks(folder: Path, n: int) -> tuple[list[np.ndarray] | None, str]:
@@ -22,7 +27,7 @@ def generated_masks(folder: Path, n: int) -> tuple[list[np.ndarray] | None, str]
         files = sorted(folder.glob(f"{i:03d}_mask_*.png"))
         if not files:
             return None, "none"
-        masks.append(np.asarray(Image.open(files[-1]).convert("L")) > 127)
+        masks.append(read_mask(files[-1]))
         layers.add(files[-1].stem.split("_mask_", 1)[1].replace("-", "."))
     return masks, (f"each generated image's own Otsu mask of its S* map (EOT when the prompt has no S*; "
                    f"conditional branch, last sampling step; layer {', '.join(sorted(layers))}), "
@@ -34,8 +39,14 @@ def real_masks(mask_dir: str | None, meta: dict, concept: str | None, real_dir: 
     """(masks, where they came from): a user folder of PNGs, else for a ViCo concept the
     Otsu mask of S* from the reference branch (the real image seen as the reference)."""
     if mask_dir:
+        if not Path(mask_dir).is_dir():
+            raise UserError(f"--real-masks {mask_dir} is not a folder")
         files = sorted(p for p in Path(mask_dir).iterdir() if p.suffix.lower() == ".png")
-        return [np.asarray(Image.open(p).convert("L")) > 127 for p in files], f"user masks from {mask_dir}"
+        count = len(list_images(real_dir))
+        if len(files) != count:  # zip() would silently drop the unmatched images
+            raise UserError(f"--real-masks {mask_dir} has {len(files)} PNG masks for {count} real images in "
+                            f"{real_dir}; give one mask per image, in the same order")
+        return [read_mask(p) for p in files], f"user masks from {mask_dir}"
     if meta.get("method") != "vico":
         return None, "none"
     pipe = ViCoPipeline.from_pretrained(meta["base_model"], concept, device=device)

@@ -138,9 +138,10 @@ def evaluate(enc: Encoders, generated: list[np.ndarray], real: list[np.ndarray],
 
 
 def read_image_files(paths) -> list[np.ndarray]:
-    from PIL import Image
+    """uint8 RGB arrays [H, W, 3] of image files, read by the one loader (``vico.data.open_image``)."""
+    from .data import open_image
 
-    return [np.asarray(Image.open(p).convert("RGB")) for p in paths]
+    return [np.asarray(open_image(p)) for p in paths]
 
 
 def read_images(folder: str | Path) -> list[np.ndarray]:

@@ -30,6 +30,14 @@ def require_at_least_one(values: dict[str, int | None], hints: dict[str, str] | 
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}{hint}")
 
 
+def first_nonfinite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor holding NaN or inf, None when all are finite."""
+    for name, value in tensors.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return name
+    return None
+
+
 class UnreadableFile(UserError):
     """A file that exists but cannot be read (truncated, garbage, wrong format): resume can fall back."""
 
@@ -48,6 +56,120 @@ def check_output_folder(path: str | Path, option: str = "--out") -> Path:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"{option} {path}: cannot write in {existing} (permission denied or read-only)")
     return path
+
+
+def read_model_config(model: str | Path, sub: str) -> dict:
+    """``model/sub/config.json`` (a diffusers component's config), read without loading any weights."""
+    import json
+
+    path = Path(model) / sub / "config.json"
+    if not path.parent.is_dir():  # the words of load_components, which would find the same
+        raise UserError(f"model path {model} has no {sub}/ folder: not a diffusers Stable Diffusion pipeline")
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"model path {model} has no {sub}/config.json: not a diffusers pipeline folder") from None
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path} is unreadable ({exc}): truncated or not a diffusers config") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path} is not a diffusers config (not a JSON object)")
+    return config
+
+
+def image_size_rule(model: str | Path, denoiser: str = "unet") -> tuple[int, int]:
+    """(factor, minimum): an image side ``model`` generates without resizing is a multiple of ``factor`` (the
+    VAE's downsampling, times a transformer's patch size) and at least ``minimum`` (one latent cell left at the
+    UNet's deepest level). Read from the configs only."""
+    config = read_model_config(model, denoiser)
+    factor = vae_factor(model) * int(config.get("patch_size") or 1)
+    return factor, factor * 2 ** (len(config.get("block_out_channels", [0])) - 1)
+
+
+def vae_factor(model: str | Path) -> int:
+    """Pixels per latent cell along each side of ``model``'s VAE (8 for SD's), from its config
+    (``Components.vae_scale`` of a loaded one)."""
+    return 2 ** (len(read_model_config(model, "vae").get("block_out_channels", [0])) - 1)
+
+
+def native_size(model: str | Path) -> int:
+    """The image side ``model``'s UNet was built for (``Components.native_resolution``), from its configs."""
+    return int(read_model_config(model, "unet")["sample_size"]) * vae_factor(model)
+
+
+def check_image_size(value: int, model: str | Path, option: str, denoiser: str = "unet") -> None:
+    """One line when ``value`` (pixels) is not a size ``model`` can generate as asked (``image_size_rule``)."""
+    factor, minimum = image_size_rule(model, denoiser)
+    if value < minimum or value % factor:
+        raise UserError(f"{option} {value}: {Path(model).name} needs a multiple of {factor} pixels, at least "
+                        f"{minimum} (e.g. {max(minimum, round(value / factor) * factor)})")
+
+
+def scheduler_timesteps(model: str | Path) -> int:
+    """The number of training timesteps of ``model``'s scheduler (its scheduler_config.json; 1000 if unset)."""
+    import json
+
+    path = Path(model) / "scheduler" / "scheduler_config.json"
+    try:
+        return int(json.loads(path.read_text()).get("num_train_timesteps", 1000))
+    except (OSError, ValueError, AttributeError, TypeError):
+        raise UserError(f"{path} is missing or unreadable: not a diffusers pipeline folder") from None
+
+
+def check_steps(steps: int, model: str | Path, option: str = "--steps") -> None:
+    """Sampling steps beyond the scheduler's training timesteps are one line (diffusers raises deep inside)."""
+    limit = scheduler_timesteps(model)
+    if steps > limit:
+        raise UserError(f"{option} {steps}: {Path(model).name}'s scheduler has {limit} timesteps; use at most {limit}")
+
+
+def check_seed(seed: int, option: str = "--seed") -> None:
+    """Seeds are 0..2**32-1 (what every generator in the stack accepts): anything else is one line."""
+    if not 0 <= seed < 2**32:
+        raise UserError(f"{option} {seed}: a seed must be a whole number in 0..{2**32 - 1}")
+
+
+def check_placeholder(token: str, option: str = "--token") -> None:
+    """A placeholder token is a non-empty string without spaces ("" would take over the unknown token)."""
+    if not token or any(ch.isspace() for ch in token):
+        raise UserError(f"{option} {token!r}: a placeholder token must be a non-empty string without spaces, "
+                        "e.g. S*")
+
+
+def resolve_device(device: str | None, option: str = "--device") -> str:
+    """``device``, or ``fused.default_device()``; a device this machine lacks is one line."""
+    if device is None:
+        import fused
+
+        return fused.default_device()
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        raise UserError(f"{option} {device!r} is not a device (cuda, cuda:1, cpu, ...)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"{option} {device}: this torch sees no CUDA device (torch.cuda.is_available() is False); "
+                        "use --device cpu")
+    return device
+
+
+def check_layers(layers: list[str], model: str | Path, option: str = "--layers") -> None:
+    """Every name must be a spatial transformer (a module with ``transformer_blocks``) of ``model``'s UNet."""
+    from .image_attention import decoder_transformers
+
+    unet = meta_unet(model)
+    modules = dict(unet.named_modules())
+    for name in layers:
+        if not getattr(modules.get(name), "transformer_blocks", None):
+            known = ", ".join(decoder_transformers(unet)) or "none"
+            raise UserError(f"{option} {name}: no spatial transformer of that name in {model}'s UNet (its decoder "
+                            f"has {known})")
+
+
+def meta_unet(model: str | Path) -> nn.Module:
+    """``model``'s UNet built from its config on the meta device: its module names, no weights loaded."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        return UNet2DConditionModel.from_config(read_model_config(model, "unet"))
 
 
 def warn(message: str) -> None:

@@ -19,7 +19,7 @@ import torch
 from .data import list_images, load_image
 from .methods import load_method
 from .methods.base import Method
-from .model import Components, encode_prompts, load_components
+from .model import Components, UserError, encode_prompts, load_components
 
 
 class ViCoPipeline:
@@ -36,6 +36,15 @@ class ViCoPipeline:
     def default_reference(self, images_dir: str | Path) -> torch.Tensor:
         """The first training image of a folder, at the concept's resolution."""
         return load_image(list_images(images_dir)[0], self.method.config.resolution)
+
+    def _check_token_kept(self, prompt: str, ids: torch.Tensor) -> None:
+        """A placeholder the prompt names but the text encoder's token limit cut off is one line (its images
+        would not show the concept, and ``--save-maps`` would save another token's maps)."""
+        token_id = getattr(self.method, "token_id", None)
+        placeholder = self.method.config.placeholder
+        if token_id is not None and placeholder in prompt and not bool((ids == token_id).any()):
+            raise UserError(f"--prompt: {placeholder!r} comes after the text encoder's {ids.shape[1]}-token limit and "
+                            "would be cut off; shorten the prompt or name the concept earlier")
 
     @torch.no_grad()
     def __call__(self, prompt: str, reference: torch.Tensor | None = None, num_images: int = 1,
@@ -54,6 +63,7 @@ class ViCoPipeline:
         scheduler = sampler.from_config(c.scheduler.config)
         scheduler.set_timesteps(num_inference_steps, device=device)
         ids, cond = encode_prompts(c.tokenizer, c.text_encoder, [prompt] * num_images)
+        self._check_token_kept(prompt, ids)
         uncond = self.method.encode_unconditional(num_images)
         if guidance_scale is None:
             guidance_scale = self.method.guidance_scale
@@ -74,6 +84,9 @@ class ViCoPipeline:
             model_in = scheduler.scale_model_input(latents, t)
             eps = self.method.predict_noise(model_in, t, ids, cond, uncond, guidance_scale, context)
             latents = scheduler.step(eps, t, latents).prev_sample
+        if not bool(torch.isfinite(latents).all()):  # decoding them would give black images, silently
+            raise UserError(f"sampling produced NaN or inf latents (guidance {guidance_scale:g}, "
+                            f"{c.unet.dtype}); try float32 or a lower --guidance")
         images = c.vae.decode(latents / c.vae.config.scaling_factor).sample
         images = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         return images.permute(0, 2, 3, 1).cpu().numpy(), context

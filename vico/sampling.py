@@ -10,6 +10,7 @@ with ``save_maps``, each generated image's S* map and Otsu mask.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from .model import UserError
@@ -43,15 +44,18 @@ def sample_concept(concept: str | Path, prompt: str, out: str | Path, *, model: 
     reference: for methods that need one (``Method.needs_reference``, ViCo), an image file; default
         the concept's first training image. guidance: None = the method's default scale.
     """
-    import numpy as np
-    from PIL import Image
-
+    from .files import output_folder
     from .methods import get_method
     from .methods.base import CONFIG_FILE, check_concept
-    from .model import check_output_folder, require_at_least_one, warn
-    from .pipeline import ViCoPipeline, heatmap_overlay, image_grid
+    from .model import (check_image_size, check_output_folder, check_seed, check_steps, require_at_least_one,
+                        resolve_device, warn)
+    from .pipeline import ViCoPipeline
 
     require_at_least_one({"num_images": num_images, "steps": steps})
+    if guidance is not None and not math.isfinite(guidance):
+        raise UserError(f"--guidance must be a finite number, got {guidance}")
+    check_seed(seed)
+    device = resolve_device(device)
     check_output_folder(out)  # before any sampling
     concept = Path(concept)
     meta = check_concept(concept)  # a missing, truncated or garbage concept.json / concept.safetensors: one line
@@ -62,9 +66,11 @@ def sample_concept(concept: str | Path, prompt: str, out: str | Path, *, model: 
         if not Path(model).is_dir():
             raise UserError(f"the concept's base model {model} (recorded in {concept / CONFIG_FILE}) does not "
                             "exist; pass --model PATH")
-    placeholder = meta["config"].get("placeholder", "S*")
+    check_image_size(meta["config"]["resolution"], model, f"{concept / CONFIG_FILE}: config.resolution")
+    check_steps(steps, model)
+    placeholder = meta["config"]["placeholder"]
     method_cls = get_method(meta["method"])
-    phrase = method_cls.concept_phrase(placeholder, meta["config"].get("init_word", "object"))
+    phrase = method_cls.concept_phrase(placeholder, meta["config"]["init_word"])
     # "S* cat" (AttnDreamBooth) is named by its S* too; CatVersion's concept is its class word alone
     if phrase not in prompt and not (placeholder in phrase and placeholder in prompt):
         warn(f"the prompt does not contain the concept's token {phrase!r}: the images will not show the "
@@ -74,35 +80,44 @@ def sample_concept(concept: str | Path, prompt: str, out: str | Path, *, model: 
     if reference is not None and not Path(reference).is_file():
         raise UserError(f"--reference {reference} does not exist")
     images_dir = _training_images(concept) if reference is None and method_cls.needs_reference else None
-    import fused
+    with output_folder(out) as folder:  # locked before the model loads; only vico's own earlier output replaced
+        pipe = ViCoPipeline.from_pretrained(model, concept, device=device)
+        ref = None
+        if reference is not None:
+            from .data import load_image
 
-    device = device or fused.default_device()
-    pipe = ViCoPipeline.from_pretrained(model, concept, device=device)
-    ref = None
-    if reference is not None:
-        from .data import load_image
+            ref = load_image(reference, pipe.method.config.resolution)
+        elif images_dir is not None:
+            ref = pipe.default_reference(images_dir)
+        images, context = pipe(prompt, reference=ref, num_images=num_images, num_inference_steps=steps,
+                               guidance_scale=guidance, seed=seed, progress=progress)
+        _write_samples(folder.staging(), prompt, images, pipe.method, context, save_maps)
+        folder.commit()  # the previous run's images and maps go: `vico eval` must not score them
+    return Path(out)
 
-        ref = load_image(reference, pipe.method.config.resolution)
-    elif images_dir is not None:
-        ref = pipe.default_reference(images_dir)
-    images, context = pipe(prompt, reference=ref, num_images=num_images, num_inference_steps=steps,
-                           guidance_scale=guidance, seed=seed, progress=progress)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+
+def _write_samples(out: Path, prompt: str, images, method, context: dict, save_maps: bool) -> None:
+    """``000.png ...``, ``grid.png``, ``prompt.txt`` and, with ``save_maps``, each image's S* map and mask."""
+    import numpy as np
+    from PIL import Image
+
+    from .model import warn
+    from .pipeline import heatmap_overlay, image_grid
+
     for i, img in enumerate(images):
         Image.fromarray(img).save(out / f"{i:03d}.png")
     Image.fromarray(image_grid(images)).save(out / "grid.png")
     (out / "prompt.txt").write_text(prompt + "\n")
-    if save_maps and hasattr(pipe.method, "sampled_maps"):
-        if "last_request" not in context:
-            warn("--save-maps: no attention maps were recorded in this run; writing the images only")
-            return out
-        for layer, (maps, masks) in pipe.method.sampled_maps(context).items():
-            side = maps.shape[-1]
-            tag = layer.replace(".", "-")
-            for i in range(len(images)):
-                Image.fromarray(heatmap_overlay(images[i], maps[i].float().cpu().numpy())).save(
-                    out / f"{i:03d}_map_{tag}.png")
-                big = np.kron(masks[i].cpu().numpy(), np.ones((images.shape[1] // side,) * 2))
-                Image.fromarray((big * 255).astype(np.uint8)).save(out / f"{i:03d}_mask_{tag}.png")
-    return out
+    if not (save_maps and hasattr(method, "sampled_maps")):
+        return
+    if "last_request" not in context:
+        warn("--save-maps: no attention maps were recorded in this run; writing the images only")
+        return
+    for layer, (maps, masks) in method.sampled_maps(context).items():
+        side = maps.shape[-1]
+        tag = layer.replace(".", "-")
+        for i in range(len(images)):
+            Image.fromarray(heatmap_overlay(images[i], maps[i].float().cpu().numpy())).save(
+                out / f"{i:03d}_map_{tag}.png")
+            big = np.kron(masks[i].cpu().numpy(), np.ones((images.shape[1] // side,) * 2))
+            Image.fromarray((big * 255).astype(np.uint8)).save(out / f"{i:03d}_mask_{tag}.png")

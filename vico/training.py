@@ -30,7 +30,9 @@ from .data import list_images, load_images
 from .files import atomic_folder, atomic_write, describe_error, load_tensors_only, write_errors
 from .methods import get_method
 from .methods.base import MethodConfig
-from .model import UnreadableFile, UserError, check_output_folder, load_components, require_at_least_one, warn
+from .model import (UnreadableFile, UserError, check_image_size, check_layers, check_output_folder,
+                    check_placeholder, check_seed, first_nonfinite, load_components, native_size,
+                    require_at_least_one, warn)
 
 CHECKPOINTS = "checkpoints"
 
@@ -107,6 +109,7 @@ class TrainConfig:
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
     resume: bool | str = False  # True or "latest": the newest checkpoint; or a checkpoint folder name/path
+    resume_with_changes: bool = False  # resume although RESUME_FIXED arguments differ from the saved run's
     layers: list[str] | None = None
     learning_rates: dict[str, float] = field(default_factory=dict)  # base lr by group name (--lr NAME=VALUE)
     progress: bool = True
@@ -230,10 +233,10 @@ def remove_stale_temporaries(out: Path) -> list[Path]:
 
 def _load_checkpoint(path: Path, method, generator: torch.Generator) -> dict:
     """Restore weights and RNG; returns the trainer state (step, stage, optimizer)."""
-    from .methods.base import read_concept
+    from .methods.base import WEIGHTS_FILE, load_weights, read_concept
 
     _, weights = read_concept(path)
-    method.load_state_dict(weights)
+    load_weights(method, weights, path / WEIGHTS_FILE)
     state = load_trainer_state(path / "trainer.pt")
     generator.set_state(state["generator"])
     return state
@@ -262,9 +265,82 @@ def check_learning_rates(method_cls, learning_rates: dict[str, float]) -> None:
             raise UserError(f"--lr {name}={value}: a learning rate must be a positive finite number")
 
 
+def check_inputs(cfg: TrainConfig, method_cls) -> None:
+    """One line for a bad token, seed, image folder, resolution or layer name, from the configs alone."""
+    check_placeholder(cfg.placeholder)
+    check_seed(cfg.seed)
+    list_images(cfg.images)
+    if not Path(cfg.model).is_dir():
+        raise UserError(f"--model {cfg.model} is not a directory (expected a diffusers Stable Diffusion folder)")
+    if cfg.resolution is not None:
+        check_image_size(cfg.resolution, cfg.model, "--resolution")
+    if cfg.layers:
+        if not method_cls.image_layers:
+            raise UserError(f"--layers applies to --method vico only (image attention layers); {method_cls.name} "
+                            "has none")
+        check_layers(cfg.layers, cfg.model)
+
+
+# What a resumed run must share with the run that wrote the checkpoints: they decide what is trained.
+RESUME_FIXED = {"images": "--images", "resolution": "--resolution", "placeholder": "--token", "method": "--method",
+                "layers": "--layers", "model": "--model"}
+
+
+def check_resume_config(cfg: TrainConfig, out: Path) -> None:
+    """Refuse to resume with arguments that change what is trained (``RESUME_FIXED``) against the run's
+    train_config.json, unless ``cfg.resume_with_changes``."""
+    path = out / "train_config.json"
+    if not path.exists():  # e.g. a checkpoint copied into a new folder
+        warn(f"--resume: {out} has no train_config.json to compare the arguments with; resuming with these")
+        return
+    try:
+        saved = json.loads(path.read_text())
+        if not isinstance(saved, dict):
+            raise ValueError("not an object")
+    except (OSError, ValueError) as exc:
+        if cfg.resume_with_changes:
+            return
+        raise UserError(f"--resume: cannot compare with the run's {path} ({describe_error(exc)}); pass "
+                        "--resume-with-changes to resume anyway") from None
+    changed = [(opt, saved.get(key), getattr(cfg, key)) for key, opt in RESUME_FIXED.items()
+               if saved.get(key) != getattr(cfg, key)]
+    if changed and not cfg.resume_with_changes:
+        opt, before, now = changed[0]
+        raise UserError(f"--resume: {opt} is {now!r}, the run in {out} was trained with {before!r} (recorded in "
+                        f"{path.name}); resume with the same arguments, or pass --resume-with-changes to train on "
+                        "with the change")
+    for opt, before, now in changed:
+        warn(f"--resume-with-changes: {opt} changes from {before!r} to {now!r}")
+
+
+def check_finite(method, diverged_at: int | None, step: int, out: Path) -> None:
+    """Stop a run whose loss or trained tensors went NaN or inf, before it saves them: one line naming the
+    step and the last checkpoint, which is kept (nothing newer is written, no concept)."""
+    bad = first_nonfinite(method.state_dict())
+    if diverged_at is None and bad is None:
+        return
+    what = f"the loss was NaN or inf at step {diverged_at}" if diverged_at is not None else \
+        f"{bad!r} holds NaN or inf at step {step}"
+    kept = _checkpoint_dirs(out)
+    safe = f"the last finite checkpoint, {kept[-1].name}, is kept" if kept else "no checkpoint was written"
+    raise UserError(f"training diverged: {what}; {safe}; lower the learning rate (--lr) and train again")
+
+
 def train(cfg: TrainConfig) -> Path:
-    """Train and save a concept into ``cfg.out``; returns that folder."""
+    """Train and save a concept into ``cfg.out``; returns that folder. The main process holds the folder's
+    lock for the whole run (``vico.files.output_folder``): a second run into it is refused in one line."""
     from accelerate import Accelerator
+
+    from .files import output_folder
+
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    if not accelerator.is_main_process:
+        return _train(cfg, accelerator)
+    with output_folder(cfg.out, exclusive=False):
+        return _train(cfg, accelerator)
+
+
+def _train(cfg: TrainConfig, accelerator) -> Path:
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
@@ -277,7 +353,6 @@ def train(cfg: TrainConfig) -> Path:
     # concept.json / train_config.json record where the model and images are: absolute, so that
     # `vico sample` works from any working directory
     cfg = replace(cfg, model=os.path.abspath(cfg.model), images=os.path.abspath(cfg.images))
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
     out = Path(cfg.out)
     if accelerator.is_main_process:
         for path in remove_stale_temporaries(out):
@@ -289,9 +364,12 @@ def train(cfg: TrainConfig) -> Path:
     candidates = resume_candidates(out, cfg.resume, checkpoints) if cfg.resume else []
     method_cls = get_method(cfg.method)
     check_learning_rates(method_cls, cfg.learning_rates)
-    list_images(cfg.images)  # fail on a bad folder before loading the model
+    check_inputs(cfg, method_cls)  # against the model's configs, before it loads
+    cfg = replace(cfg, resolution=cfg.resolution or native_size(cfg.model))  # what --resume compares
+    if candidates:
+        check_resume_config(cfg, out)
     comps = load_components(cfg.model, device=accelerator.device)
-    resolution = cfg.resolution or comps.native_resolution
+    resolution = cfg.resolution
     extra = dict(cfg.extra, **({"layers": cfg.layers} if cfg.layers else {}))
     mcfg = MethodConfig(placeholder=cfg.placeholder, init_word=cfg.init_word, resolution=resolution, seed=cfg.seed,
                         extra=extra, learning_rates=dict(cfg.learning_rates))
@@ -356,7 +434,7 @@ def train(cfg: TrainConfig) -> Path:
     bar = tqdm(total=total, initial=start, desc=method.name, file=sys.stderr,
                disable=not cfg.progress or not accelerator.is_local_main_process)
     world, rank = accelerator.num_processes, accelerator.process_index
-    completed, first = start, 0
+    completed, first, diverged_at = start, 0, None
     for index, stage in enumerate(stages):
         last = first + stage.steps
         if start >= last:  # finished before the checkpoint we resumed from
@@ -382,6 +460,8 @@ def train(cfg: TrainConfig) -> Path:
                 batch = method.make_batch(latent_mean, latent_std, generator, global_batch, rows=rows)
                 with accelerator.autocast():
                     loss, logs = method.training_loss(batch)
+                if diverged_at is None and not math.isfinite(float(loss.detach())):
+                    diverged_at = step + 1
                 accelerator.backward(loss)
                 with hold_interrupts():  # the weights and the step counter move together
                     optimizer.step()
@@ -390,12 +470,14 @@ def train(cfg: TrainConfig) -> Path:
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()})
                 if completed % cfg.checkpoint_every == 0 or completed == total:
+                    check_finite(method, diverged_at, completed, out)  # on every process: all of them stop
                     if accelerator.is_main_process:
                         save_checkpoint(out, completed, method, optimizer, generator, stage=index, world_size=world)
                         prune_checkpoints(out, cfg.checkpoints_total_limit)
                     accelerator.wait_for_everyone()  # no process runs ahead of a checkpoint being written
         except KeyboardInterrupt:
-            if accelerator.is_main_process and completed > start:
+            if accelerator.is_main_process and completed > start and diverged_at is None \
+                    and first_nonfinite(method.state_dict()) is None:
                 if completed == step:  # interrupted inside a step: rewind its random draws
                     generator.set_state(gen_state)
                 path = save_checkpoint(out, completed, method, optimizer, generator, stage=index, world_size=world)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..files import atomic_write, describe_error
-from ..model import Components, UnreadableFile, UserError, encode_prompts
+from ..model import Components, UnreadableFile, UserError, encode_prompts, first_nonfinite
 
 CONFIG_FILE = "concept.json"
 WEIGHTS_FILE = "concept.safetensors"
@@ -101,6 +101,7 @@ class Method(ABC):
     sampler: ClassVar[str] = "ddim"  # or "dpm-solver"
     guidance_scale: ClassVar[float] = 7.5  # classifier-free guidance when the user gives none
     needs_reference: ClassVar[bool] = False  # sampling reads a reference image (ViCo); default: a training image
+    image_layers: ClassVar[bool] = False  # places blocks in the UNet's spatial transformers (--layers; ViCo)
     # Pixel images [n, 3, H, W] in [-1, 1] of the training set, for methods that augment in image
     # space (AttnDreamBooth); the trainer may set it, else such a method decodes the latents once.
     training_images: torch.Tensor | None = None
@@ -252,7 +253,67 @@ def read_concept_meta(concept_dir: str | Path) -> dict:
     unknown = set(meta["config"]) - {f.name for f in fields(MethodConfig)}
     if unknown:
         raise UnreadableFile(f"{cfg} has unknown config keys {sorted(unknown)}: not a concept of this vico version")
+    check_concept_fields(meta, cfg)
     return meta
+
+
+MAX_RESOLUTION = 8192  # pixels per side; a larger recorded size is a corrupt field, not a concept to sample
+REQUIRED_CONCEPT_FIELDS = ("placeholder", "init_word", "resolution")  # no default may stand in for these
+
+
+def check_concept_fields(meta: dict, cfg: Path) -> None:
+    """Every field of a concept.json, checked by type and range: a one-line ``UnreadableFile`` naming ``cfg``
+    and the field (a missing ``resolution`` must not sample at some default size)."""
+    import math
+
+    from .registry import METHODS
+
+    def bad(key: str, why: str) -> UnreadableFile:
+        return UnreadableFile(f"{cfg}: {key} {why}; the file is damaged or not from this vico version")
+
+    if meta["method"] not in METHODS:
+        raise bad("method", f"is {meta['method']!r}, not one of {', '.join(METHODS)}")
+    if "base_model" in meta and not (meta["base_model"] is None or isinstance(meta["base_model"], str)):
+        raise bad("base_model", "is not a folder path")
+    config = meta["config"]
+    missing = [key for key in REQUIRED_CONCEPT_FIELDS if key not in config]
+    if missing:
+        raise bad(f"config.{missing[0]}", "is missing")
+    checks = {
+        "placeholder": (lambda v: isinstance(v, str) and v.strip() == v and v != "", "must be a non-empty token"),
+        "init_word": (lambda v: isinstance(v, str) and v.strip() != "", "must be a non-empty word"),
+        "resolution": (lambda v: type(v) is int and 8 <= v <= MAX_RESOLUTION,
+                       f"must be a whole number of pixels in 8..{MAX_RESOLUTION}"),
+        "seed": (lambda v: type(v) is int and 0 <= v < 2**32, "must be a whole number in 0..2**32-1"),
+        "extra": (lambda v: isinstance(v, dict), "must be an object"),
+        "learning_rates": (lambda v: isinstance(v, dict) and all(
+            isinstance(k, str) and type(x) in (int, float) and math.isfinite(x) and x > 0 for k, x in v.items()),
+            "must map group names to positive finite numbers"),
+    }
+    for key, (ok, why) in checks.items():
+        if key in config and not ok(config[key]):
+            raise bad(f"config.{key}", f"{why}, got {config[key]!r}"[:300])
+    layers = config.get("extra", {}).get("layers")
+    if layers is not None and not (isinstance(layers, list) and layers and all(isinstance(x, str) for x in layers)):
+        raise bad("config.extra.layers", f"must be a list of module names, got {layers!r}"[:300])
+
+
+def load_weights(method: "Method", tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """``method.load_state_dict(tensors)`` after checking every tensor's name, shape and kind against the
+    method built on this model: a concept of another model is one line naming ``path``, not a torch error."""
+    expected = method.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    where = "it was trained on another model or with other --layers"
+    if missing or extra:
+        name, what = (missing[0], "is missing") if missing else (extra[0], "is not part of this model's concept")
+        raise UserError(f"{path}: tensor {name!r} {what} ({len(missing)} missing, {len(extra)} unexpected): {where}")
+    for name, want in expected.items():
+        got = tensors[name]
+        if tuple(got.shape) != tuple(want.shape) or got.is_floating_point() != want.is_floating_point():
+            raise UserError(f"{path}: tensor {name!r} is {got.dtype} {list(got.shape)}, the model needs "
+                            f"{want.dtype} {list(want.shape)}: {where}")
+    method.load_state_dict(tensors)
 
 
 def check_concept(concept_dir: str | Path) -> dict:
@@ -284,4 +345,8 @@ def read_concept(concept_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]
     except Exception as exc:  # SafetensorError (truncated, garbage header) or OSError
         raise UnreadableFile(f"{weights} is unreadable ({describe_error(exc)}): truncated or not a safetensors "
                              "file") from None
+    bad = first_nonfinite(tensors)
+    if bad is not None:  # a diverged run: it would sample black images
+        raise UnreadableFile(f"{weights}: tensor {bad!r} holds NaN or inf values (training diverged); retrain "
+                             "with a lower learning rate")
     return meta, tensors

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..model import Components, UserError
 from .attndreambooth import AttnDreamBooth
-from .base import Method, MethodConfig, read_concept
+from .base import WEIGHTS_FILE, Method, MethodConfig, load_weights, read_concept
 from .catversion import CatVersion
 from .textual_inversion import TextualInversion
 from .vico import ViCo
@@ -35,5 +35,5 @@ def load_method(components: Components, concept_dir: str | Path) -> Method:
     """Rebuild a trained method on ``components`` from a saved concept folder."""
     meta, weights = read_concept(concept_dir)
     method = get_method(meta["method"])(components, MethodConfig(**meta["config"]))
-    method.load_state_dict(weights)
+    load_weights(method, weights, Path(concept_dir) / WEIGHTS_FILE)
     return method

@@ -35,6 +35,7 @@ class ViCo(TextualInversion):
     reg_weight = 5e-4
     templates = VICO_TEMPLATES  # the official ldm/data/personalized.py list of 81
     needs_reference = True
+    image_layers = True
 
     def __init__(self, components: Components, config: MethodConfig):
         super().__init__(components, config)

@@ -13,7 +13,6 @@ training images, TI samples, ViCo samples, ViCo's S* maps and masks, labelled.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +21,6 @@ import numpy as np
 import torch
 
 from . import checker, world
-
-MARKER = ".vico-demo"  # marks a folder this demo wrote, so a rerun may replace its own output
-
 
 @dataclass(frozen=True)
 class Concept:
@@ -61,13 +57,10 @@ TOY_RECIPES: dict[str, dict] = {
 
 def decoder_layers(model: Path) -> list[str]:
     """Names of every spatial transformer in the decoder of ``model``'s UNet (built on the meta device)."""
-    from diffusers import UNet2DConditionModel
-
     from ..image_attention import decoder_transformers
+    from ..model import meta_unet
 
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(Path(model) / "unet"))
-    return decoder_transformers(unet)
+    return decoder_transformers(meta_unet(model))
 
 
 def for_model(recipe: dict, model: Path) -> dict:
@@ -98,22 +91,6 @@ def write_concept_images(folder: Path, scenes: list[world.Scene]) -> np.ndarray:
     for i, img in enumerate(images):
         Image.fromarray(img).save(folder / f"concept_{i}.png")
     return images
-
-
-def prepare_output(out: Path) -> None:
-    """Create ``out``, or clear what a previous demo wrote there; refuse a folder the demo did not write."""
-    from ..model import UserError
-
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file, not a folder")
-    if out.is_dir() and any(out.iterdir()):
-        if not (out / MARKER).is_file():
-            raise UserError(f"--out {out} is not empty and was not written by vico demo; choose another folder")
-        for child in out.iterdir():  # only what a demo writes
-            if child.name in ("images", "grid.png", "metrics.json") or child.name in DEMO_METHODS:
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text("written by vico demo; a rerun replaces its contents\n")
 
 
 def upsample_mask(mask: np.ndarray, size: int = world.SIZE) -> np.ndarray:
@@ -171,11 +148,20 @@ def summary(rows: list[dict]) -> dict:
 def run(model: Path, out: Path, steps: int | None = VICO_STEPS, ti_steps: int | None = TI_STEPS,
         sample_steps: int = 30, guidance: float = 5.0, samples: int = 2, quiet: bool = False) -> dict:
     """Train TI and ViCo, sample, score; writes out/grid.png and out/metrics.json and returns the metrics."""
+    from ..files import output_folder
+
+    with output_folder(out) as folder:  # locked; what vico wrote there before is replaced, nothing else
+        # written in place, not staged: the concepts record their training images' path
+        folder.replace(["images", *DEMO_METHODS, "metrics.json", "grid.png"])
+        return _run(model, out, steps, ti_steps, sample_steps, guidance, samples, quiet)
+
+
+def _run(model: Path, out: Path, steps: int | None, ti_steps: int | None, sample_steps: int, guidance: float,
+         samples: int, quiet: bool) -> dict:
     from ..methods import get_method
     from ..pipeline import ViCoPipeline
     from ..training import TrainConfig, train
 
-    prepare_output(out)
     scenes = concept_scenes(CONCEPT)
     images = write_concept_images(out / "images", scenes)
     metrics: dict = {"concept": CONCEPT.name, "methods": {}}
