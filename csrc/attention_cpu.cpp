@@ -21,7 +21,11 @@
 #include <limits>
 #include <vector>
 
-#include "ops.h"
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
 
 namespace fused_cpp {
 namespace {
@@ -761,3 +765,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
 }
 
 }  // namespace fused_cpp
+
+// The ops declared in fused/_library.py, implemented for CPU tensors.
+TORCH_LIBRARY_IMPL(fused_cpp, CPU, m) {
+  m.impl("attention", &fused_cpp::attention);
+  m.impl("attention_backward", &fused_cpp::attention_backward);
+}

@@ -7,7 +7,12 @@
 #include <limits>
 #include <vector>
 
-#include "ops.h"
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <string>
+#include <tuple>
+
 #include "otsu_rule.h"
 
 namespace fused_cpp {
@@ -124,3 +129,6 @@ std::tuple<at::Tensor, at::Tensor> otsu_mask(const at::Tensor& maps_in, int64_t 
 }
 
 }  // namespace fused_cpp
+
+// The op declared in fused/_library.py, implemented for CPU tensors.
+TORCH_LIBRARY_IMPL(fused_cpp, CPU, m) { m.impl("otsu_mask", &fused_cpp::otsu_mask); }

@@ -18,7 +18,8 @@ from typing import Any, Iterable
 import torch
 
 from . import _cpp, reference, sdpa, triton  # noqa: F401  (each declares its backends)
-from ._registry import OPS, REGISTRY, Backend, BackendUnavailable
+from ._library import OPS
+from ._registry import REGISTRY, Backend, BackendUnavailable
 
 BACKENDS = ("torch", "cpp", "cuda", "triton", "sdpa")
 PREFERENCE = {"cuda": ("triton", "sdpa", "cuda", "torch"), "cpu": ("cpp", "sdpa", "torch")}

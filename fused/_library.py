@@ -36,7 +36,7 @@ SCHEMAS = {
                           " -> (Tensor dq, Tensor dk, Tensor dv)",
     "otsu_mask": "(Tensor maps, int bins, str mode) -> (Tensor threshold, Tensor mask)",
 }
-ATTENTION_OPS = ("attention", "attention_backward")
+OPS = tuple(op for op in SCHEMAS if not op.endswith("_backward"))  # what backends declare and dispatch picks for
 
 _LIBRARIES: dict[str, torch.library.Library] = {}  # a Library deregisters its ops when collected
 

@@ -17,7 +17,6 @@ from typing import Any, Callable, Mapping
 import torch
 
 FLOATS = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
-OPS = ("attention", "otsu_mask")
 
 
 class BackendUnavailable(RuntimeError):
@@ -63,11 +62,8 @@ REGISTRY: dict[str, Backend] = {}
 
 def register_backend(name: str, *, devices: set[str], dtypes: Mapping[str, frozenset[torch.dtype]],
                      **constraints: Any) -> Callable[[Callable[[], Any]], Callable[[], Any]]:
-    """Declare backend ``name`` with its constraints; decorates its (lazy) loader."""
-    unknown = set(dtypes) - set(OPS)
-    if unknown:
-        raise ValueError(f"backend {name!r} declares unknown ops {sorted(unknown)}; ops are {OPS}")
-
+    """Declare backend ``name`` with its constraints; decorates its (lazy) loader. ``dtypes`` is keyed
+    by the public-level ops of ``fused._library.OPS``."""
     def decorate(load: Callable[[], Any]) -> Callable[[], Any]:
         cached = functools.cache(load)
         REGISTRY[name] = Backend(name, frozenset(devices), dict(dtypes), cached, **constraints)
