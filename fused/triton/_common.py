@@ -15,6 +15,13 @@ import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
+# The kernels' softmax runs in base 2 (exp2/log2, the ex2/lg2 instructions tl.exp
+# and tl.log lower to anyway): scores are scaled by scale·log2(e) once, and the lse
+# the ops return (natural log, docs/ops.md §1.2) is converted at the store/load.
+LOG2E = 1.4426950408889634
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
+LOG2E_C: tl.constexpr = tl.constexpr(LOG2E)
+
 _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32, torch.float64: tl.float64}
 
 

@@ -1,8 +1,9 @@
 """Backward of the attention kernels (docs/ops.md §2.5), flash-attention style.
 
-P is recomputed from the saved log-sum-exp, never stored. With c = 1/H for the
-head mean (1 for per-head maps) the map gradient dM adds one term to dP,
-c·dM[t, n] at column idx[t], and one to the row term
+P is recomputed from the saved log-sum-exp, never stored, in base 2 like the
+forward: scores scaled by qk_scale = scale·log2(e), P = exp2(s₂ − lse·log2(e)).
+With c = 1/H for the head mean (1 for per-head maps) the map gradient dM adds
+one term to dP, c·dM[t, n] at column idx[t], and one to the row term
 D = rowsum(dO ⊙ O) + c·Σ_t dM[t, n]·P[n, idx[t]]; then dS = P ⊙ (dP − D),
 dq = scale·dS·k, dk = scale·dSᵀ·q, dv = Pᵀ·dO. Three kernels: the row term,
 dk/dv (a program per key block, looping over queries) and dq (a program per
@@ -16,16 +17,17 @@ import triton
 import triton.language as tl
 
 from ..reference import accumulation_dtype
-from ._common import (INTERPRET, INTERPRET_META, autotuned_by_head_dim, launcher, needs_int64_offsets, next_pow2,
-                      tl_dtype)
+from ._common import (INTERPRET, INTERPRET_META, LOG2E, LOG2E_C, autotuned_by_head_dim, launcher,
+                      needs_int64_offsets, next_pow2, tl_dtype)
 from .attention_fwd import precision
 
 
 @triton.jit
-def _scores(q, k, cols, L, b, KeyMask, uniform, scale,
+def _scores(q, k, cols, L, b, KeyMask, uniform, qk_scale,
             HAS_MASK: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
-    """Scaled scores of a tile with hidden keys at -inf (the forward's rule)."""
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(ACC) * scale
+    """Scores of a tile in base 2 (times qk_scale = scale·log2(e)) with hidden keys at
+    -inf (the forward's rule)."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(ACC) * qk_scale
     live = cols < L
     if HAS_MASK:
         visible = tl.load(KeyMask + b * L + cols, mask=live, other=0) != 0
@@ -68,13 +70,13 @@ def _map_grad_to_dp(DMaps, Index, b, h, H, N, T, offs_n, row_ok, cols, c,
 
 
 @triton.jit
-def _probs_and_dscores(q, k, v, do, lse, delta, cols, L, b, h, H, N, T, offs_n, row_ok, KeyMask, uniform,
-                       DMaps, Index, scale, c,
+def _probs_and_dscores(q, k, v, do, lse2, delta, cols, L, b, h, H, N, T, offs_n, row_ok, KeyMask, uniform,
+                       DMaps, Index, qk_scale, c,
                        HAS_MAPS: tl.constexpr, HEAD_MEAN: tl.constexpr, HAS_MASK: tl.constexpr,
                        ACC: tl.constexpr, PRECISION: tl.constexpr, BLOCK_T: tl.constexpr):
-    """P (recomputed from lse) and dS = P * (dP - D) of a [queries, keys] tile."""
-    s = _scores(q, k, cols, L, b, KeyMask, uniform, scale, HAS_MASK, ACC, PRECISION)
-    p = tl.where(row_ok[:, None], tl.exp(s - lse[:, None]), 0.0)
+    """P (recomputed from lse₂, the base-2 lse) and dS = P * (dP - D) of a [queries, keys] tile."""
+    s = _scores(q, k, cols, L, b, KeyMask, uniform, qk_scale, HAS_MASK, ACC, PRECISION)
+    p = tl.where(row_ok[:, None], tl.exp2(s - lse2[:, None]), 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION).to(ACC)
     if HAS_MAPS:
         dp += _map_grad_to_dp(DMaps, Index, b, h, H, N, T, offs_n, row_ok, cols, c, HEAD_MEAN, ACC, BLOCK_T)
@@ -88,7 +90,7 @@ def _probs_and_dscores(q, k, v, do, lse, delta, cols, L, b, h, H, N, T, offs_n, 
 def _attention_bwd_rowterm_kernel(
     Q, K, Out, DOut, Lse, Delta, DMaps, Index, KeyMask, AnyVisible,
     sqb, sqh, sqn, sqd, skb, skh, skl, skd,
-    H, N, L, D, T, scale, c,
+    H, N, L, D, T, qk_scale, c,
     HAS_MAPS: tl.constexpr, HEAD_MEAN: tl.constexpr, HAS_MASK: tl.constexpr, ACC: tl.constexpr,
     PRECISION: tl.constexpr, WIDE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
@@ -117,15 +119,15 @@ def _attention_bwd_rowterm_kernel(
                 K + b * skb + h * skh + tl.where(idx_ok, idx, 0)[:, None] * skl + offs_d[None, :] * skd,
                 mask=idx_ok[:, None] & (offs_d[None, :] < D), other=0.0,
             )
-            lse = tl.load(Lse + bh * N + offs_n, mask=row_ok, other=0.0)
-            s_sel = tl.dot(q, tl.trans(k_sel), input_precision=PRECISION).to(ACC) * scale
+            lse2 = tl.load(Lse + bh * N + offs_n, mask=row_ok, other=0.0) * LOG2E_C
+            s_sel = tl.dot(q, tl.trans(k_sel), input_precision=PRECISION).to(ACC) * qk_scale
             chosen = idx_ok
             if HAS_MASK:  # as in the forward: hidden columns 0, a row hiding every key scores 0
                 uniform = tl.load(AnyVisible + b) == 0
                 chosen = idx_ok & ((tl.load(KeyMask + b * L + tl.where(idx_ok, idx, 0), mask=idx_ok, other=0) != 0)
                                    | uniform)
                 s_sel = tl.where(uniform, 0.0, s_sel)
-            p_sel = tl.where(chosen[None, :], tl.exp(s_sel - lse[:, None]), 0.0)
+            p_sel = tl.where(chosen[None, :], tl.exp2(s_sel - lse2[:, None]), 0.0)
             if HEAD_MEAN:
                 dm_ptrs = DMaps + (b * T + offs_t[None, :]) * N + offs_n[:, None]
             else:
@@ -139,7 +141,7 @@ def _attention_bwd_rowterm_kernel(
 def _attention_bwd_dkdv_kernel(
     Q, K, V, DOut, Lse, Delta, DMaps, Index, KeyMask, AnyVisible, DK, DV,
     sqb, sqh, sqn, sqd, skb, skh, skl, skd, svb, svh, svl, svd,
-    H, N, L, D, T, scale, c,
+    H, N, L, D, T, scale, qk_scale, c,
     HAS_MAPS: tl.constexpr, HEAD_MEAN: tl.constexpr, HAS_MASK: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr, WIDE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
@@ -170,10 +172,10 @@ def _attention_bwd_dkdv_kernel(
         tile = row_ok[:, None] & d_ok[None, :]
         q = tl.load(Q + b * sqb + h * sqh + offs_n[:, None] * sqn + offs_d[None, :] * sqd, mask=tile, other=0.0)
         do = tl.load(DOut + (bh * N + offs_n[:, None]) * D + offs_d[None, :], mask=tile, other=0.0)
-        lse = tl.load(Lse + bh * N + offs_n, mask=row_ok, other=0.0)
+        lse2 = tl.load(Lse + bh * N + offs_n, mask=row_ok, other=0.0) * LOG2E_C
         delta = tl.load(Delta + bh * N + offs_n, mask=row_ok, other=0.0)
-        p, ds = _probs_and_dscores(q, k, v, do, lse, delta, cols, L, b, h, H, N, T, offs_n, row_ok, KeyMask,
-                                   uniform, DMaps, Index, scale, c, HAS_MAPS, HEAD_MEAN, HAS_MASK, ACC, PRECISION,
+        p, ds = _probs_and_dscores(q, k, v, do, lse2, delta, cols, L, b, h, H, N, T, offs_n, row_ok, KeyMask,
+                                   uniform, DMaps, Index, qk_scale, c, HAS_MAPS, HEAD_MEAN, HAS_MASK, ACC, PRECISION,
                                    BLOCK_T)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION).to(ACC)
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION).to(ACC)
@@ -186,7 +188,7 @@ def _attention_bwd_dkdv_kernel(
 def _attention_bwd_dq_kernel(
     Q, K, V, DOut, Lse, Delta, DMaps, Index, KeyMask, AnyVisible, DQ,
     sqb, sqh, sqn, sqd, skb, skh, skl, skd, svb, svh, svl, svd,
-    H, N, L, D, T, scale, c,
+    H, N, L, D, T, scale, qk_scale, c,
     HAS_MAPS: tl.constexpr, HEAD_MEAN: tl.constexpr, HAS_MASK: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr, WIDE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
@@ -204,7 +206,7 @@ def _attention_bwd_dq_kernel(
     tile = row_ok[:, None] & d_ok[None, :]
     q = tl.load(Q + b * sqb + h * sqh + offs_n[:, None] * sqn + offs_d[None, :] * sqd, mask=tile, other=0.0)
     do = tl.load(DOut + (bh * N + offs_n[:, None]) * D + offs_d[None, :], mask=tile, other=0.0)
-    lse = tl.load(Lse + bh * N + offs_n, mask=row_ok, other=0.0)
+    lse2 = tl.load(Lse + bh * N + offs_n, mask=row_ok, other=0.0) * LOG2E_C
     delta = tl.load(Delta + bh * N + offs_n, mask=row_ok, other=0.0)
     uniform = False
     if HAS_MASK:
@@ -217,8 +219,8 @@ def _attention_bwd_dq_kernel(
                     mask=k_ok[:, None] & d_ok[None, :], other=0.0)
         v = tl.load(V + b * svb + h * svh + cols[:, None] * svl + offs_d[None, :] * svd,
                     mask=v_ok[:, None] & d_ok[None, :], other=0.0)
-        _, ds = _probs_and_dscores(q, k, v, do, lse, delta, cols, L, b, h, H, N, T, offs_n, row_ok, KeyMask,
-                                   uniform, DMaps, Index, scale, c, HAS_MAPS, HEAD_MEAN, HAS_MASK, ACC, PRECISION,
+        _, ds = _probs_and_dscores(q, k, v, do, lse2, delta, cols, L, b, h, H, N, T, offs_n, row_ok, KeyMask,
+                                   uniform, DMaps, Index, qk_scale, c, HAS_MAPS, HEAD_MEAN, HAS_MASK, ACC, PRECISION,
                                    BLOCK_T)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION).to(ACC)
     tl.store(DQ + (bh * N + offs_n[:, None]) * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=tile)
@@ -283,15 +285,16 @@ def attention_backward(q, k, v, out, lse, grad_out, scale: float, token_index=No
     bn = _ROWTERM_META["BLOCK_N"]
     launcher(_attention_bwd_rowterm_kernel)[(triton.cdiv(N, bn), B * H)](
         q, k, out, grad_out, lse, delta, dmaps, index, mask, any_visible,
-        *q.stride(), *k.stride(), H, N, L, D, T, scale, c, HAS_MASK=key_mask is not None, **flags, **_ROWTERM_META,
+        *q.stride(), *k.stride(), H, N, L, D, T, scale * LOG2E, c, HAS_MASK=key_mask is not None, **flags,
+        **_ROWTERM_META,
     )
     strides = (*q.stride(), *k.stride(), *v.stride())
     launcher(_dkdv_kernel(flags["BLOCK_D"], q.dtype))[lambda meta: (triton.cdiv(L, meta["BLOCK_L"]), B * H)](
         q, k, v, grad_out, lse, delta, dmaps, index, mask, any_visible, dk, dv,
-        *strides, H, N, L, D, T, scale, c, HAS_MASK=key_mask is not None, **flags, **_TILE_META,
+        *strides, H, N, L, D, T, scale, scale * LOG2E, c, HAS_MASK=key_mask is not None, **flags, **_TILE_META,
     )
     launcher(_dq_kernel(flags["BLOCK_D"], q.dtype))[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * H)](
         q, k, v, grad_out, lse, delta, dmaps, index, mask, any_visible, dq,
-        *strides, H, N, L, D, T, scale, c, HAS_MASK=key_mask is not None, **flags, **_TILE_META,
+        *strides, H, N, L, D, T, scale, scale * LOG2E, c, HAS_MASK=key_mask is not None, **flags, **_TILE_META,
     )
     return dq, dk, dv
