@@ -325,24 +325,20 @@ def test_int64_offsets_only_for_tensors_that_need_them(triton_backend):
     assert not needs_int64_offsets(torch.empty(1, 1, 1, 64, device="meta").expand(4096, 64, 4096, 64))
 
 
-@pytest.mark.parametrize("op", ["maps", "masked"])
-def test_triton_int64_offset_variant_matches_the_reference(triton_backend, monkeypatch, op):
+@pytest.mark.parametrize("case", ["mean", "none", "masked"])
+@pytest.mark.parametrize("grid", ["heads", "loop"])
+def test_triton_int64_offset_variant_matches_the_reference(triton_backend, monkeypatch, grid, case):
     """The WIDE=True kernels (int64 batch/head bases, compiled only for > 2**31-element
-    tensors) give the same numbers as the reference; forced on at a small size."""
+    tensors) give the same numbers as the reference on both forward grids; forced on
+    at a small size."""
     from fused.triton import attention_bwd, attention_fwd
 
     monkeypatch.setattr(attention_fwd, "needs_int64_offsets", lambda *t: True)
     monkeypatch.setattr(attention_bwd, "needs_int64_offsets", lambda *t: True)
-    B, H, N, L, D = 2, 3, 40, 70, 16
+    monkeypatch.setenv("FUSED_TRITON_FORWARD_GRID", grid)
+    B, H, N, L, D = 3, 2, 40, 70, 16
     q, k, v = _qkv(B, H, N, L, D, torch.float64)
-    idx = torch.tensor([[0, 69, -1], [5, 5, 2]])
-    key_mask = torch.rand(B, L, generator=torch.Generator().manual_seed(7)) > 0.5
-    if op == "maps":
-        fn = lambda q, k, v: fused.cross_attention_with_maps(q, k, v, idx, head_reduce="none", backend="triton")  # noqa: E731
-        ref = lambda q, k, v: reference.attention_with_maps(q, k, v, idx, D ** -0.5, "none")  # noqa: E731
-    else:
-        fn = lambda q, k, v: fused.masked_attention(q, k, v, key_mask, backend="triton")  # noqa: E731
-        ref = lambda q, k, v: reference.masked_attention(q, k, v, key_mask, D ** -0.5)  # noqa: E731
+    fn, ref = _grid_case(case, B, H, N, L, D)
     want_out = ref(q, k, v)
     want_out = want_out if isinstance(want_out, tuple) else (want_out,)
     cot = [rand(*o.shape, seed=50 + i) for i, o in enumerate(want_out)]
@@ -350,3 +346,96 @@ def test_triton_int64_offset_variant_matches_the_reference(triton_backend, monke
     want, want_g = _grads(ref, (q, k, v), cot)
     for a, b in zip(got + got_g, want + want_g):
         torch.testing.assert_close(a, b, **TOL[torch.float64])
+
+
+def _grid_case(case, B, H, N, L, D):
+    """(fused fn, reference fn) of one op at a small shape with -1 slots, a repeated
+    index, a row with no maps, hidden key blocks and a fully masked row."""
+    idx = torch.tensor([[0, L - 1, -1, 0], [-1, -1, -1, -1], [5, 5, 2, -1]])[:B]
+    key_mask = torch.rand(B, L, generator=torch.Generator().manual_seed(8)) > 0.5
+    key_mask[1] = False  # uniform row
+    key_mask[0, : L // 2] = False  # a whole key block hidden
+    scale = D ** -0.5
+    if case == "masked":
+        return (lambda q, k, v: fused.masked_attention(q, k, v, key_mask, backend="triton"),
+                lambda q, k, v: reference.masked_attention(q, k, v, key_mask, scale))
+    return (lambda q, k, v: fused.cross_attention_with_maps(q, k, v, idx, head_reduce=case, backend="triton"),
+            lambda q, k, v: reference.attention_with_maps(q, k, v, idx, scale, case))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16], ids=["fp64", "fp16"])
+@pytest.mark.parametrize("case", ["mean", "none", "masked"])
+@pytest.mark.parametrize("grid", ["heads", "loop"])
+def test_triton_both_forward_grids_match_the_reference(triton_backend, monkeypatch, grid, case, dtype):
+    """The per-head grid and the head loop (forced by FUSED_TRITON_FORWARD_GRID) give
+    the float64 reference's values and gradients: 70 queries and 80 keys cross the
+    64-wide blocks, with -1 slots, repeated indices, a row without maps and key masks.
+    float16 takes the path that recomputes the chosen columns' scores (fp32/fp64 keep
+    them from the tiles), checked against the reference on the same fp16-rounded inputs."""
+    monkeypatch.setenv("FUSED_TRITON_FORWARD_GRID", grid)
+    B, H, N, L, D = 3, 2, 70, 80, 16
+    q, k, v = _qkv(B, H, N, L, D, dtype)
+    exact = tuple(t.detach().double().requires_grad_() for t in (q, k, v))
+    fused_fn, ref_fn = _grid_case(case, B, H, N, L, D)
+    want_out = ref_fn(*exact)
+    want_out = want_out if isinstance(want_out, tuple) else (want_out,)
+    cot = [rand(*o.shape, seed=60 + i) for i, o in enumerate(want_out)]
+    got, got_g = _grads(fused_fn, (q, k, v), [c.to(dtype) for c in cot])
+    want, want_g = _grads(ref_fn, exact, cot)
+    tol = TOL[dtype] if dtype == torch.float64 else dict(rtol=5e-3, atol=5e-3)
+    for a, b in zip(got + got_g, want + want_g):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a.double(), b, **tol)
+    if case != "masked":
+        assert not got[1][1].any()  # the row without maps is exactly zero
+
+
+def test_triton_forward_grids_give_the_same_bits_and_a_natural_log_lse(triton_backend, monkeypatch):
+    """Both grids add the heads' probabilities in the same order and divide once, so out,
+    head-mean maps and lse are bit-identical between them and between runs (fp32); lse
+    is the natural-log log-sum-exp of the scores (the kernels work in base 2 inside)."""
+    from fused.triton.attention_fwd import attention_forward
+
+    B, H, N, L, D = 2, 3, 70, 80, 16
+    q, k, v = (t.detach().float() for t in _qkv(B, H, N, L, D, torch.float64))
+    idx = torch.tensor([[0, L - 1, -1, 0], [3, 3, 70, 1]])
+    results = []
+    for grid in ("heads", "loop", "heads"):
+        monkeypatch.setenv("FUSED_TRITON_FORWARD_GRID", grid)
+        results.append(attention_forward(q, k, v, token_index=idx, scale=0.25))
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+    scores = torch.einsum("bhnd,bhld->bhnl", q.double(), k.double()) * 0.25
+    torch.testing.assert_close(results[0][2].double(), torch.logsumexp(scores, -1), rtol=1e-6, atol=1e-6)
+
+
+def test_triton_forward_grid_rule(triton_backend, monkeypatch):
+    """The head loop runs only for head-mean maps whose B·cdiv(N, 64) programs reach the
+    SM count (132 off a GPU); the launch follows the rule; a bad override is refused."""
+    from fused.triton import attention_fwd
+
+    rule = attention_fwd.use_head_loop
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("FUSED_TRITON_FORWARD_GRID", raising=False)
+    assert not rule(2, 8, 4096, True, cpu)  # SD 1.5 64x64 at batch 2: 128 programs < 132 SMs
+    assert rule(3, 8, 4096, True, cpu)  # 192 programs
+    assert not rule(3, 8, 4096, False, cpu)  # per-head maps or no maps: always per head
+    monkeypatch.setenv("FUSED_TRITON_FORWARD_GRID", "loop")
+    assert rule(1, 8, 64, False, cpu)
+    monkeypatch.setenv("FUSED_TRITON_FORWARD_GRID", "head-loop")
+    with pytest.raises(ValueError, match="FUSED_TRITON_FORWARD_GRID must be auto, heads or loop"):
+        fused.cross_attention_with_maps(*_qkv(1, 2, 8, 8, 8, torch.float64), torch.tensor([[1]]), backend="triton")
+
+    monkeypatch.setenv("FUSED_TRITON_FORWARD_GRID", "auto")
+    monkeypatch.setattr(attention_fwd, "_sm_count", lambda device: 4)
+    launched = []
+    real_launcher = attention_fwd.launcher
+    monkeypatch.setattr(attention_fwd, "launcher", lambda kernel: launched.append(kernel.fn.__name__)
+                        or real_launcher(kernel))
+    q, k, v = (t.detach() for t in _qkv(2, 2, 70, 20, 8, torch.float64))
+    for head_reduce, n in (("mean", 70), ("mean", 64), ("none", 70)):
+        fused.cross_attention_with_maps(q[:, :, :n], k, v, torch.tensor([[1], [2]]), head_reduce=head_reduce,
+                                        backend="triton")
+    assert launched == ["_attention_fwd_kernel",  # 2·cdiv(70, 64) = 4 programs >= 4 SMs
+                        "_attention_fwd_heads_kernel", "_head_mean_kernel",  # 2 < 4
+                        "_attention_fwd_heads_kernel"]
