@@ -134,6 +134,27 @@ class CompileRecorder:
         return False
 
 
+# Both forward grids (fused/triton/attention_fwd.py: use_head_loop), whichever the rule picks at a shape.
+FORWARD_GRIDS = ("heads", "loop")
+
+
+def forward_on(grid: str, launch):
+    """``launch`` with the forward grid forced to ``grid`` ("heads" or "loop")."""
+    from fused.triton.attention_fwd import GRID_ENV
+
+    def run():
+        before = os.environ.get(GRID_ENV)
+        os.environ[GRID_ENV] = grid
+        try:
+            launch()
+        finally:
+            if before is None:
+                os.environ.pop(GRID_ENV)
+            else:
+                os.environ[GRID_ENV] = before
+    return run
+
+
 def launch_everything(dtype: torch.dtype, shapes, recorder: CompileRecorder) -> list[str]:
     """Call every launch wrapper the ops use; returns error lines (compile failures)."""
     from fused.triton.attention_bwd import attention_backward
@@ -160,14 +181,17 @@ def launch_everything(dtype: torch.dtype, shapes, recorder: CompileRecorder) -> 
         name = f"{str(dtype)[6:]} {B}x{H}x{N}x{L}x{D}"
         if L == 77:  # text cross-attention: maps, forward and backward, both head reductions
             for mean in (True, False):
-                attempt(f"maps fwd {name} mean={mean}",
-                        lambda: attention_forward(q, k, v, token_index=index, scale=0.1, head_mean=mean))
+                for grid in FORWARD_GRIDS:
+                    attempt(f"maps fwd {name} mean={mean} grid={grid}", forward_on(
+                        grid, lambda: attention_forward(q, k, v, token_index=index, scale=0.1, head_mean=mean)))
                 gmaps = torch.zeros(B, 2, N, dtype=dtype) if mean else torch.zeros(B, H, 2, N, dtype=dtype)
                 attempt(f"maps bwd {name} mean={mean}",
                         lambda: attention_backward(q, k, v, out, lse, grad, 0.1, token_index=index,
                                                    grad_maps=gmaps, head_mean=mean))
         else:  # image attention under ViCo's key mask
-            attempt(f"masked fwd {name}", lambda: attention_forward(q, k, v, key_mask=key_mask, scale=0.1))
+            for grid in FORWARD_GRIDS:
+                attempt(f"masked fwd {name} grid={grid}",
+                        forward_on(grid, lambda: attention_forward(q, k, v, key_mask=key_mask, scale=0.1)))
             attempt(f"masked bwd {name}", lambda: attention_backward(q, k, v, out, lse, grad, 0.1, key_mask=key_mask))
     for mode in ("vico", "skimage"):
         attempt(f"otsu {str(dtype)[6:]} 16x4096 {mode}", lambda: otsu_forward(torch.rand(16, 4096).to(dtype), 256, mode))
@@ -227,7 +251,7 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         m = r["meta"]
         config = " ".join(f"{k}={v}" for k, v in m.items()
-                          if k in ("BLOCK_N", "BLOCK_L", "BLOCK_D", "BLOCK_T", "CHUNK", "BLOCK_C", "num_warps",
+                          if k in ("BLOCK_N", "BLOCK_L", "BLOCK_D", "BLOCK_T", "BLOCK", "CHUNK", "BLOCK_C", "num_warps",
                                    "num_stages"))
         flags = " ".join(k for k in ("HAS_MAPS", "HEAD_MEAN", "HAS_MASK", "VICO") if m.get(k) is True)
         lines.append(f"| sm_{r['arch']} | {r['kernel']} {flags} | {r['variant']} | {config} | {r['registers']} | "

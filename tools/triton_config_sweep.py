@@ -3,12 +3,13 @@ forward and backward attention Triton kernels, compiled for a GPU without one (s
 triton_compile_check.py). Used to choose the autotune lists in
 fused/triton/attention_fwd.py and attention_bwd.py; rerun it after changing a kernel.
 
-    python tools/triton_config_sweep.py [--arch 90] [--dtype fp16]
+    python tools/triton_config_sweep.py [--arch 90] [--dtype fp16] [--grid heads|loop]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -28,15 +29,21 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=90)
     parser.add_argument("--dtype", choices=sorted(tcc.DTYPES), default="fp16")
+    parser.add_argument("--grid", choices=("heads", "loop"), default="heads",
+                        help="forward kernel: per-head grid or head loop (fused/triton/attention_fwd.py)")
+    parser.add_argument("--forward-only", action="store_true", help="skip the backward kernels")
     args = parser.parse_args(argv)
     dtype = tcc.DTYPES[args.dtype]
 
     from fused.triton import attention_bwd, attention_fwd
 
     tcc.triton_driver.set_active(tcc.TargetOnlyDriver(args.arch))
-    print("| forward | D | BLOCK_N | BLOCK_L | warps | stages | regs | stack B | shared KB |\n"
+    print(f"| forward ({args.grid}) | D | BLOCK_N | BLOCK_L | warps | stages | regs | stack B | shared KB |\n"
           "|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    attention_fwd._forward_kernel = lambda block_d, dtype: attention_fwd._attention_fwd_kernel  # one config at a time
+    os.environ[attention_fwd.GRID_ENV] = args.grid
+    # one config at a time
+    attention_fwd._forward_kernel = lambda block_d, dtype: attention_fwd._attention_fwd_kernel
+    attention_fwd._forward_heads_kernel = lambda block_d, dtype: attention_fwd._attention_fwd_heads_kernel
     for D in (40, 80, 160):
         q = torch.zeros(2, 8, 1024, D, dtype=dtype)
         k = v = torch.zeros(2, 8, 77, D, dtype=dtype)
@@ -46,9 +53,12 @@ def main(argv=None) -> int:
                 rec.arch = args.arch
                 attention_fwd.attention_forward(q, k, v, token_index=torch.tensor([[1, 2]] * 2), scale=0.1)
                 attention_fwd.attention_forward(q, k, v, key_mask=torch.ones(2, 77, dtype=torch.bool), scale=0.1)
-            for r, what in zip(tcc.summarise(rec), ("maps", "masked")):
+            rows = [r for r in tcc.summarise(rec) if r["kernel"] != "_head_mean_kernel"]
+            for r, what in zip(rows, ("maps", "masked")):
                 print(f"| {what} | {D} | {bn} | {bl} | {warps} | {stages} | {r['registers']} | {r['stack_bytes']} | "
                       f"{r['shared_bytes'] / 1024:.1f}{'' if r['fits_shared'] else ' (too much)'} |")
+    if args.forward_only:
+        return 0
     print("\n| backward kernel | D | BLOCK_N | BLOCK_L | warps | regs | stack B | shared KB |\n|---|---:|---:|---:|---:|---:|---:|---:|")
     for D in (40, 80, 160):
         q = torch.zeros(2, 8, 1024, D, dtype=dtype)

@@ -232,10 +232,10 @@ def _head_mean_kernel(PerHead, Maps, H, TN, WIDE: tl.constexpr, BLOCK: tl.conste
     tl.store(Maps + b * TN + offs, (total / H).to(Maps.dtype.element_ty), mask=ok)
 
 
-# Chosen from compile-only register/spill/shared-memory data (sm_90,
-# tools/triton_config_sweep.py). 16-bit: none of these spills. fp32 (tf32x3
-# dots on fp32 tiles) spills at every size; at D=160 by 2-3 KB per thread, which
-# only splitting the head dim inside the kernel would cure.
+# The head loop's, chosen from compile-only register/spill/shared-memory data
+# (sm_90, tools/triton_config_sweep.py --grid loop). 16-bit: none of these
+# spills. fp32 (tf32x3 dots on fp32 tiles) spills at every size; at D=160 by 2-3
+# KB per thread, which only splitting the head dim inside the kernel would cure.
 FORWARD_CONFIGS = {
     2: {
         64: [(32, 64, 8, 2), (64, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (32, 128, 4, 3)],
@@ -248,8 +248,23 @@ FORWARD_CONFIGS = {
         256: [(16, 32, 4, 2), (32, 32, 8, 2), (16, 16, 4, 2)],
     },
 }
+# The per-head kernel's, from the same sweep (--grid heads). 16-bit: none spills;
+# each list has a BLOCK_N=32 entry, for small N where programs are few. fp32:
+# none spills at D <= 128; at D=160 the least (24-48 B) are kept, as above.
+FORWARD_HEADS_CONFIGS = {
+    2: {
+        64: [(64, 64, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2), (64, 128, 8, 2), (32, 32, 8, 2)],
+        128: [(32, 64, 8, 2), (64, 64, 8, 2), (128, 64, 8, 2), (64, 128, 8, 2), (128, 32, 8, 2)],
+        256: [(32, 64, 4, 2), (64, 32, 8, 2), (32, 32, 4, 2), (64, 64, 8, 2)],
+    },
+    4: {
+        64: [(32, 64, 8, 2), (64, 32, 4, 2), (32, 32, 4, 2), (64, 64, 4, 2), (16, 32, 4, 2)],
+        128: [(32, 32, 4, 2), (16, 64, 4, 2), (16, 32, 4, 2), (32, 64, 8, 2)],
+        256: [(16, 32, 4, 2), (16, 16, 4, 2), (32, 32, 8, 2)],
+    },
+}
 _forward_kernel = autotuned_by_head_dim(_attention_fwd_kernel, FORWARD_CONFIGS)
-_forward_heads_kernel = autotuned_by_head_dim(_attention_fwd_heads_kernel, FORWARD_CONFIGS)
+_forward_heads_kernel = autotuned_by_head_dim(_attention_fwd_heads_kernel, FORWARD_HEADS_CONFIGS)
 _FWD_META = INTERPRET_META if INTERPRET else {}
 _MEAN_META = dict(BLOCK=1024) if INTERPRET else dict(BLOCK=1024, num_warps=4)
 
