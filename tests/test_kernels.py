@@ -325,7 +325,7 @@ def test_int64_offsets_only_for_tensors_that_need_them(triton_backend):
     assert not needs_int64_offsets(torch.empty(1, 1, 1, 64, device="meta").expand(4096, 64, 4096, 64))
 
 
-@pytest.mark.parametrize("case", ["mean", "none", "masked"])
+@pytest.mark.parametrize("case", ["mean+mask", "none", "+mask"])
 @pytest.mark.parametrize("grid", ["heads", "loop"])
 def test_triton_int64_offset_variant_matches_the_reference(triton_backend, monkeypatch, grid, case):
     """The WIDE=True kernels (int64 batch/head bases, compiled only for > 2**31-element
@@ -349,27 +349,34 @@ def test_triton_int64_offset_variant_matches_the_reference(triton_backend, monke
 
 
 def _grid_case(case, B, H, N, L, D):
-    """(fused fn, reference fn) of one op at a small shape with -1 slots, a repeated
-    index, a row with no maps, hidden key blocks and a fully masked row."""
+    """(fused fn, reference fn) of the attention op at a small shape: ``case`` is the head
+    reduction of the maps ("mean", "none", or "" for none) and "+mask" for a key mask.
+    -1 slots, a repeated index, a row with no maps, a whole key block hidden (with a
+    chosen column in it) and a fully masked row (uniform attention, with maps)."""
+    head_reduce, _, masked = case.partition("+")
     idx = torch.tensor([[0, L - 1, -1, 0], [-1, -1, -1, -1], [5, 5, 2, -1]])[:B]
-    key_mask = torch.rand(B, L, generator=torch.Generator().manual_seed(8)) > 0.5
-    key_mask[1] = False  # uniform row
-    key_mask[0, : L // 2] = False  # a whole key block hidden
+    key_mask = None
+    if masked:
+        key_mask = torch.rand(B, L, generator=torch.Generator().manual_seed(8)) > 0.5
+        key_mask[0, : L // 2] = False
+        key_mask[2] = False
     scale = D ** -0.5
-    if case == "masked":
+    if not head_reduce:
         return (lambda q, k, v: fused.masked_attention(q, k, v, key_mask, backend="triton"),
                 lambda q, k, v: reference.masked_attention(q, k, v, key_mask, scale))
-    return (lambda q, k, v: fused.cross_attention_with_maps(q, k, v, idx, head_reduce=case, backend="triton"),
-            lambda q, k, v: reference.attention_with_maps(q, k, v, idx, scale, case))
+    return (lambda q, k, v: fused.cross_attention_with_maps(q, k, v, idx, key_mask=key_mask, head_reduce=head_reduce,
+                                                            backend="triton"),
+            lambda q, k, v: reference.attention(q, k, v, idx, key_mask, scale, head_reduce))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16], ids=["fp64", "fp16"])
-@pytest.mark.parametrize("case", ["mean", "none", "masked"])
+@pytest.mark.parametrize("case", ["mean", "mean+mask", "none+mask", "+mask"])
 @pytest.mark.parametrize("grid", ["heads", "loop"])
 def test_triton_both_forward_grids_match_the_reference(triton_backend, monkeypatch, grid, case, dtype):
     """The per-head grid and the head loop (forced by FUSED_TRITON_FORWARD_GRID) give
     the float64 reference's values and gradients: 70 queries and 80 keys cross the
-    64-wide blocks, with -1 slots, repeated indices, a row without maps and key masks.
+    64-wide blocks, with -1 slots, repeated indices, a row without maps and key masks
+    (with and without maps).
     float16 takes the path that recomputes the chosen columns' scores (fp32/fp64 keep
     them from the tiles), checked against the reference on the same fp16-rounded inputs."""
     monkeypatch.setenv("FUSED_TRITON_FORWARD_GRID", grid)
@@ -386,7 +393,7 @@ def test_triton_both_forward_grids_match_the_reference(triton_backend, monkeypat
     for a, b in zip(got + got_g, want + want_g):
         assert a.dtype == dtype
         torch.testing.assert_close(a.double(), b, **tol)
-    if case != "masked":
+    if case[0] != "+":
         assert not got[1][1].any()  # the row without maps is exactly zero
 
 
@@ -422,9 +429,11 @@ def test_triton_forward_grid_rule(triton_backend, monkeypatch):
     assert not rule(3, 8, 4096, False, cpu)  # per-head maps or no maps: always per head
     monkeypatch.setenv("FUSED_TRITON_FORWARD_GRID", "loop")
     assert rule(1, 8, 64, False, cpu)
+    # The launcher itself, not the op: dispatch's first-use self-check would launch kernels too.
+    q, k, v = (t.detach() for t in _qkv(2, 2, 70, 20, 8, torch.float64))
     monkeypatch.setenv("FUSED_TRITON_FORWARD_GRID", "head-loop")
     with pytest.raises(ValueError, match="FUSED_TRITON_FORWARD_GRID must be auto, heads or loop"):
-        fused.cross_attention_with_maps(*_qkv(1, 2, 8, 8, 8, torch.float64), torch.tensor([[1]]), backend="triton")
+        attention_fwd.attention_forward(q, k, v, token_index=torch.tensor([[1], [2]]))
 
     monkeypatch.setenv("FUSED_TRITON_FORWARD_GRID", "auto")
     monkeypatch.setattr(attention_fwd, "_sm_count", lambda device: 4)
@@ -432,10 +441,8 @@ def test_triton_forward_grid_rule(triton_backend, monkeypatch):
     real_launcher = attention_fwd.launcher
     monkeypatch.setattr(attention_fwd, "launcher", lambda kernel: launched.append(kernel.fn.__name__)
                         or real_launcher(kernel))
-    q, k, v = (t.detach() for t in _qkv(2, 2, 70, 20, 8, torch.float64))
-    for head_reduce, n in (("mean", 70), ("mean", 64), ("none", 70)):
-        fused.cross_attention_with_maps(q[:, :, :n], k, v, torch.tensor([[1], [2]]), head_reduce=head_reduce,
-                                        backend="triton")
+    for head_mean, n in ((True, 70), (True, 64), (False, 70)):
+        attention_fwd.attention_forward(q[:, :, :n], k, v, token_index=torch.tensor([[1], [2]]), head_mean=head_mean)
     assert launched == ["_attention_fwd_kernel",  # 2·cdiv(70, 64) = 4 programs >= 4 SMs
                         "_attention_fwd_heads_kernel", "_head_mean_kernel",  # 2 < 4
                         "_attention_fwd_heads_kernel"]
