@@ -116,9 +116,11 @@ def recomputed_backward(q: Tensor, k: Tensor, v: Tensor, attended: Optional[Tens
 
 def _chosen_columns(k: Tensor, token_index: Tensor, attended: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     """k_T [B, H, T, D] (the chosen keys) and keep bool [B, T] (slot named and its key attended)."""
-    B, H, _, D = k.shape
+    B, H = k.shape[:2]
     cols = token_index.clamp(min=0)
-    k_t = k.gather(2, cols[:, None, :, None].expand(B, H, cols.shape[1], D))
+    batch = torch.arange(B, device=k.device)[:, None, None]
+    heads = torch.arange(H, device=k.device)[None, :, None]
+    k_t = k[batch, heads, cols[:, None, :]]
     keep = token_index >= 0
     if attended is not None:
         keep = keep & attended.gather(1, cols)
@@ -126,11 +128,16 @@ def _chosen_columns(k: Tensor, token_index: Tensor, attended: Optional[Tensor]) 
 
 
 def chosen_probabilities(q: Tensor, k_t: Tensor, keep: Tensor, lse: Tensor, scale: float) -> Tensor:
-    """p [B, H, N, T] = exp(scale · q·k_t − lse) in the accumulation dtype; 0 where not ``keep``."""
+    """p [B, H, T, N] = exp(scale · k_t·q − lse) in the accumulation dtype; 0 where not ``keep``.
+
+    One [T, D] x [D, N] product per head, shifted by lse in the same call: its rows are the maps' rows."""
     acc = accumulation_dtype(q.dtype)
-    scores = torch.matmul(q.to(acc), k_t.to(acc).transpose(-1, -2)) * scale
-    p = torch.exp(scores - lse.to(acc)[..., None])
-    return torch.where(keep[:, None, None, :], p, torch.zeros((), dtype=acc, device=p.device))
+    B, H, N, D = q.shape
+    T = k_t.shape[2]
+    shift = lse.to(acc).reshape(B * H, 1, N).expand(B * H, T, N)
+    p = torch.baddbmm(shift, k_t.to(acc).reshape(B * H, T, D), q.to(acc).reshape(B * H, N, D).transpose(1, 2),
+                      beta=-1, alpha=scale).exp_().view(B, H, T, N)
+    return p.masked_fill_(~keep[:, None, :, None], 0.0)
 
 
 def _attention(q: Tensor, k: Tensor, v: Tensor, token_index: Optional[Tensor], key_mask: Optional[Tensor],
@@ -140,10 +147,9 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, token_index: Optional[Tensor], k
     if token_index is None:
         return out, q.new_zeros(_library.maps_shape(q, None, head_mean)), lse
     k_t, keep = _chosen_columns(kv, token_index, attended)
-    maps = chosen_probabilities(q, k_t, keep, lse, scale).transpose(-1, -2)  # [B, H, T, N]
-    if head_mean:
-        maps = maps.mean(dim=1)
-    return out, maps.to(q.dtype).contiguous(), lse
+    p = chosen_probabilities(q, k_t, keep, lse, scale)  # [B, H, T, N]
+    maps = p.mean(dim=1) if head_mean else p
+    return out, maps.to(q.dtype), lse
 
 
 def _attention_backward(q: Tensor, k: Tensor, v: Tensor, token_index: Optional[Tensor], key_mask: Optional[Tensor],
@@ -167,17 +173,17 @@ def _maps_backward(q: Tensor, k: Tensor, v: Tensor, token_index: Tensor, attende
     B, H, N, D = q.shape
     acc = accumulation_dtype(q.dtype)
     k_t, keep = _chosen_columns(k, token_index, attended)
-    p = chosen_probabilities(q, k_t, keep, lse, scale)  # [B, H, N, T]
+    p = chosen_probabilities(q, k_t, keep, lse, scale)  # [B, H, T, N]
     dm = grad_maps.to(acc)
     dm = (dm[:, None] / H).expand(B, H, *dm.shape[1:]) if head_mean else dm  # [B, H, T, N]
-    g = dm.transpose(-1, -2) * p  # [B, H, N, T]
-    c = g.sum(dim=-1, keepdim=True)  # [B, H, N, 1]
+    g = dm * p  # [B, H, T, N]
+    c = g.sum(dim=2).unsqueeze(-1)  # [B, H, N, 1]
     weighted_keys, _ = fused_forward(q, k, k, attended, scale)  # Σ_l p_l k_l
-    dq = scale * (g @ k_t.to(acc) - c * weighted_keys.to(acc))
+    dq = scale * (g.transpose(-1, -2) @ k_t.to(acc) - c * weighted_keys.to(acc))
     y = (c * q.to(acc)).to(q.dtype)
     _, _, pt_y = fused_backward(q, k, v, attended, out, lse, y, scale)  # Pᵀ (c ⊙ q)
     cols = token_index.clamp(min=0)[:, None, :, None].expand(B, H, token_index.shape[1], D)
-    dk = (-scale * pt_y.to(acc)).scatter_add(2, cols, scale * (g.transpose(-1, -2) @ q.to(acc)))
+    dk = (-scale * pt_y.to(acc)).scatter_add(2, cols, scale * (g @ q.to(acc)))
     return dq.to(q.dtype), dk.to(q.dtype)
 
 

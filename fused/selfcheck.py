@@ -22,6 +22,7 @@ doubles as an installation check.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import hashlib
 import importlib.metadata
@@ -178,22 +179,55 @@ def run_case(backend: str, op: str, device_type: str, dtype: torch.dtype, head_d
         fns = implementation(backend)
         if op == "otsu_mask":
             return _otsu_case(fns, device, dtype)
-        q, k, v, index, key_mask = _attention_case(device, head_dim)
-        scale = head_dim ** -0.5
-        for name, idx, mask in (("maps", index, None), ("maps and a key mask", index, key_mask),
-                                ("a key mask", None, key_mask)):
-            moved = [t.to(device, dtype) for t in (q, k, v)] + [None if t is None else t.to(device) for t in (idx, mask)]
-            got = _outputs(fns.attention, *moved, scale)
-            want = _outputs(reference.attention, q, k, v, idx, mask, scale)
-            labels = ("out", "maps", "dq", "dk", "dv") if idx is not None else ("out", "dq", "dk", "dv")
-            for label, a, b in zip(labels, got, want):
-                err = float((a.detach().double().cpu() - b.detach()).abs().max())
-                if not err <= TOLERANCE[dtype]:
-                    return (f"attention with {name}, q [2, 2, 37, {head_dim}], k [2, 2, 19, {head_dim}]: "
-                            f"{label} differs by {err:.3g} (tolerance {TOLERANCE[dtype]:g})")
+        for grid in _forward_grids(backend):
+            with _forced_grid(grid):
+                error = _attention_case_errors(fns, device, dtype, head_dim)
+            if error:
+                return error + (f" ({grid} grid)" if grid else "")
         return ""
     except Exception as exc:  # a build, compile or launch failure is a verdict too
         return _first_line(exc)
+
+
+def _forward_grids(backend: str) -> tuple[str | None, ...]:
+    """Triton's forward has two grids, picked per call by size: the small case checks both."""
+    return ("heads", "loop") if backend == "triton" else (None,)
+
+
+@contextlib.contextmanager
+def _forced_grid(grid: str | None):
+    if grid is None:
+        yield
+        return
+    from .triton.attention_fwd import GRID_ENV
+
+    before = os.environ.get(GRID_ENV)
+    os.environ[GRID_ENV] = grid
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(GRID_ENV, None)
+        else:
+            os.environ[GRID_ENV] = before
+
+
+def _attention_case_errors(fns, device: str, dtype: torch.dtype, head_dim: int) -> str:
+    """"" when the attention case agrees with the reference, else the first disagreement."""
+    q, k, v, index, key_mask = _attention_case(device, head_dim)
+    scale = head_dim ** -0.5
+    for name, idx, mask in (("maps", index, None), ("maps and a key mask", index, key_mask),
+                            ("a key mask", None, key_mask)):
+        moved = [t.to(device, dtype) for t in (q, k, v)] + [None if t is None else t.to(device) for t in (idx, mask)]
+        got = _outputs(fns.attention, *moved, scale)
+        want = _outputs(reference.attention, q, k, v, idx, mask, scale)
+        labels = ("out", "maps", "dq", "dk", "dv") if idx is not None else ("out", "dq", "dk", "dv")
+        for label, a, b in zip(labels, got, want):
+            err = float((a.detach().double().cpu() - b.detach()).abs().max())
+            if not err <= TOLERANCE[dtype]:
+                return (f"attention with {name}, q [2, 2, 37, {head_dim}], k [2, 2, 19, {head_dim}]: "
+                        f"{label} differs by {err:.3g} (tolerance {TOLERANCE[dtype]:g})")
+    return ""
 
 
 def _otsu_case(fns, device: str, dtype: torch.dtype) -> str:
