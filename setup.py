@@ -43,7 +43,7 @@ setup(
             "scikit-image>=0.24",
             "hypothesis>=6",
             "setuptools>=69",  # tests build a wheel
-            "ruff>=0.5",  # tests/test_lint.py
+            "ruff>=0.5",  # tests/project/test_lint.py
         ],
     },
 )

@@ -12,7 +12,7 @@ only where maps are recorded, batched Otsu); `paper` (every text cross-attention
 and the image attention materialised, Otsu in a per-sample loop); `official`
 (every attention layer materialised as the official LDM CrossAttention: fp32
 einsum, large-negative fill, per-sample Otsu). All compute the same loss and
-gradients (tests/test_baselines.py). The SD 1.5 UNet has random weights
+gradients (tests/benchmark_scripts/test_baselines.py). The SD 1.5 UNet has random weights
 (tests/configs/sd15_unet.json) and a 12-layer CLIP-sized text encoder.
 
 Training step = forward + backward of the ViCo loss (noisy + reference halves,

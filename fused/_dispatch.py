@@ -139,7 +139,7 @@ def resolve(op: str, device_type: str, dtype: torch.dtype, backend: str | None, 
 
 
 # What torch.compiler.assume_constant_result(resolve) does, without importing
-# torch._dynamo (and with it triton) at `import fused`; tests/test_compile.py
+# torch._dynamo (and with it triton) at `import fused`; tests/ops/test_compile.py
 # fails if a torch release stops honouring it (the graph would break).
 resolve._dynamo_marked_constant = True  # type: ignore[attr-defined]
 

@@ -32,7 +32,7 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """Dtype of the attention kernels' softmax statistics and accumulators, and of the
     ``lse`` [B, H, N] their forward ops return: float64 for float64 inputs (gradcheck),
     float32 for every other dtype. The Triton launchers, the C++ kernels (checked by
-    tests/test_rules.py) and the fake implementations all follow it (docs/ops.md §2.5)."""
+    tests/ops/test_shared_rules.py) and the fake implementations all follow it (docs/ops.md §2.5)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 

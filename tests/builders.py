@@ -207,3 +207,16 @@ def t5_like_tokenizer():
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
                                    model_max_length=512)
+
+
+def tiny_unet(cross_dim: int = 32, seed: int = 0):
+    """A two-level SD-style UNet (one cross-attention block down and up), eval mode."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=cross_dim,
+        attention_head_dim=8, norm_num_groups=8,
+    ).eval()

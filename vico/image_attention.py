@@ -251,7 +251,7 @@ class ReferenceEarlyStop:
     any other forward is unchanged. The noisy half, the loss and the gradients
     equal the uncut forward's up to the rounding of kernels whose blocking
     depends on the batch size (within 1e-12 in float64 and 1e-6 in float32:
-    tests/test_reference_early_stop.py). In float32 on CPU the SD 1.5 UNet's
+    tests/methods/test_reference_early_stop.py). In float32 on CPU the SD 1.5 UNet's
     noisy half, loss and gradients come out bit-for-bit; the tiny test UNets'
     32->4 ``conv_out`` rounds differently for 1 row than for 2 (up to 9e-7). Do not flip ``enabled`` between a
     forward and its backward when gradient checkpointing is on (the

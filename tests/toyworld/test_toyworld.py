@@ -270,7 +270,7 @@ def test_ablation_settings_for_lr_and_block_placement():
     quarter = benchmark.SETTINGS["toy, 1/4 steps"]
     assert [quarter(m)["steps"] for m in ("vico", "textual-inversion")] == [
         demo.VICO_STEPS // 4, demo.TI_STEPS // 4]
-    model = Path(__file__).resolve().parents[1] / "vico" / "toyworld" / "model"
+    model = Path(__file__).resolve().parents[2] / "vico" / "toyworld" / "model"
     names = demo.decoder_layers(model)
     assert demo.for_model({"layers": demo.EVERY_DECODER_LAYER}, model) == {"layers": names}
     assert names == [f"up_blocks.{i}.attentions.{j}" for i in range(2) for j in range(2)]

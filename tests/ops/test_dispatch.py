@@ -10,7 +10,7 @@ import torch
 import fused
 from fused import _dispatch
 
-from .conftest import rand
+from ..conftest import rand
 
 
 def test_available_backends_on_cpu(cpp_backend):
@@ -77,7 +77,7 @@ def test_float64_attention_on_cuda_skips_triton_with_warning(triton_backend):
     with pytest.raises(TypeError, match="does not support torch.float64 for attention on cuda"):
         _dispatch.resolve("attention", "cuda", torch.float64, "triton")
     assert _dispatch.resolve("otsu_mask", "cuda", torch.float64, None) == "triton"
-    # bf16 attention is refused while the interpreter is on (tests/test_op_hardening.py).
+    # bf16 attention is refused while the interpreter is on (tests/ops/test_refusals_and_hidden_keys.py).
     dtypes = (torch.float16, torch.float32) + (() if fused.triton.interpreted() else (torch.bfloat16,))
     for dtype in dtypes:
         assert _dispatch.resolve("attention", "cuda", dtype, None) == "triton"

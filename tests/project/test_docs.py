@@ -17,7 +17,7 @@ import os
 import re
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
 SKIP_DIRS = {".git", ".venv", "venv", ".pytest_cache", ".benchmarks", "__pycache__", "build", "dist",
              ".wheels", "node_modules", "vico-demo", "toy-bench"}

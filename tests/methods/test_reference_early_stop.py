@@ -16,7 +16,7 @@ from vico.methods.base import MethodConfig  # noqa: E402
 from vico.methods.vico import ViCo  # noqa: E402
 from vico.model import Components  # noqa: E402
 
-from .test_processor import tiny_unet  # noqa: E402
+from tests.builders import tiny_unet  # noqa: E402
 
 
 def deep_unet():

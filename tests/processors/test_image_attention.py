@@ -12,11 +12,11 @@ import vico
 diffusers = pytest.importorskip("diffusers")
 from diffusers import UNet2DConditionModel  # noqa: E402
 
-from .test_processor import tiny_unet  # noqa: E402
+from tests.builders import tiny_unet  # noqa: E402
 
 
 def sd15_config():
-    return json.loads((Path(__file__).resolve().parent / "configs" / "sd15_unet.json").read_text())
+    return json.loads((Path(__file__).resolve().parents[1] / "configs" / "sd15_unet.json").read_text())
 
 
 def test_sd15_injection_has_the_papers_parameter_count():

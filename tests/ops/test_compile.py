@@ -5,7 +5,7 @@ import torch
 
 import fused
 
-from .conftest import rand
+from ..conftest import rand
 
 
 def all_ops(q, k, v, idx, key_mask, maps, backend):

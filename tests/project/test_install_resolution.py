@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 INDEX = "https://pypi.org/simple/"
 
 
@@ -70,7 +70,7 @@ def test_readme_commands_parse():
         assert installs[0] == ["torch==2.13.0"], (label, installs)
         assert any("-e" in args for args in installs), (label, installs)
     assert commands["Tests"] in (ROOT / ".ci" / "run").read_text(), ".ci/run must run the README's test command"
-    # the peer oracle of tests/test_peer_oracle.py, pinned, without its declared dependencies (torchvision...)
+    # the peer oracle of tests/processors/test_trace_vs_peer_tool.py, pinned, without its declared dependencies (torchvision...)
     assert ["--no-deps", "attention-map-diffusers==1.0.0"] in pip_install_args(commands["Tests"])
 
 

@@ -51,7 +51,7 @@ What cannot be matched directly, and how it is handled:
   any relation (``image->image`` included; asserted below). The tracer records
   them (``MapRequest.text_len``); here it is restricted to the double-stream
   blocks (``layers=["transformer_blocks"]``). Its single-stream maps are checked
-  against materialised probabilities in tests/test_maps_fixes.py instead.
+  against materialised probabilities in tests/processors/test_trace_options.py instead.
 - SD3 without T5 (the tiny builder's pipeline): the joint text is CLIP's 77
   tokens followed by ``max_sequence_length`` zero vectors; the tracer maps the
   CLIP segment only, which is what is compared.

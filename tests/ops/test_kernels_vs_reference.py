@@ -17,7 +17,7 @@ import torch
 import fused
 from fused import reference
 
-from .conftest import rand
+from ..conftest import rand
 
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-5, atol=1e-5)}
 

@@ -20,7 +20,7 @@ import fused  # noqa: F401  (loads the op namespaces the fixtures build)
 from fused import _cpp, _dispatch
 from fused.reference import accumulation_dtype, otsu_compute_dtype
 
-from .conftest import rand
+from ..conftest import rand
 
 def _ops(kernel_backend: str):
     _dispatch.implementation(kernel_backend)  # builds / registers torch.ops.fused_<backend>
@@ -65,7 +65,7 @@ def test_otsu_threshold_follows_the_compute_rule_and_the_fake(otsu_kernel_backen
 
 
 def test_cuda_bin_limits_have_one_source():
-    source = (Path(__file__).resolve().parent.parent / "csrc" / "otsu_cuda.cu").read_text()
+    source = (Path(__file__).resolve().parents[2] / "csrc" / "otsu_cuda.cu").read_text()
     assert re.search(r"kMax\w*Bins\s*=\s*\d", source) is None, "otsu_cuda.cu hard-codes a bin limit"
     for mode, define in (("vico", "FUSED_MAX_VICO_BINS"), ("skimage", "FUSED_MAX_SKIMAGE_BINS")):
         assert define in source

@@ -4,20 +4,11 @@ import pytest
 import torch
 
 import fused
+from tests.builders import tiny_unet
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import UNet2DConditionModel  # noqa: E402
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0  # noqa: E402
-
-
-def tiny_unet(cross_dim=32, seed=0):
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=cross_dim,
-        attention_head_dim=8, norm_num_groups=8,
-    ).eval()
 
 
 class MaterialisingRecorder(AttnProcessor):

@@ -17,7 +17,7 @@ import torch
 import fused
 from fused import _dispatch, reference
 
-from .conftest import rand
+from ..conftest import rand
 
 
 def _qkv(B: int, H: int, N: int, L: int, D: int, dtype=torch.float64, grad: bool = True):

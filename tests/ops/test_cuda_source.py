@@ -26,7 +26,7 @@ from fused._cpp import CUDA_CFLAGS
 NVCC = shutil.which("nvcc")
 pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not found on PATH (CUDA toolkit not installed)")
 
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
 SOURCE = CSRC / "otsu_cuda.cu"
 COMPILE_TIMEOUT_S = 600
 

@@ -1,7 +1,7 @@
 """`vico maps` on video pipelines (issue 19): frame strips, GIFs and mask strips of the [F, h, w] maps.
 
 The pipelines are tiny local Wan folders (the transformer and tokenizer of
-tests/test_video_processors.py, float32): one without a VAE (latent output,
+tests/processors/test_video_processors.py, float32): one without a VAE (latent output,
 maps on black) and one with a tiny Wan VAE (decoded frames under the maps);
 CogVideoX's tiny pipeline once.
 Two steps of a 9-frame 32 x 48 clip: latents 3 x 4 x 6, patches 3 x 2 x 3, so
@@ -31,7 +31,7 @@ def save_tiny_wan(path, vae: bool):
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
 
     from tests.builders import t5_like_tokenizer
-    from tests.test_video_processors import tiny_t5, tiny_wan
+    from tests.processors.test_video_processors import tiny_t5, tiny_wan
 
     torch.manual_seed(0)
     tok = t5_like_tokenizer()
@@ -192,7 +192,7 @@ def test_image_pipelines_write_what_they_did(model_dir, tmp_path, capsys):
 
 
 def test_cogvideox_maps_are_strips_too(tmp_path):
-    from tests.test_video_processors import tiny_pipeline
+    from tests.processors.test_video_processors import tiny_pipeline
 
     tiny_pipeline("cogvideox").to(torch.float32).save_pretrained(tmp_path / "cog")
     out = tmp_path / "maps"

@@ -15,9 +15,9 @@ import torch
 import fused
 from fused import _dispatch, reference, selfcheck
 
-from .conftest import rand
+from ..conftest import rand
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

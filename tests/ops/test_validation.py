@@ -5,7 +5,7 @@ import torch
 
 import fused
 
-from .conftest import rand
+from ..conftest import rand
 
 
 def qkv(B=2, H=2, N=8, L=5, D=4, dtype=torch.float32):

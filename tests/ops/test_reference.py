@@ -9,7 +9,7 @@ import torch
 
 from fused import reference
 
-from .conftest import rand
+from ..conftest import rand
 
 
 def explicit_attention(q, k, v, scale, visible=None):
