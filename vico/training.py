@@ -23,16 +23,20 @@ import shutil
 import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .data import list_images, load_images
 from .files import atomic_folder, atomic_write, describe_error, load_tensors_only, write_errors
 from .methods import get_method
-from .methods.base import MethodConfig
-from .model import (UnreadableFile, UserError, check_image_size, check_layers, check_output_folder,
+from .methods.base import Method, MethodConfig, Stage
+from .model import (Components, UnreadableFile, UserError, check_image_size, check_layers, check_output_folder,
                     check_placeholder, check_seed, first_nonfinite, load_components, native_size,
                     require_at_least_one, warn)
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 CHECKPOINTS = "checkpoints"
 
@@ -340,10 +344,36 @@ def train(cfg: TrainConfig) -> Path:
         return _train(cfg, accelerator)
 
 
-def _train(cfg: TrainConfig, accelerator) -> Path:
-    from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
+def _train(cfg: TrainConfig, accelerator: Accelerator) -> Path:
+    """The run on this process: checks, model, resume, stages, then the concept; returns the output folder."""
+    cfg, method_cls, candidates = _checked_config(cfg, accelerator.is_main_process)
+    out = Path(cfg.out)
+    method, comps, images = _built_method(cfg, method_cls, accelerator.device)
+    latents = _encoded_latents(method, images, comps, accelerator.device)
+    stages = method.stages(cfg.steps, cfg.batch_size)
+    total = sum(s.steps for s in stages)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    start, resume_state = _resume(candidates, method, generator, out, accelerator)
+    if cfg.resume and not candidates:
+        accelerator.print(f"vico: nothing to resume in {out}; starting fresh")
+    if start >= total:  # finished, or killed between the last checkpoint and the final save
+        if accelerator.is_main_process:
+            _save_concept(method, out)
+        accelerator.print(f"vico: {out} already finished ({start} of {total} steps); concept in {out}")
+        return out
+    if accelerator.is_main_process:
+        _write_train_config(cfg, out)
+    _run_stages(_Run(cfg, accelerator, method, comps, generator, latents, out, start, total), stages, resume_state)
+    accelerator.wait_for_everyone()
+    _unwrap(accelerator, comps)
+    if accelerator.is_main_process:
+        _save_concept(method, out)
+    return out
 
+
+def _checked_config(cfg: TrainConfig, is_main: bool) -> tuple[TrainConfig, type[Method], list[Path]]:
+    """Check the options and inputs before the model loads; returns the config with absolute paths and the
+    resolution filled in, the method class and the checkpoints to resume from (newest first)."""
     if cfg.checkpoints_total_limit < 0:
         raise UserError(f"--checkpoints-total-limit must be 0 (keep all) or more, got {cfg.checkpoints_total_limit}")
     default = "; leave it out for the method's default"
@@ -354,7 +384,7 @@ def _train(cfg: TrainConfig, accelerator) -> Path:
     # `vico sample` works from any working directory
     cfg = replace(cfg, model=os.path.abspath(cfg.model), images=os.path.abspath(cfg.images))
     out = Path(cfg.out)
-    if accelerator.is_main_process:
+    if is_main:
         for path in remove_stale_temporaries(out):
             warn(f"removed {path}, left half-written by a killed run")
     checkpoints = _checkpoint_dirs(out)
@@ -368,128 +398,177 @@ def _train(cfg: TrainConfig, accelerator) -> Path:
     cfg = replace(cfg, resolution=cfg.resolution or native_size(cfg.model))  # what --resume compares
     if candidates:
         check_resume_config(cfg, out)
-    comps = load_components(cfg.model, device=accelerator.device)
-    resolution = cfg.resolution
+    return cfg, method_cls, candidates
+
+
+def _built_method(cfg: TrainConfig, method_cls: type[Method], device: torch.device
+                  ) -> tuple[Method, Components, torch.Tensor]:
+    """Load the model and the training images (float [N, 3, R, R] in [-1, 1]) and make the method."""
+    from accelerate.utils import set_seed
+
+    comps = load_components(cfg.model, device=device)
     extra = dict(cfg.extra, **({"layers": cfg.layers} if cfg.layers else {}))
-    mcfg = MethodConfig(placeholder=cfg.placeholder, init_word=cfg.init_word, resolution=resolution, seed=cfg.seed,
-                        extra=extra, learning_rates=dict(cfg.learning_rates))
-    images = load_images(cfg.images, resolution)
+    mcfg = MethodConfig(placeholder=cfg.placeholder, init_word=cfg.init_word, resolution=cfg.resolution,
+                        seed=cfg.seed, extra=extra, learning_rates=dict(cfg.learning_rates))
+    images = load_images(cfg.images, cfg.resolution)
     set_seed(cfg.seed)  # the new modules' initial weights
     method = method_cls(comps, mcfg)
     method.training_images = images  # pixels, for methods that augment before encoding (AttnDreamBooth)
     if cfg.gradient_checkpointing:
         comps.unet.enable_gradient_checkpointing()
+    return method, comps, images
 
-    with torch.no_grad():  # the VAE is frozen: encode once (flipped copies too when the method flips)
+
+def _encoded_latents(method: Method, images: torch.Tensor, comps: Components, device: torch.device
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scaled posterior mean and std of the images (doubled with flipped copies when the method flips),
+    [N or 2N, 4, R/8, R/8] each: the VAE is frozen, so it encodes once."""
+    with torch.no_grad():
         if method.hflip_prob > 0:
             images = torch.cat([images, images.flip(-1)])
-        posterior = comps.vae.encode(images.to(accelerator.device, comps.vae.dtype)).latent_dist
+        posterior = comps.vae.encode(images.to(device, comps.vae.dtype)).latent_dist
         sf = comps.vae.config.scaling_factor
-        latent_mean, latent_std = posterior.mean * sf, posterior.std * sf
+        return posterior.mean * sf, posterior.std * sf
 
-    stages = method.stages(cfg.steps, cfg.batch_size)
-    total = sum(s.steps for s in stages)
-    scale_lr = method.scale_lr if cfg.scale_lr is None else cfg.scale_lr
-    generator = torch.Generator().manual_seed(cfg.seed)
-    start, resume_state = 0, None
-    if candidates:
-        for i, path in enumerate(candidates):  # newest first; an unreadable one falls back
-            try:
-                resume_state = _load_checkpoint(path, method, generator)
-                break
-            except UnreadableFile as exc:
-                if i == len(candidates) - 1:
-                    where = "the oldest" if len(candidates) > 1 else "the one named"
-                    raise UserError(f"no readable checkpoint in {out / CHECKPOINTS} ({where}: {exc}); move "
-                                    "that folder away to train afresh") from None
-                warn(f"{exc}; falling back to the previous checkpoint, {candidates[i + 1].name}")
-        start = int(resume_state["step"])
-        accelerator.print(f"vico: resuming from {path} (step {start})")
-        if accelerator.is_main_process:
-            for moved in supersede_newer(out, path):
-                warn(f"moved {moved.name} to {moved.parent}: the run continues from {path.name}")
-        accelerator.wait_for_everyone()
-        saved_world = int(resume_state.get("world_size", 1))
-        if saved_world != accelerator.num_processes and accelerator.is_main_process:
-            warn(f"{path.name} was written by a run on {saved_world} process(es), this one has "
-                 f"{accelerator.num_processes}: the global batch (per-process batch x processes) and the "
-                 "learning rates scaled by it change, so the run goes on from the same random stream but no "
-                 f"longer equals an uninterrupted {saved_world}-process run; launch {saved_world} processes "
-                 "(or keep the global batch with --batch-size) to continue it exactly")
-    elif cfg.resume:
-        accelerator.print(f"vico: nothing to resume in {out}; starting fresh")
-    if start >= total:  # finished, or killed between the last checkpoint and the final save
-        if accelerator.is_main_process:
-            _save_concept(method, out)
-        accelerator.print(f"vico: {out} already finished ({start} of {total} steps); concept in {out}")
-        return out
+
+def _resume(candidates: list[Path], method: Method, generator: torch.Generator, out: Path,
+            accelerator: Accelerator) -> tuple[int, dict | None]:
+    """Restore the newest readable candidate; returns its step and trainer state ((0, None) without one).
+    Newer checkpoints are superseded; a different number of processes is warned about."""
+    if not candidates:
+        return 0, None
+    path, state = _newest_readable(candidates, method, generator, out)
+    start = int(state["step"])
+    accelerator.print(f"vico: resuming from {path} (step {start})")
     if accelerator.is_main_process:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise UserError(f"cannot create the output folder {out}: {describe_error(exc)}") from None
-        text = json.dumps(asdict(cfg), indent=1)
-        atomic_write(out / "train_config.json", lambda p: p.write_text(text))
+        for moved in supersede_newer(out, path):
+            warn(f"moved {moved.name} to {moved.parent}: the run continues from {path.name}")
+    accelerator.wait_for_everyone()
+    saved_world = int(state.get("world_size", 1))
+    if saved_world != accelerator.num_processes and accelerator.is_main_process:
+        warn(f"{path.name} was written by a run on {saved_world} process(es), this one has "
+             f"{accelerator.num_processes}: the global batch (per-process batch x processes) and the "
+             "learning rates scaled by it change, so the run goes on from the same random stream but no "
+             f"longer equals an uninterrupted {saved_world}-process run; launch {saved_world} processes "
+             "(or keep the global batch with --batch-size) to continue it exactly")
+    return start, state
 
-    bar = tqdm(total=total, initial=start, desc=method.name, file=sys.stderr,
-               disable=not cfg.progress or not accelerator.is_local_main_process)
-    world, rank = accelerator.num_processes, accelerator.process_index
-    completed, first, diverged_at = start, 0, None
+
+def _newest_readable(candidates: list[Path], method: Method, generator: torch.Generator, out: Path
+                     ) -> tuple[Path, dict]:
+    """Load the first readable checkpoint of ``candidates`` (newest first), warning for each unreadable
+    one; a one-line ``UserError`` when none is."""
+    for i, path in enumerate(candidates):
+        try:
+            return path, _load_checkpoint(path, method, generator)
+        except UnreadableFile as exc:
+            if i == len(candidates) - 1:
+                where = "the oldest" if len(candidates) > 1 else "the one named"
+                raise UserError(f"no readable checkpoint in {out / CHECKPOINTS} ({where}: {exc}); move "
+                                "that folder away to train afresh") from None
+            warn(f"{exc}; falling back to the previous checkpoint, {candidates[i + 1].name}")
+    raise ValueError("no checkpoint to resume from")  # the callers pass at least one
+
+
+def _write_train_config(cfg: TrainConfig, out: Path) -> None:
+    """Create ``out`` and write the run's arguments to train_config.json (what ``--resume`` compares)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create the output folder {out}: {describe_error(exc)}") from None
+    text = json.dumps(asdict(cfg), indent=1)
+    atomic_write(out / "train_config.json", lambda p: p.write_text(text))
+
+
+@dataclass
+class _Run:
+    """What every stage of one run reads, set up by ``_train``."""
+    cfg: TrainConfig
+    accelerator: Accelerator
+    method: Method
+    comps: Components
+    generator: torch.Generator  # the one random stream of all processes
+    latents: tuple[torch.Tensor, torch.Tensor]  # scaled posterior mean and std (``_encoded_latents``)
+    out: Path
+    start: int  # the step this run starts from (a resumed checkpoint's, else 0)
+    total: int  # the steps of all stages
+
+
+def _run_stages(run: _Run, stages: list[Stage], resume_state: dict | None) -> None:
+    """Train the stages, from ``run.start`` on, under one progress bar."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=run.total, initial=run.start, desc=run.method.name, file=sys.stderr,
+               disable=not run.cfg.progress or not run.accelerator.is_local_main_process)
+    completed, first, diverged_at = run.start, 0, None
     for index, stage in enumerate(stages):
         last = first + stage.steps
-        if start >= last:  # finished before the checkpoint we resumed from
-            first = last
-            continue
-        # DDP fixes the trainable set when it wraps a module: unwrap, change the set, wrap again
-        # the global batch is the per-process batch x processes; each process trains on its rows of it
-        global_batch, rows = stage.batch_size * world, slice(rank * stage.batch_size, (rank + 1) * stage.batch_size)
-        lr_scale = global_batch if scale_lr else 1.0
-        _unwrap(accelerator, comps)
-        method.begin_stage(index)
-        groups = method.param_groups(lr_scale, stage=index)  # methods look modules up by name: before wrapping
-        _wrap_trainable(accelerator, comps)
-        optimizer = accelerator.prepare(torch.optim.AdamW(groups))
-        if resume_state is not None and int(resume_state.get("stage", 0)) == index and start > first:
-            optimizer.load_state_dict(resume_state["optimizer"])
-        if len(stages) > 1:
-            bar.set_description(f"{method.name} [{stage.name}]")
-        gen_state = generator.get_state()
-        try:
-            for step in range(max(start, first), last):
-                gen_state = generator.get_state()
-                batch = method.make_batch(latent_mean, latent_std, generator, global_batch, rows=rows)
-                with accelerator.autocast():
-                    loss, logs = method.training_loss(batch)
-                if diverged_at is None and not math.isfinite(float(loss.detach())):
-                    diverged_at = step + 1
-                accelerator.backward(loss)
-                with hold_interrupts():  # the weights and the step counter move together
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    completed = step + 1
-                bar.update(1)
-                bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()})
-                if completed % cfg.checkpoint_every == 0 or completed == total:
-                    check_finite(method, diverged_at, completed, out)  # on every process: all of them stop
-                    if accelerator.is_main_process:
-                        save_checkpoint(out, completed, method, optimizer, generator, stage=index, world_size=world)
-                        prune_checkpoints(out, cfg.checkpoints_total_limit)
-                    accelerator.wait_for_everyone()  # no process runs ahead of a checkpoint being written
-        except KeyboardInterrupt:
-            if accelerator.is_main_process and completed > start and diverged_at is None \
-                    and first_nonfinite(method.state_dict()) is None:
-                if completed == step:  # interrupted inside a step: rewind its random draws
-                    generator.set_state(gen_state)
-                path = save_checkpoint(out, completed, method, optimizer, generator, stage=index, world_size=world)
-                print(f"vico: interrupted; saved {path}; continue with --resume", file=sys.stderr)
-            raise
+        if run.start < last:  # else finished before the checkpoint we resumed from
+            optimizer = _begin_stage(run, index, stage, resume_state if run.start > first else None)
+            if len(stages) > 1:
+                bar.set_description(f"{run.method.name} [{stage.name}]")
+            completed, diverged_at = _train_stage(run, index, stage, optimizer, range(max(run.start, first), last),
+                                                  bar, completed, diverged_at)
         first = last
     bar.close()
-    accelerator.wait_for_everyone()
-    _unwrap(accelerator, comps)
-    if accelerator.is_main_process:
-        _save_concept(method, out)
-    return out
+
+
+def _begin_stage(run: _Run, index: int, stage: Stage, resume_state: dict | None) -> torch.optim.Optimizer:
+    """Switch the method to stage ``index``, wrap what trains in it and make its optimizer, with the
+    resumed AdamW state when ``resume_state`` (a checkpoint inside this stage) was written in it."""
+    # DDP fixes the trainable set when it wraps a module: unwrap, change the set, wrap again
+    accelerator, method = run.accelerator, run.method
+    scale_lr = method.scale_lr if run.cfg.scale_lr is None else run.cfg.scale_lr
+    lr_scale = stage.batch_size * accelerator.num_processes if scale_lr else 1.0  # the global batch
+    _unwrap(accelerator, run.comps)
+    method.begin_stage(index)
+    groups = method.param_groups(lr_scale, stage=index)  # methods look modules up by name: before wrapping
+    _wrap_trainable(accelerator, run.comps)
+    optimizer = accelerator.prepare(torch.optim.AdamW(groups))
+    if resume_state is not None and int(resume_state.get("stage", 0)) == index:
+        optimizer.load_state_dict(resume_state["optimizer"])
+    return optimizer
+
+
+def _train_stage(run: _Run, index: int, stage: Stage, optimizer: torch.optim.Optimizer, steps: range, bar,
+                 completed: int, diverged_at: int | None) -> tuple[int, int | None]:
+    """Train ``steps`` of stage ``index``, checkpointing every ``checkpoint_every`` steps and at the end, and
+    on Ctrl-C; returns the steps completed and the first step whose loss was NaN or inf (None if none)."""
+    accelerator, method, generator = run.accelerator, run.method, run.generator
+    world, rank = accelerator.num_processes, accelerator.process_index
+    # the global batch is the per-process batch x processes; each process trains on its rows of it
+    global_batch, rows = stage.batch_size * world, slice(rank * stage.batch_size, (rank + 1) * stage.batch_size)
+    gen_state, step = generator.get_state(), -1  # -1: no step of this stage begun
+    try:
+        for step in steps:
+            gen_state = generator.get_state()
+            batch = method.make_batch(*run.latents, generator, global_batch, rows=rows)
+            with accelerator.autocast():
+                loss, logs = method.training_loss(batch)
+            if diverged_at is None and not math.isfinite(float(loss.detach())):
+                diverged_at = step + 1
+            accelerator.backward(loss)
+            with hold_interrupts():  # the weights and the step counter move together
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                completed = step + 1
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()})
+            if completed % run.cfg.checkpoint_every == 0 or completed == run.total:
+                check_finite(method, diverged_at, completed, run.out)  # on every process: all of them stop
+                if accelerator.is_main_process:
+                    save_checkpoint(run.out, completed, method, optimizer, generator, stage=index, world_size=world)
+                    prune_checkpoints(run.out, run.cfg.checkpoints_total_limit)
+                accelerator.wait_for_everyone()  # no process runs ahead of a checkpoint being written
+    except KeyboardInterrupt:
+        if accelerator.is_main_process and completed > run.start and diverged_at is None \
+                and first_nonfinite(method.state_dict()) is None:
+            if completed == step:  # interrupted inside a step: rewind its random draws
+                generator.set_state(gen_state)
+            path = save_checkpoint(run.out, completed, method, optimizer, generator, stage=index, world_size=world)
+            print(f"vico: interrupted; saved {path}; continue with --resume", file=sys.stderr)
+        raise
+    return completed, diverged_at
 
 
 TRAINED_COMPONENTS = ("unet", "text_encoder")  # the modules a method's trainable parameters live in
