@@ -555,11 +555,7 @@ def _train_stage(run: _Run, index: int, stage: Stage, optimizer: torch.optim.Opt
             bar.update(1)
             bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()})
             if completed % run.cfg.checkpoint_every == 0 or completed == run.total:
-                check_finite(method, diverged_at, completed, run.out)  # on every process: all of them stop
-                if accelerator.is_main_process:
-                    save_checkpoint(run.out, completed, method, optimizer, generator, stage=index, world_size=world)
-                    prune_checkpoints(run.out, run.cfg.checkpoints_total_limit)
-                accelerator.wait_for_everyone()  # no process runs ahead of a checkpoint being written
+                _checkpoint(run, completed, optimizer, index, diverged_at)
     except KeyboardInterrupt:
         if accelerator.is_main_process and completed > run.start and diverged_at is None \
                 and first_nonfinite(method.state_dict()) is None:
@@ -570,6 +566,17 @@ def _train_stage(run: _Run, index: int, stage: Stage, optimizer: torch.optim.Opt
         raise
     return completed, diverged_at
 
+
+
+def _checkpoint(run: _Run, completed: int, optimizer: torch.optim.Optimizer, index: int, diverged_at: int | None
+                ) -> None:
+    """Stop a diverged run on every process, else save and prune checkpoints on the main one while the others wait."""
+    check_finite(run.method, diverged_at, completed, run.out)  # on every process: all of them stop
+    if run.accelerator.is_main_process:
+        save_checkpoint(run.out, completed, run.method, optimizer, run.generator, stage=index,
+                        world_size=run.accelerator.num_processes)
+        prune_checkpoints(run.out, run.cfg.checkpoints_total_limit)
+    run.accelerator.wait_for_everyone()  # no process runs ahead of a checkpoint being written
 
 TRAINED_COMPONENTS = ("unet", "text_encoder")  # the modules a method's trainable parameters live in
 

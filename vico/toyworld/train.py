@@ -32,6 +32,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -207,116 +208,210 @@ def train(out: Path, minutes: float, vae_steps: int, batch: int, checkpoint_ever
           generic_fraction: float = GENERIC_FRACTION, unet_lr: float = 5e-4,
           free_texture_fraction: float = FREE_TEXTURE_FRACTION) -> Path | None:
     """Stage 1 for ``vae_steps`` steps, then stage 2 until ``minutes`` of wall clock (both stages) or ``max_steps``."""
-    from tqdm.auto import tqdm
+    out.mkdir(parents=True, exist_ok=True)
+    run = _new_run(seed, unet_lr)
+    _restore(run, out, resume, init_from, vae_steps)
+    schedule = _Schedule(vae_steps, batch, checkpoint_every, minutes * 60, max_steps, unet_lr, generic_fraction,
+                         free_texture_fraction)
+    _train_steps(run, schedule, out)
+    return _export_run(run, out)
 
+
+@dataclass
+class _ToyRun:
+    """The models, optimizers, random streams and counters of a base-training run: what its checkpoint holds."""
+    models: dict  # ``make_models``'s
+    opt_vae: torch.optim.Optimizer  # stage 1: the autoencoder
+    opt: torch.optim.Optimizer  # stage 2: UNet + text encoder
+    rng: np.random.Generator  # the data
+    gen: torch.Generator  # noise, timesteps, caption drop
+    step: int = 0
+    elapsed: float = 0.0  # seconds of wall clock, resumed runs included
+    scaling: float | None = None  # the latent scale, set when stage 2 begins
+    unet_start: float | None = None  # ``elapsed`` when stage 2 began
+
+    def state(self) -> dict:
+        """The checkpoint's contents (``save_checkpoint``)."""
+        m = self.models
+        return dict(vae=m["vae"].state_dict(), unet=m["unet"].state_dict(), text_encoder=m["text_encoder"].state_dict(),
+                    opt_vae=self.opt_vae.state_dict(), opt=self.opt.state_dict(), rng_state=self.rng.bit_generator.state,
+                    gen=self.gen.get_state(), step=self.step, elapsed=self.elapsed, scaling=self.scaling,
+                    unet_start=self.unet_start)
+
+
+@dataclass(frozen=True)
+class _Schedule:
+    """The options of a base-training run (``train``'s arguments)."""
+    vae_steps: int
+    batch: int
+    checkpoint_every: int
+    budget: float  # seconds of wall clock, both stages
+    max_steps: int | None
+    unet_lr: float
+    generic_fraction: float
+    free_texture_fraction: float
+
+
+def _new_run(seed: int, unet_lr: float) -> _ToyRun:
+    """Fresh seeded models (the UNet with this project's attention attached), optimizers and random streams."""
     import fused
 
-    out.mkdir(parents=True, exist_ok=True)
     models = make_models(seed)
-    vae, unet, text_encoder, tok, sched = (models[k] for k in ("vae", "unet", "text_encoder", "tokenizer", "scheduler"))
-    fused.attach(unet)
-    opt_vae = torch.optim.AdamW(vae.parameters(), lr=1e-3)
-    opt = torch.optim.AdamW(list(unet.parameters()) + list(text_encoder.parameters()), lr=unet_lr, weight_decay=1e-2)
-    rng = np.random.default_rng(seed)
-    gen = torch.Generator().manual_seed(seed)
-    step, elapsed, scaling, unet_start = 0, 0.0, None, None
+    fused.attach(models["unet"])
+    opt_vae = torch.optim.AdamW(models["vae"].parameters(), lr=1e-3)
+    opt = torch.optim.AdamW(list(models["unet"].parameters()) + list(models["text_encoder"].parameters()), lr=unet_lr,
+                            weight_decay=1e-2)
+    return _ToyRun(models, opt_vae, opt, np.random.default_rng(seed), torch.Generator().manual_seed(seed))
+
+
+def _restore(run: _ToyRun, out: Path, resume: bool, init_from: Path | None, vae_steps: int) -> None:
+    """Continue from OUT's checkpoint (``resume``), or warm-start stage 2 from the pipeline ``init_from``."""
     if resume and (out / "checkpoint" / "state.pt").is_file():
-        st = load_checkpoint(out)
-        for name in ("vae", "unet", "text_encoder"):
-            models[name].load_state_dict(st[name])
-        opt_vae.load_state_dict(st["opt_vae"])
-        opt.load_state_dict(st["opt"])
-        rng.bit_generator.state = json.loads((out / "checkpoint" / "rng.json").read_text())
-        gen.set_state(st["gen"])
-        step, elapsed, scaling, unet_start = st["step"], st["elapsed"], st["scaling"], st.get("unet_start")
-        print(f"toyworld: resumed at step {step} ({elapsed / 60:.1f} min)", file=sys.stderr)
+        _load_run(run, out)
     elif resume:
         print(f"toyworld: nothing to resume in {out}; starting fresh", file=sys.stderr)
-    if init_from is not None and step == 0:  # warm start: a pipeline's weights, a fresh optimizer, stage 2
-        from ..model import load_pipeline
+    if init_from is not None and run.step == 0:
+        _warm_start(run, init_from, vae_steps)
 
-        pipe = load_pipeline(init_from)
-        for name in ("vae", "unet", "text_encoder"):
-            models[name].load_state_dict(getattr(pipe, name).state_dict())
-        step, scaling, unet_start = vae_steps, float(pipe.vae.config.scaling_factor), 0.0
-        print(f"toyworld: warm start from {init_from} (stage 2)", file=sys.stderr)
 
-    def state():
-        return dict(vae=vae.state_dict(), unet=unet.state_dict(), text_encoder=text_encoder.state_dict(),
-                    opt_vae=opt_vae.state_dict(), opt=opt.state_dict(), rng_state=rng.bit_generator.state,
-                    gen=gen.get_state(), step=step, elapsed=elapsed, scaling=scaling, unet_start=unet_start)
+def _load_run(run: _ToyRun, out: Path) -> None:
+    """Load OUT's checkpoint into ``run``: weights, optimizers, random streams and counters."""
+    st = load_checkpoint(out)
+    for name in ("vae", "unet", "text_encoder"):
+        run.models[name].load_state_dict(st[name])
+    run.opt_vae.load_state_dict(st["opt_vae"])
+    run.opt.load_state_dict(st["opt"])
+    run.rng.bit_generator.state = json.loads((out / "checkpoint" / "rng.json").read_text())
+    run.gen.set_state(st["gen"])
+    run.step, run.elapsed, run.scaling, run.unet_start = st["step"], st["elapsed"], st["scaling"], st.get("unet_start")
+    print(f"toyworld: resumed at step {run.step} ({run.elapsed / 60:.1f} min)", file=sys.stderr)
 
-    log = open(out / "train_log.jsonl", "a")
-    budget = minutes * 60
-    bar = tqdm(desc="toyworld", initial=step, file=sys.stderr)
-    start = time.perf_counter() - elapsed
-    try:
-        while elapsed < budget and (max_steps is None or step < max_steps):
-            if step < vae_steps:  # stage 1: the autoencoder, on the broad family
-                x = generic_batch(rng, batch)
-                for group in opt_vae.param_groups:
-                    group["lr"] = cosine_lr(1e-3, step / max(vae_steps, 1))
-                post = vae.encode(x).latent_dist
-                z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
-                recon = vae.decode(z).sample
-                kl = post.kl().mean() / x[0].numel()
-                loss = F.mse_loss(recon, x) + 1e-4 * kl
-                opt_vae.zero_grad()
-                loss.backward()
-                opt_vae.step()
-                stage, extra = "vae", {}
-            else:  # stage 2: UNet + text encoder on the frozen VAE's latents
-                if scaling is None:
-                    with torch.no_grad():
-                        z = torch.cat([vae.encode(scene_batch(rng, 64)[0]).latent_dist.mean for _ in range(4)])
-                    scaling = float(1.0 / z.std())
-                    unet_start = elapsed
-                vae.requires_grad_(False)
-                if max_steps is not None:  # a step budget: a schedule by steps, exactly reproducible on resume
-                    progress = (step - vae_steps) / max(max_steps - vae_steps, 1)
-                else:  # a time budget: by wall clock (not bit-reproducible across machines)
-                    progress = (elapsed - unet_start) / max(budget - unet_start, 1.0)
-                for group in opt.param_groups:
-                    group["lr"] = cosine_lr(unet_lr, progress)
-                x, captions, masks, generic = stage2_batch(rng, batch, generic_fraction, free_texture_fraction)
-                with torch.no_grad():
-                    latents = vae.encode(x).latent_dist.mean * scaling
-                drop = (torch.rand(batch, generator=gen) < 0.1) | generic
-                captions = ["" if d else c for c, d in zip(captions, drop)]
-                ids = tok(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-                noise = torch.randn(latents.shape, generator=gen)
-                t = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=gen)
-                index, on_object = attention_targets(captions)
-                request = fused.MapRequest(index)
-                pred = unet(sched.add_noise(latents, noise, t), t, text_encoder(ids)[0],
-                            cross_attention_kwargs={"map_request": request}).sample
-                mse = F.mse_loss(pred, noise)
-                attn = attention_loss(request, masks, on_object, (~drop) & (t < ATTN_MAX_T))
-                loss = mse + ATTN_WEIGHT * attn
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                stage, extra = "unet", {"mse": mse.item(), "attn": float(attn.detach())}
-            step += 1
-            elapsed = time.perf_counter() - start
-            bar.update(1)
-            bar.set_postfix(stage=stage, loss=f"{loss.item():.4f}")
-            if step % 50 == 0:
-                log.write(json.dumps(dict(step=step, stage=stage, loss=loss.item(), minutes=elapsed / 60, **extra)) + "\n")
-                log.flush()
-            if step % checkpoint_every == 0:
-                save_checkpoint(out, state())
-    except KeyboardInterrupt:
-        save_checkpoint(out, state())
-        print(f"toyworld: interrupted at step {step}; continue with --resume", file=sys.stderr)
-        raise
-    save_checkpoint(out, state())
-    if scaling is None:  # stopped inside the VAE stage: nothing to export yet
-        print(f"toyworld: stopped at step {step}, still training the VAE; continue with --resume", file=sys.stderr)
+
+def _warm_start(run: _ToyRun, init_from: Path, vae_steps: int) -> None:
+    """A pipeline's weights and its latent scale, a fresh optimizer, straight to stage 2."""
+    from ..model import load_pipeline
+
+    pipe = load_pipeline(init_from)
+    for name in ("vae", "unet", "text_encoder"):
+        run.models[name].load_state_dict(getattr(pipe, name).state_dict())
+    run.step, run.scaling, run.unet_start = vae_steps, float(pipe.vae.config.scaling_factor), 0.0
+    print(f"toyworld: warm start from {init_from} (stage 2)", file=sys.stderr)
+
+
+def _train_steps(run: _ToyRun, schedule: _Schedule, out: Path) -> None:
+    """Step until the time or step budget is spent: a log line every 50 steps, a checkpoint every
+    ``checkpoint_every`` steps, at the end and on Ctrl-C."""
+    from tqdm.auto import tqdm
+
+    with open(out / "train_log.jsonl", "a") as log:
+        bar = tqdm(desc="toyworld", initial=run.step, file=sys.stderr)
+        start = time.perf_counter() - run.elapsed
+        try:
+            while run.elapsed < schedule.budget and (schedule.max_steps is None or run.step < schedule.max_steps):
+                if run.step < schedule.vae_steps:
+                    stage, (loss, extra) = "vae", _vae_step(run, schedule)
+                else:
+                    stage, (loss, extra) = "unet", _unet_step(run, schedule)
+                run.step += 1
+                run.elapsed = time.perf_counter() - start
+                bar.update(1)
+                bar.set_postfix(stage=stage, loss=f"{loss.item():.4f}")
+                if run.step % 50 == 0:
+                    log.write(json.dumps(dict(step=run.step, stage=stage, loss=loss.item(), minutes=run.elapsed / 60,
+                                              **extra)) + "\n")
+                    log.flush()
+                if run.step % schedule.checkpoint_every == 0:
+                    save_checkpoint(out, run.state())
+        except KeyboardInterrupt:
+            save_checkpoint(out, run.state())
+            print(f"toyworld: interrupted at step {run.step}; continue with --resume", file=sys.stderr)
+            raise
+    save_checkpoint(out, run.state())
+
+
+def _vae_step(run: _ToyRun, schedule: _Schedule) -> tuple[torch.Tensor, dict]:
+    """One stage-1 step: the autoencoder on the broad family; returns the loss and no extra logs."""
+    vae = run.models["vae"]
+    x = generic_batch(run.rng, schedule.batch)
+    for group in run.opt_vae.param_groups:
+        group["lr"] = cosine_lr(1e-3, run.step / max(schedule.vae_steps, 1))
+    post = vae.encode(x).latent_dist
+    z = post.mean + post.std * torch.randn(post.mean.shape, generator=run.gen)
+    recon = vae.decode(z).sample
+    kl = post.kl().mean() / x[0].numel()
+    loss = F.mse_loss(recon, x) + 1e-4 * kl
+    run.opt_vae.zero_grad()
+    loss.backward()
+    run.opt_vae.step()
+    return loss, {}
+
+
+def _unet_step(run: _ToyRun, schedule: _Schedule) -> tuple[torch.Tensor, dict]:
+    """One stage-2 step: UNet + text encoder on the frozen VAE's latents; returns the loss and its two terms."""
+    if run.scaling is None:
+        _begin_unet_stage(run)
+    run.models["vae"].requires_grad_(False)
+    lr = cosine_lr(schedule.unet_lr, _unet_progress(run, schedule))
+    for group in run.opt.param_groups:
+        group["lr"] = lr
+    x, captions, masks, generic = stage2_batch(run.rng, schedule.batch, schedule.generic_fraction,
+                                               schedule.free_texture_fraction)
+    loss, mse, attn = _unet_loss(run, x, captions, masks, generic)
+    run.opt.zero_grad()
+    loss.backward()
+    run.opt.step()
+    return loss, {"mse": mse.item(), "attn": float(attn.detach())}
+
+
+def _unet_loss(run: _ToyRun, x: torch.Tensor, captions: list[str], masks: torch.Tensor, generic: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Noise MSE + ``ATTN_WEIGHT`` x attention localisation on a ``stage2_batch`` (10% of captions dropped);
+    returns the loss, the MSE and the attention term."""
+    import fused
+
+    vae, unet, text_encoder, tok, sched = (run.models[k] for k in ("vae", "unet", "text_encoder", "tokenizer",
+                                                                   "scheduler"))
+    batch = len(captions)
+    with torch.no_grad():
+        latents = vae.encode(x).latent_dist.mean * run.scaling
+    drop = (torch.rand(batch, generator=run.gen) < 0.1) | generic
+    captions = ["" if d else c for c, d in zip(captions, drop)]
+    ids = tok(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    noise = torch.randn(latents.shape, generator=run.gen)
+    t = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=run.gen)
+    index, on_object = attention_targets(captions)
+    request = fused.MapRequest(index)
+    pred = unet(sched.add_noise(latents, noise, t), t, text_encoder(ids)[0],
+                cross_attention_kwargs={"map_request": request}).sample
+    mse = F.mse_loss(pred, noise)
+    attn = attention_loss(request, masks, on_object, (~drop) & (t < ATTN_MAX_T))
+    return mse + ATTN_WEIGHT * attn, mse, attn
+
+
+def _begin_unet_stage(run: _ToyRun) -> None:
+    """Fix the latent scale (1 / std of the frozen VAE's latents of 256 scenes) and when stage 2 began."""
+    with torch.no_grad():
+        z = torch.cat([run.models["vae"].encode(scene_batch(run.rng, 64)[0]).latent_dist.mean for _ in range(4)])
+    run.scaling = float(1.0 / z.std())
+    run.unet_start = run.elapsed
+
+
+def _unet_progress(run: _ToyRun, schedule: _Schedule) -> float:
+    """How far stage 2 is, for its cosine learning rate (0 at its start, 1 at the budget's end)."""
+    if schedule.max_steps is not None:  # a step budget: a schedule by steps, exactly reproducible on resume
+        return (run.step - schedule.vae_steps) / max(schedule.max_steps - schedule.vae_steps, 1)
+    # a time budget: by wall clock (not bit-reproducible across machines)
+    return (run.elapsed - run.unet_start) / max(schedule.budget - run.unet_start, 1.0)
+
+
+def _export_run(run: _ToyRun, out: Path) -> Path | None:
+    """Export the trained models (with stage 3's autoencoder halves) as OUT/pipeline; None while still in stage 1."""
+    if run.scaling is None:  # stopped inside the VAE stage: nothing to export yet
+        print(f"toyworld: stopped at step {run.step}, still training the VAE; continue with --resume", file=sys.stderr)
         return None
-    load_parts(models["vae"], out)  # stage 3 ran beside this one
-    path = export(out, models, scaling)
-    print(f"toyworld: {step} steps in {elapsed / 60:.1f} min -> {path}", file=sys.stderr)
+    load_parts(run.models["vae"], out)  # stage 3 ran beside this one
+    path = export(out, run.models, run.scaling)
+    print(f"toyworld: {run.step} steps in {run.elapsed / 60:.1f} min -> {path}", file=sys.stderr)
     return path
 
 
