@@ -21,7 +21,7 @@ from vico.methods.base import Method, MethodConfig  # noqa: E402
 from vico.methods.catversion import CatVersion, PrefixKVAttention, install_prefix_kv, prefixes_off  # noqa: E402
 from vico.methods.textual_inversion import TextualInversion  # noqa: E402
 from vico.methods.vico import ViCo  # noqa: E402
-from vico.model import Components, encode_prompts  # noqa: E402
+from vico.model import Components, UserError, encode_prompts  # noqa: E402
 from vico.pipeline import ViCoPipeline  # noqa: E402
 
 
@@ -280,9 +280,11 @@ def test_attndreambooth_random_crop_of_non_square_images():
     torch.testing.assert_close(out, img[:, :, params["left"]:params["left"] + 32], rtol=0, atol=1e-6)
 
 
-def test_attndreambooth_batches_are_augmented_per_sample_and_encoded():
+@pytest.mark.parametrize("rotate_p", [None, 0.0])  # None: the official 0.75; 0.0: the toy recipe's option
+def test_attndreambooth_batches_are_augmented_per_sample_and_encoded(rotate_p):
     c = components()
-    method = AttnDreamBooth(c, MethodConfig(init_word="cat", resolution=32))
+    extra = {} if rotate_p is None else {"rotate_p": rotate_p}
+    method = AttnDreamBooth(c, MethodConfig(init_word="cat", resolution=32, extra=extra))
     images = torch.stack([_test_image(), _test_image().flip(1), _test_image().roll(5, -1)])
     method.training_images = images
     mean = torch.randn(3, 4, 16, 16)
@@ -290,7 +292,11 @@ def test_attndreambooth_batches_are_augmented_per_sample_and_encoded():
     # rebuild it by hand from the same draws
     g = torch.Generator().manual_seed(4)
     idx = torch.randint(0, 3, (4,), generator=g)
-    pixels = torch.stack([attndreambooth_augment(images[i], g, 32) for i in idx.tolist()])
+    pixels = torch.stack([attndreambooth_augment(images[i], g, 32, rotate_p=0.75 if rotate_p is None else rotate_p)
+                          for i in idx.tolist()])
+    if rotate_p == 0.0:  # never rotated: each sample is its image or the mirror image
+        assert all(torch.allclose(p, images[i], atol=1e-6) or torch.allclose(p, images[i].flip(-1), atol=1e-6)
+                   for p, i in zip(pixels, idx.tolist()))
     with torch.no_grad():
         post = c.vae.encode(pixels).latent_dist
     eps = torch.randn(post.mean.shape, generator=g)
@@ -304,6 +310,12 @@ def test_attndreambooth_batches_are_augmented_per_sample_and_encoded():
     b1 = fresh.make_batch(mean, torch.zeros_like(mean), torch.Generator().manual_seed(1), batch_size=2)
     b2 = fresh.make_batch(mean, torch.zeros_like(mean), torch.Generator().manual_seed(1), batch_size=2)
     assert b1.latents.shape == (2, 4, 16, 16) and torch.equal(b1.latents, b2.latents)
+
+
+@pytest.mark.parametrize("bad", [1.5, -0.1, "high"])
+def test_attndreambooth_rejects_a_rotation_probability_outside_0_1(bad):
+    with pytest.raises(UserError, match="rotate_p"):
+        AttnDreamBooth(components(), MethodConfig(init_word="cat", resolution=32, extra={"rotate_p": bad}))
 
 
 # --- 6. CatVersion prefix bias -----------------------------------------------------------------------------

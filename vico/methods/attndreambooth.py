@@ -7,7 +7,7 @@ Prompt "a photo of a [V] [category]" (every prompt names the concept "[V]
 whole UNet, lr 2e-6, 500 steps ("fast" preset: lr 1e-5, 200 steps, and batch 4
 in every stage). Training images are augmented per sample as the official
 dataset does (``vico.data.attndreambooth_augment``: rotation up to 45 degrees
-with an expanded canvas, p 0.75; resize; horizontal flip p 0.25; random crop),
+with an expanded canvas, p 0.75, option ``rotate_p``; resize; horizontal flip p 0.25; random crop),
 drawn from the training generator, then encoded by the VAE (a posterior sample)
 at every step. The regulariser
 uses per-head maps of [V] and [category] from every attn2 layer, extracted by
@@ -36,6 +36,7 @@ STAGES = {  # name: (lr, steps, batch size, (lambda_mu, lambda_sigma))
 }
 FAST_UNET = (1e-5, 200, 4, (2.0, 5.0))
 FAST_BATCH = 4  # the fast preset's batch size, every stage
+ROTATE_P = 0.75  # the official dataset's RandomApply([RandomRotation(45, expand=True)], p=0.75)
 
 
 def mean_variance_regulariser(maps: dict[str, torch.Tensor], lam_mu: float, lam_sigma: float) -> torch.Tensor:
@@ -67,6 +68,9 @@ class AttnDreamBooth(Method):
         fused.attach(components.unet)
         self.layers = fused.cross_attention_layers(components.unet)
         self.fast = bool(config.extra.get("fast", False))
+        self.rotate_p = config.extra.get("rotate_p", ROTATE_P)
+        if not isinstance(self.rotate_p, (int, float)) or not 0 <= self.rotate_p <= 1:
+            raise UserError(f"rotate_p {self.rotate_p!r}: the rotation probability must be a number in [0, 1]")
         self.stage = 0
         self._decoded = None  # (key, images) when the training images were decoded from latents
 
@@ -134,7 +138,8 @@ class AttnDreamBooth(Method):
         images = self._source_images(latent_mean)
         size = latent_mean.shape[-1] * self.components.vae_scale
         idx = torch.randint(0, images.shape[0], (batch_size,), generator=generator)
-        pixels = torch.stack([attndreambooth_augment(images[i], generator, size) for i in idx.tolist()])
+        pixels = torch.stack([attndreambooth_augment(images[i], generator, size, rotate_p=self.rotate_p)
+                              for i in idx.tolist()])
         mine = slice(None) if rows is None else rows
         with torch.no_grad():
             posterior = vae.encode(pixels[mine].to(next(vae.parameters()).device, vae.dtype)).latent_dist
