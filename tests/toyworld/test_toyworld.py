@@ -254,6 +254,29 @@ def test_long_setting_doubles_each_methods_default():
     assert benchmark.method_steps("attndreambooth", "long") * 3 == 2 * get_method("attndreambooth").default_steps
 
 
+def test_toy_recipes_cover_every_benchmark_method():
+    from tests import builders as tiny
+    from vico.methods import get_method
+    from vico.methods.base import MethodConfig
+    from vico.model import Components
+    from vico.toyworld import benchmark, demo
+    from vico.training import TrainConfig, check_learning_rates
+
+    assert set(demo.TOY_RECIPES) == set(demo.TOY_STEPS) == set(benchmark.METHODS)
+    for method in benchmark.METHODS:
+        toy = benchmark.SETTINGS["toy"](method)
+        assert toy["steps"] == demo.TOY_STEPS[method] and toy["batch_size"] == 4 and toy["scale_lr"] is False
+        check_learning_rates(get_method(method), toy["learning_rates"])  # every rate names a group of the method
+        assert TrainConfig(model="m", images="i", out="o", method=method, **toy).learning_rates == toy["learning_rates"]
+    # AttnDreamBooth's three stages get the toy rates and lose the rotation; the official recipe keeps both
+    adb = benchmark.SETTINGS["toy"]("attndreambooth")
+    comps = Components(path="<tiny>", **tiny.make_tiny_components(0))
+    method = get_method("attndreambooth")(comps, MethodConfig(init_word="cat", resolution=32, extra=adb["extra"],
+                                                              learning_rates=adb["learning_rates"]))
+    assert [g["lr"] for s in range(3) for g in method.param_groups(stage=s)] == [1e-3, 1e-4, 2e-4]
+    assert method.rotate_p == 0.0 and benchmark.SETTINGS["default"]("attndreambooth") == {}
+
+
 def test_ablation_settings_for_lr_and_block_placement():
     from pathlib import Path
 

@@ -7,10 +7,10 @@ Identity = the concept's shape, colour and texture read back; text alignment =
 the prompt's background read back; for ViCo also the IoU of its reference-branch
 Otsu object mask with the true mask. Settings (``SETTINGS``): each method's
 official defaults, a longer run (``LONG_FACTOR`` times the steps), the toy
-world's recipe (``demo.TOY_RECIPES``: the demo's batch, steps and learning
-rates, for the methods that have one) and ViCo ablations of that recipe
+world's recipe (``demo.TOY_RECIPES``: batch, steps, learning rates and method
+options, one per method; docs/methods.md §8) and ViCo ablations of that recipe
 (official image lr, 10x the toy image lr, image blocks in every second decoder layer as the method
-places them, embedding frozen, no regulariser; 1/4 and 4x the steps for both methods). Results are appended to
+places them, embedding frozen, no regulariser; 1/4 and 4x the steps for every method). Results are appended to
 ``OUT/benchmark.json`` after every row, and finished rows are not recomputed on
 a rerun (the command resumes).
 """
