@@ -273,7 +273,7 @@ def test_toy_recipes_cover_every_benchmark_method():
     comps = Components(path="<tiny>", **tiny.make_tiny_components(0))
     method = get_method("attndreambooth")(comps, MethodConfig(init_word="cat", resolution=32, extra=adb["extra"],
                                                               learning_rates=adb["learning_rates"]))
-    assert [g["lr"] for s in range(3) for g in method.param_groups(stage=s)] == [1e-3, 1e-4, 2e-4]
+    assert [g["lr"] for s in range(3) for g in method.param_groups(stage=s)] == [1e-3, 1e-4, 1e-4]
     assert method.rotate_p == 0.0 and benchmark.SETTINGS["default"]("attndreambooth") == {}
 
 
