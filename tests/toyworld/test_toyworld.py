@@ -412,13 +412,3 @@ def test_free_texture_fraction_is_checked_before_training(tmp_path, capsys):
         assert "--free-texture-fraction must be in" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
-
-def test_stage_probe_measures_relative_change_per_parameter_group():
-    from benchmarks import toy_stage_probe as probe
-
-    before = {"embedding": torch.tensor([[3.0, 4.0]]), "unet.up.attn2.to_k.weight": torch.ones(2, 2),
-              "unet.conv.weight": torch.ones(4)}
-    after = {"embedding": torch.tensor([[3.0, 9.0]]), "unet.up.attn2.to_k.weight": torch.ones(2, 2),
-             "unet.conv.weight": torch.full((4,), 1.5)}
-    assert probe.relative_change(before, after) == {"embedding": 1.0, "unet attn2": 0.0, "unet other": 0.5}
-    assert probe.group_of("encoder.layers.1.self_attn.prefix_value") == "prefix_value"
