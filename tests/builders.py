@@ -220,3 +220,15 @@ def tiny_unet(cross_dim: int = 32, seed: int = 0):
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=cross_dim,
         attention_head_dim=8, norm_num_groups=8,
     ).eval()
+
+
+def vico(*argv) -> int:
+    """``vico ARGV...`` in this process (arguments as strings); returns the exit code."""
+    from vico import cli
+
+    return cli.main([str(a) for a in argv])
+
+
+def vico_train(model, images, out, *extra) -> int:
+    """``vico train`` with the init word "cat", quietly; ``extra`` adds or overrides options."""
+    return vico("train", "--model", model, "--images", images, "--out", out, "--init-word", "cat", "--quiet", *extra)

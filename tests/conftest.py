@@ -1,5 +1,6 @@
 import importlib.util
 import os
+import signal
 import tempfile
 
 import torch
@@ -100,3 +101,12 @@ def images_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("images")
     tiny.write_toy_images(folder, n=3)
     return folder
+
+
+@pytest.fixture(autouse=True)
+def _restore_signal_handlers():
+    """`vico train` installs SIGINT/SIGTERM handlers in the process that runs it; put pytest's back."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)

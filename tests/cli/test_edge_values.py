@@ -12,20 +12,12 @@ pytest.importorskip("accelerate")
 
 from PIL import Image  # noqa: E402
 
-from vico import cli  # noqa: E402
+from tests.builders import vico as run, vico_train  # noqa: E402
 from vico.model import UserError  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _restore_signal_handlers():
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    for s, handler in saved.items():
-        signal.signal(s, handler)
 
 
-def run(*argv):
-    return cli.main([str(a) for a in argv])
 
 
 def error_line(capsys) -> str:
@@ -35,8 +27,7 @@ def error_line(capsys) -> str:
 
 
 def train(model_dir, images_dir, out, *extra):
-    return run("train", "--model", model_dir, "--images", images_dir, "--out", out, "--init-word", "cat", "--quiet",
-               "--steps", 1, *extra)
+    return vico_train(model_dir, images_dir, out, "--steps", 1, *extra)
 
 
 @pytest.fixture(scope="module")

@@ -20,24 +20,14 @@ from safetensors.torch import load_file  # noqa: E402
 
 from tests import builders as tiny  # noqa: E402
 from vico import cli  # noqa: E402
+from tests.builders import vico as run, vico_train as train  # noqa: E402
 from vico.data import load_image  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _restore_signal_handlers():
-    """`vico train` installs SIGINT/SIGTERM handlers in this process; put pytest's back."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    for s, handler in saved.items():
-        signal.signal(s, handler)
 
 
-def run(*argv):
-    return cli.main([str(a) for a in argv])
 
 
-def train(model, images, out, *extra):
-    return run("train", "--model", model, "--images", images, "--out", out, "--init-word", "cat", "--quiet", *extra)
 
 
 def sample(concept, out, *extra, prompt="a photo of S*"):
@@ -430,7 +420,6 @@ def test_demo_help_describes_what_it_runs(capsys):
 
 
 def test_eval_with_a_garbage_concept_json_is_one_line(tmp_path, capsys):
-    from vico import cli
 
     concept = tmp_path / "concept"
     concept.mkdir()

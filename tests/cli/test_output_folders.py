@@ -14,21 +14,13 @@ import pytest
 pytest.importorskip("diffusers")
 pytest.importorskip("accelerate")
 
-from vico import cli  # noqa: E402
+from tests.builders import vico as run  # noqa: E402
 from vico.files import LOCK_FILE, WRITTEN_FILE, output_folder  # noqa: E402
 from vico.model import UserError  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _restore_signal_handlers():
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    for s, handler in saved.items():
-        signal.signal(s, handler)
 
 
-def run(*argv):
-    return cli.main([str(a) for a in argv])
 
 
 def error_line(capsys) -> str:

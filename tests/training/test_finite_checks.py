@@ -11,25 +11,16 @@ pytest.importorskip("accelerate")
 
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from vico import cli  # noqa: E402
+from tests.builders import vico as run, vico_train  # noqa: E402
 from vico.model import UserError  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _restore_signal_handlers():
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    for s, handler in saved.items():
-        signal.signal(s, handler)
 
 
-def run(*argv):
-    return cli.main([str(a) for a in argv])
 
 
 def train(model_dir, images_dir, out, *extra):
-    return run("train", "--model", model_dir, "--images", images_dir, "--out", out, "--init-word", "cat",
-               "--method", "textual-inversion", "--quiet", *extra)
+    return vico_train(model_dir, images_dir, out, "--method", "textual-inversion", *extra)
 
 
 @pytest.fixture(scope="module")
