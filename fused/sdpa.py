@@ -197,11 +197,10 @@ def _scores_bound(q: Tensor, k: Tensor, key_mask: Optional[Tensor], scale: float
     return abs(scale) * float(q_norm * k_norms.amax())
 
 
-def maps_route_is_exact_enough(q: Tensor, k: Tensor, key_mask: Optional[Tensor], scale: float) -> bool:
-    """True when the recomputed scores stay within ``ROUNDING_BUDGET`` of the kernel's (one host sync on CUDA)."""
-    eps = torch.finfo(accumulation_dtype(q.dtype)).eps
-    bound = _scores_bound(q, k, key_mask, scale)
-    return math.isfinite(bound) and 2 * eps * bound <= ROUNDING_BUDGET[q.dtype]
+def within_rounding_budget(bound: float, dtype: torch.dtype) -> bool:
+    """True when scores bounded by ``bound`` recompute within ``ROUNDING_BUDGET`` of the kernel's."""
+    eps = torch.finfo(accumulation_dtype(dtype)).eps
+    return math.isfinite(bound) and 2 * eps * bound <= ROUNDING_BUDGET[dtype]
 
 
 class SdpaBackend:
@@ -209,12 +208,13 @@ class SdpaBackend:
 
     @staticmethod
     def attention(q, k, v, token_index, key_mask, scale: float, head_reduce: str):
-        if token_index is not None and not torch.compiler.is_compiling() \
-                and not maps_route_is_exact_enough(q, k, key_mask, scale):
+        # The bound is one host sync on CUDA; a graph being traced takes the fast route.
+        bound = 0.0 if token_index is None or torch.compiler.is_compiling() else _scores_bound(q, k, key_mask, scale)
+        if not within_rounding_budget(bound, q.dtype):
             from . import _dispatch
 
             name = _dispatch.resolve("attention", q.device.type, q.dtype, None, exclude=("sdpa",))
-            _warn_once(f"fused: scores up to {_scores_bound(q, k, key_mask, scale):.3g} are too large for the sdpa "
+            _warn_once(f"fused: scores up to {bound:.3g} are too large for the sdpa "
                        f"backend's maps to keep their rounding budget; the {name} backend computes this call")
             return _dispatch.implementation(name).attention(q, k, v, token_index, key_mask, scale, head_reduce)
         needs_graph = torch.compiler.is_compiling() or (
