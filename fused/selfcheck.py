@@ -175,18 +175,25 @@ def _first_line(exc: BaseException) -> str:
 def run_case(backend: str, op: str, device_type: str, dtype: torch.dtype, head_dim: int) -> str:
     """Run the first-use case; "" when every output is within tolerance, else the failure in one line."""
     device = "cuda" if device_type == "cuda" else "cpu"
+    # The first use may come inside the caller's no_grad, inference_mode or autocast (sampling does): the
+    # case needs gradients and its own dtypes, so those modes are switched off for it alone.
     try:
-        fns = implementation(backend)
-        if op == "otsu_mask":
-            return _otsu_case(fns, device, dtype)
-        for grid in _forward_grids(backend):
-            with _forced_grid(grid):
-                error = _attention_case_errors(fns, device, dtype, head_dim)
-            if error:
-                return error + (f" ({grid} grid)" if grid else "")
-        return ""
+        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device, enabled=False):
+            return _run_case(backend, op, device, dtype, head_dim)
     except Exception as exc:  # a build, compile or launch failure is a verdict too
         return _first_line(exc)
+
+
+def _run_case(backend: str, op: str, device: str, dtype: torch.dtype, head_dim: int) -> str:
+    fns = implementation(backend)
+    if op == "otsu_mask":
+        return _otsu_case(fns, device, dtype)
+    for grid in _forward_grids(backend):
+        with _forced_grid(grid):
+            error = _attention_case_errors(fns, device, dtype, head_dim)
+        if error:
+            return error + (f" ({grid} grid)" if grid else "")
+    return ""
 
 
 def _forward_grids(backend: str) -> tuple[str | None, ...]:

@@ -126,3 +126,21 @@ def test_every_backend_here_passes_its_first_use_case(cpu_backend):
     assert selfcheck.run_case(cpu_backend, "attention", "cpu", torch.float64, 40) == ""
     if cpu_backend != "sdpa":
         assert selfcheck.run_case(cpu_backend, "otsu_mask", "cpu", torch.float32, None) == ""
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "autocast"])
+def test_a_first_use_inside_no_grad_inference_or_autocast_checks_the_kernel_as_outside(fresh_verdicts, mode,
+                                                                                        cpp_backend):
+    # sampling calls the op first inside no_grad / inference_mode; the case needs gradients and float32
+    context = {"no_grad": torch.no_grad(), "inference_mode": torch.inference_mode(),
+               "autocast": torch.autocast("cpu", dtype=torch.bfloat16)}[mode]
+    q, k, v, idx = _inputs()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with context:
+            assert selfcheck.verdict("cpp", "attention", "cpu", torch.float32, 24) == ""
+            out, maps = fused.cross_attention_with_maps(q, k, v, idx)
+    want_out, want_maps = reference.attention_with_maps(q.double(), k.double(), v.double(), idx, 24 ** -0.5, "mean")
+    if mode != "autocast":
+        torch.testing.assert_close(out.double(), want_out, rtol=0, atol=1e-5)
+    assert [json.loads(p.read_text())["error"] for p in fresh_verdicts.glob("*.json")] == [""]
