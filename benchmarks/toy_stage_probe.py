@@ -48,18 +48,19 @@ def relative_change(before: dict[str, torch.Tensor], after: dict[str, torch.Tens
     return {g: math.sqrt(num[g]) / max(math.sqrt(den[g]), 1e-30) for g in sorted(den)}
 
 
-def initial_state(model: Path, method: str, concept, lrs: dict, extra: dict) -> dict[str, torch.Tensor]:
+def initial_state(model: Path, method: str, concept, lrs: dict, options: dict) -> dict[str, torch.Tensor]:
     """The method's trainable tensors before step 0 (built as ``vico.training.train`` builds them)."""
     from accelerate.utils import set_seed
 
     from vico.methods import get_method
-    from vico.methods.base import MethodConfig
+    from vico.methods.base import MethodConfig, method_options
     from vico.model import load_components
 
     comps = load_components(str(model))
     set_seed(0)
-    m = get_method(method)(comps, MethodConfig(init_word=concept.shape, resolution=comps.native_resolution,
-                                               extra=dict(extra), learning_rates=dict(lrs)))
+    cls = get_method(method)
+    m = cls(comps, MethodConfig(init_word=concept.shape, resolution=comps.native_resolution,
+                                options=method_options(cls, options), learning_rates=dict(lrs)))
     return {k: v.detach().clone() for k, v in m.state_dict().items()}
 
 
@@ -101,13 +102,14 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--scale-lr", choices=("yes", "no"))
     p.add_argument("--lr", action="append", default=[], metavar="NAME=VALUE")
-    p.add_argument("--extra", action="append", default=[], metavar="KEY=JSON", help="method option, e.g. rotate_p=0")
+    p.add_argument("--option", action="append", default=[], metavar="FIELD=JSON",
+                   help="method option by field name, e.g. rotate_p=0 (repeatable)")
     p.add_argument("--every", type=int, help="checkpoint spacing for single-stage methods (default: steps / 4)")
     p.add_argument("--guidance", type=float, default=5.0)
     o = p.parse_args(argv)
     concept = CONCEPTS[o.concept]
     lrs = {k: float(v) for k, v in (s.split("=", 1) for s in o.lr)}
-    extra = {k: json.loads(v) for k, v in (s.split("=", 1) for s in o.extra)}
+    options = {k: json.loads(v) for k, v in (s.split("=", 1) for s in o.option)}
     cls = get_method(o.method)
     images = o.out / "images"
     write_concept_images(images, concept_scenes(concept))
@@ -117,13 +119,13 @@ def main(argv=None) -> int:
     every = math.gcd(*ends) if len(ends) > 1 else (o.every or max(ends[0] // 4, 1))
     run = o.out / "run"
     train(TrainConfig(model=str(o.model), images=str(images), out=str(run), method=o.method, init_word=concept.shape,
-                      steps=o.steps, batch_size=o.batch_size, learning_rates=lrs, extra=extra, checkpoint_every=every,
+                      steps=o.steps, batch_size=o.batch_size, learning_rates=lrs, options=options, checkpoint_every=every,
                       checkpoints_total_limit=0, progress=False, resume=True,
                       scale_lr=None if o.scale_lr is None else o.scale_lr == "yes"))
     from vico.methods.base import read_concept
 
     marks = ends if len(ends) > 1 else list(range(every, ends[0] + 1, every))
-    before, report = initial_state(o.model, o.method, concept, lrs, extra), []
+    before, report = initial_state(o.model, o.method, concept, lrs, options), []
     for step in marks:
         ckpt = run / CHECKPOINTS / f"step-{step:06d}"
         _, after = read_concept(ckpt)
@@ -133,7 +135,7 @@ def main(argv=None) -> int:
         print(json.dumps(entry), flush=True)
         before = after
     (o.out / "probe.json").write_text(json.dumps(dict(concept=concept.name, method=o.method, steps=stage_steps,
-                                                      lrs=lrs, extra=extra, batch_size=o.batch_size, report=report), indent=1))
+                                                      lrs=lrs, options=options, batch_size=o.batch_size, report=report), indent=1))
     return 0
 
 

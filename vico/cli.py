@@ -10,6 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .methods import available_methods
 from .model import UserError
 
 
@@ -37,15 +38,15 @@ def _learning_rate(text: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
 
 
-def _train_parser(sub) -> None:
+def _train_parser(sub, argv: list[str]) -> None:
     p = sub.add_parser("train", help="learn a concept from a few images",
                        description="Learn a new concept (a placeholder token, plus image attention for ViCo) "
                        "from 3-10 photos of one object, with a frozen Stable Diffusion model.")
     p.add_argument("--model", required=True, help="local diffusers Stable Diffusion folder (SD 1.x/2.x)")
     p.add_argument("--images", required=True, help="folder with the training images")
     p.add_argument("--out", required=True, help="output folder for the concept and checkpoints")
-    p.add_argument("--method", default="vico",
-                   help="vico (default), textual-inversion, attndreambooth or catversion")
+    p.add_argument("--method", default="vico", choices=list(available_methods()),
+                   help="the method (default vico); `vico train --method M --help` lists M's own options")
     p.add_argument("--token", default="S*", help="placeholder token to learn (default S*)")
     p.add_argument("--init-word", default="object",
                    help="the class word: initialises the token embedding (ViCo, TI), is the [category] of "
@@ -66,17 +67,60 @@ def _train_parser(sub) -> None:
                    help="continue from the latest checkpoint in --out (`--resume` or `--resume latest`), or "
                    "from one of them (`--resume step-000200`; newer ones are moved to checkpoints/superseded/)")
     p.add_argument("--resume-with-changes", action="store_true",
-                   help="resume although --images, --resolution, --token, --method, --layers or --model differ "
-                   "from the run's train_config.json (refused otherwise)")
+                   help="resume although --images, --resolution, --token, --method, --model or a method option "
+                   "differ from the run's train_config.json (refused otherwise)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resolution", type=int, help="training image size (default: the model's native size)")
     p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"], help="GPU mixed precision")
     p.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
-    p.add_argument("--layers", nargs="+", help="ViCo: spatial transformers that get image attention "
-                   "(default: every second decoder transformer)")
-    p.add_argument("--fast", action="store_true",
-                   help="AttnDreamBooth's fast preset (stage 3: lr 1e-5, 200 steps)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _method_option_flags(p, _method_in(argv))
+
+
+def _method_in(argv: list[str]) -> str | None:
+    """The ``--method`` named on the command line, if any (``--help`` then shows only its options)."""
+    for i, arg in enumerate(argv):
+        if arg == "--method" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--method="):
+            return arg.partition("=")[2]
+    return None
+
+
+OPTION_DEST = "option:"  # argparse dest prefix of the flags made from ``Method.Options`` fields
+
+
+def _method_option_flags(p: argparse.ArgumentParser, shown: str | None) -> None:
+    """One flag per field of every method's ``Options`` (``--reg-weight`` from ``reg_weight``), in a group per
+    method; with ``--method M`` on the command line only M's group is in ``--help``. A flag given is stored
+    as ``option:<field>``; one that is not, not at all (``cmd_train`` checks it belongs to the method)."""
+    import typing
+    from dataclasses import MISSING, fields
+
+    from .methods.base import option_flag
+
+    for name, cls in available_methods().items():
+        hints = typing.get_type_hints(cls.Options)
+        specs = fields(cls.Options)
+        if not specs:
+            continue
+        hidden = shown is not None and shown != name
+        group = p.add_argument_group(f"--method {name} options")
+        for f in specs:
+            default = f.default if f.default is not MISSING else f.default_factory()
+            said = "" if default is None else f" (default {default})"  # a None default is said in the help
+            help_text = argparse.SUPPRESS if hidden else f"{f.metadata['help']}{said}"
+            metavar = f.metadata.get("metavar", f.name.upper())
+            kind = dict(action=argparse.BooleanOptionalAction) if hints[f.name] is bool else \
+                dict(nargs="+", metavar=metavar) if typing.get_origin(hints[f.name]) is not None \
+                else dict(type=_finite if hints[f.name] is float else int, metavar=metavar)
+            group.add_argument(option_flag(f.name), dest=OPTION_DEST + f.name, default=argparse.SUPPRESS,
+                               help=help_text, **kind)
+
+
+def _given_options(args) -> dict:
+    """The method options given on the command line, by field name."""
+    return {key[len(OPTION_DEST):]: value for key, value in vars(args).items() if key.startswith(OPTION_DEST)}
 
 
 def _sample_parser(sub) -> None:
@@ -557,8 +601,8 @@ def cmd_train(args) -> int:
         init_word=args.init_word, steps=args.steps, batch_size=args.batch_size, scale_lr=args.scale_lr,
         checkpoint_every=args.checkpoint_every, checkpoints_total_limit=args.checkpoints_total_limit, seed=args.seed, resolution=args.resolution,
         mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
-        resume=args.resume, resume_with_changes=args.resume_with_changes, layers=args.layers, progress=not args.quiet, learning_rates=dict(args.lr),
-        extra={"fast": True} if getattr(args, "fast", False) else {},
+        resume=args.resume, resume_with_changes=args.resume_with_changes, progress=not args.quiet,
+        learning_rates=dict(args.lr), options=_given_options(args),
     )
     out = train(cfg)
     print(f"vico: concept saved to {out}")
@@ -637,7 +681,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vico", description="Attention-map-driven personalization of "
                                      "Stable Diffusion (ViCo) on fused attention kernels.")
     sub = parser.add_subparsers(dest="command", required=True)
-    _train_parser(sub)
+    argv = sys.argv[1:] if argv is None else argv
+    _train_parser(sub, argv)
     _sample_parser(sub)
     _demo_parser(sub)
     _bench_parser(sub)

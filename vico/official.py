@@ -95,7 +95,7 @@ def import_vico(model: str | Path, embeddings: str | Path, cross_attention: str 
     """Write a ViCo concept folder in ``out`` from the official code's two files, on base model ``model``."""
     from .image_attention import decoder_transformers
     from .methods.base import MethodConfig
-    from .methods.vico import ViCo
+    from .methods.vico import ViCo, ViCoOptions
     from .model import check_output_folder, load_components
 
     check_output_folder(out)
@@ -110,7 +110,7 @@ def import_vico(model: str | Path, embeddings: str | Path, cross_attention: str 
         raise UserError(f"{embeddings}: the learned vector has {vec.shape[1]} dims, this text encoder {dim} "
                         "(a different base model?)")
     method = ViCo(comps, MethodConfig(placeholder=placeholder, init_word=init_word, resolution=comps.native_resolution,
-                                      extra={"layers": list(blocks)}))
+                                      options=ViCoOptions(layers=list(blocks))))
     with torch.no_grad():
         method.embedding.learned.copy_(vec.to(method.embedding.learned))
     for layer, tensors in blocks.items():
@@ -169,7 +169,7 @@ def import_catversion(model: str | Path, adapter: str | Path, out: str | Path, i
     """Write a CatVersion concept folder in ``out`` from the official ``adapter_gs-<step>`` folder (or its
     ``pytorch_adapter.bin``), on base model ``model``; ``init_word`` is the class word prompts use."""
     from .methods.base import MethodConfig
-    from .methods.catversion import CatVersion, _clip_attention_layers
+    from .methods.catversion import CatVersion, CatVersionOptions, _clip_attention_layers
     from .model import check_output_folder, load_components
 
     check_output_folder(out)
@@ -187,7 +187,7 @@ def import_catversion(model: str | Path, adapter: str | Path, out: str | Path, i
     indices = sorted(prefix)
     layers = [names[i] for i in indices]
     method = CatVersion(comps, MethodConfig(init_word=init_word, resolution=comps.native_resolution,
-                                            extra={"catversion_layers": layers}))
+                                            options=CatVersionOptions(prefix_layers=layers)))
     state = {}
     for i, name in zip(indices, layers):
         state[f"{name}.prefix_key"], state[f"{name}.prefix_value"] = prefix[i]

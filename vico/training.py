@@ -30,8 +30,8 @@ import torch
 from .data import list_images, load_images
 from .files import atomic_folder, atomic_write, describe_error, load_tensors_only, write_errors
 from .methods import get_method
-from .methods.base import Method, MethodConfig, Stage
-from .model import (Components, UnreadableFile, UserError, check_image_size, check_layers, check_output_folder,
+from .methods.base import Method, MethodConfig, MethodOptions, Stage, method_options, option_flag
+from .model import (Components, UnreadableFile, UserError, check_image_size, check_output_folder,
                     check_placeholder, check_seed, first_nonfinite, load_components, native_size,
                     require_at_least_one, warn)
 
@@ -114,10 +114,11 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     resume: bool | str = False  # True or "latest": the newest checkpoint; or a checkpoint folder name/path
     resume_with_changes: bool = False  # resume although RESUME_FIXED arguments differ from the saved run's
-    layers: list[str] | None = None
     learning_rates: dict[str, float] = field(default_factory=dict)  # base lr by group name (--lr NAME=VALUE)
+    # the method's own options (``Method.Options``, e.g. ViCo's layers and reg_weight), as an options object
+    # or a dict by field name; the run records them whole (defaults filled in) in train_config.json
+    options: MethodOptions | dict = field(default_factory=dict)
     progress: bool = True
-    extra: dict = field(default_factory=dict)
 
 
 def _checkpoint_dirs(out: Path) -> list[Path]:
@@ -269,7 +270,7 @@ def check_learning_rates(method_cls, learning_rates: dict[str, float]) -> None:
             raise UserError(f"--lr {name}={value}: a learning rate must be a positive finite number")
 
 
-def check_inputs(cfg: TrainConfig, method_cls) -> None:
+def check_inputs(cfg: TrainConfig, method_cls, options: MethodOptions) -> None:
     """One line for a bad token, seed, image folder, resolution or layer name, from the configs alone."""
     check_placeholder(cfg.placeholder)
     check_seed(cfg.seed)
@@ -278,16 +279,12 @@ def check_inputs(cfg: TrainConfig, method_cls) -> None:
         raise UserError(f"--model {cfg.model} is not a directory (expected a diffusers Stable Diffusion folder)")
     if cfg.resolution is not None:
         check_image_size(cfg.resolution, cfg.model, "--resolution")
-    if cfg.layers:
-        if not method_cls.image_layers:
-            raise UserError(f"--layers applies to --method vico only (image attention layers); {method_cls.name} "
-                            "has none")
-        check_layers(cfg.layers, cfg.model)
+    method_cls.check_options_for_model(options, Path(cfg.model))
 
 
 # What a resumed run must share with the run that wrote the checkpoints: they decide what is trained.
 RESUME_FIXED = {"images": "--images", "resolution": "--resolution", "placeholder": "--token", "method": "--method",
-                "layers": "--layers", "model": "--model"}
+                "model": "--model"}  # and every method option (``option_flag``)
 
 
 def check_resume_config(cfg: TrainConfig, out: Path) -> None:
@@ -308,6 +305,10 @@ def check_resume_config(cfg: TrainConfig, out: Path) -> None:
                         "--resume-with-changes to resume anyway") from None
     changed = [(opt, saved.get(key), getattr(cfg, key)) for key, opt in RESUME_FIXED.items()
                if saved.get(key) != getattr(cfg, key)]
+    if saved.get("method") == cfg.method:
+        before = saved.get("options") if isinstance(saved.get("options"), dict) else {}
+        changed += [(option_flag(key), before.get(key), value) for key, value in cfg.options.items()
+                    if before.get(key) != value]
     if changed and not cfg.resume_with_changes:
         opt, before, now = changed[0]
         raise UserError(f"--resume: {opt} is {now!r}, the run in {out} was trained with {before!r} (recorded in "
@@ -394,8 +395,10 @@ def _checked_config(cfg: TrainConfig, is_main: bool) -> tuple[TrainConfig, type[
     candidates = resume_candidates(out, cfg.resume, checkpoints) if cfg.resume else []
     method_cls = get_method(cfg.method)
     check_learning_rates(method_cls, cfg.learning_rates)
-    check_inputs(cfg, method_cls)  # against the model's configs, before it loads
-    cfg = replace(cfg, resolution=cfg.resolution or native_size(cfg.model))  # what --resume compares
+    options = method_options(method_cls, cfg.options)
+    check_inputs(cfg, method_cls, options)  # against the model's configs, before it loads
+    # what --resume compares: the resolution and every option, defaults filled in
+    cfg = replace(cfg, resolution=cfg.resolution or native_size(cfg.model), options=asdict(options))
     if candidates:
         check_resume_config(cfg, out)
     return cfg, method_cls, candidates
@@ -407,9 +410,9 @@ def _built_method(cfg: TrainConfig, method_cls: type[Method], device: torch.devi
     from accelerate.utils import set_seed
 
     comps = load_components(cfg.model, device=device)
-    extra = dict(cfg.extra, **({"layers": cfg.layers} if cfg.layers else {}))
     mcfg = MethodConfig(placeholder=cfg.placeholder, init_word=cfg.init_word, resolution=cfg.resolution,
-                        seed=cfg.seed, extra=extra, learning_rates=dict(cfg.learning_rates))
+                        seed=cfg.seed, options=method_options(method_cls, cfg.options),
+                        learning_rates=dict(cfg.learning_rates))
     images = load_images(cfg.images, cfg.resolution)
     set_seed(cfg.seed)  # the new modules' initial weights
     method = method_cls(comps, mcfg)

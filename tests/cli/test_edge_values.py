@@ -51,7 +51,13 @@ def concept(model_dir, images_dir, tmp_path_factory):
     (("--resolution", 33), "--resolution 33: "),  # not a multiple of the tiny VAE's factor 2
     (("--layers", "up_blocks.9.attentions.0"), "--layers up_blocks.9.attentions.0: no spatial transformer of that "
                                               "name"),
-    (("--layers", "up_blocks.1.attentions.0", "--method", "textual-inversion"), "--layers applies to --method vico"),
+    (("--layers", "up_blocks.1.attentions.0", "--method", "textual-inversion"),
+     "--layers is not an option of --method textual-inversion (its options: none)"),
+    (("--fast",), "--fast is not an option of --method vico (its options: --layers, --reg-weight)"),
+    (("--reg-weight", -1), "--reg-weight -1.0: a weight must be 0 or more"),
+    (("--method", "attndreambooth", "--rotate-p", 2), "--rotate-p 2.0: a probability must be in [0, 1]"),
+    (("--method", "catversion", "--prefix-layers", "text_model.encoder.layers.99.self_attn"),
+     "--prefix-layers text_model.encoder.layers.99.self_attn: no attention module of that name in the text encoder"),
 ])
 def test_train_edges_are_one_line_before_loading(model_dir, images_dir, tmp_path, capsys, monkeypatch, extra,
                                                  message):

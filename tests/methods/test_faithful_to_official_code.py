@@ -15,7 +15,7 @@ pytest.importorskip("diffusers")
 from tests import builders as tiny  # noqa: E402
 from vico import cli  # noqa: E402
 from vico.data import IMAGENET_TEMPLATES_SMALL, VICO_TEMPLATES, attndreambooth_augment  # noqa: E402
-from vico.methods.attndreambooth import AttnDreamBooth  # noqa: E402
+from vico.methods.attndreambooth import AttnDreamBooth, AttnDreamBoothOptions  # noqa: E402
 from vico.methods import get_method  # noqa: E402
 from vico.methods.base import Method, MethodConfig  # noqa: E402
 from vico.methods.catversion import CatVersion, PrefixKVAttention, install_prefix_kv, prefixes_off  # noqa: E402
@@ -129,7 +129,7 @@ def test_eval_prompts_name_the_concept_as_the_method_does(name, sampled, scored,
     concept.mkdir()
     (concept / "concept.json").write_text(json.dumps(
         {"method": name, "config": {"placeholder": "S*", "init_word": "cat", "resolution": 32, "seed": 0,
-                                    "extra": {}}, "base_model": "unused"}))
+                                    "options": {}}, "base_model": "unused"}))
     seen = []
 
     def fake_sample(concept, prompt, out, guidance=None, **kwargs):  # what eval samples; a stand-in image
@@ -203,7 +203,8 @@ def test_eval_report_names_the_generated_masks(tmp_path):
 def test_attndreambooth_batch_8_in_every_stage_4_with_fast():
     c = components()
     assert [s.batch_size for s in AttnDreamBooth(c, MethodConfig(init_word="cat")).stages()] == [8, 8, 8]
-    fast = AttnDreamBooth(components(), MethodConfig(placeholder="V*", init_word="cat", extra={"fast": True}))
+    fast = AttnDreamBooth(components(), MethodConfig(placeholder="V*", init_word="cat",
+                                                     options=AttnDreamBoothOptions(fast=True)))
     assert [(s.steps, s.batch_size) for s in fast.stages()] == [(60, 4), (100, 4), (200, 4)]
     assert AttnDreamBooth.default_batch_size == 8
 
@@ -283,8 +284,8 @@ def test_attndreambooth_random_crop_of_non_square_images():
 @pytest.mark.parametrize("rotate_p", [None, 0.0])  # None: the official 0.75; 0.0: the toy recipe's option
 def test_attndreambooth_batches_are_augmented_per_sample_and_encoded(rotate_p):
     c = components()
-    extra = {} if rotate_p is None else {"rotate_p": rotate_p}
-    method = AttnDreamBooth(c, MethodConfig(init_word="cat", resolution=32, extra=extra))
+    options = AttnDreamBoothOptions() if rotate_p is None else AttnDreamBoothOptions(rotate_p=rotate_p)
+    method = AttnDreamBooth(c, MethodConfig(init_word="cat", resolution=32, options=options))
     images = torch.stack([_test_image(), _test_image().flip(1), _test_image().roll(5, -1)])
     method.training_images = images
     mean = torch.randn(3, 4, 16, 16)
@@ -314,8 +315,9 @@ def test_attndreambooth_batches_are_augmented_per_sample_and_encoded(rotate_p):
 
 @pytest.mark.parametrize("bad", [1.5, -0.1, "high"])
 def test_attndreambooth_rejects_a_rotation_probability_outside_0_1(bad):
-    with pytest.raises(UserError, match="rotate_p"):
-        AttnDreamBooth(components(), MethodConfig(init_word="cat", resolution=32, extra={"rotate_p": bad}))
+    with pytest.raises(UserError, match="--rotate-p"):
+        AttnDreamBooth(components(), MethodConfig(init_word="cat", resolution=32,
+                                                  options=AttnDreamBoothOptions(rotate_p=bad)))
 
 
 # --- 6. CatVersion prefix bias -----------------------------------------------------------------------------

@@ -8,7 +8,7 @@ pytest.importorskip("diffusers")
 
 import fused  # noqa: E402
 from tests import builders as tiny  # noqa: E402
-from vico.methods.attndreambooth import AttnDreamBooth, mean_variance_regulariser  # noqa: E402
+from vico.methods.attndreambooth import AttnDreamBooth, AttnDreamBoothOptions, mean_variance_regulariser  # noqa: E402
 from vico.methods import get_method  # noqa: E402
 from vico.methods.base import MethodConfig  # noqa: E402
 from vico.methods.catversion import PrefixKVAttention, install_prefix_kv, remove_prefix_kv  # noqa: E402
@@ -68,7 +68,8 @@ def test_attndreambooth_stages_train_what_they_should():
     method = AttnDreamBooth(c, MethodConfig(init_word="cat", resolution=32))
     assert [(s.name, s.steps, s.batch_size) for s in method.stages()] == [
         ("embedding", 60, 8), ("cross-attention", 100, 8), ("unet", 500, 8)]  # train_attndreambooth.sh
-    fast = AttnDreamBooth(components(), MethodConfig(placeholder="V*", init_word="cat", extra={"fast": True}))
+    fast = AttnDreamBooth(components(), MethodConfig(placeholder="V*", init_word="cat",
+                                                     options=AttnDreamBoothOptions(fast=True)))
     assert fast.stages()[2].steps == 200 and fast.param_groups(stage=2)[0]["lr"] == 1e-5
     assert [s.batch_size for s in fast.stages()] == [4, 4, 4]
     attn2 = {id(p) for n in method.layers for p in c.unet.get_submodule(n).parameters()}
@@ -192,7 +193,7 @@ def test_cli_fast_preset_reaches_the_method(model_dir, images_dir, tmp_path):  #
     assert cli.main(["train", "--model", str(model_dir), "--images", str(images_dir), "--out", str(out),
                      "--method", "attndreambooth", "--init-word", "cat", "--steps", "1", "--fast", "--quiet"]) == 0
     meta = json.loads((out / "concept.json").read_text())
-    assert meta["method"] == "attndreambooth" and meta["config"]["extra"]["fast"] is True
+    assert meta["method"] == "attndreambooth" and meta["config"]["options"]["fast"] is True
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000003"]  # 3 stages x 1 step
 
 

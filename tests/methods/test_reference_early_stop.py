@@ -13,7 +13,7 @@ import fused  # noqa: E402
 from tests import builders as tiny  # noqa: E402
 from vico.image_attention import ReferenceEarlyStop, inject_image_attention  # noqa: E402
 from vico.methods.base import MethodConfig  # noqa: E402
-from vico.methods.vico import ViCo  # noqa: E402
+from vico.methods.vico import ViCo, ViCoOptions  # noqa: E402
 from vico.model import Components  # noqa: E402
 
 from tests.builders import tiny_unet  # noqa: E402
@@ -47,7 +47,7 @@ def make_method(placement, dtype=torch.float64):
     c = Components(path="<tiny>", **comps)
     for m in (c.unet, c.text_encoder):
         m.requires_grad_(False).to(dtype)
-    method = ViCo(c, MethodConfig(init_word="cat", resolution=32, extra={"layers": layers} if layers else {}))
+    method = ViCo(c, MethodConfig(init_word="cat", resolution=32, options=ViCoOptions(layers=layers)))
     return c, method
 
 

@@ -94,7 +94,7 @@ def test_eot_is_first_eos_and_request_layout(model_dir):
     assert req.otsu and set(req.layers) == {"up_blocks.1.attentions.1.transformer_blocks.0.attn2"}
 
 
-@pytest.mark.parametrize("case", ["empty", "unreadable", "token", "no_unet", "bad_method"])
+@pytest.mark.parametrize("case", ["empty", "unreadable", "token", "no_unet"])
 def test_bad_input_exits_with_one_line(case, model_dir, images_dir, tmp_path, capsys):
     images, model, extra = images_dir, model_dir, []
     if case == "empty":
@@ -106,16 +106,14 @@ def test_bad_input_exits_with_one_line(case, model_dir, images_dir, tmp_path, ca
         (images / "x.png").write_bytes(b"not a png")
     elif case == "token":
         extra = ["--token", "cat"]
-    elif case == "no_unet":
+    else:
         model = tmp_path / "nomodel"
         model.mkdir()
-    else:
-        extra = ["--method", "dreambooth"]
     assert run(*train_args(model, images, tmp_path / "out", "--steps", 1, *extra)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("vico: error: ")
     assert {"empty": "has no images", "unreadable": "cannot read image", "token": "already in the vocabulary",
-            "no_unet": "no unet/ folder", "bad_method": "unknown method"}[case] in err[0]
+            "no_unet": "no unet/ folder"}[case] in err[0]
 
 
 def test_sample_rejects_a_folder_that_is_not_a_concept(tmp_path, capsys):

@@ -229,7 +229,7 @@ def test_personalization_benchmark_runs_every_method_and_resumes(barely_trained_
     assert [(r["method"], r["setting"]) for r in rows] == [(m, "default") for m in benchmark.METHODS[:1]] + [
         ("vico", "toy, no regulariser")] + [(m, "default") for m in benchmark.METHODS[1:]]  # ablation: ViCo only
     assert json.loads((out / "red-checkered-square" / "vico-toy-no-regulariser" / "concept.json").read_text())[
-        "config"]["extra"]["reg_weight"] == 0.0
+        "config"]["options"]["reg_weight"] == 0.0
     for r in rows:
         assert 0 <= r["identity_texture"] <= 1 and 0 <= r["text_background"] <= 1 and r["samples"] == 3
     assert "reference_mask_iou" in rows[0] and "| red checkered square | vico | default | 1 |" in benchmark.table(rows)
@@ -257,6 +257,7 @@ def test_long_setting_doubles_each_methods_default():
 def test_toy_recipes_cover_every_benchmark_method():
     from tests import builders as tiny
     from vico.methods import get_method
+    from vico.methods.attndreambooth import AttnDreamBoothOptions
     from vico.methods.base import MethodConfig
     from vico.model import Components
     from vico.toyworld import benchmark, demo
@@ -271,10 +272,10 @@ def test_toy_recipes_cover_every_benchmark_method():
     # AttnDreamBooth's three stages get the toy rates and lose the rotation; the official recipe keeps both
     adb = benchmark.SETTINGS["toy"]("attndreambooth")
     comps = Components(path="<tiny>", **tiny.make_tiny_components(0))
-    method = get_method("attndreambooth")(comps, MethodConfig(init_word="cat", resolution=32, extra=adb["extra"],
+    method = get_method("attndreambooth")(comps, MethodConfig(init_word="cat", resolution=32, options=AttnDreamBoothOptions(**adb["options"]),
                                                               learning_rates=adb["learning_rates"]))
     assert [g["lr"] for s in range(3) for g in method.param_groups(stage=s)] == [1e-3, 1e-4, 1e-4]
-    assert method.rotate_p == 0.0 and benchmark.SETTINGS["default"]("attndreambooth") == {}
+    assert method.options.rotate_p == 0.0 and benchmark.SETTINGS["default"]("attndreambooth") == {}
 
 
 def test_ablation_settings_for_lr_and_block_placement():
@@ -286,16 +287,17 @@ def test_ablation_settings_for_lr_and_block_placement():
     x10 = benchmark.SETTINGS["toy, image lr x10"]("vico")["learning_rates"]
     assert x10["image"] == 10 * demo.TOY_RECIPES["vico"]["learning_rates"]["image"] == 1e-2
     assert x10["embedding"] == demo.TOY_RECIPES["vico"]["learning_rates"]["embedding"]
-    assert demo.TOY_RECIPES["vico"]["layers"] == demo.EVERY_DECODER_LAYER  # the toy recipe: every one
-    assert benchmark.SETTINGS["toy"]("vico")["layers"] == demo.EVERY_DECODER_LAYER
+    assert demo.TOY_RECIPES["vico"]["options"]["layers"] == demo.EVERY_DECODER_LAYER  # the toy recipe: every one
+    assert benchmark.SETTINGS["toy"]("vico")["options"]["layers"] == demo.EVERY_DECODER_LAYER
     second = benchmark.SETTINGS["toy, blocks in every second decoder layer"]
-    assert second("textual-inversion") is None and second("vico")["layers"] is None  # None: the method's default
+    assert second("textual-inversion") is None and second("vico")["options"]["layers"] is None  # the default
     quarter = benchmark.SETTINGS["toy, 1/4 steps"]
     assert [quarter(m)["steps"] for m in ("vico", "textual-inversion")] == [
         demo.VICO_STEPS // 4, demo.TI_STEPS // 4]
     model = Path(__file__).resolve().parents[2] / "vico" / "toyworld" / "model"
     names = demo.decoder_layers(model)
-    assert demo.for_model({"layers": demo.EVERY_DECODER_LAYER}, model) == {"layers": names}
+    assert demo.for_model({"options": {"layers": demo.EVERY_DECODER_LAYER, "reg_weight": 0}}, model) == {
+        "options": {"layers": names, "reg_weight": 0}}
     assert names == [f"up_blocks.{i}.attentions.{j}" for i in range(2) for j in range(2)]
     from diffusers import UNet2DConditionModel
 

@@ -65,7 +65,8 @@ def sample(concept, out, *extra, prompt="a photo of S*"):
     ({"placeholder": ""}, "config.placeholder must be a non-empty token"),
     ({"seed": -1}, "config.seed must be a whole number in 0..2**32-1"),
     ({"learning_rates": {"embedding": "fast"}}, "config.learning_rates must map group names to positive finite"),
-    ({"extra": {"layers": "up_blocks"}}, "config.extra.layers must be a list of module names"),
+    ({"options": {"fast": True}}, "config.options.fast is not an option of textual-inversion (it has none)"),
+    ({"options": []}, "config.options must be an object, got []"),
 ])
 def test_every_concept_json_field_is_checked_naming_the_file(concept, tmp_path, capsys, config, message):
     bad = edited(concept, tmp_path, config=config)
@@ -116,6 +117,7 @@ def run_dir(model_dir, images_dir, tmp_path_factory):
     (("--token", "T*"), "--token"),
     (("--method", "textual-inversion"), "--method"),
     (("--layers", "up_blocks.1.attentions.0"), "--layers"),
+    (("--reg-weight", 0), "--reg-weight"),
     (("--images", None), "--images"),
 ])
 def test_resume_refuses_arguments_that_change_what_is_trained(model_dir, images_dir, run_dir, tmp_path, capsys,
@@ -143,9 +145,9 @@ def test_resume_with_changes_says_what_changed_and_trains_on(model_dir, images_d
     assert json.loads((out / "concept.json").read_text())["config"]["resolution"] == 16
 
 
-def test_resume_restating_the_default_resolution_is_no_change(model_dir, images_dir, run_dir, tmp_path):
+def test_resume_restating_the_default_resolution_or_option_is_no_change(model_dir, images_dir, run_dir, tmp_path):
     out = shutil.copytree(run_dir, tmp_path / "run")
-    assert train(model_dir, images_dir, out, "--steps", 2, "--resume", "--resolution", 32) == 0
+    assert train(model_dir, images_dir, out, "--steps", 2, "--resume", "--resolution", 32, "--reg-weight", 5e-4) == 0
 
 
 def test_resume_with_an_unreadable_train_config_is_one_line(model_dir, images_dir, run_dir, tmp_path, capsys):

@@ -20,6 +20,8 @@ The saved concept holds the embedding and the full fine-tuned UNet weights.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 
@@ -27,7 +29,7 @@ import fused
 
 from ..data import attndreambooth_augment
 from ..model import Components, UserError, add_placeholder_token, encode_prompts, token_positions
-from .base import Batch, Method, MethodConfig, Stage, draw_noise, noise_and_target
+from .base import Batch, Method, MethodConfig, MethodOptions, Stage, draw_noise, noise_and_target
 
 STAGES = {  # name: (lr, steps, batch size, (lambda_mu, lambda_sigma))
     "embedding": (1e-3, 60, 8, (0.1, 0.0)),
@@ -37,6 +39,19 @@ STAGES = {  # name: (lr, steps, batch size, (lambda_mu, lambda_sigma))
 FAST_UNET = (1e-5, 200, 4, (2.0, 5.0))
 FAST_BATCH = 4  # the fast preset's batch size, every stage
 ROTATE_P = 0.75  # the official dataset's RandomApply([RandomRotation(45, expand=True)], p=0.75)
+
+
+@dataclass(frozen=True)
+class AttnDreamBoothOptions(MethodOptions):
+    fast: bool = field(default=False, metadata={"help": "the official fast preset: batch 4 in every stage, stage 3 "
+                                                      "at lr 1e-5 for 200 steps"})
+    rotate_p: float = field(default=ROTATE_P, metadata={
+        "help": "probability of the official random rotation (up to 45 degrees) of a training image"})
+
+    def check(self) -> None:
+        super().check()
+        if not 0 <= self.rotate_p <= 1:
+            raise UserError(f"--rotate-p {self.rotate_p}: a probability must be in [0, 1]")
 
 
 def mean_variance_regulariser(maps: dict[str, torch.Tensor], lam_mu: float, lam_sigma: float) -> torch.Tensor:
@@ -56,6 +71,7 @@ class AttnDreamBooth(Method):
     default_steps = sum(s[1] for s in STAGES.values())
     default_batch_size = 8
     sampler = "dpm-solver"
+    Options = AttnDreamBoothOptions
 
     def __init__(self, components: Components, config: MethodConfig):
         super().__init__(components, config)
@@ -67,16 +83,12 @@ class AttnDreamBooth(Method):
         self.category_id = tok(config.init_word, add_special_tokens=False).input_ids[0]
         fused.attach(components.unet)
         self.layers = fused.cross_attention_layers(components.unet)
-        self.fast = bool(config.extra.get("fast", False))
-        self.rotate_p = config.extra.get("rotate_p", ROTATE_P)
-        if not isinstance(self.rotate_p, (int, float)) or not 0 <= self.rotate_p <= 1:
-            raise UserError(f"rotate_p {self.rotate_p!r}: the rotation probability must be a number in [0, 1]")
         self.stage = 0
         self._decoded = None  # (key, images) when the training images were decoded from latents
 
     def _stage_table(self):
         table = list(STAGES.values())
-        if self.fast:
+        if self.options.fast:
             table = [(lr, steps, FAST_BATCH, lam) for lr, steps, _, lam in table[:2]] + [FAST_UNET]
         return table
 
@@ -138,7 +150,7 @@ class AttnDreamBooth(Method):
         images = self._source_images(latent_mean)
         size = latent_mean.shape[-1] * self.components.vae_scale
         idx = torch.randint(0, images.shape[0], (batch_size,), generator=generator)
-        pixels = torch.stack([attndreambooth_augment(images[i], generator, size, rotate_p=self.rotate_p)
+        pixels = torch.stack([attndreambooth_augment(images[i], generator, size, rotate_p=self.options.rotate_p)
                               for i in idx.tolist()])
         mine = slice(None) if rows is None else rows
         with torch.no_grad():

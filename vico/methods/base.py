@@ -12,6 +12,9 @@ classifier-free guidance; methods override what they change.
 from __future__ import annotations
 
 import json
+import math
+import types
+import typing
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -27,13 +30,97 @@ CONFIG_FILE = "concept.json"
 WEIGHTS_FILE = "concept.safetensors"
 
 
+def option_flag(name: str) -> str:
+    """The ``vico train`` flag of option field ``name``: ``reg_weight`` -> ``--reg-weight``."""
+    return "--" + name.replace("_", "-")
+
+
+def _is_value_of(value, hint) -> bool:
+    """Whether a JSON value fits an option field's type: bool, int, float, str, list[...] and ``X | None``."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_is_value_of(value, h) for h in typing.get_args(hint))
+    if typing.get_origin(hint) is list:
+        return isinstance(value, list) and all(_is_value_of(v, typing.get_args(hint)[0]) for v in value)
+    if hint is float:
+        return type(value) in (int, float) and math.isfinite(value)
+    return type(value) is hint or (hint is type(None) and value is None)
+
+
+@dataclass(frozen=True)
+class MethodOptions:
+    """The options of one method (``Method.Options``; this base has none).
+
+    Each field is a ``vico train`` flag (``option_flag``) whose help is the
+    field's ``metadata["help"]``; a concept saves them in concept.json under
+    ``config.options``. ``check`` refuses bad values in one line naming the flag.
+    """
+
+    def check(self) -> None:
+        """A one-line ``UserError`` naming the flag of the first bad value (subclasses add range rules)."""
+        hints = typing.get_type_hints(type(self))
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not _is_value_of(value, hints[f.name]):
+                raise UserError(f"{option_flag(f.name)} {value!r}: expected {_type_words(hints[f.name])}")
+
+    @classmethod
+    def from_saved(cls, data: object, where: Path, method: str) -> "MethodOptions":
+        """The options of ``method`` saved in a concept.json (``where``); an ``UnreadableFile`` naming the
+        field otherwise."""
+        if not isinstance(data, dict):
+            raise UnreadableFile(f"{where}: config.options must be an object, got {data!r}"[:300])
+        hints = typing.get_type_hints(cls)
+        for key, value in data.items():
+            if key not in hints:
+                raise UnreadableFile(f"{where}: config.options.{key} is not an option of {method} (it has "
+                                     f"{', '.join(hints) or 'none'})")
+            if not _is_value_of(value, hints[key]):
+                raise UnreadableFile(f"{where}: config.options.{key} must be {_type_words(hints[key])}, got "
+                                     f"{value!r}"[:300])
+        try:
+            options = cls(**data)
+            options.check()
+        except UserError as exc:
+            raise UnreadableFile(f"{where}: config.options: {exc}") from None
+        return options
+
+
+def method_options(method_cls: type["Method"], given: "MethodOptions | dict") -> "MethodOptions":
+    """``given`` (an options object or a dict by field name, e.g. ``{"reg_weight": 0}``) as the method's
+    checked ``Options``; a one-line ``UserError`` for an option the method does not have or a bad value."""
+    if isinstance(given, MethodOptions):
+        if type(given) is not method_cls.Options:
+            raise UserError(f"{type(given).__name__} are not options of {method_cls.name} "
+                            f"({method_cls.Options.__name__})")
+        given.check()
+        return given
+    names = [f.name for f in fields(method_cls.Options)]
+    unknown = [key for key in given if key not in names]
+    if unknown:
+        have = ", ".join(option_flag(n) for n in names) or "none"
+        raise UserError(f"{option_flag(unknown[0])} is not an option of --method {method_cls.name} (its options: "
+                        f"{have})")
+    options = method_cls.Options(**given)
+    options.check()
+    return options
+
+
+def _type_words(hint) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_words(h) for h in typing.get_args(hint))
+    if typing.get_origin(hint) is list:
+        return f"a list of {_type_words(typing.get_args(hint)[0])}"
+    return {bool: "true or false", int: "a whole number", float: "a finite number", str: "text",
+            type(None): "nothing"}.get(hint, str(hint))
+
+
 @dataclass
 class MethodConfig:
     placeholder: str = "S*"
     init_word: str = "object"
     resolution: int = 512
     seed: int = 0
-    extra: dict = field(default_factory=dict)
+    options: MethodOptions | None = None  # the method's own (``Method.Options``); None: its defaults
     # Base learning rates by parameter-group name (``Method.learning_rate_names``) that replace the
     # method's defaults; the method's scaling rule (``scale_lr``) still applies to a replaced one.
     learning_rates: dict[str, float] = field(default_factory=dict)
@@ -102,13 +189,23 @@ class Method(ABC):
     guidance_scale: ClassVar[float] = 7.5  # classifier-free guidance when the user gives none
     needs_reference: ClassVar[bool] = False  # sampling reads a reference image (ViCo); default: a training image
     image_layers: ClassVar[bool] = False  # places blocks in the UNet's spatial transformers (--layers; ViCo)
+    Options: ClassVar[type[MethodOptions]] = MethodOptions  # its own options (flags of `vico train`)
     # Pixel images [n, 3, H, W] in [-1, 1] of the training set, for methods that augment in image
     # space (AttnDreamBooth); the trainer may set it, else such a method decodes the latents once.
     training_images: torch.Tensor | None = None
 
     def __init__(self, components: Components, config: MethodConfig):
+        if config.options is None:
+            config.options = self.Options()
+        if type(config.options) is not self.Options:
+            raise TypeError(f"{self.name} takes {self.Options.__name__}, got {type(config.options).__name__}")
+        config.options.check()
         self.components = components
         self.config = config
+
+    @property
+    def options(self) -> MethodOptions:
+        return self.config.options
 
     # --- prompts -----------------------------------------------------------
     @classmethod
@@ -125,6 +222,11 @@ class Method(ABC):
     def plain_prompt(cls, prompt: str, placeholder: str, class_word: str) -> str:
         """The prompt with the concept named by its class word alone (what CLIP-T scores against)."""
         return prompt.replace(cls.concept_phrase(placeholder, class_word), class_word).replace(placeholder, class_word)
+
+    @classmethod
+    def check_options_for_model(cls, options: MethodOptions, model: Path) -> None:
+        """One line for an option that names what ``model`` (a diffusers folder) does not have, read from its
+        configs before any weights load (ViCo's ``--layers``, CatVersion's ``--prefix-layers``)."""
 
     # --- training --------------------------------------------------------
     def stages(self, steps: int | None = None, batch_size: int | None = None) -> list[Stage]:
@@ -264,8 +366,6 @@ REQUIRED_CONCEPT_FIELDS = ("placeholder", "init_word", "resolution")  # no defau
 def check_concept_fields(meta: dict, cfg: Path) -> None:
     """Every field of a concept.json, checked by type and range: a one-line ``UnreadableFile`` naming ``cfg``
     and the field (a missing ``resolution`` must not sample at some default size)."""
-    import math
-
     from .registry import METHODS
 
     def bad(key: str, why: str) -> UnreadableFile:
@@ -285,7 +385,6 @@ def check_concept_fields(meta: dict, cfg: Path) -> None:
         "resolution": (lambda v: type(v) is int and 8 <= v <= MAX_RESOLUTION,
                        f"must be a whole number of pixels in 8..{MAX_RESOLUTION}"),
         "seed": (lambda v: type(v) is int and 0 <= v < 2**32, "must be a whole number in 0..2**32-1"),
-        "extra": (lambda v: isinstance(v, dict), "must be an object"),
         "learning_rates": (lambda v: isinstance(v, dict) and all(
             isinstance(k, str) and type(x) in (int, float) and math.isfinite(x) and x > 0 for k, x in v.items()),
             "must map group names to positive finite numbers"),
@@ -293,9 +392,7 @@ def check_concept_fields(meta: dict, cfg: Path) -> None:
     for key, (ok, why) in checks.items():
         if key in config and not ok(config[key]):
             raise bad(f"config.{key}", f"{why}, got {config[key]!r}"[:300])
-    layers = config.get("extra", {}).get("layers")
-    if layers is not None and not (isinstance(layers, list) and layers and all(isinstance(x, str) for x in layers)):
-        raise bad("config.extra.layers", f"must be a list of module names, got {layers!r}"[:300])
+    METHODS[meta["method"]].Options.from_saved(config.get("options", {}), cfg, meta["method"])
 
 
 def load_weights(method: "Method", tensors: dict[str, torch.Tensor], path: Path) -> None:

@@ -20,13 +20,15 @@ and the unconditional branch is the plain encoding of "" with the prefixes off.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model import Components
-from .base import Method, MethodConfig
+from ..model import Components, UserError
+from .base import Method, MethodConfig, MethodOptions
 
 
 PREFIX_LOGIT_BIAS = 1.0  # the official additive mask's torch.ones in the prefix column
@@ -87,6 +89,9 @@ def install_prefix_kv(text_encoder: nn.Module, num_layers: int = 3, generator: t
     """Swap the last ``num_layers`` CLIP attention layers (or ``layers``) for prefix-KV ones."""
     found = [(n, m) for n, m in _clip_attention_layers(text_encoder) if not isinstance(m, PrefixKVAttention)]
     chosen = [(n, m) for n, m in found if n in layers] if layers else found[-num_layers:]
+    if layers and len(chosen) != len(layers):
+        raise UserError(f"prefix layers {sorted(set(layers) - {n for n, _ in chosen})} are not attention modules of "
+                        "this text encoder")
     installed = {}
     for name, attn in chosen:
         dim = attn.embed_dim
@@ -122,6 +127,18 @@ def remove_prefix_kv(text_encoder: nn.Module) -> None:
             setattr(text_encoder.get_submodule(parent_name) if parent_name else text_encoder, child, module.inner)
 
 
+@dataclass(frozen=True)
+class CatVersionOptions(MethodOptions):
+    prefix_layers: list[str] | None = field(default=None, metadata={
+        "help": "text-encoder attention modules that get a learned prefix (default: the last three, as the "
+                "official run)", "metavar": "MODULE"})
+
+    def check(self) -> None:
+        super().check()
+        if self.prefix_layers is not None and not self.prefix_layers:
+            raise UserError("--prefix-layers: name at least one text-encoder attention module")
+
+
 class CatVersion(Method):
     name = "catversion"
     default_steps = 1000
@@ -130,12 +147,29 @@ class CatVersion(Method):
     lr = 5e-3  # the official base_learning_rate, scaled by batch x processes (1e-2 at batch 2 on one process)
     scale_lr = True  # as the official LDM main.py
     guidance_scale = 10.0  # run.sh / txt2img_generator.py
+    Options = CatVersionOptions
 
     def __init__(self, components: Components, config: MethodConfig):
         super().__init__(components, config)
         gen = torch.Generator().manual_seed(config.seed)
-        self.prefix = install_prefix_kv(components.text_encoder, generator=gen, layers=config.extra.get("catversion_layers"))
-        config.extra["catversion_layers"] = list(self.prefix)
+        self.prefix = install_prefix_kv(components.text_encoder, generator=gen, layers=self.options.prefix_layers)
+        config.options = replace(self.options, prefix_layers=list(self.prefix))  # what a loaded concept rebuilds
+
+    @classmethod
+    def check_options_for_model(cls, options: CatVersionOptions, model: Path) -> None:
+        if not options.prefix_layers:
+            return
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        from ..model import read_model_config
+
+        with torch.device("meta"):
+            encoder = CLIPTextModel(CLIPTextConfig(**read_model_config(model, "text_encoder")))
+        names = [n for n, _ in _clip_attention_layers(encoder)]
+        for name in options.prefix_layers:
+            if name not in names:
+                raise UserError(f"--prefix-layers {name}: no attention module of that name in the text encoder of "
+                                f"{model} (it has {', '.join(names)})")
 
     @classmethod
     def learning_rate_names(cls) -> dict[str, float]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..model import Components, UserError
 from .attndreambooth import AttnDreamBooth
-from .base import WEIGHTS_FILE, Method, MethodConfig, load_weights, read_concept
+from .base import CONFIG_FILE, WEIGHTS_FILE, Method, MethodConfig, load_weights, read_concept
 from .catversion import CatVersion
 from .textual_inversion import TextualInversion
 from .vico import ViCo
@@ -34,6 +34,8 @@ def get_method(name: str) -> type[Method]:
 def load_method(components: Components, concept_dir: str | Path) -> Method:
     """Rebuild a trained method on ``components`` from a saved concept folder."""
     meta, weights = read_concept(concept_dir)
-    method = get_method(meta["method"])(components, MethodConfig(**meta["config"]))
+    cls = get_method(meta["method"])
+    options = cls.Options.from_saved(meta["config"].get("options", {}), Path(concept_dir) / CONFIG_FILE, cls.name)
+    method = cls(components, MethodConfig(**{**meta["config"], "options": options}))
     load_weights(method, weights, Path(concept_dir) / WEIGHTS_FILE)
     return method

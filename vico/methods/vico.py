@@ -14,6 +14,9 @@ noisy half only, and the UNet returns the noisy half.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
@@ -21,25 +24,42 @@ import fused
 
 from ..data import VICO_TEMPLATES
 from ..image_attention import MASK_SLOT, ReferenceEarlyStop, image_block_sources, inject_image_attention
-from ..model import Components, encode_prompts, token_positions
-from .base import Batch, MethodConfig, guide, noise_and_target
+from ..model import Components, UserError, check_layers, encode_prompts, token_positions
+from .base import Batch, MethodConfig, MethodOptions, guide, noise_and_target
 from .textual_inversion import TextualInversion
 
 EOT_SLOT = 1  # slot of the MapRequest that holds the end-of-text token's map
+REG_WEIGHT = 5e-4  # the official weight of the attention regulariser
+
+
+@dataclass(frozen=True)
+class ViCoOptions(MethodOptions):
+    layers: list[str] | None = field(default=None, metadata={
+        "help": "spatial transformers that get image attention, e.g. up_blocks.3.attentions.0 (default: every "
+                "second decoder transformer, as the official code places them)", "metavar": "MODULE"})
+    reg_weight: float = field(default=REG_WEIGHT, metadata={
+        "help": "weight of the attention regulariser (0 turns it off)"})
+
+    def check(self) -> None:
+        super().check()
+        if self.layers is not None and not self.layers:
+            raise UserError("--layers: name at least one spatial transformer")
+        if self.reg_weight < 0:
+            raise UserError(f"--reg-weight {self.reg_weight}: a weight must be 0 or more")
 
 
 class ViCo(TextualInversion):
     name = "vico"
     default_steps = 400
     image_lr = 1e-5  # fixed: the official ddpm.py does not scale it (only the embedding's lr is)
-    reg_weight = 5e-4
     templates = VICO_TEMPLATES  # the official ldm/data/personalized.py list of 81
     needs_reference = True
     image_layers = True
+    Options = ViCoOptions
 
     def __init__(self, components: Components, config: MethodConfig):
         super().__init__(components, config)
-        self.blocks = inject_image_attention(components.unet, config.extra.get("layers"))
+        self.blocks = inject_image_attention(components.unet, self.options.layers)
         fused.attach(components.unet)  # names the new blocks' processors too
         self.layers = [key.replace("-", ".") for key in self.blocks.keys()]
         # The S* map each block's regulariser and sampled maps use (the last frozen block's attn2, as the
@@ -49,8 +69,11 @@ class ViCo(TextualInversion):
         # Training and sampling forwards return only the noisy half (nothing reads the reference's output);
         # ``reference_stop.enabled = False`` runs both halves to the end, as the official code does.
         self.reference_stop = ReferenceEarlyStop(components.unet, self.layers)
-        # the regulariser's weight: the official 5e-4 unless the config sets one (0 turns it off, an ablation)
-        self.reg_weight = float(config.extra.get("reg_weight", ViCo.reg_weight))
+
+    @classmethod
+    def check_options_for_model(cls, options: ViCoOptions, model: Path) -> None:
+        if options.layers:
+            check_layers(options.layers, model)
 
     @classmethod
     def learning_rate_names(cls) -> dict[str, float]:
@@ -109,7 +132,7 @@ class ViCo(TextualInversion):
                      cross_attention_kwargs={"map_request": request}).sample
         mse = F.mse_loss(out[:B].float(), target.float())  # out: the noisy half (all rows without the stop)
         reg = self.regulariser(request, slice(B, 2 * B))
-        loss = mse + self.reg_weight * reg
+        loss = mse + self.options.reg_weight * reg
         return loss, {"loss": loss.item(), "mse": mse.item(), "reg": float(reg.detach())}
 
     def state_dict(self) -> dict[str, torch.Tensor]:

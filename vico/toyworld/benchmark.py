@@ -48,7 +48,8 @@ def _toy(method: str, **changes) -> dict | None:
         return None
     recipe = dict(TOY_RECIPES[method], steps=TOY_STEPS[method])
     lrs = dict(recipe.get("learning_rates", {}), **changes.pop("learning_rates", {}))
-    return dict(recipe, learning_rates=lrs, extra=dict(recipe.get("extra", {}), **changes.pop("extra", {})), **changes)
+    options = dict(recipe.get("options", {}), **changes.pop("options", {}))
+    return dict(recipe, learning_rates=lrs, options=options, **changes)
 
 
 def _vico_only(make):
@@ -63,11 +64,11 @@ SETTINGS = {
     "toy, 4x steps": lambda m: _toy(m, steps=4 * TOY_STEPS[m]) if m in TOY_RECIPES else None,
     "toy, official image lr": _vico_only(lambda m: _toy(m, learning_rates={"image": 1e-5})),
     "toy, embedding frozen": _vico_only(lambda m: _toy(m, learning_rates={"embedding": FROZEN_LR})),
-    "toy, no regulariser": _vico_only(lambda m: _toy(m, extra={"reg_weight": 0.0})),
+    "toy, no regulariser": _vico_only(lambda m: _toy(m, options={"reg_weight": 0.0})),
     "toy, image lr x10": _vico_only(lambda m: _toy(m, learning_rates={"image": 10 * TOY_RECIPES[m]["learning_rates"]["image"]})),
     "toy, 1/4 steps": lambda m: _toy(m, steps=TOY_STEPS[m] // 4) if m in TOY_RECIPES else None,
     # the toy recipe puts ViCo's image blocks in every decoder transformer; this is the method's own placement
-    "toy, blocks in every second decoder layer": _vico_only(lambda m: _toy(m, layers=None)),
+    "toy, blocks in every second decoder layer": _vico_only(lambda m: _toy(m, options={"layers": None})),
 }
 
 

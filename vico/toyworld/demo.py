@@ -46,7 +46,7 @@ TI_STEPS = 300
 # x batch) to three times the norm of any word. Batch 4 without lr scaling, one rate per group, and ViCo's
 # image blocks in every decoder transformer (with every second one, as the method places them, the red
 # checkered square's texture read 0.00 even at 1200 steps; benchmarks/RESULTS.md, issue 14):
-EVERY_DECODER_LAYER = "every decoder layer"  # a recipe's "layers" value, resolved per model by ``for_model``
+EVERY_DECODER_LAYER = "every decoder layer"  # a recipe's options["layers"], resolved per model by ``for_model``
 # AttnDreamBooth: 250 steps in each of its three stages, both UNet stages at 1e-4, which moves the toy UNet
 # (the official 2e-5 / 2e-6 moved it 1.6% / 0.5% and left the red square blue), and no rotation augmentation
 # (a nearest-neighbour rotation of a 32-pixel render aliases a 2-4 pixel pattern into diagonal bands).
@@ -56,10 +56,10 @@ TOY_STEPS = {"textual-inversion": TI_STEPS, "vico": VICO_STEPS, "attndreambooth"
 TOY_RECIPES: dict[str, dict] = {
     "textual-inversion": dict(batch_size=4, scale_lr=False, learning_rates={"embedding": 1e-3}),
     "vico": dict(batch_size=4, scale_lr=False, learning_rates={"embedding": 1e-3, "image": 1e-3},
-                 layers=EVERY_DECODER_LAYER),
+                 options={"layers": EVERY_DECODER_LAYER}),
     "attndreambooth": dict(batch_size=4, scale_lr=False,
                            learning_rates={"embedding": 1e-3, "cross-attention": 1e-4, "unet": 1e-4},
-                           extra={"rotate_p": 0.0}),
+                           options={"rotate_p": 0.0}),
     "catversion": dict(batch_size=4, scale_lr=False, learning_rates={"prefix": 2e-2}),
 }
 
@@ -73,9 +73,10 @@ def decoder_layers(model: Path) -> list[str]:
 
 
 def for_model(recipe: dict, model: Path) -> dict:
-    """``recipe`` (TrainConfig overrides) with a symbolic ``layers`` resolved against ``model``'s UNet."""
-    if recipe.get("layers") == EVERY_DECODER_LAYER:
-        return dict(recipe, layers=decoder_layers(model))
+    """``recipe`` (TrainConfig overrides) with a symbolic ``options["layers"]`` resolved against ``model``'s UNet."""
+    options = recipe.get("options", {})
+    if options.get("layers") == EVERY_DECODER_LAYER:
+        return dict(recipe, options=dict(options, layers=decoder_layers(model)))
     return recipe
 
 
