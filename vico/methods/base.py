@@ -432,16 +432,24 @@ def check_concept(concept_dir: str | Path) -> dict:
     return meta
 
 
-def read_concept(concept_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    from safetensors.torch import load_file
+def read_concept(concept_dir: str | Path, names: tuple[str, ...] | None = None
+                 ) -> tuple[dict, dict[str, torch.Tensor]]:
+    """concept.json and the weights, checked (finite values too). ``names``: read only these tensors (an
+    AttnDreamBooth concept holds a whole UNet beside its embedding); one missing is a one-line error."""
+    from safetensors import safe_open
 
     meta = check_concept(concept_dir)
     weights = Path(concept_dir) / WEIGHTS_FILE
     try:
-        tensors = load_file(str(weights))
+        with safe_open(str(weights), "pt") as handle:
+            present = set(handle.keys())
+            tensors = {name: handle.get_tensor(name) for name in (names or present) if name in present}
     except Exception as exc:  # SafetensorError (truncated, garbage header) or OSError
         raise UnreadableFile(f"{weights} is unreadable ({describe_error(exc)}): truncated or not a safetensors "
                              "file") from None
+    missing = [name for name in names or () if name not in tensors]
+    if missing:
+        raise UnreadableFile(f"{weights} has no tensor {missing[0]!r}: damaged or not from this vico version")
     bad = first_nonfinite(tensors)
     if bad is not None:  # a diverged run: it would sample black images
         raise UnreadableFile(f"{weights}: tensor {bad!r} holds NaN or inf values (training diverged); retrain "
