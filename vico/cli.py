@@ -1,4 +1,4 @@
-"""The ``vico`` command: ``vico train|sample|eval|maps|demo|bench|import`` (``vico <cmd> --help``).
+"""The ``vico`` command: ``vico train|sample|eval|maps|demo|bench|import|export`` (``vico <cmd> --help``).
 
 Multi-GPU training goes through HF accelerate:
 ``accelerate launch -m vico.cli train --model ... --images ... --out ...``.
@@ -677,6 +677,34 @@ def cmd_import(args) -> int:
     return 0
 
 
+def _export_parser(sub) -> None:
+    from .export import FORMATS
+
+    p = sub.add_parser("export", help="write a concept's token embedding for AUTOMATIC1111, ComfyUI or diffusers",
+                       description="Write the token embedding a concept learned (textual-inversion, vico, "
+                       "attndreambooth) as a file other Stable Diffusion tools load. Only the embedding "
+                       "transfers: ViCo's image attention blocks and AttnDreamBooth's fine-tuned UNet need "
+                       "`vico sample`; CatVersion learns no embedding. An existing --out is replaced only when "
+                       "vico export wrote it.")
+    p.add_argument("--concept", required=True, help="folder written by `vico train --out` or `vico import --out`")
+    p.add_argument("--format", required=True, choices=FORMATS,
+                   help="a1111 (stable-diffusion-webui/embeddings/), comfyui (ComfyUI/models/embeddings/) or "
+                   "diffusers (pipe.load_textual_inversion)")
+    p.add_argument("--out", required=True, help="the file to write, NAME.safetensors in an existing folder; "
+                   "A1111 and ComfyUI prompts name the embedding by NAME")
+
+
+def cmd_export(args) -> int:
+    from .export import export_concept, usage
+
+    meta, left_behind = export_concept(args.concept, args.format, args.out)
+    if left_behind:
+        print(f"vico export: the token embedding alone is exported; {left_behind} stays behind (only "
+              "`vico sample` uses it)", file=sys.stderr)
+    print(f"vico: wrote {args.out}: {usage(args.format, Path(args.out), meta)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vico", description="Attention-map-driven personalization of "
                                      "Stable Diffusion (ViCo) on fused attention kernels.")
@@ -689,9 +717,10 @@ def main(argv: list[str] | None = None) -> int:
     _eval_parser(sub)
     _maps_parser(sub)
     _import_parser(sub)
+    _export_parser(sub)
     args = parser.parse_args(argv)
     commands = {"train": cmd_train, "sample": cmd_sample, "demo": cmd_demo, "bench": cmd_bench, "eval": cmd_eval,
-                "maps": cmd_maps, "import": cmd_import}
+                "maps": cmd_maps, "import": cmd_import, "export": cmd_export}
     try:
         return commands[args.command](args)
     except UserError as exc:
