@@ -699,8 +699,8 @@ def cmd_export(args) -> int:
 
     meta, left_behind = export_concept(args.concept, args.format, args.out)
     if left_behind:
-        print(f"vico export: the token embedding alone is exported; {left_behind} stays behind (only "
-              "`vico sample` uses it)", file=sys.stderr)
+        print(f"vico export: exported the token embedding only, not {left_behind}: only `vico sample` "
+              "samples with those", file=sys.stderr)
     print(f"vico: wrote {args.out}: {usage(args.format, Path(args.out), meta)}")
     return 0
 

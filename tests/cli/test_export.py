@@ -124,6 +124,9 @@ def test_diffusers_load_textual_inversion_gets_the_learned_embedding(concepts, m
     assert torch.equal(row[None], want)
     assert not torch.equal(want[0], cat), "two training steps moved the embedding away from its init word"
     assert list(load_file(out)["S*"].shape) == [1, 32]
+    if method != "attndreambooth":  # what Textual Inversion and ViCo write at training time is the same layout
+        assert load_file(out).keys() == load_file(concepts[method] / "learned_embeds.safetensors").keys()
+        assert torch.equal(load_file(concepts[method] / "learned_embeds.safetensors")["S*"], want)
 
 
 def test_what_does_not_transfer_is_said_once_on_stderr(concepts, tmp_path, capsys):

@@ -53,5 +53,7 @@ class TextualInversion(Method):
         # diffusers' `pipe.load_textual_inversion(out / "learned_embeds.safetensors")` reads this.
         from safetensors.torch import save_file
 
-        vec = {self.config.placeholder: self.embedding.learned[0].detach().cpu().contiguous()}
+        from ..export import tool_tensors
+
+        vec = tool_tensors("diffusers", self.config.placeholder, [self.embedding.learned.detach().cpu().contiguous()])
         atomic_write(out / "learned_embeds.safetensors", lambda p: save_file(vec, str(p)))
