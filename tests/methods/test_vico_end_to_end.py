@@ -141,7 +141,7 @@ def test_default_demo_uses_the_shipped_toy_model(tmp_path, capsys):
 
 
 def test_cli_help_explains_each_command(capsys):
-    for cmd in ("train", "sample", "demo"):
+    for cmd in ("train", "sample", "demo", "export"):
         with pytest.raises(SystemExit) as exc:
             run(cmd, "--help")
         assert exc.value.code == 0
