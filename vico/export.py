@@ -59,7 +59,7 @@ def check_out(out: Path, fmt: str) -> None:
     if out.suffix != ".safetensors":
         raise UserError(f"--out {out}: name it NAME.safetensors (A1111 and ComfyUI pick the reader by the extension)")
     if fmt == "comfyui" and any(ch.isspace() for ch in out.stem):
-        raise UserError(f"--out {out}: ComfyUI reads `embedding:NAME` up to the first space; choose a name without")
+        raise UserError(f"--out {out}: ComfyUI reads `embedding:NAME` up to the first space; choose a name without spaces")
     if not out.parent.is_dir():
         raise UserError(f"--out {out}: folder {out.parent} does not exist (export writes into an existing folder, "
                         "e.g. the tool's embeddings folder)")

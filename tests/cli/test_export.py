@@ -190,7 +190,7 @@ def test_an_unknown_format_is_refused_by_the_parser(concepts, tmp_path, capsys):
 @pytest.mark.parametrize("out, fmt, words", [
     ("missing/e.safetensors", "a1111", "does not exist"),
     ("e.pt", "a1111", "name it NAME.safetensors"),
-    ("my cat.safetensors", "comfyui", "without"),
+    ("my cat.safetensors", "comfyui", "without spaces"),
 ])
 def test_a_bad_out_is_one_line_naming_it(concepts, tmp_path, capsys, out, fmt, words):
     assert export_to(concepts["vico"], fmt, tmp_path / out) == 2
