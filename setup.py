@@ -44,6 +44,7 @@ setup(
             "hypothesis>=6",
             "setuptools>=69",  # tests build a wheel
             "ruff>=0.5",  # tests/project/test_lint.py
+            "tensorboard>=2.14",  # vico train --report-to tensorboard, read back by the tests
         ],
     },
 )

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from .methods import available_methods
+from .training import SCHEDULES, TRACKERS
 from .model import UserError
 
 
@@ -73,6 +74,26 @@ def _train_parser(sub, argv: list[str]) -> None:
     p.add_argument("--resolution", type=int, help="training image size (default: the model's native size)")
     p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"], help="GPU mixed precision")
     p.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
+    p.add_argument("--gradient-accumulation-steps", type=int, default=1, metavar="A",
+                   help="average the gradients of A batches per optimizer step (default 1): the global batch is "
+                   "batch size x processes x A, and --scale-lr scales by it")
+    p.add_argument("--lr-scheduler", default="constant", choices=SCHEDULES,
+                   help="learning-rate schedule over each stage's steps (default constant)")
+    p.add_argument("--lr-warmup-steps", type=int, default=0, metavar="N",
+                   help="linear warm-up over the first N steps of each stage (not with constant)")
+    val = p.add_argument_group("validation images while training (OUT/validation/step-XXXXXX/grid.png)")
+    val.add_argument("--validation-prompt", action="append", dest="validation_prompts", metavar="PROMPT",
+                     help="a prompt to sample, repeatable (default: three of the method's evaluation prompts)")
+    val.add_argument("--validation-steps", type=int, metavar="K",
+                     help="sample every K steps and at the end (default: every checkpoint when a prompt is given; "
+                     "no validation without either option)")
+    val.add_argument("--num-validation-images", type=int, default=4, metavar="N", help="images per prompt (default 4)")
+    val.add_argument("--validation-sample-steps", type=int, default=25, metavar="S",
+                     help="sampling steps of each validation image (default 25)")
+    log = p.add_argument_group("experiment tracking (through accelerate)")
+    log.add_argument("--report-to", default="none", choices=TRACKERS,
+                     help="log losses, learning rates, step times and validation grids (default none)")
+    log.add_argument("--logging-dir", metavar="DIR", help="tracker files (default OUT/logs)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _method_option_flags(p, _method_in(argv))
 
@@ -603,6 +624,10 @@ def cmd_train(args) -> int:
         mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
         resume=args.resume, resume_with_changes=args.resume_with_changes, progress=not args.quiet,
         learning_rates=dict(args.lr), options=_given_options(args),
+        gradient_accumulation_steps=args.gradient_accumulation_steps, lr_scheduler=args.lr_scheduler,
+        lr_warmup_steps=args.lr_warmup_steps, validation_prompts=args.validation_prompts,
+        validation_steps=args.validation_steps, num_validation_images=args.num_validation_images,
+        validation_sample_steps=args.validation_sample_steps, report_to=args.report_to, logging_dir=args.logging_dir,
     )
     out = train(cfg)
     print(f"vico: concept saved to {out}")

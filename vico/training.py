@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import sys
+import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -112,6 +113,15 @@ class TrainConfig:
     resolution: int | None = None  # None: the UNet's native size
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
+    gradient_accumulation_steps: int = 1  # optimizer steps average this many batches (accelerate's accumulate)
+    lr_scheduler: str = "constant"  # a ``diffusers.optimization.get_scheduler`` name, run over each stage
+    lr_warmup_steps: int = 0  # optimizer steps of linear warm-up at the start of each stage
+    validation_prompts: list[str] | None = None  # None: three of the method's evaluation prompts
+    validation_steps: int | None = None  # sample every K steps; None: every checkpoint when prompts are given
+    num_validation_images: int = 4
+    validation_sample_steps: int = 25
+    report_to: str = "none"  # accelerate trackers: tensorboard, wandb, all or none
+    logging_dir: str | None = None  # None: OUT/logs
     resume: bool | str = False  # True or "latest": the newest checkpoint; or a checkpoint folder name/path
     resume_with_changes: bool = False  # resume although RESUME_FIXED arguments differ from the saved run's
     learning_rates: dict[str, float] = field(default_factory=dict)  # base lr by group name (--lr NAME=VALUE)
@@ -129,7 +139,7 @@ def _checkpoint_dirs(out: Path) -> list[Path]:
 
 
 def save_checkpoint(out: Path, step: int, method, optimizer, generator: torch.Generator, stage: int = 0,
-                    world_size: int = 1) -> Path:
+                    world_size: int = 1, scheduler=None) -> Path:
     """checkpoints/step-XXXXXX/ with the concept, AdamW state, stage, RNG and the number of
     processes, renamed into place. Every process draws from one global random stream
     (``Method.make_batch``), so the main process's generator state is every process's.
@@ -143,8 +153,11 @@ def save_checkpoint(out: Path, step: int, method, optimizer, generator: torch.Ge
 
     def fill(tmp: Path) -> None:
         method.save(tmp)
-        torch.save({"optimizer": optimizer.state_dict(), "generator": generator.get_state(), "step": step,
-                    "stage": stage, "world_size": world_size}, tmp / "trainer.pt")
+        state = {"optimizer": optimizer.state_dict(), "generator": generator.get_state(), "step": step,
+                 "stage": stage, "world_size": world_size}
+        if scheduler is not None:
+            state["scheduler"] = scheduler.state_dict()
+        torch.save(state, tmp / "trainer.pt")
 
     try:
         return atomic_folder(final, fill)
@@ -284,7 +297,8 @@ def check_inputs(cfg: TrainConfig, method_cls, options: MethodOptions) -> None:
 
 # What a resumed run must share with the run that wrote the checkpoints: they decide what is trained.
 RESUME_FIXED = {"images": "--images", "resolution": "--resolution", "placeholder": "--token", "method": "--method",
-                "model": "--model"}  # and every method option (``option_flag``)
+                "model": "--model", "gradient_accumulation_steps": "--gradient-accumulation-steps",
+                "lr_scheduler": "--lr-scheduler", "lr_warmup_steps": "--lr-warmup-steps"}  # and every method option
 
 
 def check_resume_config(cfg: TrainConfig, out: Path) -> None:
@@ -336,9 +350,16 @@ def train(cfg: TrainConfig) -> Path:
     lock for the whole run (``vico.files.output_folder``): a second run into it is refused in one line."""
     from accelerate import Accelerator
 
+    from accelerate.utils import ProjectConfiguration
+
     from .files import output_folder
 
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    check_tracking(cfg)
+    logging_dir = cfg.logging_dir or os.path.join(cfg.out, "logs")
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision,
+                              gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                              log_with=None if cfg.report_to == "none" else cfg.report_to,
+                              project_config=ProjectConfiguration(project_dir=cfg.out, logging_dir=logging_dir))
     if not accelerator.is_main_process:
         return _train(cfg, accelerator)
     with output_folder(cfg.out, exclusive=False):
@@ -364,12 +385,79 @@ def _train(cfg: TrainConfig, accelerator: Accelerator) -> Path:
         return out
     if accelerator.is_main_process:
         _write_train_config(cfg, out)
-    _run_stages(_Run(cfg, accelerator, method, comps, generator, latents, out, start, total), stages, resume_state)
+    if cfg.report_to != "none":
+        accelerator.init_trackers("vico", config=_tracker_config(cfg))
+    try:
+        _run_stages(_Run(cfg, accelerator, method, comps, generator, latents, out, start, total,
+                         _validation_prompts(cfg, method)), stages, resume_state)
+    finally:  # flush the trackers, also when interrupted (end_training would also end the process group)
+        for tracker in accelerator.trackers:
+            tracker.finish()
     accelerator.wait_for_everyone()
     _unwrap(accelerator, comps)
     if accelerator.is_main_process:
         _save_concept(method, out)
     return out
+
+
+SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+TRACKERS = ("tensorboard", "wandb", "all", "none")
+
+
+def check_schedule(cfg: TrainConfig) -> None:
+    """One line for a bad accumulation count, schedule name or warm-up."""
+    if type(cfg.gradient_accumulation_steps) is not int or cfg.gradient_accumulation_steps < 1:
+        raise UserError(f"--gradient-accumulation-steps must be 1 or more, got {cfg.gradient_accumulation_steps}")
+    if cfg.lr_scheduler not in SCHEDULES:
+        raise UserError(f"--lr-scheduler {cfg.lr_scheduler!r}: choose one of {', '.join(SCHEDULES)}")
+    if type(cfg.lr_warmup_steps) is not int or cfg.lr_warmup_steps < 0:
+        raise UserError(f"--lr-warmup-steps must be 0 or more, got {cfg.lr_warmup_steps}")
+    if cfg.lr_warmup_steps and cfg.lr_scheduler == "constant":
+        raise UserError(f"--lr-warmup-steps {cfg.lr_warmup_steps}: the constant schedule has no warm-up; use "
+                        "--lr-scheduler constant_with_warmup (or linear, cosine, ...)")
+
+
+def check_tracking(cfg: TrainConfig) -> None:
+    """One line for an unknown tracker or one whose package is not installed (before anything loads)."""
+    from accelerate.utils import is_tensorboard_available, is_wandb_available
+
+    if cfg.report_to not in TRACKERS:
+        raise UserError(f"--report-to {cfg.report_to!r}: choose one of {', '.join(TRACKERS)}")
+    wanted = {"all": ("tensorboard", "wandb"), "none": ()}.get(cfg.report_to, (cfg.report_to,))
+    available = {"tensorboard": is_tensorboard_available(), "wandb": is_wandb_available()}
+    missing = [name for name in wanted if not available[name]]
+    if missing and (cfg.report_to != "all" or len(missing) == len(wanted)):
+        raise UserError(f"--report-to {cfg.report_to}: {' and '.join(missing)} is not installed (pip install "
+                        f"{' '.join(missing)})")
+
+
+def check_validation(cfg: TrainConfig) -> None:
+    """One line for empty validation prompts or non-positive validation numbers."""
+    if cfg.validation_prompts is not None and (not cfg.validation_prompts
+                                               or any(not p.strip() for p in cfg.validation_prompts)):
+        raise UserError("--validation-prompt: a prompt must not be empty")
+    for name, value in (("--validation-steps", cfg.validation_steps),
+                        ("--num-validation-images", cfg.num_validation_images),
+                        ("--validation-sample-steps", cfg.validation_sample_steps)):
+        if value is not None and (type(value) is not int or value < 1):
+            raise UserError(f"{name} must be 1 or more, got {value}")
+
+
+def _validation_prompts(cfg: TrainConfig, method: Method) -> list[str]:
+    """The prompts validation samples, or none when validation is off."""
+    from .validation import default_prompts
+
+    if cfg.validation_prompts is None and cfg.validation_steps is None:
+        return []
+    return list(cfg.validation_prompts) if cfg.validation_prompts else default_prompts(method)
+
+
+def _tracker_config(cfg: TrainConfig) -> dict:
+    """The run's arguments as tracker hyperparameters (numbers, text and booleans only)."""
+    flat = {}
+    for key, value in asdict(cfg).items():
+        flat[key] = value if isinstance(value, (int, float, str, bool)) else json.dumps(value)
+    return flat
 
 
 def _checked_config(cfg: TrainConfig, is_main: bool) -> tuple[TrainConfig, type[Method], list[Path]]:
@@ -381,6 +469,8 @@ def _checked_config(cfg: TrainConfig, is_main: bool) -> tuple[TrainConfig, type[
     require_at_least_one({name: getattr(cfg, name) for name in ("steps", "batch_size", "checkpoint_every", "resolution")},
                          hints={"steps": default, "batch_size": default})
     check_output_folder(cfg.out)
+    check_schedule(cfg)
+    check_validation(cfg)
     # concept.json / train_config.json record where the model and images are: absolute, so that
     # `vico sample` works from any working directory
     cfg = replace(cfg, model=os.path.abspath(cfg.model), images=os.path.abspath(cfg.images))
@@ -495,6 +585,7 @@ class _Run:
     out: Path
     start: int  # the step this run starts from (a resumed checkpoint's, else 0)
     total: int  # the steps of all stages
+    validation_prompts: list[str]  # empty: no validation
 
 
 def _run_stages(run: _Run, stages: list[Stage], resume_state: dict | None) -> None:
@@ -507,77 +598,161 @@ def _run_stages(run: _Run, stages: list[Stage], resume_state: dict | None) -> No
     for index, stage in enumerate(stages):
         last = first + stage.steps
         if run.start < last:  # else finished before the checkpoint we resumed from
-            optimizer = _begin_stage(run, index, stage, resume_state if run.start > first else None)
+            optimizer, scheduler = _begin_stage(run, index, stage, resume_state if run.start > first else None)
             if len(stages) > 1:
                 bar.set_description(f"{run.method.name} [{stage.name}]")
-            completed, diverged_at = _train_stage(run, index, stage, optimizer, range(max(run.start, first), last),
-                                                  bar, completed, diverged_at)
+            completed, diverged_at = _train_stage(run, index, stage, (optimizer, scheduler),
+                                                  range(max(run.start, first), last), bar, completed, diverged_at)
         first = last
     bar.close()
 
 
-def _begin_stage(run: _Run, index: int, stage: Stage, resume_state: dict | None) -> torch.optim.Optimizer:
-    """Switch the method to stage ``index``, wrap what trains in it and make its optimizer, with the
-    resumed AdamW state when ``resume_state`` (a checkpoint inside this stage) was written in it."""
+def _begin_stage(run: _Run, index: int, stage: Stage, resume_state: dict | None):
+    """Switch the method to stage ``index``, wrap what trains in it and make its optimizer and learning-rate
+    schedule, with the resumed states when ``resume_state`` (a checkpoint inside this stage) was written in it.
+    Returns (optimizer, scheduler)."""
+    from diffusers.optimization import get_scheduler
+
     # DDP fixes the trainable set when it wraps a module: unwrap, change the set, wrap again
-    accelerator, method = run.accelerator, run.method
-    scale_lr = method.scale_lr if run.cfg.scale_lr is None else run.cfg.scale_lr
-    lr_scale = stage.batch_size * accelerator.num_processes if scale_lr else 1.0  # the global batch
+    accelerator, method, cfg = run.accelerator, run.method, run.cfg
+    scale_lr = method.scale_lr if cfg.scale_lr is None else cfg.scale_lr
+    # the global batch: per-process batch x processes x accumulated batches
+    lr_scale = stage.batch_size * accelerator.num_processes * cfg.gradient_accumulation_steps if scale_lr else 1.0
     _unwrap(accelerator, run.comps)
     method.begin_stage(index)
     groups = method.param_groups(lr_scale, stage=index)  # methods look modules up by name: before wrapping
     _wrap_trainable(accelerator, run.comps)
-    optimizer = accelerator.prepare(torch.optim.AdamW(groups))
+    adamw = torch.optim.AdamW(groups)
+    # stepped once per optimizer step, by the loop (not through accelerate, which would step it per process)
+    scheduler = get_scheduler(cfg.lr_scheduler, adamw, num_warmup_steps=cfg.lr_warmup_steps,
+                              num_training_steps=stage.steps)
+    optimizer = accelerator.prepare(adamw)
     if resume_state is not None and int(resume_state.get("stage", 0)) == index:
         optimizer.load_state_dict(resume_state["optimizer"])
-    return optimizer
+        if "scheduler" in resume_state:
+            scheduler.load_state_dict(resume_state["scheduler"])
+    return optimizer, scheduler
 
 
-def _train_stage(run: _Run, index: int, stage: Stage, optimizer: torch.optim.Optimizer, steps: range, bar,
-                 completed: int, diverged_at: int | None) -> tuple[int, int | None]:
-    """Train ``steps`` of stage ``index``, checkpointing every ``checkpoint_every`` steps and at the end, and
-    on Ctrl-C; returns the steps completed and the first step whose loss was NaN or inf (None if none)."""
-    accelerator, method, generator = run.accelerator, run.method, run.generator
-    world, rank = accelerator.num_processes, accelerator.process_index
-    # the global batch is the per-process batch x processes; each process trains on its rows of it
-    global_batch, rows = stage.batch_size * world, slice(rank * stage.batch_size, (rank + 1) * stage.batch_size)
+def _train_stage(run: _Run, index: int, stage: Stage, optimization: tuple, steps: range, bar, completed: int,
+                 diverged_at: int | None) -> tuple[int, int | None]:
+    """Train ``steps`` optimizer steps of stage ``index`` with ``optimization`` = (optimizer, scheduler),
+    checkpointing every ``checkpoint_every`` steps and at the end, and on Ctrl-C; returns the steps completed
+    and the first step whose loss was NaN or inf (None if none).
+
+    Each step draws one global batch (per-process batch x processes x accumulated batches) from the run's
+    generator; a process trains on its contiguous share of it, in ``gradient_accumulation_steps`` batches
+    whose gradients accelerate accumulates (and averages over processes) before the optimizer steps."""
+    accelerator, method, generator, cfg = run.accelerator, run.method, run.generator, run.cfg
+    optimizer, scheduler = optimization
+    world, rank, accumulate = accelerator.num_processes, accelerator.process_index, cfg.gradient_accumulation_steps
+    share = stage.batch_size * accumulate
+    global_batch, rows = share * world, slice(rank * share, (rank + 1) * share)
     gen_state, step = generator.get_state(), -1  # -1: no step of this stage begun
     try:
         for step in steps:
-            gen_state = generator.get_state()
+            gen_state, started = generator.get_state(), time.perf_counter()
             batch = method.make_batch(*run.latents, generator, global_batch, rows=rows)
-            with accelerator.autocast():
-                loss, logs = method.training_loss(batch)
-            if diverged_at is None and not math.isfinite(float(loss.detach())):
-                diverged_at = step + 1
-            accelerator.backward(loss)
-            with hold_interrupts():  # the weights and the step counter move together
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                completed = step + 1
+            parts = []
+            for j in range(accumulate):
+                with accelerator.accumulate(*_trained_modules(run.comps)):
+                    with accelerator.autocast():
+                        loss, logs = method.training_loss(
+                            batch.select(slice(j * stage.batch_size, (j + 1) * stage.batch_size)))
+                    if diverged_at is None and not math.isfinite(float(loss.detach())):
+                        diverged_at = step + 1
+                    accelerator.backward(loss)  # divided by the accumulation count
+                    parts.append(logs)
+                    if accelerator.sync_gradients != (j == accumulate - 1):
+                        raise RuntimeError("accelerate's accumulation counter is out of step with the batches")
+                    if accelerator.sync_gradients:
+                        with hold_interrupts():  # the weights, the schedule and the step counter move together
+                            optimizer.step()
+                            scheduler.step()
+                            optimizer.zero_grad(set_to_none=True)
+                            completed = step + 1
+            logs = {k: sum(p[k] for p in parts) / len(parts) for k in parts[0]}
             bar.update(1)
             bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()})
-            if completed % run.cfg.checkpoint_every == 0 or completed == run.total:
-                _checkpoint(run, completed, optimizer, index, diverged_at)
+            _log_step(run, optimizer, logs, completed, time.perf_counter() - started)
+            if completed % cfg.checkpoint_every == 0 or completed == run.total:
+                _checkpoint(run, completed, optimization, index, diverged_at)
+            if run.validation_prompts and (completed % (cfg.validation_steps or cfg.checkpoint_every) == 0
+                                           or completed == run.total):
+                _validate(run, completed)
     except KeyboardInterrupt:
         if accelerator.is_main_process and completed > run.start and diverged_at is None \
                 and first_nonfinite(method.state_dict()) is None:
             if completed == step:  # interrupted inside a step: rewind its random draws
                 generator.set_state(gen_state)
-            path = save_checkpoint(run.out, completed, method, optimizer, generator, stage=index, world_size=world)
+            path = save_checkpoint(run.out, completed, method, optimizer, generator, stage=index, world_size=world,
+                                   scheduler=scheduler)
             print(f"vico: interrupted; saved {path}; continue with --resume", file=sys.stderr)
         raise
     return completed, diverged_at
 
 
+def _trained_modules(comps: Components) -> list[torch.nn.Module]:
+    """The modules (maybe DDP-wrapped) with something to train in this stage."""
+    modules = [getattr(comps, name) for name in TRAINED_COMPONENTS]
+    return [m for m in modules if any(p.requires_grad for p in m.parameters())]
 
-def _checkpoint(run: _Run, completed: int, optimizer: torch.optim.Optimizer, index: int, diverged_at: int | None
-                ) -> None:
-    """Stop a diverged run on every process, else save and prune checkpoints on the main one while the others wait."""
+
+def _log_step(run: _Run, optimizer, logs: dict[str, float], step: int, seconds: float) -> None:
+    """Send the loss (and its parts), each group's learning rate and the step time to the trackers."""
+    if run.cfg.report_to == "none":
+        return
+    rates = {f"lr/{group.get('name', i)}": group["lr"] for i, group in enumerate(optimizer.param_groups)}
+    run.accelerator.log({**{f"train/{k}": v for k, v in logs.items()}, **rates, "step_seconds": seconds},
+                        step=step)
+
+
+class _plain_modules:
+    """Within the block ``comps`` holds the plain modules (DDP-free): sampling on one process must not run
+    DDP's collective forward; the wrappers are put back after."""
+
+    def __init__(self, accelerator, comps: Components):
+        self.accelerator, self.comps = accelerator, comps
+
+    def __enter__(self):
+        self.saved = {name: getattr(self.comps, name) for name in TRAINED_COMPONENTS}
+        for name, module in self.saved.items():
+            setattr(self.comps, name, self.accelerator.unwrap_model(module))
+        return self.comps
+
+    def __exit__(self, *exc):
+        for name, module in self.saved.items():
+            setattr(self.comps, name, module)
+        return False
+
+
+def _validate(run: _Run, step: int) -> None:
+    """Validation images at ``step`` on the main process (the others wait), to disk and to the trackers."""
+    from .validation import write_validation
+
+    accelerator, cfg = run.accelerator, run.cfg
+    if accelerator.is_main_process:
+        reference = run.method.training_images[0] if run.method.needs_reference else None
+        with _plain_modules(accelerator, run.comps) as comps:
+            folder, grid = write_validation(run.out, step, run.method, comps, run.validation_prompts,
+                                            cfg.num_validation_images, cfg.validation_sample_steps, cfg.seed,
+                                            reference)
+        for tracker in accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.log_images({"validation": grid[None]}, step, dataformats="NHWC")
+            else:
+                tracker.log_images({"validation": [grid]}, step)
+    accelerator.wait_for_everyone()
+
+
+def _checkpoint(run: _Run, completed: int, optimization: tuple, index: int, diverged_at: int | None) -> None:
+    """Stop a diverged run on every process, else save and prune checkpoints on the main one while the others
+    wait. ``optimization``: (optimizer, scheduler)."""
     check_finite(run.method, diverged_at, completed, run.out)  # on every process: all of them stop
     if run.accelerator.is_main_process:
+        optimizer, scheduler = optimization
         save_checkpoint(run.out, completed, run.method, optimizer, run.generator, stage=index,
-                        world_size=run.accelerator.num_processes)
+                        world_size=run.accelerator.num_processes, scheduler=scheduler)
         prune_checkpoints(run.out, run.cfg.checkpoints_total_limit)
     run.accelerator.wait_for_everyone()  # no process runs ahead of a checkpoint being written
 

@@ -56,6 +56,12 @@ def concept(model_dir, images_dir, tmp_path_factory):
     (("--fast",), "--fast is not an option of --method vico (its options: --layers, --reg-weight)"),
     (("--reg-weight", -1), "--reg-weight -1.0: a weight must be 0 or more"),
     (("--method", "attndreambooth", "--rotate-p", 2), "--rotate-p 2.0: a probability must be in [0, 1]"),
+    (("--gradient-accumulation-steps", 0), "--gradient-accumulation-steps must be 1 or more, got 0"),
+    (("--lr-warmup-steps", 2), "--lr-warmup-steps 2: the constant schedule has no warm-up"),
+    (("--lr-scheduler", "linear", "--lr-warmup-steps", -1), "--lr-warmup-steps must be 0 or more, got -1"),
+    (("--validation-prompt", " "), "--validation-prompt: a prompt must not be empty"),
+    (("--validation-steps", 0), "--validation-steps must be 1 or more, got 0"),
+    (("--validation-prompt", "a S*", "--num-validation-images", 0), "--num-validation-images must be 1 or more"),
     (("--method", "catversion", "--prefix-layers", "text_model.encoder.layers.99.self_attn"),
      "--prefix-layers text_model.encoder.layers.99.self_attn: no attention module of that name in the text encoder"),
 ])

@@ -118,6 +118,8 @@ def run_dir(model_dir, images_dir, tmp_path_factory):
     (("--method", "textual-inversion"), "--method"),
     (("--layers", "up_blocks.1.attentions.0"), "--layers"),
     (("--reg-weight", 0), "--reg-weight"),
+    (("--gradient-accumulation-steps", 2), "--gradient-accumulation-steps"),
+    (("--lr-scheduler", "cosine"), "--lr-scheduler"),
     (("--images", None), "--images"),
 ])
 def test_resume_refuses_arguments_that_change_what_is_trained(model_dir, images_dir, run_dir, tmp_path, capsys,

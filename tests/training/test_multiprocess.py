@@ -75,11 +75,12 @@ def test_the_shards_of_a_global_batch_are_its_rows(model_dir, method_cls):
 # --- two processes ---------------------------------------------------------------------------------
 
 def test_two_processes_train_what_one_process_trains_on_the_global_batch(model_dir, images_dir, tmp_path):
-    """2 processes x batch 1 == 1 process x batch 2 (lr scaled by the same global batch);
-    != 1 process x batch 1, so the second process's sample counted."""
+    """2 processes x batch 1 x 2 accumulated batches == 1 process x batch 4 (lr scaled by the same global
+    batch); != 1 process x batch 1, so the other samples counted."""
     two, one, single = tmp_path / "two", tmp_path / "one", tmp_path / "single"
-    launch_two(train_args(model_dir, images_dir, two, "--steps", 3, "--batch-size", 1), tmp_path)
-    assert cli.main(train_args(model_dir, images_dir, one, "--steps", 3, "--batch-size", 2)) == 0
+    launch_two(train_args(model_dir, images_dir, two, "--steps", 3, "--batch-size", 1,
+                          "--gradient-accumulation-steps", 2), tmp_path)
+    assert cli.main(train_args(model_dir, images_dir, one, "--steps", 3, "--batch-size", 4)) == 0
     assert cli.main(train_args(model_dir, images_dir, single, "--steps", 3, "--batch-size", 1)) == 0
     a, b, c = concept(two), concept(one), concept(single)
     assert max_diff(a, b) < 1e-6

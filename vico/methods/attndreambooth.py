@@ -114,11 +114,11 @@ class AttnDreamBooth(Method):
     def param_groups(self, lr_scale: float = 1.0, stage: int = 0) -> list[dict]:
         lr = self.base_lr(list(STAGES)[stage], default=self._stage_table()[stage][0]) * lr_scale
         if stage == 0:
-            return [{"params": [self.embedding.learned], "lr": lr}]
+            return [{"name": "embedding", "params": [self.embedding.learned], "lr": lr}]
         unet = self.components.unet
         params = [p for n in self.layers for p in unet.get_submodule(n).parameters()] if stage == 1 \
             else list(unet.parameters())
-        return [{"params": params, "lr": lr}]
+        return [{"name": list(STAGES)[stage], "params": params, "lr": lr}]
 
     def prompt(self, generator: torch.Generator) -> str:
         return f"a photo of a {self.concept_phrase(self.config.placeholder, self.config.init_word)}"

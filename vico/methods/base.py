@@ -238,7 +238,8 @@ class Method(ABC):
 
     @abstractmethod
     def param_groups(self, lr_scale: float = 1.0, stage: int = 0) -> list[dict]:
-        """AdamW parameter groups (params and lr) of a stage."""
+        """AdamW parameter groups of a stage: params, lr and the group's name (``learning_rate_names``), which
+        the trackers log the learning rate under."""
 
     @classmethod
     def learning_rate_names(cls) -> dict[str, float]:

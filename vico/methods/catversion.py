@@ -177,7 +177,7 @@ class CatVersion(Method):
 
     def param_groups(self, lr_scale: float = 1.0, stage: int = 0) -> list[dict]:
         params = [p for m in self.prefix.values() for p in (m.prefix_key, m.prefix_value)]
-        return [{"params": params, "lr": self.base_lr("prefix") * lr_scale}]
+        return [{"name": "prefix", "params": params, "lr": self.base_lr("prefix") * lr_scale}]
 
     def prompt(self, generator: torch.Generator) -> str:
         return self.config.init_word  # the class word alone

@@ -36,7 +36,7 @@ class TextualInversion(Method):
         return {"embedding": cls.embedding_lr}
 
     def param_groups(self, lr_scale: float = 1.0, stage: int = 0) -> list[dict]:
-        return [{"params": [self.embedding.learned], "lr": self.base_lr("embedding") * lr_scale}]
+        return [{"name": "embedding", "params": [self.embedding.learned], "lr": self.base_lr("embedding") * lr_scale}]
 
     def prompt(self, generator: torch.Generator) -> str:
         i = int(torch.randint(0, len(self.templates), (1,), generator=generator))

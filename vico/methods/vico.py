@@ -80,7 +80,7 @@ class ViCo(TextualInversion):
         return {**super().learning_rate_names(), "image": cls.image_lr}
 
     def param_groups(self, lr_scale: float = 1.0, stage: int = 0) -> list[dict]:
-        image = {"params": list(self.blocks.parameters()), "lr": self.base_lr("image")}  # never scaled
+        image = {"name": "image", "params": list(self.blocks.parameters()), "lr": self.base_lr("image")}  # never scaled
         return super().param_groups(lr_scale) + [image]
 
     def references(self, latent_mean, latent_std, idx, generator):
