@@ -371,7 +371,7 @@ def _train(cfg: TrainConfig, accelerator: Accelerator) -> Path:
     cfg, method_cls, candidates = _checked_config(cfg, accelerator.is_main_process)
     out = Path(cfg.out)
     method, comps, images = _built_method(cfg, method_cls, accelerator.device)
-    latents = _encoded_latents(method, images, comps, accelerator.device)
+    latents = _cached_latents(cfg, method, images, comps, accelerator)
     stages = method.stages(cfg.steps, cfg.batch_size)
     total = sum(s.steps for s in stages)
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -512,6 +512,58 @@ def _built_method(cfg: TrainConfig, method_cls: type[Method], device: torch.devi
     return method, comps, images
 
 
+LATENTS_FILE = "latents.safetensors"  # the encoded training images of a run, reused when it resumes
+
+
+def _latents_key(cfg: TrainConfig, method: Method, comps: Components) -> str:
+    """What the cached latents depend on: the image files' names and bytes, the resolution, the flipped copies,
+    the VAE's config, dtype and weight files (name, size, modification time)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in list_images(cfg.images):
+        digest.update(Path(path).name.encode() + b"\0" + Path(path).read_bytes())
+    vae_files = sorted(p for p in (Path(cfg.model) / "vae").iterdir() if p.is_file())
+    digest.update(json.dumps([cfg.resolution, method.hflip_prob > 0, str(comps.vae.dtype), dict(comps.vae.config),
+                              [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in vae_files]],
+                             sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def _cached_latents(cfg: TrainConfig, method: Method, images: torch.Tensor, comps: Components,
+                    accelerator: Accelerator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training images' latents (``_encoded_latents``), read from ``OUT/latents.safetensors`` when it was
+    written for the same images, size and VAE (a resumed run), else encoded and written there by the main
+    process. A stale file (images edited since) is encoded again, with a warning."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from .files import atomic_write
+
+    path, key = Path(cfg.out) / LATENTS_FILE, _latents_key(cfg, method, comps)
+    device = accelerator.device
+    if path.is_file():
+        try:
+            with safe_open(str(path), "pt") as handle:
+                if (handle.metadata() or {}).get("key") == key:
+                    return handle.get_tensor("mean").to(device), handle.get_tensor("std").to(device)
+            if accelerator.is_main_process:
+                warn(f"{path} was encoded from other images, size or VAE than this run's (edited since?): "
+                     "encoding the training images again")
+        except Exception as exc:  # truncated or foreign: a cache, so encode again
+            if accelerator.is_main_process:
+                warn(f"{path} is unreadable ({describe_error(exc)}): encoding the training images again")
+    mean, std = _encoded_latents(method, images, comps, device)
+    if accelerator.is_main_process:
+        tensors = {"mean": mean.detach().cpu().contiguous(), "std": std.detach().cpu().contiguous()}
+        try:
+            Path(cfg.out).mkdir(parents=True, exist_ok=True)
+            atomic_write(path, lambda p: save_file(tensors, str(p), metadata={"key": key}))
+        except (UserError, OSError) as exc:  # only a cache: the run goes on (its checkpoints say if the disk is full)
+            warn(f"{exc}; a resumed run will encode the training images again")
+    return mean, std
+
+
 def _encoded_latents(method: Method, images: torch.Tensor, comps: Components, device: torch.device
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scaled posterior mean and std of the images (doubled with flipped copies when the method flips),
@@ -521,7 +573,8 @@ def _encoded_latents(method: Method, images: torch.Tensor, comps: Components, de
             images = torch.cat([images, images.flip(-1)])
         posterior = comps.vae.encode(images.to(device, comps.vae.dtype)).latent_dist
         sf = comps.vae.config.scaling_factor
-        return posterior.mean * sf, posterior.std * sf
+        # contiguous, as read back from the cache: the same layout gives the same (bit-exact) training run
+        return (posterior.mean * sf).contiguous(), (posterior.std * sf).contiguous()
 
 
 def _resume(candidates: list[Path], method: Method, generator: torch.Generator, out: Path,

@@ -142,3 +142,25 @@ def test_a_run_interrupted_between_accumulated_batches_resumes_to_the_uninterrup
     assert [p.name for p in (tmp_path / "split" / "checkpoints").iterdir()] == ["step-000001"]
     train(cfg(tmp_path / "split", resume=True))
     assert max_diff(concept(tmp_path / "full"), concept(tmp_path / "split")) == 0.0
+
+
+def test_a_resumed_run_reads_its_cached_latents_and_encodes_edited_images_again(model_dir, images_dir, tmp_path,
+                                                                                 monkeypatch, capsys):
+    import vico.training
+    from vico.training import LATENTS_FILE
+
+    images = shutil.copytree(images_dir, tmp_path / "images")
+    out = tmp_path / "run"
+    assert vico_train(model_dir, images, out, "--steps", 1, "--checkpoint-every", 1) == 0
+    cached = load_file(out / LATENTS_FILE)
+    encode = vico.training._encoded_latents
+    monkeypatch.setattr(vico.training, "_encoded_latents", lambda *a: pytest.fail("encoded again"))
+    assert vico_train(model_dir, images, out, "--steps", 2, "--checkpoint-every", 1, "--resume") == 0
+    monkeypatch.setattr(vico.training, "_encoded_latents", encode)
+    first = sorted(images.iterdir())[0]
+    first.write_bytes(sorted(images.iterdir())[1].read_bytes())  # the user replaced a photo
+    capsys.readouterr()
+    assert vico_train(model_dir, images, out, "--steps", 3, "--checkpoint-every", 1, "--resume") == 0
+    assert "was encoded from other images, size or VAE than this run's" in capsys.readouterr().err
+    again = load_file(out / LATENTS_FILE)
+    assert not torch.equal(again["mean"], cached["mean"]) and torch.equal(again["mean"][1], cached["mean"][1])
