@@ -164,3 +164,34 @@ def test_a_resumed_run_reads_its_cached_latents_and_encodes_edited_images_again(
     assert "was encoded from other images, size or VAE than this run's" in capsys.readouterr().err
     again = load_file(out / LATENTS_FILE)
     assert not torch.equal(again["mean"], cached["mean"]) and torch.equal(again["mean"][1], cached["mean"][1])
+
+
+def test_validation_sample_steps_and_the_logging_folder_are_used(model_dir, images_dir, tmp_path, monkeypatch):
+    from vico.pipeline import ViCoPipeline
+
+    calls, real = [], ViCoPipeline.__call__
+
+    def recording(self, prompt, **kwargs):
+        calls.append((prompt, kwargs["num_images"], kwargs["num_inference_steps"]))
+        return real(self, prompt, **kwargs)
+
+    monkeypatch.setattr(ViCoPipeline, "__call__", recording)
+    out, logs = tmp_path / "run", tmp_path / "tb"
+    assert vico_train(model_dir, images_dir, out, "--steps", 1, "--validation-prompt", "S* in the snow",
+                      "--validation-sample-steps", 3, "--num-validation-images", 1, "--report-to", "tensorboard",
+                      "--logging-dir", logs) == 0
+    assert calls == [("S* in the snow", 1, 3)]  # at the end of the run: no --validation-steps given
+    assert list(logs.rglob("events.out.tfevents.*")) and not (out / "logs").exists()
+
+
+@pytest.mark.parametrize("method, phrase", [("vico", "S*"), ("attndreambooth", "S* cat"), ("catversion", "cat")])
+def test_default_validation_prompts_are_the_first_evaluation_prompts_naming_the_concept(method, phrase):
+    from tests import builders as tiny
+    from vico.methods.base import MethodConfig
+    from vico.metrics import load_eval_prompts
+    from vico.model import Components
+    from vico.validation import default_prompts
+
+    comps = Components(path="<tiny>", **tiny.make_tiny_components(0))
+    made = get_method(method)(comps, MethodConfig(init_word="cat", resolution=32))
+    assert default_prompts(made) == [t.format(phrase) for t in load_eval_prompts()[:3]]
