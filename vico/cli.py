@@ -61,7 +61,7 @@ def _train_parser(sub, argv: list[str]) -> None:
                    help="replace the method's base learning rate of one parameter group, repeatable: "
                    "textual-inversion embedding; vico embedding, image; catversion prefix; attndreambooth "
                    "embedding, cross-attention, unet (--scale-lr still applies where the method scales)")
-    p.add_argument("--checkpoint-every", type=int, default=100, help="write a resumable checkpoint every K steps")
+    p.add_argument("--checkpoint-every", type=int, default=100, help="write a resumable checkpoint every K steps (default 100)")
     p.add_argument("--checkpoints-total-limit", type=int, default=2, metavar="N",
                    help="keep the newest N checkpoints, delete older ones (default 2; 0 keeps all)")
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
