@@ -1,5 +1,7 @@
+import atexit
 import importlib.util
 import os
+import shutil
 import signal
 import tempfile
 
@@ -12,6 +14,7 @@ if not torch.cuda.is_available():
 # First-use verdicts of this run stay in this run: a test that breaks a kernel on purpose must never
 # leave a verdict in the user's cache (nor read one from it).
 os.environ["FUSED_SELFCHECK_DIR"] = tempfile.mkdtemp(prefix="fused-selfcheck-")
+atexit.register(shutil.rmtree, os.environ["FUSED_SELFCHECK_DIR"], ignore_errors=True)  # no folder left per run
 
 import pytest  # noqa: E402
 
