@@ -25,6 +25,19 @@ LOG2E_C: tl.constexpr = tl.constexpr(LOG2E)
 _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32, torch.float64: tl.float64}
 
 
+@triton.jit
+def chosen_probabilities(s_sel, lse2, idx_ok, idx_safe, mask_row, uniform, HAS_MASK: tl.constexpr):
+    """The chosen columns' probabilities [BLOCK_N, BLOCK_T] from their base-2 scores ``s_sel`` and the rows'
+    base-2 lse ``lse2`` [BLOCK_N]: 0 in -1 slots (``idx_ok`` false) and, with a key mask (row ``mask_row``),
+    in hidden columns; a row hiding every key (``uniform``) attends uniformly, so its columns score 0.
+    The forward's maps and the backward's row term read the same rule from here (docs/ops.md §4.3)."""
+    chosen = idx_ok
+    if HAS_MASK:
+        chosen = idx_ok & ((tl.load(mask_row + idx_safe, mask=idx_ok, other=0) != 0) | uniform)
+        s_sel = tl.where(uniform, 0.0, s_sel)
+    return tl.where(chosen[None, :], tl.exp2(s_sel - lse2[:, None]), 0.0)
+
+
 def next_pow2(n: int, minimum: int = 16) -> int:
     """Power-of-two block size >= n (tl.arange needs powers of two; tl.dot needs >= 16)."""
     return max(minimum, triton.next_power_of_2(int(n)))

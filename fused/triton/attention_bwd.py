@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from ..reference import accumulation_dtype
-from ._common import (INTERPRET, INTERPRET_META, LOG2E, LOG2E_C, autotuned_by_head_dim, launcher,
+from ._common import (INTERPRET, INTERPRET_META, LOG2E, LOG2E_C, autotuned_by_head_dim, chosen_probabilities, launcher,
                       needs_int64_offsets, next_pow2, tl_dtype)
 from .attention_fwd import precision
 
@@ -121,13 +121,11 @@ def _attention_bwd_rowterm_kernel(
             )
             lse2 = tl.load(Lse + bh * N + offs_n, mask=row_ok, other=0.0) * LOG2E_C
             s_sel = tl.dot(q, tl.trans(k_sel), input_precision=PRECISION).to(ACC) * qk_scale
-            chosen = idx_ok
-            if HAS_MASK:  # as in the forward: hidden columns 0, a row hiding every key scores 0
-                uniform = tl.load(AnyVisible + b) == 0
-                chosen = idx_ok & ((tl.load(KeyMask + b * L + tl.where(idx_ok, idx, 0), mask=idx_ok, other=0) != 0)
-                                   | uniform)
-                s_sel = tl.where(uniform, 0.0, s_sel)
-            p_sel = tl.where(chosen[None, :], tl.exp2(s_sel - lse2[:, None]), 0.0)
+            uniform = False
+            if HAS_MASK:
+                uniform = tl.load(AnyVisible + b) == 0  # every key hidden: attended uniformly
+            p_sel = chosen_probabilities(s_sel, lse2, idx_ok, tl.where(idx_ok, idx, 0), KeyMask + b * L, uniform,
+                                         HAS_MASK)
             if HEAD_MEAN:
                 dm_ptrs = DMaps + (b * T + offs_t[None, :]) * N + offs_n[:, None]
             else:

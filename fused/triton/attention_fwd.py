@@ -36,8 +36,8 @@ import triton
 import triton.language as tl
 
 from ..reference import accumulation_dtype
-from ._common import (INTERPRET, INTERPRET_META, LN2, LOG2E, autotuned_by_head_dim, launcher, needs_int64_offsets,
-                      next_pow2, tl_dtype)
+from ._common import (INTERPRET, INTERPRET_META, LN2, LOG2E, autotuned_by_head_dim, chosen_probabilities, launcher,
+                      needs_int64_offsets, next_pow2, tl_dtype)
 
 
 @triton.jit
@@ -135,11 +135,7 @@ def _attend_one_head(
                 k_sel = tl.load(k_ptr + idx_safe[:, None] * skl + offs_d[None, :] * skd,
                                 mask=idx_ok[:, None] & d_ok[None, :], other=0.0)
                 s_sel = tl.dot(q, tl.trans(k_sel), input_precision=PRECISION).to(ACC) * qk_scale
-            chosen = idx_ok
-            if HAS_MASK:  # a hidden column's probability is 0; a row hiding every key scores 0 everywhere
-                chosen = idx_ok & ((tl.load(mask_ptr + idx_safe, mask=idx_ok, other=0) != 0) | uniform)
-                s_sel = tl.where(uniform, 0.0, s_sel)
-            p_sel = tl.where(chosen[None, :], tl.exp2(s_sel - lse2[:, None]), 0.0)
+            p_sel = chosen_probabilities(s_sel, lse2, idx_ok, idx_safe, mask_ptr, uniform, HAS_MASK)
     return p_sel
 
 
