@@ -64,19 +64,21 @@ def initial_state(model: Path, method: str, concept, lrs: dict, options: dict) -
     return {k: v.detach().clone() for k, v in m.state_dict().items()}
 
 
-def score(model: Path, concept_dir: Path, concept, samples: int, guidance: float, png: Path) -> dict:
+def score(model: Path, concept_dir: Path, concept, samples: int, guidance: float, png: Path, images_dir: Path) -> dict:
     """Checker summary of ``samples`` images per background, plus what colours/textures were drawn; the
-    images go to ``png`` (one row per background)."""
+    images go to ``png`` (one row per background). A method that samples from a reference image (ViCo) gets
+    the first training image of ``images_dir``, as ``vico sample`` does."""
     import numpy as np
     from PIL import Image
 
     from vico.pipeline import ViCoPipeline
 
     pipe = ViCoPipeline.from_pretrained(model, concept_dir)
+    reference = pipe.default_reference(images_dir) if pipe.method.needs_reference else None
     rows, drawn, grid = [], {"colour": Counter(), "texture": Counter()}, []
     for i, bg in enumerate(world.BACKGROUNDS):
-        images, _ = pipe(prompt(pipe.method, concept, bg), num_images=samples, num_inference_steps=30, seed=i,
-                         progress=False, guidance_scale=guidance)
+        images, _ = pipe(prompt(pipe.method, concept, bg), reference=reference, num_images=samples,
+                         num_inference_steps=30, seed=i, progress=False, guidance_scale=guidance)
         grid.append(np.concatenate(list(images), axis=1))
         for img in images:
             got = checker.read(img)
@@ -130,7 +132,7 @@ def main(argv=None) -> int:
         ckpt = run / CHECKPOINTS / f"step-{step:06d}"
         _, after = read_concept(ckpt)
         entry = dict(step=step, moved=relative_change(before, after), **score(o.model, ckpt, concept, o.samples, o.guidance,
-                                                                               o.out / f"samples-{step:06d}.png"))
+                                                                               o.out / f"samples-{step:06d}.png", images))
         report.append(entry)
         print(json.dumps(entry), flush=True)
         before = after
