@@ -118,14 +118,13 @@ def build_steps(processor: str, model: str, latent: int, device: str, dtype: tor
             p.grad = None
         sync()
 
-    ids, cond = encode_prompts(comps.tokenizer, comps.text_encoder, ["a photo of S*"])
-    uncond = comps.text_encoder(comps.tokenizer([""], padding="max_length", max_length=77,
-                                                return_tensors="pt").input_ids.to(device))[0]
+    cond = encode_prompts(comps, ["a photo of S*"]).detach()
+    uncond = encode_prompts(comps, [""]).detach()
     context = method.sampling_context(mean[:1], 1)
 
     @torch.no_grad()
     def sample_step():
-        method.predict_noise(mean[:1], torch.tensor(500, device=device), ids, cond.detach(), uncond, 7.5, context)
+        method.predict_noise(mean[:1], torch.tensor(500, device=device), cond, uncond, 7.5, context)
         sync()
 
     return {"train": train_step, "sample": sample_step}

@@ -129,15 +129,61 @@ def save_tiny_dino(path: str | Path, seed: int = 0) -> Path:
     return path
 
 
-def tiny_clip_text_encoder(tok, num_hidden_layers: int = 2, with_projection: bool = True):
-    """An 8-wide CLIP text encoder over ``tok``: with projection for SD3's encoders 1 and 2, without for FLUX's."""
+def tiny_clip_text_encoder(tok, num_hidden_layers: int = 2, with_projection: bool = True, hidden_size: int = 8,
+                           projection_dim: int = 8):
+    """A small CLIP text encoder over ``tok`` (8 wide by default): with projection for SD3's encoders 1 and 2
+    and SDXL's encoder 2, without for FLUX's and SDXL's encoder 1."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
     return cls(CLIPTextConfig(
-        vocab_size=len(tok), hidden_size=8, intermediate_size=16, num_hidden_layers=num_hidden_layers,
-        num_attention_heads=2, max_position_embeddings=77, projection_dim=8, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+        vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_hidden_layers, num_attention_heads=2, max_position_embeddings=77,
+        projection_dim=projection_dim, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id))
+
+
+SDXL_TEXT_DIMS = (8, 16)  # hidden sizes of the tiny SDXL's text encoders (real SDXL: 768 and 1280)
+SDXL_POOLED_DIM = 12  # text_encoder_2's projection (real SDXL: 1280)
+
+
+def make_tiny_sdxl_components(seed: int = 0) -> dict:
+    """The parts of a tiny SDXL-shaped pipeline: a UNet with text_time added conditions and a depth-2 decoder
+    transformer (``transformer_layers_per_block``), two CLIP text encoders of different widths (the second
+    with projection), the tiny VAE and SDXL's Euler scheduler configuration."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    tok, tok_2 = make_tokenizer(), make_tokenizer()
+    d1, d2 = SDXL_TEXT_DIMS
+    unet = UNet2DConditionModel(
+        sample_size=IMAGE_SIZE // 2, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=d1 + d2, attention_head_dim=(2, 4), transformer_layers_per_block=(1, 2),
+        norm_num_groups=8, use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=8 * 6 + SDXL_POOLED_DIM,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8,
+        sample_size=IMAGE_SIZE, scaling_factor=0.13025,
+    )
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading")
+    return dict(unet=unet, vae=vae, scheduler=scheduler, tokenizer=tok, tokenizer_2=tok_2,
+                text_encoder=tiny_clip_text_encoder(tok, with_projection=False, hidden_size=d1),
+                text_encoder_2=tiny_clip_text_encoder(tok_2, hidden_size=d2, projection_dim=SDXL_POOLED_DIM))
+
+
+def save_tiny_sdxl_pipeline(path: str | Path, seed: int = 0, force_zeros_for_empty_prompt: bool = True) -> Path:
+    """Write the tiny SDXL pipeline with ``StableDiffusionXLPipeline.save_pretrained``; returns the path."""
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline(**make_tiny_sdxl_components(seed), add_watermarker=False,
+                                     force_zeros_for_empty_prompt=force_zeros_for_empty_prompt)
+    path = Path(path)
+    pipe.save_pretrained(path)
+    return path
 
 
 def save_tiny_sd3_pipeline(path: str | Path, seed: int = 0) -> Path:

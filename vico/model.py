@@ -1,8 +1,10 @@
 """Loading a local Stable Diffusion folder and the text-side helpers every method shares.
 
 ``load_components(path)`` reads any SD 1.x/2.x diffusers folder (``unet/``,
-``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``) with
-``from_pretrained``; nothing is downloaded. ``PlaceholderEmbedding`` adds
+``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``), and SDXL's (also
+``text_encoder_2/``, ``tokenizer_2/``), with ``from_pretrained``; nothing is
+downloaded. ``encode_prompts`` builds the UNet's conditioning of both families
+(``Conditioning``: SDXL adds the pooled projection and time ids). ``PlaceholderEmbedding`` adds
 learned token vectors to a frozen text encoder without training (or keeping
 optimizer state for) the whole vocabulary matrix.
 """
@@ -10,7 +12,7 @@ optimizer state for) the whole vocabulary matrix.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -179,6 +181,28 @@ def warn(message: str) -> None:
     print(f"vico: warning: {message}", file=sys.stderr)
 
 
+SD_PIPELINE = "StableDiffusionPipeline"
+SDXL_PIPELINE = "StableDiffusionXLPipeline"
+
+
+def model_family(path: str | Path) -> str:
+    """"sd" (SD 1.x/2.x) or "sdxl" for a diffusers folder: model_index.json's ``_class_name``, or, without one,
+    whether a ``text_encoder_2/`` folder is there. Any other pipeline class is a one-line ``UserError``."""
+    import json
+
+    path = Path(path)
+    try:
+        name = json.loads((path / "model_index.json").read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        name = None
+    if name is None:
+        return "sdxl" if (path / "text_encoder_2").is_dir() else "sd"
+    if name not in (SD_PIPELINE, SDXL_PIPELINE):
+        raise UserError(f"model path {path} holds a {name} (model_index.json); vico trains and samples "
+                        f"{SD_PIPELINE} (SD 1.x/2.x) and {SDXL_PIPELINE} folders")
+    return "sdxl" if name == SDXL_PIPELINE else "sd"
+
+
 @dataclass
 class Components:
     tokenizer: object
@@ -187,6 +211,21 @@ class Components:
     unet: nn.Module
     scheduler: object
     path: str
+    # SDXL's second tokenizer and CLIPTextModelWithProjection (None on SD 1.x/2.x)
+    tokenizer_2: object | None = None
+    text_encoder_2: nn.Module | None = None
+    # SDXL pipelines' config: the unconditional branch gets zero embeddings instead of encoding ""
+    force_zeros_for_empty_prompt: bool = False
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
+
+    @property
+    def text_encoders(self) -> list[tuple[object, nn.Module]]:
+        """(tokenizer, text encoder) pairs in the pipeline's order: one on SD, two on SDXL."""
+        pairs = [(self.tokenizer, self.text_encoder)]
+        return pairs + ([(self.tokenizer_2, self.text_encoder_2)] if self.is_sdxl else [])
 
     @property
     def device(self) -> torch.device:
@@ -203,35 +242,110 @@ class Components:
         return self.unet.config.sample_size * self.vae_scale
 
     def to(self, device, dtype=None) -> "Components":
-        for module in (self.text_encoder, self.vae, self.unet):
-            module.to(device) if dtype is None else module.to(device=device, dtype=dtype)
+        for module in (self.text_encoder, self.text_encoder_2, self.vae, self.unet):
+            if module is not None:
+                module.to(device) if dtype is None else module.to(device=device, dtype=dtype)
         return self
 
 
-def load_components(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Components:
-    """All parts of a local SD pipeline folder, frozen, in eval mode."""
+SD_FOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+SDXL_FOLDERS = SD_FOLDERS + ("text_encoder_2", "tokenizer_2")
+
+
+def load_components(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                    vae: str | Path | None = None) -> Components:
+    """All parts of a local SD 1.x/2.x or SDXL pipeline folder (``model_family``), frozen, in eval mode.
+    ``vae``: a separate VAE folder to use instead of ``path/vae`` (e.g. SDXL's fp16-fixed VAE)."""
+    import json
+
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import AutoTokenizer, CLIPTextModel
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own bars only: loading a local folder is quick
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"model path {path} is not a directory (expected a diffusers Stable Diffusion folder)")
-    for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+    sdxl = model_family(path) == "sdxl"
+    for sub in SDXL_FOLDERS if sdxl else SD_FOLDERS:
         if not (path / sub).is_dir():
-            raise UserError(f"model path {path} has no {sub}/ folder: not a diffusers Stable Diffusion pipeline")
+            kind = "SDXL" if sdxl else "Stable Diffusion"
+            raise UserError(f"model path {path} has no {sub}/ folder: not a diffusers {kind} pipeline")
+    vae_path = check_vae(vae) if vae is not None else path / "vae"
     comps = Components(
         tokenizer=AutoTokenizer.from_pretrained(path / "tokenizer"),
         text_encoder=CLIPTextModel.from_pretrained(path / "text_encoder"),
-        vae=AutoencoderKL.from_pretrained(path / "vae"),
+        vae=AutoencoderKL.from_pretrained(vae_path),
         unet=UNet2DConditionModel.from_pretrained(path / "unet"),
         scheduler=DDIMScheduler.from_pretrained(path / "scheduler"),
         path=os.path.abspath(path),  # what concept.json records: valid from any working directory
     )
-    for module in (comps.text_encoder, comps.vae, comps.unet):
-        module.requires_grad_(False).eval()
+    if sdxl:
+        comps.tokenizer_2 = AutoTokenizer.from_pretrained(path / "tokenizer_2")
+        comps.text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(path / "text_encoder_2")
+        index = json.loads((path / "model_index.json").read_text()) if (path / "model_index.json").is_file() else {}
+        comps.force_zeros_for_empty_prompt = bool(index.get("force_zeros_for_empty_prompt", True))
+        check_added_conditions(comps)
+    for module in (comps.text_encoder, comps.text_encoder_2, comps.vae, comps.unet):
+        if module is not None:
+            module.requires_grad_(False).eval()
     return comps.to(device, dtype)
+
+
+def check_vae(vae: str | Path, option: str = "--vae") -> Path:
+    """A separate VAE folder (``AutoencoderKL.save_pretrained``'s layout): one line when it is not one."""
+    vae = Path(vae)
+    if not (vae / "config.json").is_file():
+        raise UserError(f"{option} {vae}: not a diffusers VAE folder (no config.json; e.g. "
+                        "madebyollin/sdxl-vae-fp16-fix downloaded with save_pretrained)")
+    return vae
+
+
+def check_added_conditions(comps: Components) -> None:
+    """SDXL's UNet takes 6 time ids and text_encoder_2's pooled projection as added conditions: a UNet and
+    encoder that do not fit together are one line (``_get_add_time_ids`` raises the same deep inside)."""
+    unet = comps.unet
+    passed = unet.config.addition_time_embed_dim * len(TIME_ID_FIELDS) + comps.text_encoder_2.config.projection_dim
+    expected = unet.add_embedding.linear_1.in_features
+    if passed != expected:
+        raise UserError(f"model path {comps.path}: the UNet expects added conditions of length {expected}, the time "
+                        f"ids and text_encoder_2's projection give {passed}: not a consistent SDXL folder")
+
+
+TIME_ID_FIELDS = ("original height", "original width", "crop top", "crop left", "target height", "target width")
+
+
+@dataclass
+class Conditioning:
+    """What the UNet is conditioned on for a batch of B prompts (``encode_prompts``)."""
+
+    ids: torch.Tensor  # [B, 77] int64: the first tokenizer's ids (token positions for attention maps)
+    text: torch.Tensor  # [B, 77, D] encoder_hidden_states (SDXL: D = dim(text_encoder) + dim(text_encoder_2))
+    pooled: torch.Tensor | None = None  # [B, P] SDXL: text_encoder_2's pooled projection ("text_embeds")
+    time_ids: torch.Tensor | None = None  # [B, 6] SDXL: TIME_ID_FIELDS, in pixels
+
+    def unet_kwargs(self) -> dict:
+        """``encoder_hidden_states`` and ``added_cond_kwargs`` of a ``UNet2DConditionModel`` call."""
+        added = None if self.pooled is None else {"text_embeds": self.pooled, "time_ids": self.time_ids}
+        return {"encoder_hidden_states": self.text, "added_cond_kwargs": added}
+
+    @staticmethod
+    def cat(parts: list["Conditioning"]) -> "Conditioning":
+        """The rows of ``parts`` one after another (every field)."""
+        def rows(name):
+            values = [getattr(p, name) for p in parts]
+            return None if values[0] is None else torch.cat(values)
+
+        return Conditioning(*(rows(f.name) for f in fields(Conditioning)))
+
+    def zeros(self) -> "Conditioning":
+        """Zero text embeddings and pooled projection, the same ids and time ids: SDXL's unconditional branch
+        under ``force_zeros_for_empty_prompt``."""
+        pooled = None if self.pooled is None else torch.zeros_like(self.pooled)
+        return Conditioning(self.ids, torch.zeros_like(self.text), pooled, self.time_ids)
+
+    def detach(self) -> "Conditioning":
+        return Conditioning(*(None if v is None else v.detach() for v in (getattr(self, f.name) for f in fields(self))))
 
 
 class PlaceholderEmbedding(nn.Module):
@@ -291,11 +405,33 @@ def add_placeholder_token(tokenizer, text_encoder: nn.Module, token: str, init_w
     return emb
 
 
-def encode_prompts(tokenizer, text_encoder: nn.Module, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids [B, 77], text embeddings [B, 77, dim]) padded like SD."""
-    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids.to(next(text_encoder.parameters()).device)
-    return ids, text_encoder(ids)[0]
+def encode_prompts(components: Components, prompts: list[str], size: int | None = None) -> Conditioning:
+    """The UNet's conditioning for ``prompts``, as the diffusers pipelines build it: on SD 1.x/2.x the text
+    encoder's last hidden states [B, 77, D]; on SDXL (``StableDiffusionXLPipeline.encode_prompt``) the
+    penultimate hidden states of both encoders concatenated [B, 77, D1 + D2], text_encoder_2's pooled
+    projection [B, P] and the time ids of an uncropped ``size`` x ``size`` image (``add_time_ids``).
+    Every tokenizer pads to its ``model_max_length`` and truncates."""
+    sdxl = components.is_sdxl
+    if sdxl and size is None:
+        raise ValueError("SDXL's added conditions need the image size")
+    hidden, first_ids, out = [], None, None
+    for tokenizer, encoder in components.text_encoders:
+        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids.to(next(encoder.parameters()).device)
+        first_ids = ids if first_ids is None else first_ids
+        out = encoder(ids, output_hidden_states=sdxl)
+        hidden.append(out.hidden_states[-2] if sdxl else out[0])
+    if not sdxl:
+        return Conditioning(first_ids, hidden[0])
+    text = torch.cat(hidden, dim=-1).to(hidden[-1].dtype)  # the pipeline casts to text_encoder_2's dtype
+    return Conditioning(first_ids, text, out.text_embeds, add_time_ids(size, len(prompts), text.dtype, text.device))
+
+
+def add_time_ids(size: int, rows: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+    """SDXL's micro-conditioning [rows, 6] (``TIME_ID_FIELDS``) of a ``size`` x ``size`` image neither resized nor
+    cropped: (size, size, 0, 0, size, size), as ``StableDiffusionXLPipeline._get_add_time_ids`` builds it for
+    original size = target size = the resolution and crop top-left (0, 0)."""
+    return torch.tensor([[size, size, 0, 0, size, size]], dtype=dtype, device=device).repeat(rows, 1)
 
 
 def token_positions(input_ids: torch.Tensor, token_id: int | None, eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,7 +19,7 @@ import torch
 from .data import list_images, load_image
 from .methods import load_method
 from .methods.base import Method
-from .model import Components, UserError, encode_prompts, load_components
+from .model import Components, UserError, load_components
 
 
 class ViCoPipeline:
@@ -62,8 +62,8 @@ class ViCoPipeline:
         sampler = DPMSolverMultistepScheduler if self.method.sampler == "dpm-solver" else DDIMScheduler
         scheduler = sampler.from_config(c.scheduler.config)
         scheduler.set_timesteps(num_inference_steps, device=device)
-        ids, cond = encode_prompts(c.tokenizer, c.text_encoder, [prompt] * num_images)
-        self._check_token_kept(prompt, ids)
+        cond = self.method.encode([prompt] * num_images)
+        self._check_token_kept(prompt, cond.ids)
         uncond = self.method.encode_unconditional(num_images)
         if guidance_scale is None:
             guidance_scale = self.method.guidance_scale
@@ -82,7 +82,7 @@ class ViCoPipeline:
         for i, t in enumerate(tqdm(scheduler.timesteps, desc="sampling", disable=not progress)):
             context["last_step"] = i == len(scheduler.timesteps) - 1
             model_in = scheduler.scale_model_input(latents, t)
-            eps = self.method.predict_noise(model_in, t, ids, cond, uncond, guidance_scale, context)
+            eps = self.method.predict_noise(model_in, t, cond, uncond, guidance_scale, context)
             latents = scheduler.step(eps, t, latents).prev_sample
         if not bool(torch.isfinite(latents).all()):  # decoding them would give black images, silently
             raise UserError(f"sampling produced NaN or inf latents (guidance {guidance_scale:g}, "

@@ -33,7 +33,7 @@ from .files import atomic_folder, atomic_write, describe_error, load_tensors_onl
 from .methods import get_method
 from .methods.base import Method, MethodConfig, MethodOptions, Stage, method_options, option_flag
 from .model import (Components, UnreadableFile, UserError, check_image_size, check_output_folder,
-                    check_placeholder, check_seed, first_nonfinite, load_components, native_size,
+                    check_placeholder, check_seed, first_nonfinite, load_components, model_family, native_size,
                     require_at_least_one, warn)
 
 if TYPE_CHECKING:
@@ -290,6 +290,7 @@ def check_inputs(cfg: TrainConfig, method_cls, options: MethodOptions) -> None:
     list_images(cfg.images)
     if not Path(cfg.model).is_dir():
         raise UserError(f"--model {cfg.model} is not a directory (expected a diffusers Stable Diffusion folder)")
+    method_cls.check_family(model_family(cfg.model), cfg.model)
     if cfg.resolution is not None:
         check_image_size(cfg.resolution, cfg.model, "--resolution")
     method_cls.check_options_for_model(options, Path(cfg.model))
@@ -809,14 +810,15 @@ def _checkpoint(run: _Run, completed: int, optimization: tuple, index: int, dive
         prune_checkpoints(run.out, run.cfg.checkpoints_total_limit)
     run.accelerator.wait_for_everyone()  # no process runs ahead of a checkpoint being written
 
-TRAINED_COMPONENTS = ("unet", "text_encoder")  # the modules a method's trainable parameters live in
+TRAINED_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")  # where a method's trainable parameters live
 
 
 def _unwrap(accelerator, comps) -> None:
     """Put the plain modules back into ``comps`` and drop accelerate's references to the wrappers."""
     accelerator.free_memory()
     for name in TRAINED_COMPONENTS:
-        setattr(comps, name, accelerator.unwrap_model(getattr(comps, name)))
+        if getattr(comps, name) is not None:  # text_encoder_2: SDXL only
+            setattr(comps, name, accelerator.unwrap_model(getattr(comps, name)))
 
 
 def _wrap_trainable(accelerator, comps) -> None:
@@ -824,7 +826,7 @@ def _wrap_trainable(accelerator, comps) -> None:
     with nothing to train stays plain: DDP refuses one, and it needs no gradient averaging."""
     for name in TRAINED_COMPONENTS:
         module = getattr(comps, name)
-        if any(p.requires_grad for p in module.parameters()):
+        if module is not None and any(p.requires_grad for p in module.parameters()):
             setattr(comps, name, accelerator.prepare(module))
 
 

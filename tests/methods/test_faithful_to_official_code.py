@@ -38,9 +38,9 @@ def record_predict_noise(monkeypatch, cls):
     calls = []
     real = cls.predict_noise
 
-    def recording(self, latents, t, prompt_ids, cond, uncond, guidance_scale, context):
-        calls.append({"uncond": uncond.clone(), "cond": cond.clone(), "guidance": guidance_scale})
-        return real(self, latents, t, prompt_ids, cond, uncond, guidance_scale, context)
+    def recording(self, latents, t, cond, uncond, guidance_scale, context):
+        calls.append({"uncond": uncond.text.clone(), "cond": cond.text.clone(), "guidance": guidance_scale})
+        return real(self, latents, t, cond, uncond, guidance_scale, context)
 
     monkeypatch.setattr(cls, "predict_noise", recording)
     return calls
@@ -53,8 +53,8 @@ def test_catversion_unconditional_branch_is_the_plain_clip_encoding_and_guidance
     method = CatVersion(c, MethodConfig(init_word="cat", resolution=32))
     plain = components()  # the same random weights, no prefixes: the official fixed uc.pt
     with torch.no_grad():
-        _, want = encode_prompts(plain.tokenizer, plain.text_encoder, [""] * 2)
-        _, prefixed = encode_prompts(c.tokenizer, c.text_encoder, [""] * 2)
+        want = encode_prompts(plain, [""] * 2).text
+        prefixed = encode_prompts(c, [""] * 2).text
     assert not torch.allclose(prefixed, want)  # the prefixes do change the encoding of ""
     calls = record_predict_noise(monkeypatch, CatVersion)
     ViCoPipeline(c, method)("cat", num_images=2, num_inference_steps=2, progress=False)
@@ -64,7 +64,7 @@ def test_catversion_unconditional_branch_is_the_plain_clip_encoding_and_guidance
         assert call["guidance"] == 10.0
     assert all(m.enabled for m in method.prefix.values())  # switched back on after the uncond encoding
     with torch.no_grad():
-        torch.testing.assert_close(calls[0]["cond"], encode_prompts(c.tokenizer, c.text_encoder, ["cat"] * 2)[1])
+        torch.testing.assert_close(calls[0]["cond"], encode_prompts(c, ["cat"] * 2).text)
     # an explicit scale still wins; other methods keep 7.5
     ViCoPipeline(c, method)("cat", num_inference_steps=1, guidance_scale=3.0, progress=False)
     assert calls[-1]["guidance"] == 3.0

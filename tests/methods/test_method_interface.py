@@ -99,7 +99,8 @@ def test_attndreambooth_regulariser_equals_materialised_attention():
     prompts = [method.prompt(g)] * 2
     from vico.model import encode_prompts
 
-    ids, text = encode_prompts(c.tokenizer, c.text_encoder, prompts)
+    cond = encode_prompts(c, prompts)
+    ids, text = cond.ids, cond.text
     t = torch.tensor([100, 700])
     request = method.map_request(ids)
     c.unet(latents, t, text, cross_attention_kwargs={"map_request": request})

@@ -14,7 +14,7 @@ from tests import builders as tiny  # noqa: E402
 from vico.image_attention import ReferenceEarlyStop, inject_image_attention  # noqa: E402
 from vico.methods.base import MethodConfig  # noqa: E402
 from vico.methods.vico import ViCo, ViCoOptions  # noqa: E402
-from vico.model import Components  # noqa: E402
+from vico.model import Components, Conditioning  # noqa: E402
 
 from tests.builders import tiny_unet  # noqa: E402
 
@@ -136,13 +136,13 @@ def test_sampling_step_and_its_maps_are_unchanged():
     g = torch.Generator().manual_seed(0)
     latents = torch.randn(2, 4, 16, 16, generator=g, dtype=torch.float64)
     ref = torch.randn(1, 4, 16, 16, generator=g, dtype=torch.float64)
-    cond, uncond = (torch.randn(2, 77, 32, generator=g, dtype=torch.float64) for _ in range(2))
     ids = comps.tokenizer(["a photo of S*"] * 2, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    cond, uncond = (Conditioning(ids, torch.randn(2, 77, 32, generator=g, dtype=torch.float64)) for _ in range(2))
     results = []
     for enabled in (False, True):
         method.reference_stop.enabled = enabled
         ctx = method.sampling_context(ref, 2)
-        eps = method.predict_noise(latents, torch.tensor(500), ids, cond, uncond, 7.5, ctx)
+        eps = method.predict_noise(latents, torch.tensor(500), cond, uncond, 7.5, ctx)
         results.append((eps, method.sampled_maps(ctx), method.reference_maps(ctx)))
     (want, *want_maps), (got, *got_maps) = results
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)

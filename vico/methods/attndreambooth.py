@@ -28,7 +28,7 @@ import torch.nn.functional as F
 import fused
 
 from ..data import attndreambooth_augment
-from ..model import Components, UserError, add_placeholder_token, encode_prompts, token_positions
+from ..model import Components, UserError, add_placeholder_token, token_positions
 from .base import Batch, Method, MethodConfig, MethodOptions, Stage, draw_noise, noise_and_target
 
 STAGES = {  # name: (lr, steps, batch size, (lambda_mu, lambda_sigma))
@@ -169,10 +169,10 @@ class AttnDreamBooth(Method):
 
     def training_loss(self, batch: Batch):
         c = self.components
-        ids, text = encode_prompts(c.tokenizer, c.text_encoder, batch.prompts)
+        cond = self.encode(batch.prompts)
         noisy, t, target = noise_and_target(c.scheduler, batch.latents, batch.noise, batch.timesteps)
-        request = self.map_request(ids)
-        pred = c.unet(noisy, t, text, cross_attention_kwargs={"map_request": request}).sample
+        request = self.map_request(cond.ids)
+        pred = c.unet(noisy, t, **cond.unet_kwargs(), cross_attention_kwargs={"map_request": request}).sample
         mse = F.mse_loss(pred.float(), target.float())
         lam_mu, lam_sigma = self._stage_table()[self.stage][3]
         reg = mean_variance_regulariser(request.maps, lam_mu, lam_sigma)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..files import atomic_write, describe_error
-from ..model import Components, UnreadableFile, UserError, encode_prompts, first_nonfinite
+from ..model import Components, Conditioning, UnreadableFile, UserError, encode_prompts, first_nonfinite
 
 CONFIG_FILE = "concept.json"
 WEIGHTS_FILE = "concept.safetensors"
@@ -189,6 +189,7 @@ class Method(ABC):
     guidance_scale: ClassVar[float] = 7.5  # classifier-free guidance when the user gives none
     needs_reference: ClassVar[bool] = False  # sampling reads a reference image (ViCo); default: a training image
     image_layers: ClassVar[bool] = False  # places blocks in the UNet's spatial transformers (--layers; ViCo)
+    families: ClassVar[tuple[str, ...]] = ("sd",)  # the model families it trains on (``model_family``)
     Options: ClassVar[type[MethodOptions]] = MethodOptions  # its own options (flags of `vico train`)
     # Pixel images [n, 3, H, W] in [-1, 1] of the training set, for methods that augment in image
     # space (AttnDreamBooth); the trainer may set it, else such a method decodes the latents once.
@@ -200,6 +201,7 @@ class Method(ABC):
         if type(config.options) is not self.Options:
             raise TypeError(f"{self.name} takes {self.Options.__name__}, got {type(config.options).__name__}")
         config.options.check()
+        self.check_family("sdxl" if components.is_sdxl else "sd", components.path)
         self.components = components
         self.config = config
 
@@ -222,6 +224,14 @@ class Method(ABC):
     def plain_prompt(cls, prompt: str, placeholder: str, class_word: str) -> str:
         """The prompt with the concept named by its class word alone (what CLIP-T scores against)."""
         return prompt.replace(cls.concept_phrase(placeholder, class_word), class_word).replace(placeholder, class_word)
+
+    @classmethod
+    def check_family(cls, family: str, model: str | Path) -> None:
+        """One line when this method does not train on ``model``'s family ("sd" or "sdxl", ``model_family``)."""
+        if family not in cls.families:
+            names = {"sd": "SD 1.x/2.x", "sdxl": "SDXL"}
+            raise UserError(f"--method {cls.name} does not support {names[family]} pipelines yet ({model}); it "
+                            f"trains on {' and '.join(names[f] for f in cls.families)}")
 
     @classmethod
     def check_options_for_model(cls, options: MethodOptions, model: Path) -> None:
@@ -289,9 +299,9 @@ class Method(ABC):
         Every term must stay a mean over rows: several processes average their
         gradients, which then equals one process's gradient on the whole batch."""
         c = self.components
-        _, text = encode_prompts(c.tokenizer, c.text_encoder, batch.prompts)
+        cond = self.encode(batch.prompts)
         noisy, t, target = noise_and_target(c.scheduler, batch.latents, batch.noise, batch.timesteps)
-        pred = c.unet(noisy, t, text).sample
+        pred = c.unet(noisy, t, **cond.unet_kwargs()).sample
         loss = F.mse_loss(pred.float(), target.float())
         return loss, {"loss": loss.item()}
 
@@ -303,18 +313,24 @@ class Method(ABC):
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
 
     # --- sampling --------------------------------------------------------
-    def predict_noise(self, latents: torch.Tensor, t: torch.Tensor, prompt_ids: torch.Tensor,
-                      cond: torch.Tensor, uncond: torch.Tensor, guidance_scale: float,
-                      context: dict) -> torch.Tensor:
-        """Guided noise prediction for ``latents`` [B, 4, h, w] at timestep ``t``."""
-        out = self.components.unet(torch.cat([latents, latents]), t, torch.cat([uncond, cond])).sample
+    def encode(self, prompts: list[str]) -> Conditioning:
+        """The UNet's conditioning of ``prompts`` at the concept's resolution (``encode_prompts``)."""
+        return encode_prompts(self.components, prompts, self.config.resolution)
+
+    def predict_noise(self, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning, uncond: Conditioning,
+                      guidance_scale: float, context: dict) -> torch.Tensor:
+        """Guided noise prediction for ``latents`` [B, 4, h, w] at timestep ``t``; ``cond``/``uncond``: B rows
+        each (``encode``, ``encode_unconditional``)."""
+        both = Conditioning.cat([uncond, cond])
+        out = self.components.unet(torch.cat([latents, latents]), t, **both.unet_kwargs()).sample
         eps_u, eps_c = out.chunk(2)
         return guide(eps_u, eps_c, guidance_scale)
 
-    def encode_unconditional(self, batch: int) -> torch.Tensor:
-        """Text embeddings [batch, 77, dim] of the unconditional (empty) prompt."""
-        c = self.components
-        return encode_prompts(c.tokenizer, c.text_encoder, [""] * batch)[1]
+    def encode_unconditional(self, batch: int) -> Conditioning:
+        """The conditioning of ``batch`` unconditional (empty) prompts; zeros on an SDXL pipeline configured
+        with ``force_zeros_for_empty_prompt`` (as ``StableDiffusionXLPipeline.encode_prompt``)."""
+        cond = self.encode([""] * batch)
+        return cond.zeros() if self.components.force_zeros_for_empty_prompt else cond
 
     def sampling_context(self, reference_latents: torch.Tensor | None, batch: int) -> dict:
         """Per-run state for ``predict_noise`` (e.g. encoded reference latents)."""

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model import Components, UserError
+from ..model import Components, Conditioning, UserError
 from .base import Method, MethodConfig, MethodOptions
 
 
@@ -186,7 +186,7 @@ class CatVersion(Method):
     def concept_phrase(cls, placeholder: str, class_word: str) -> str:
         return class_word  # no placeholder token: the concept lives in the class word
 
-    def encode_unconditional(self, batch: int) -> torch.Tensor:
+    def encode_unconditional(self, batch: int) -> Conditioning:
         """The plain CLIP encoding of "" (the official fixed ``uc.pt``): prefixes off, so
         guidance pulls toward the concept."""
         with prefixes_off(self.components.text_encoder):

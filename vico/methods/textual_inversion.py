@@ -1,6 +1,8 @@
-"""Textual Inversion: one learned token embedding, everything else frozen.
+"""Textual Inversion: one learned token embedding per text encoder, everything else frozen.
 
-The base of ViCo (which adds image attention on top) and a method of its own.
+The base of ViCo (which adds image attention on top) and a method of its own. On SDXL the
+placeholder is added to both tokenizers and learned in both encoders (``embedding`` [1, 768] and
+``embedding_2`` [1, 1280] on real SDXL), each initialised from the class word's own embedding.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from ..model import Components, add_placeholder_token
 from ..files import atomic_write
 from .base import Method, MethodConfig
 
+EMBEDDING_KEYS = ("embedding", "embedding_2")  # concept.safetensors names of the text encoders' learned rows
+
 
 class TextualInversion(Method):
     name = "textual-inversion"
@@ -23,37 +27,50 @@ class TextualInversion(Method):
     scale_lr = True
     embedding_lr = 5e-3
     templates = IMAGENET_TEMPLATES_SMALL  # Textual Inversion's 27 (ViCo: its 81)
+    families = ("sd", "sdxl")
 
     def __init__(self, components: Components, config: MethodConfig):
         super().__init__(components, config)
-        tok = components.tokenizer
-        self.embedding = add_placeholder_token(tok, components.text_encoder, config.placeholder, config.init_word)
-        self.token_id = tok.convert_tokens_to_ids(config.placeholder)
+        # one learned row per text encoder, in the pipeline's order (EMBEDDING_KEYS names them)
+        self.embeddings = [add_placeholder_token(tok, encoder, config.placeholder, config.init_word)
+                           for tok, encoder in components.text_encoders]
+        self.token_id = components.tokenizer.convert_tokens_to_ids(config.placeholder)
         fused.attach(components.unet)
+
+    @property
+    def embedding(self):
+        """The first text encoder's placeholder embedding (the only one on SD 1.x/2.x)."""
+        return self.embeddings[0]
 
     @classmethod
     def learning_rate_names(cls) -> dict[str, float]:
         return {"embedding": cls.embedding_lr}
 
     def param_groups(self, lr_scale: float = 1.0, stage: int = 0) -> list[dict]:
-        return [{"name": "embedding", "params": [self.embedding.learned], "lr": self.base_lr("embedding") * lr_scale}]
+        params = [emb.learned for emb in self.embeddings]
+        return [{"name": "embedding", "params": params, "lr": self.base_lr("embedding") * lr_scale}]
 
     def prompt(self, generator: torch.Generator) -> str:
         i = int(torch.randint(0, len(self.templates), (1,), generator=generator))
         return self.prompt_for(self.templates[i], self.config.placeholder, self.config.init_word)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"embedding": self.embedding.learned}
+        return {key: emb.learned for key, emb in zip(EMBEDDING_KEYS, self.embeddings)}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
-            self.embedding.learned.copy_(state["embedding"])
+            for key, emb in zip(EMBEDDING_KEYS, self.embeddings):
+                emb.learned.copy_(state[key])
 
     def save_extra(self, out: Path) -> None:
-        # diffusers' `pipe.load_textual_inversion(out / "learned_embeds.safetensors")` reads this.
+        """``learned_embeds.safetensors``: on SD what diffusers' ``pipe.load_textual_inversion(path)`` reads; on
+        SDXL the ``clip_l``/``clip_g`` file A1111 and ComfyUI read (diffusers loads each tensor into its
+        encoder: docs/methods.md, SDXL)."""
         from safetensors.torch import save_file
 
         from ..export import tool_tensors
 
-        vec = tool_tensors("diffusers", self.config.placeholder, [self.embedding.learned.detach().cpu().contiguous()])
-        atomic_write(out / "learned_embeds.safetensors", lambda p: save_file(vec, str(p)))
+        vectors = [emb.learned.detach().cpu().contiguous() for emb in self.embeddings]
+        fmt = "a1111" if len(vectors) > 1 else "diffusers"
+        tensors = tool_tensors(fmt, self.config.placeholder, vectors)
+        atomic_write(out / "learned_embeds.safetensors", lambda p: save_file(tensors, str(p)))

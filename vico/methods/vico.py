@@ -24,7 +24,7 @@ import fused
 
 from ..data import VICO_TEMPLATES
 from ..image_attention import MASK_SLOT, ReferenceEarlyStop, image_block_sources, inject_image_attention
-from ..model import Components, UserError, check_layers, encode_prompts, token_positions
+from ..model import Components, Conditioning, UserError, check_layers, token_positions
 from .base import Batch, MethodConfig, MethodOptions, guide, noise_and_target
 from .textual_inversion import TextualInversion
 
@@ -124,11 +124,13 @@ class ViCo(TextualInversion):
 
     def training_loss(self, batch: Batch):
         c = self.components
-        ids, text = encode_prompts(c.tokenizer, c.text_encoder, batch.prompts)
+        cond = self.encode(batch.prompts)
         noisy, t, target = noise_and_target(c.scheduler, batch.latents, batch.noise, batch.timesteps)
         B = noisy.shape[0]
-        request = self.map_request(ids, copies=1)
-        out = c.unet(torch.cat([noisy, batch.reference.to(noisy)]), torch.cat([t, t]), torch.cat([text, text]),
+        request = self.map_request(cond.ids, copies=1)
+        # the reference half gets the noisy half's text and (SDXL) added conditions, row for row
+        both = Conditioning.cat([cond, cond])
+        out = c.unet(torch.cat([noisy, batch.reference.to(noisy)]), torch.cat([t, t]), **both.unet_kwargs(),
                      cross_attention_kwargs={"map_request": request}).sample
         mse = F.mse_loss(out[:B].float(), target.float())  # out: the noisy half (all rows without the stop)
         reg = self.regulariser(request, slice(B, 2 * B))
@@ -151,16 +153,17 @@ class ViCo(TextualInversion):
         ref = reference_latents[:1].expand(batch, -1, -1, -1) if reference_latents.shape[0] == 1 else reference_latents
         return {"reference": ref}
 
-    def predict_noise(self, latents, t, prompt_ids, cond, uncond, guidance_scale, context):
-        """Two UNet passes per guidance branch in one call: [noisy_u, noisy_c, ref_u, ref_c].
+    def predict_noise(self, latents, t, cond, uncond, guidance_scale, context):
+        """Two UNet passes per guidance branch in one call: [noisy_u, noisy_c, ref_u, ref_c], each reference
+        row with the conditioning (SDXL: added conditions too) of its noisy row.
 
         On the last step (``context["last_step"]``, set by the pipeline; True when absent)
         the conditional noisy rows record their own S* maps too (``sampled_maps``)."""
         ref = context["reference"].to(latents)
-        request = self.map_request(prompt_ids, copies=2, generated=context.get("last_step", True))
+        request = self.map_request(cond.ids, copies=2, generated=context.get("last_step", True))
         x = torch.cat([latents, latents, ref, ref])
-        text = torch.cat([uncond, cond, uncond, cond])
-        out = self.components.unet(x, t, text, cross_attention_kwargs={"map_request": request}).sample
+        rows = Conditioning.cat([uncond, cond, uncond, cond])
+        out = self.components.unet(x, t, **rows.unet_kwargs(), cross_attention_kwargs={"map_request": request}).sample
         context["last_request"] = request
         eps_u, eps_c = out[: 2 * latents.shape[0]].chunk(2)  # the noisy rows (all of out under the early stop)
         return guide(eps_u, eps_c, guidance_scale)
@@ -198,10 +201,11 @@ class ViCo(TextualInversion):
         map of the highest-resolution flagged layer, as in training (the image is both halves)."""
         c = self.components
         B = latents.shape[0]
-        ids, text = encode_prompts(c.tokenizer, c.text_encoder, [f"a photo of {self.config.placeholder}"] * B)
-        request = self.map_request(ids, copies=1)
+        cond = self.encode([f"a photo of {self.config.placeholder}"] * B)
+        request = self.map_request(cond.ids, copies=1)
         t = torch.full((2 * B,), timestep, device=latents.device)
-        c.unet(torch.cat([latents, latents]), t, torch.cat([text, text]), cross_attention_kwargs={"map_request": request})
+        c.unet(torch.cat([latents, latents]), t, **Conditioning.cat([cond, cond]).unet_kwargs(),
+               cross_attention_kwargs={"map_request": request})
         masks = {layer: request.masks[layer][B:, MASK_SLOT] for layer in self.source_layers}
         layer = max(masks, key=lambda k: masks[k].shape[-1])
         side = int(round(masks[layer].shape[-1] ** 0.5))
