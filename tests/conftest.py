@@ -96,6 +96,15 @@ def model_dir(tmp_path_factory):
     return tiny.save_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd"))
 
 
+@pytest.fixture(scope="session")
+def sdxl_model_dir(tmp_path_factory):
+    """A tiny SDXL-shaped pipeline saved with ``StableDiffusionXLPipeline.save_pretrained`` (random weights;
+    force_zeros_for_empty_prompt on, the pipeline's default). Tests must not modify it."""
+    from tests import builders as tiny
+
+    return tiny.save_tiny_sdxl_pipeline(tmp_path_factory.mktemp("tiny-sdxl"))
+
+
 @pytest.fixture(scope="module")
 def images_dir(tmp_path_factory):
     """Three toy training images (the tests' "concept")."""

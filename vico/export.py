@@ -11,10 +11,10 @@ embedding at all. The layouts, as the tools' loaders read them (docs/methods.md 
 - ``diffusers``: ``{placeholder: [n_vectors, dim]}``, what diffusers' own Textual Inversion script
   saves: ``load_textual_inversion`` takes the key of a one-tensor dict as the token.
 
-SDXL (two text encoders; no method here trains on it yet) would give one tensor per encoder:
-``clip_l`` [n, 768] and ``clip_g`` [n, 1280] in one A1111/ComfyUI file (A1111 tests for both keys,
-ComfyUI reads its encoder's key), and one diffusers file per encoder (``load_textual_inversion``
-loads one text encoder at a time).
+An SDXL concept (two text encoders) gives one tensor per encoder: ``clip_l`` [n, 768] and ``clip_g``
+[n, 1280] in one A1111/ComfyUI file (A1111 tests for both keys, ComfyUI reads its encoder's key).
+``--format diffusers`` refuses it: ``load_textual_inversion`` loads one text encoder per call, and that
+file loads into diffusers as it is (``SDXL_DIFFUSERS`` says how).
 """
 
 from __future__ import annotations
@@ -51,6 +51,11 @@ def tool_tensors(fmt: str, token: str, vectors: list[torch.Tensor]) -> dict[str,
     return dict(zip(SDXL_KEYS, vectors))
 
 
+SDXL_DIFFUSERS = ("state = safetensors.torch.load_file(FILE); pipe.load_textual_inversion(state['clip_l'], token=T, "
+                  "text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer); the same with state['clip_g'], "
+                  "pipe.text_encoder_2 and pipe.tokenizer_2")
+
+
 def check_out(out: Path, fmt: str) -> None:
     """``--out`` must be a .safetensors file in an existing folder, either new or an earlier ``vico export``
     (a file vico did not write is never replaced); one line naming it otherwise."""
@@ -81,7 +86,7 @@ def export_concept(concept: str | Path, fmt: str, out: str | Path) -> tuple[dict
     transfer (None when nothing was left behind)."""
     from safetensors.torch import save_file
 
-    from .methods.base import check_concept, read_concept
+    from .methods.base import check_concept
 
     out = Path(out)
     meta = check_concept(concept)
@@ -89,15 +94,32 @@ def export_concept(concept: str | Path, fmt: str, out: str | Path) -> tuple[dict
     if method in NOT_EXPORTABLE:
         raise UserError(f"--concept {concept}: {NOT_EXPORTABLE[method]}; nothing to export (`vico sample` "
                         "samples it)")
+    vectors = concept_embeddings(concept)  # [n_vectors, dim] per text encoder
+    if len(vectors) > 1 and fmt == "diffusers":
+        raise UserError(f"--format diffusers: {concept} was trained on SDXL, whose two text encoders diffusers loads "
+                        "one per call; export --format a1111 (clip_l and clip_g in one file) and load it with "
+                        f"{SDXL_DIFFUSERS}")
     check_out(out, fmt)
-    _, tensors = read_concept(concept, names=("embedding",))
-    embedding = tensors["embedding"]  # [n_vectors, dim]
     config = meta["config"]
-    data = tool_tensors(fmt, config["placeholder"], [embedding.contiguous()])
+    data = tool_tensors(fmt, config["placeholder"], vectors)
     info = {EXPORT_TAG: fmt, "method": method, "placeholder": config["placeholder"],
             "init_word": config["init_word"], "base_model": str(meta.get("base_model"))}
     atomic_write(out, lambda p: save_file(data, str(p), metadata=info))
     return meta, EXPORTABLE[method]
+
+
+def concept_embeddings(concept: str | Path) -> list[torch.Tensor]:
+    """The concept's learned rows, one [n_vectors, dim] tensor per text encoder (SDXL: two), contiguous."""
+    from safetensors import safe_open
+
+    from .methods.base import WEIGHTS_FILE, read_concept
+    from .methods.textual_inversion import EMBEDDING_KEYS
+
+    with safe_open(str(Path(concept) / WEIGHTS_FILE), "pt") as handle:  # read by check_concept already
+        present = set(handle.keys())
+    names = EMBEDDING_KEYS[:1] + tuple(key for key in EMBEDDING_KEYS[1:] if key in present)
+    _, tensors = read_concept(concept, names=names)
+    return [tensors[name].contiguous() for name in names]
 
 
 def usage(fmt: str, out: Path, meta: dict) -> str:

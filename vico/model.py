@@ -338,6 +338,12 @@ class Conditioning:
 
         return Conditioning(*(rows(f.name) for f in fields(Conditioning)))
 
+    def repeat(self, copies: int) -> "Conditioning":
+        """Each row ``copies`` times in a row (``num_images_per_prompt`` in the diffusers pipelines, which
+        encode a prompt once: a batch of equal prompts can round differently from one)."""
+        return Conditioning(*(None if v is None else v.repeat_interleave(copies, dim=0)
+                              for v in (getattr(self, f.name) for f in fields(self))))
+
     def zeros(self) -> "Conditioning":
         """Zero text embeddings and pooled projection, the same ids and time ids: SDXL's unconditional branch
         under ``force_zeros_for_empty_prompt``."""

@@ -62,7 +62,7 @@ class ViCoPipeline:
         sampler = DPMSolverMultistepScheduler if self.method.sampler == "dpm-solver" else DDIMScheduler
         scheduler = sampler.from_config(c.scheduler.config)
         scheduler.set_timesteps(num_inference_steps, device=device)
-        cond = self.method.encode([prompt] * num_images)
+        cond = self.method.encode([prompt]).repeat(num_images)  # encoded once, as the diffusers pipelines do
         self._check_token_kept(prompt, cond.ids)
         uncond = self.method.encode_unconditional(num_images)
         if guidance_scale is None:

@@ -748,8 +748,7 @@ def _train_stage(run: _Run, index: int, stage: Stage, optimization: tuple, steps
 
 def _trained_modules(comps: Components) -> list[torch.nn.Module]:
     """The modules (maybe DDP-wrapped) with something to train in this stage."""
-    modules = [getattr(comps, name) for name in TRAINED_COMPONENTS]
-    return [m for m in modules if any(p.requires_grad for p in m.parameters())]
+    return [m for m in _trained_components(comps).values() if any(p.requires_grad for p in m.parameters())]
 
 
 def _log_step(run: _Run, optimizer, logs: dict[str, float], step: int, seconds: float) -> None:
@@ -769,7 +768,7 @@ class _plain_modules:
         self.accelerator, self.comps = accelerator, comps
 
     def __enter__(self):
-        self.saved = {name: getattr(self.comps, name) for name in TRAINED_COMPONENTS}
+        self.saved = _trained_components(self.comps)
         for name, module in self.saved.items():
             setattr(self.comps, name, self.accelerator.unwrap_model(module))
         return self.comps
@@ -813,20 +812,23 @@ def _checkpoint(run: _Run, completed: int, optimization: tuple, index: int, dive
 TRAINED_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")  # where a method's trainable parameters live
 
 
+def _trained_components(comps: Components) -> dict[str, torch.nn.Module]:
+    """``TRAINED_COMPONENTS`` this model has (text_encoder_2: SDXL only), name -> module (maybe DDP-wrapped)."""
+    return {name: getattr(comps, name) for name in TRAINED_COMPONENTS if getattr(comps, name) is not None}
+
+
 def _unwrap(accelerator, comps) -> None:
     """Put the plain modules back into ``comps`` and drop accelerate's references to the wrappers."""
     accelerator.free_memory()
-    for name in TRAINED_COMPONENTS:
-        if getattr(comps, name) is not None:  # text_encoder_2: SDXL only
-            setattr(comps, name, accelerator.unwrap_model(getattr(comps, name)))
+    for name, module in _trained_components(comps).items():
+        setattr(comps, name, accelerator.unwrap_model(module))
 
 
 def _wrap_trainable(accelerator, comps) -> None:
     """Hand accelerate the modules that train in this stage (DDP on several processes). A module
     with nothing to train stays plain: DDP refuses one, and it needs no gradient averaging."""
-    for name in TRAINED_COMPONENTS:
-        module = getattr(comps, name)
-        if module is not None and any(p.requires_grad for p in module.parameters()):
+    for name, module in _trained_components(comps).items():
+        if any(p.requires_grad for p in module.parameters()):
             setattr(comps, name, accelerator.prepare(module))
 
 

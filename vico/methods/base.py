@@ -329,7 +329,7 @@ class Method(ABC):
     def encode_unconditional(self, batch: int) -> Conditioning:
         """The conditioning of ``batch`` unconditional (empty) prompts; zeros on an SDXL pipeline configured
         with ``force_zeros_for_empty_prompt`` (as ``StableDiffusionXLPipeline.encode_prompt``)."""
-        cond = self.encode([""] * batch)
+        cond = self.encode([""]).repeat(batch)
         return cond.zeros() if self.components.force_zeros_for_empty_prompt else cond
 
     def sampling_context(self, reference_latents: torch.Tensor | None, batch: int) -> dict:
