@@ -43,7 +43,8 @@ def _train_parser(sub, argv: list[str]) -> None:
     p = sub.add_parser("train", help="learn a concept from a few images",
                        description="Learn a new concept (a placeholder token, plus image attention for ViCo) "
                        "from 3-10 photos of one object, with a frozen Stable Diffusion model.")
-    p.add_argument("--model", required=True, help="local diffusers Stable Diffusion folder (SD 1.x/2.x)")
+    p.add_argument("--model", required=True, help="local diffusers Stable Diffusion folder (SD 1.x/2.x or SDXL)")
+    p.add_argument("--vae", help="a separate diffusers VAE folder to use instead of the model's vae/ (e.g. SDXL's fp16-fixed VAE, madebyollin/sdxl-vae-fp16-fix saved with save_pretrained)")
     p.add_argument("--images", required=True, help="folder with the training images")
     p.add_argument("--out", required=True, help="output folder for the concept and checkpoints")
     p.add_argument("--method", default="vico", choices=list(available_methods()),
@@ -151,6 +152,7 @@ def _sample_parser(sub) -> None:
     p.add_argument("--prompt", required=True, help='prompt using the placeholder, e.g. "a photo of S* on the beach"')
     p.add_argument("--out", required=True, help="folder for the PNGs and grid.png")
     p.add_argument("--model", help="Stable Diffusion folder (default: the one the concept was trained on)")
+    p.add_argument("--vae", help="a separate diffusers VAE folder to use instead of the model's vae/ (e.g. SDXL's fp16-fixed VAE, madebyollin/sdxl-vae-fp16-fix saved with save_pretrained)")
     p.add_argument("--reference", help="ViCo reference image (default: the first training image)")
     p.add_argument("--num-images", type=int, default=4)
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
@@ -618,7 +620,8 @@ def cmd_train(args) -> int:
 
     save_on_signals()
     cfg = TrainConfig(
-        model=str(args.model), images=str(args.images), out=str(args.out), method=args.method, placeholder=args.token,
+        model=str(args.model), vae=args.vae, images=str(args.images), out=str(args.out), method=args.method,
+        placeholder=args.token,
         init_word=args.init_word, steps=args.steps, batch_size=args.batch_size, scale_lr=args.scale_lr,
         checkpoint_every=args.checkpoint_every, checkpoints_total_limit=args.checkpoints_total_limit, seed=args.seed, resolution=args.resolution,
         mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
@@ -637,7 +640,7 @@ def cmd_train(args) -> int:
 def cmd_sample(args) -> int:
     from .sampling import sample_concept
 
-    out = sample_concept(args.concept, args.prompt, args.out, model=args.model, reference=args.reference,
+    out = sample_concept(args.concept, args.prompt, args.out, model=args.model, vae=args.vae, reference=args.reference,
                          num_images=args.num_images, steps=args.steps, guidance=args.guidance, seed=args.seed,
                          device=args.device, save_maps=args.save_maps, progress=not args.quiet)
     print(f"vico: wrote {args.num_images} images and grid.png to {out}")

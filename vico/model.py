@@ -242,9 +242,16 @@ class Components:
         return self.unet.config.sample_size * self.vae_scale
 
     def to(self, device, dtype=None) -> "Components":
+        """Move every module; ``dtype`` casts them too, except an SDXL VAE whose config asks for
+        ``force_upcast`` (the original SDXL VAE overflows in float16): it stays float32 under float16, as
+        ``StableDiffusionXLPipeline`` upcasts it (an fp16-fixed VAE, ``--vae``, runs in float16)."""
         for module in (self.text_encoder, self.text_encoder_2, self.vae, self.unet):
-            if module is not None:
-                module.to(device) if dtype is None else module.to(device=device, dtype=dtype)
+            if module is None:
+                continue
+            cast = dtype
+            if module is self.vae and self.is_sdxl and dtype == torch.float16 and self.vae.config.get("force_upcast"):
+                cast = torch.float32
+            module.to(device) if cast is None else module.to(device=device, dtype=cast)
         return self
 
 

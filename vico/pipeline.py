@@ -29,8 +29,9 @@ class ViCoPipeline:
 
     @classmethod
     def from_pretrained(cls, model: str | Path, concept: str | Path, device: str = "cpu",
-                        dtype: torch.dtype | None = None) -> "ViCoPipeline":
-        comps = load_components(model, device, dtype)
+                        dtype: torch.dtype | None = None, vae: str | Path | None = None) -> "ViCoPipeline":
+        """``model`` (SD 1.x/2.x or SDXL folder) with the concept in ``concept``; ``vae``: a separate VAE folder."""
+        comps = load_components(model, device, dtype, vae=vae)
         return cls(comps, load_method(comps, concept))
 
     def default_reference(self, images_dir: str | Path) -> torch.Tensor:
@@ -87,7 +88,7 @@ class ViCoPipeline:
         if not bool(torch.isfinite(latents).all()):  # decoding them would give black images, silently
             raise UserError(f"sampling produced NaN or inf latents (guidance {guidance_scale:g}, "
                             f"{c.unet.dtype}); try float32 or a lower --guidance")
-        images = c.vae.decode(latents / c.vae.config.scaling_factor).sample
+        images = c.vae.decode((latents / c.vae.config.scaling_factor).to(c.vae.dtype)).sample
         images = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         return images.permute(0, 2, 3, 1).cpu().numpy(), context
 

@@ -35,20 +35,21 @@ def _training_images(concept: Path) -> str:
 
 
 def sample_concept(concept: str | Path, prompt: str, out: str | Path, *, model: str | Path | None = None,
+                   vae: str | Path | None = None,
                    reference: str | Path | None = None, num_images: int = 4, steps: int = 50,
                    guidance: float | None = None, seed: int = 0, device: str | None = None, save_maps: bool = False,
                    progress: bool = True) -> Path:
     """Sample ``num_images`` images of ``prompt`` with the concept in ``concept`` into ``out``; returns ``out``.
 
-    model: the Stable Diffusion folder (default: the one the concept records).
+    model: the Stable Diffusion folder (default: the one the concept records). vae: a separate VAE folder.
     reference: for methods that need one (``Method.needs_reference``, ViCo), an image file; default
         the concept's first training image. guidance: None = the method's default scale.
     """
     from .files import output_folder
     from .methods import get_method
     from .methods.base import CONFIG_FILE, check_concept
-    from .model import (check_image_size, check_output_folder, check_seed, check_steps, require_at_least_one,
-                        resolve_device, warn)
+    from .model import (check_image_size, check_output_folder, check_seed, check_steps, check_vae,
+                        require_at_least_one, resolve_device, warn)
     from .pipeline import ViCoPipeline
 
     require_at_least_one({"num_images": num_images, "steps": steps})
@@ -67,6 +68,8 @@ def sample_concept(concept: str | Path, prompt: str, out: str | Path, *, model: 
             raise UserError(f"the concept's base model {model} (recorded in {concept / CONFIG_FILE}) does not "
                             "exist; pass --model PATH")
     check_image_size(meta["config"]["resolution"], model, f"{concept / CONFIG_FILE}: config.resolution")
+    if vae is not None:
+        check_vae(vae)
     check_steps(steps, model)
     placeholder = meta["config"]["placeholder"]
     method_cls = get_method(meta["method"])
@@ -81,7 +84,7 @@ def sample_concept(concept: str | Path, prompt: str, out: str | Path, *, model: 
         raise UserError(f"--reference {reference} does not exist")
     images_dir = _training_images(concept) if reference is None and method_cls.needs_reference else None
     with output_folder(out) as folder:  # locked before the model loads; only vico's own earlier output replaced
-        pipe = ViCoPipeline.from_pretrained(model, concept, device=device)
+        pipe = ViCoPipeline.from_pretrained(model, concept, device=device, vae=vae)
         ref = None
         if reference is not None:
             from .data import load_image

@@ -33,7 +33,7 @@ from .files import atomic_folder, atomic_write, describe_error, load_tensors_onl
 from .methods import get_method
 from .methods.base import Method, MethodConfig, MethodOptions, Stage, method_options, option_flag
 from .model import (Components, UnreadableFile, UserError, check_image_size, check_output_folder,
-                    check_placeholder, check_seed, first_nonfinite, load_components, model_family, native_size,
+                    check_placeholder, check_seed, check_vae, first_nonfinite, load_components, model_family, native_size,
                     require_at_least_one, warn)
 
 if TYPE_CHECKING:
@@ -101,6 +101,7 @@ class TrainConfig:
     model: str
     images: str
     out: str
+    vae: str | None = None  # a separate VAE folder instead of model/vae (e.g. SDXL's fp16-fixed one)
     method: str = "vico"
     placeholder: str = "S*"
     init_word: str = "object"
@@ -297,7 +298,7 @@ def check_inputs(cfg: TrainConfig, method_cls, options: MethodOptions) -> None:
 
 
 # What a resumed run must share with the run that wrote the checkpoints: they decide what is trained.
-RESUME_FIXED = {"images": "--images", "resolution": "--resolution", "placeholder": "--token", "method": "--method",
+RESUME_FIXED = {"images": "--images", "vae": "--vae", "resolution": "--resolution", "placeholder": "--token", "method": "--method",
                 "model": "--model", "gradient_accumulation_steps": "--gradient-accumulation-steps",
                 "lr_scheduler": "--lr-scheduler", "lr_warmup_steps": "--lr-warmup-steps"}  # and every method option
 
@@ -474,7 +475,8 @@ def _checked_config(cfg: TrainConfig, is_main: bool) -> tuple[TrainConfig, type[
     check_validation(cfg)
     # concept.json / train_config.json record where the model and images are: absolute, so that
     # `vico sample` works from any working directory
-    cfg = replace(cfg, model=os.path.abspath(cfg.model), images=os.path.abspath(cfg.images))
+    cfg = replace(cfg, model=os.path.abspath(cfg.model), images=os.path.abspath(cfg.images),
+                  vae=None if cfg.vae is None else os.path.abspath(check_vae(cfg.vae)))
     out = Path(cfg.out)
     if is_main:
         for path in remove_stale_temporaries(out):
@@ -500,7 +502,7 @@ def _built_method(cfg: TrainConfig, method_cls: type[Method], device: torch.devi
     """Load the model and the training images (float [N, 3, R, R] in [-1, 1]) and make the method."""
     from accelerate.utils import set_seed
 
-    comps = load_components(cfg.model, device=device)
+    comps = load_components(cfg.model, device=device, vae=cfg.vae)
     mcfg = MethodConfig(placeholder=cfg.placeholder, init_word=cfg.init_word, resolution=cfg.resolution,
                         seed=cfg.seed, options=method_options(method_cls, cfg.options),
                         learning_rates=dict(cfg.learning_rates))
@@ -524,7 +526,7 @@ def _latents_key(cfg: TrainConfig, method: Method, comps: Components) -> str:
     digest = hashlib.sha256()
     for path in list_images(cfg.images):
         digest.update(Path(path).name.encode() + b"\0" + Path(path).read_bytes())
-    vae_files = sorted(p for p in (Path(cfg.model) / "vae").iterdir() if p.is_file())
+    vae_files = sorted(p for p in Path(cfg.vae or Path(cfg.model) / "vae").iterdir() if p.is_file())
     digest.update(json.dumps([cfg.resolution, method.hflip_prob > 0, str(comps.vae.dtype), dict(comps.vae.config),
                               [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in vae_files]],
                              sort_keys=True, default=str).encode())

@@ -266,3 +266,40 @@ def test_methods_without_sdxl_support_are_refused_before_loading(sdxl_model_dir,
     assert train(sdxl_model_dir, images_dir, tmp_path / "out", "--method", method, "--steps", 1) == 2
     assert f"--method {method} does not support SDXL pipelines yet" in error_line(capsys)
     assert not (tmp_path / "out").exists()
+
+
+# --- the VAE ------------------------------------------------------------------------------------------------------
+
+def test_vae_option_replaces_the_models_vae_in_training_and_sampling(sdxl_model_dir, images_dir, tmp_path, capsys):
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(sdxl_model_dir / "vae")
+    with torch.no_grad():
+        vae.encoder.conv_in.weight.mul_(2)
+    vae.register_to_config(force_upcast=False)  # as the fp16-fixed SDXL VAE
+    vae.save_pretrained(tmp_path / "fixed-vae")
+    comps = load_components(sdxl_model_dir, vae=tmp_path / "fixed-vae")
+    assert torch.equal(comps.vae.encoder.conv_in.weight, vae.encoder.conv_in.weight)
+    plain, fixed = tmp_path / "plain", tmp_path / "fixed"
+    assert train(sdxl_model_dir, images_dir, plain, "--method", "textual-inversion", "--steps", 1) == 0
+    assert train(sdxl_model_dir, images_dir, fixed, "--method", "textual-inversion", "--steps", 1,
+                 "--vae", tmp_path / "fixed-vae") == 0
+    assert json.loads((fixed / "train_config.json").read_text())["vae"] == str(tmp_path / "fixed-vae")
+    assert not torch.equal(load_file(plain / "latents.safetensors")["mean"], load_file(fixed / "latents.safetensors")["mean"])
+    assert run("sample", "--concept", fixed, "--prompt", "S*", "--out", tmp_path / "s", "--num-images", 1,
+               "--steps", 1, "--vae", tmp_path / "fixed-vae", "--quiet") == 0
+    capsys.readouterr()
+    assert train(sdxl_model_dir, images_dir, tmp_path / "bad", "--vae", tmp_path / "nothing", "--steps", 1) == 2
+    assert f"--vae {tmp_path / 'nothing'}: not a diffusers VAE folder" in error_line(capsys)
+
+
+def test_float16_keeps_an_upcast_sdxl_vae_in_float32(sdxl_model_dir, tmp_path):
+    comps = load_components(sdxl_model_dir, dtype=torch.float16)
+    assert comps.vae.config.force_upcast and comps.vae.dtype == torch.float32
+    assert comps.unet.dtype == comps.text_encoder_2.dtype == torch.float16
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(sdxl_model_dir / "vae")
+    vae.register_to_config(force_upcast=False)
+    vae.save_pretrained(tmp_path / "fixed-vae")
+    assert load_components(sdxl_model_dir, dtype=torch.float16, vae=tmp_path / "fixed-vae").vae.dtype == torch.float16
