@@ -40,6 +40,16 @@ def ldm_output_block(layer: str, layers_per_block: int) -> int:
     return int(match.group(1)) * (layers_per_block + 1) + int(match.group(2))
 
 
+def check_sd_model(model: str | Path) -> None:
+    """The official codes train on SD 1.x/2.x: an SDXL ``--model`` is one line (its second text encoder would
+    keep the class word's row, not the concept's)."""
+    from .model import model_family
+
+    if Path(model).is_dir() and model_family(model) == "sdxl":
+        raise UserError(f"--model {model} is an SDXL pipeline; the official codes train on SD 1.x/2.x, so `vico "
+                        "import` reads their concepts onto SD 1.x/2.x models only")
+
+
 def load_official_file(path: str | Path, what: str) -> dict:
     """A ``.pt`` file of the official code, loaded without running code; one line when it is not one."""
     data = load_tensors_only(path, what, allowed=(torch.nn.ParameterDict,))
@@ -99,6 +109,7 @@ def import_vico(model: str | Path, embeddings: str | Path, cross_attention: str 
     from .model import check_output_folder, load_components
 
     check_output_folder(out)
+    check_sd_model(model)
     emb_data = load_official_file(embeddings, "embeddings")
     ca_data = load_official_file(cross_attention, "cross_attention")
     vec = official_embedding(emb_data, Path(embeddings), official_token)
@@ -173,6 +184,7 @@ def import_catversion(model: str | Path, adapter: str | Path, out: str | Path, i
     from .model import check_output_folder, load_components
 
     check_output_folder(out)
+    check_sd_model(model)
     adapter = Path(adapter)
     weights = adapter / "pytorch_adapter.bin" if adapter.is_dir() else adapter
     data = load_official_file(weights, "adapter")
@@ -229,6 +241,7 @@ def import_attndreambooth(model: str | Path, embeddings: str | Path, unet: str |
     from .model import check_output_folder, load_components
 
     check_output_folder(out)
+    check_sd_model(model)
     vec = official_token_embedding(load_official_file(embeddings, "embeddings"), Path(embeddings), official_token)
     unet_dir = Path(unet)
     if (unet_dir / "unet").is_dir():

@@ -303,3 +303,11 @@ def test_float16_keeps_an_upcast_sdxl_vae_in_float32(sdxl_model_dir, tmp_path):
     vae.register_to_config(force_upcast=False)
     vae.save_pretrained(tmp_path / "fixed-vae")
     assert load_components(sdxl_model_dir, dtype=torch.float16, vae=tmp_path / "fixed-vae").vae.dtype == torch.float16
+
+
+def test_importing_an_official_concept_onto_sdxl_is_one_line(sdxl_model_dir, tmp_path, capsys):
+    for source, files in (("vico", ["--embeddings", "e.pt", "--cross-attention", "c.pt"]),
+                          ("catversion", ["--adapter", "a.bin"]),
+                          ("attndreambooth", ["--embeddings", "e.bin", "--unet", "u"])):
+        assert run("import", "--from", source, "--model", sdxl_model_dir, *files, "--out", tmp_path / source) == 2
+        assert f"--model {sdxl_model_dir} is an SDXL pipeline" in error_line(capsys)
