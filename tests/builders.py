@@ -144,6 +144,7 @@ def tiny_clip_text_encoder(tok, num_hidden_layers: int = 2, with_projection: boo
 
 
 SDXL_TEXT_DIMS = (8, 16)  # hidden sizes of the tiny SDXL's text encoders (real SDXL: 768 and 1280)
+SDXL_TEXT_LAYERS = 5  # layers of each (real SDXL: 12 and 32): CatVersion's prefixes skip the last
 SDXL_POOLED_DIM = 12  # text_encoder_2's projection (real SDXL: 1280)
 
 
@@ -171,8 +172,9 @@ def make_tiny_sdxl_components(seed: int = 0) -> dict:
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        steps_offset=1, timestep_spacing="leading")
     return dict(unet=unet, vae=vae, scheduler=scheduler, tokenizer=tok, tokenizer_2=tok_2,
-                text_encoder=tiny_clip_text_encoder(tok, with_projection=False, hidden_size=d1),
-                text_encoder_2=tiny_clip_text_encoder(tok_2, hidden_size=d2, projection_dim=SDXL_POOLED_DIM))
+                text_encoder=tiny_clip_text_encoder(tok, SDXL_TEXT_LAYERS, with_projection=False, hidden_size=d1),
+                text_encoder_2=tiny_clip_text_encoder(tok_2, SDXL_TEXT_LAYERS, hidden_size=d2,
+                                                      projection_dim=SDXL_POOLED_DIM))
 
 
 def save_tiny_sdxl_pipeline(path: str | Path, seed: int = 0, force_zeros_for_empty_prompt: bool = True) -> Path:

@@ -226,6 +226,56 @@ def test_vico_reference_early_stop_leaves_the_sdxl_loss_and_gradients_unchanged(
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
+# --- CatVersion ---------------------------------------------------------------------------------------------------
+
+def test_catversion_prefixes_the_three_layers_before_each_encoders_last(sdxl_model_dir):
+    from vico.methods.catversion import CatVersion
+
+    comps, plain = load_components(sdxl_model_dir), load_components(sdxl_model_dir)
+    method = CatVersion(comps, MethodConfig(init_word="cat", resolution=SIZE))
+    last = tiny.SDXL_TEXT_LAYERS - 1
+    layers = range(last - 3, last)  # CLIPTextModelWithProjection keeps its text_model.
+    assert list(method.prefix) == ([f"encoder.layers.{i}.self_attn" for i in layers]
+                                   + [f"text_encoder_2.text_model.encoder.layers.{i}.self_attn" for i in layers])
+    assert method.options.prefix_layers == list(method.prefix)  # what the concept rebuilds
+    d1, d2 = tiny.SDXL_TEXT_DIMS
+    assert [m.prefix_key.shape[0] for m in method.prefix.values()] == [d1] * 3 + [d2] * 3
+    with torch.no_grad():
+        want, got = encode_prompts(plain, ["a photo of cat"], SIZE), method.encode(["a photo of cat"])
+        for part in (got.text[..., :d1] - want.text[..., :d1], got.text[..., d1:] - want.text[..., d1:],
+                     got.pooled - want.pooled):
+            assert part.abs().amax() > 1e-3  # both encoders' halves and the pooled projection change
+        comps.force_zeros_for_empty_prompt = False
+        uncond, plain_uncond = method.encode_unconditional(1), encode_prompts(plain, [""], SIZE)
+        assert torch.equal(uncond.text, plain_uncond.text) and torch.equal(uncond.pooled, plain_uncond.pooled)
+    g = torch.Generator().manual_seed(0)
+    mean = torch.randn(2, 4, SIZE // 2, SIZE // 2, generator=g)
+    loss, _ = method.training_loss(method.make_batch(torch.cat([mean, mean.flip(-1)]), torch.zeros(4, 4, 16, 16), g, 2))
+    loss.backward()
+    assert all(m.prefix_key.grad.abs().sum() > 0 and m.prefix_value.grad.abs().sum() > 0
+               for m in method.prefix.values())
+
+
+def test_catversion_trains_and_samples_on_sdxl(sdxl_model_dir, images_dir, tmp_path):
+    concept = tmp_path / "cv"
+    assert train(sdxl_model_dir, images_dir, concept, "--method", "catversion", "--steps", 2) == 0
+    assert "text_encoder_2.text_model.encoder.layers.3.self_attn.prefix_key" in load_file(concept / "concept.safetensors")
+    assert run("sample", "--concept", concept, "--prompt", "a photo of cat", "--out", tmp_path / "s", "--num-images", 1,
+               "--steps", 2, "--quiet") == 0
+    prefix = "text_encoder_2.text_model.encoder.layers.4.self_attn"
+    assert train(sdxl_model_dir, images_dir, tmp_path / "one", "--method", "catversion", "--steps", 1,
+                 "--prefix-layers", prefix) == 0
+    assert set(load_file(tmp_path / "one" / "concept.safetensors")) == {f"{prefix}.prefix_key", f"{prefix}.prefix_value"}
+
+
+def test_a_prefix_layer_neither_encoder_has_is_one_line(sdxl_model_dir, images_dir, tmp_path, capsys):
+    bad = "text_encoder_2.text_model.encoder.layers.9.self_attn"
+    assert train(sdxl_model_dir, images_dir, tmp_path / "x", "--method", "catversion", "--prefix-layers", bad) == 2
+    line = error_line(capsys)
+    assert f"--prefix-layers {bad}: no attention module of that name" in line
+    assert "text_encoder_2.text_model.encoder.layers.4.self_attn" in line  # it lists what there is
+
+
 # --- resume -------------------------------------------------------------------------------------------------------
 
 def test_resume_on_sdxl_equals_an_uninterrupted_run(sdxl_model_dir, images_dir, tmp_path):
@@ -260,11 +310,9 @@ def test_another_pipeline_class_is_one_line(sdxl_model_dir, images_dir, tmp_path
     assert "holds a FluxPipeline" in line and "StableDiffusionXLPipeline" in line
 
 
-@pytest.mark.parametrize("method", ["attndreambooth", "catversion"])
-def test_methods_without_sdxl_support_are_refused_before_loading(sdxl_model_dir, images_dir, tmp_path, capsys,
-                                                                 method):
-    assert train(sdxl_model_dir, images_dir, tmp_path / "out", "--method", method, "--steps", 1) == 2
-    assert f"--method {method} does not support SDXL pipelines yet" in error_line(capsys)
+def test_a_method_without_sdxl_support_is_refused_before_loading(sdxl_model_dir, images_dir, tmp_path, capsys):
+    assert train(sdxl_model_dir, images_dir, tmp_path / "out", "--method", "attndreambooth", "--steps", 1) == 2
+    assert "--method attndreambooth does not support SDXL pipelines yet" in error_line(capsys)
     assert not (tmp_path / "out").exists()
 
 

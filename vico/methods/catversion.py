@@ -15,11 +15,16 @@ official adapters load as the same function.
 
 Sampling as the official ``txt2img_generator.py``/``run.sh``: guidance scale 10
 and the unconditional branch is the plain encoding of "" with the prefixes off.
+
+On SDXL both text encoders get prefixes, in the last three layers whose output the UNet reads: SDXL
+takes the *penultimate* hidden states, so the layers before each encoder's last one (CLIP-L layers 8-10,
+OpenCLIP-bigG 28-30, counted from 0; 12,288 parameters). Encoder 2's modules are named with
+``text_encoder_2.`` in ``prefix_layers`` and in the saved tensors' names (docs/methods.md §10).
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -85,10 +90,12 @@ def _clip_attention_layers(text_encoder: nn.Module) -> list[tuple[str, nn.Module
 
 
 def install_prefix_kv(text_encoder: nn.Module, num_layers: int = 3, generator: torch.Generator | None = None,
-                      layers: list[str] | None = None) -> dict[str, PrefixKVAttention]:
-    """Swap the last ``num_layers`` CLIP attention layers (or ``layers``) for prefix-KV ones."""
+                      layers: list[str] | None = None, skip_last: int = 0) -> dict[str, PrefixKVAttention]:
+    """Swap the last ``num_layers`` CLIP attention layers before the last ``skip_last`` ones (or ``layers``)
+    for prefix-KV ones."""
     found = [(n, m) for n, m in _clip_attention_layers(text_encoder) if not isinstance(m, PrefixKVAttention)]
-    chosen = [(n, m) for n, m in found if n in layers] if layers else found[-num_layers:]
+    end = len(found) - skip_last
+    chosen = [(n, m) for n, m in found if n in layers] if layers else found[max(0, end - num_layers):end]
     if layers and len(chosen) != len(layers):
         raise UserError(f"prefix layers {sorted(set(layers) - {n for n, _ in chosen})} are not attention modules of "
                         "this text encoder")
@@ -127,6 +134,19 @@ def remove_prefix_kv(text_encoder: nn.Module) -> None:
             setattr(text_encoder.get_submodule(parent_name) if parent_name else text_encoder, child, module.inner)
 
 
+ENCODER_2 = "text_encoder_2."  # how prefix_layers and the saved tensors name SDXL's second encoder's modules
+
+
+def _owner(name: str) -> str:
+    """The qualifier of the encoder a ``prefix_layers`` name belongs to."""
+    return ENCODER_2 if name.startswith(ENCODER_2) else ""
+
+
+def text_encoders(components: Components) -> list[tuple[str, nn.Module]]:
+    """(name qualifier, text encoder) per encoder: "" for the first, ``ENCODER_2`` for SDXL's second."""
+    return list(zip(("", ENCODER_2), (encoder for _, encoder in components.text_encoders)))
+
+
 @dataclass(frozen=True)
 class CatVersionOptions(MethodOptions):
     prefix_layers: list[str] | None = field(default=None, metadata={
@@ -148,28 +168,43 @@ class CatVersion(Method):
     scale_lr = True  # as the official LDM main.py
     guidance_scale = 10.0  # run.sh / txt2img_generator.py
     Options = CatVersionOptions
+    families = ("sd", "sdxl")
 
     def __init__(self, components: Components, config: MethodConfig):
         super().__init__(components, config)
         gen = torch.Generator().manual_seed(config.seed)
-        self.prefix = install_prefix_kv(components.text_encoder, generator=gen, layers=self.options.prefix_layers)
+        chosen = self.options.prefix_layers
+        # SDXL's UNet reads the penultimate hidden states: a prefix in the last layer would reach only the pooled
+        skip_last = 1 if components.is_sdxl else 0
+        self.prefix = {}
+        for qualifier, encoder in text_encoders(components):
+            mine = None if chosen is None else [n[len(qualifier):] for n in chosen if _owner(n) == qualifier]
+            if mine == []:
+                continue  # --prefix-layers names none of this encoder's modules
+            installed = install_prefix_kv(encoder, generator=gen, layers=mine, skip_last=skip_last)
+            self.prefix.update({qualifier + name: module for name, module in installed.items()})
         config.options = replace(self.options, prefix_layers=list(self.prefix))  # what a loaded concept rebuilds
 
     @classmethod
     def check_options_for_model(cls, options: CatVersionOptions, model: Path) -> None:
         if not options.prefix_layers:
             return
-        from transformers import CLIPTextConfig, CLIPTextModel
+        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-        from ..model import read_model_config
+        from ..model import model_family, read_model_config
 
-        with torch.device("meta"):
-            encoder = CLIPTextModel(CLIPTextConfig(**read_model_config(model, "text_encoder")))
-        names = [n for n, _ in _clip_attention_layers(encoder)]
+        encoders = [("", "text_encoder", CLIPTextModel)]
+        if model_family(model) == "sdxl":
+            encoders.append((ENCODER_2, "text_encoder_2", CLIPTextModelWithProjection))
+        names = []
+        for qualifier, sub, cls in encoders:
+            with torch.device("meta"):
+                encoder = cls(CLIPTextConfig(**read_model_config(model, sub)))
+            names += [qualifier + n for n, _ in _clip_attention_layers(encoder)]
         for name in options.prefix_layers:
             if name not in names:
-                raise UserError(f"--prefix-layers {name}: no attention module of that name in the text encoder of "
-                                f"{model} (it has {', '.join(names)})")
+                raise UserError(f"--prefix-layers {name}: no attention module of that name in the text encoder(s) of "
+                                f"{model} (they have {', '.join(names)})")
 
     @classmethod
     def learning_rate_names(cls) -> dict[str, float]:
@@ -189,7 +224,9 @@ class CatVersion(Method):
     def encode_unconditional(self, batch: int) -> Conditioning:
         """The plain CLIP encoding of "" (the official fixed ``uc.pt``): prefixes off, so
         guidance pulls toward the concept."""
-        with prefixes_off(self.components.text_encoder):
+        with ExitStack() as stack:
+            for _, encoder in text_encoders(self.components):
+                stack.enter_context(prefixes_off(encoder))
             return super().encode_unconditional(batch)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
