@@ -107,8 +107,11 @@ def test_sampling_feeds_the_unet_what_the_diffusers_pipeline_feeds_it(sdxl_model
 @pytest.fixture(scope="module")
 def sdxl_concepts(sdxl_model_dir, images_dir, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("sdxl-concepts")
-    for method in ("textual-inversion", "vico"):
-        assert train(sdxl_model_dir, images_dir, root / method, "--method", method, "--steps", 2) == 0
+    assert train(sdxl_model_dir, images_dir, root / "textual-inversion", "--method", "textual-inversion",
+                 "--steps", 2) == 0
+    # ViCo with a validation grid at its last step (sampling inside training, with the maps)
+    assert train(sdxl_model_dir, images_dir, root / "vico", "--steps", 2, "--validation-prompt", "a photo of S*",
+                 "--validation-steps", 2, "--num-validation-images", 1, "--validation-sample-steps", 1) == 0
     return {m: root / m for m in ("textual-inversion", "vico")}
 
 
@@ -131,6 +134,7 @@ def test_train_learns_one_row_per_text_encoder_and_samples(sdxl_concepts, sdxl_m
     names = {p.name for p in out.iterdir()}
     assert {"000.png", "001.png", "grid.png"} <= names
     assert (method == "vico") == any("_mask_" in n for n in names)
+    assert (method == "vico") == (concept / "validation" / "step-000002" / "grid.png").is_file()
 
 
 @torch.no_grad()
