@@ -1,6 +1,7 @@
-"""SDXL pipelines: the conditioning equals StableDiffusionXLPipeline's, Textual Inversion and ViCo train and
-sample through the CLI, the saved embedding loads into diffusers' two encoders, ViCo's reference branch sees
-the noisy half's added conditions, resume is exact, bad folders are one line. All on a tiny SDXL pipeline."""
+"""SDXL pipelines: the conditioning equals StableDiffusionXLPipeline's, Textual Inversion, ViCo and CatVersion
+train and sample through the CLI, the saved embedding loads into diffusers' two encoders, ViCo's reference
+branch sees the noisy half's added conditions, CatVersion's prefixes sit in both encoders, resume is exact,
+--vae replaces the VAE, bad folders and options are one line. All on one tiny SDXL pipeline (session fixture)."""
 
 import json
 import shutil
