@@ -211,6 +211,10 @@ def test_vico_reference_half_gets_the_noisy_halfs_added_conditions(sdxl_model_di
     for key in ("text", "pooled", "time_ids"):
         want = torch.cat([getattr(uncond, key), getattr(cond, key)])
         assert torch.equal(call[key][:4], want) and torch.equal(call[key][4:], want), key
+    # vico eval's object masks of real images run the same branch: [real; real] with one conditioning
+    masks = method.object_masks(mean)
+    call = calls[-1]
+    assert masks.shape == (3, 8, 8) and call["rows"] == 6 and torch.equal(call["pooled"][:3], call["pooled"][3:])
 
 
 def test_vico_reference_early_stop_leaves_the_sdxl_loss_and_gradients_unchanged(sdxl_model_dir):
