@@ -259,6 +259,20 @@ SD_FOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 SDXL_FOLDERS = SD_FOLDERS + ("text_encoder_2", "tokenizer_2")
 
 
+def check_model_folder(path: str | Path) -> str:
+    """The family of a pipeline folder (``model_family``) that has every component folder the family needs;
+    a one-line ``UserError`` otherwise. Reads no weights."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"model path {path} is not a directory (expected a diffusers Stable Diffusion folder)")
+    family = model_family(path)
+    for sub in SDXL_FOLDERS if family == "sdxl" else SD_FOLDERS:
+        if not (path / sub).is_dir():
+            kind = "SDXL" if family == "sdxl" else "Stable Diffusion"
+            raise UserError(f"model path {path} has no {sub}/ folder: not a diffusers {kind} pipeline")
+    return family
+
+
 def load_components(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                     vae: str | Path | None = None) -> Components:
     """All parts of a local SD 1.x/2.x or SDXL pipeline folder (``model_family``), frozen, in eval mode.
@@ -271,13 +285,7 @@ def load_components(path: str | Path, device: str | torch.device = "cpu", dtype:
 
     hf_logging.disable_progress_bar()  # our own bars only: loading a local folder is quick
     path = Path(path)
-    if not path.is_dir():
-        raise UserError(f"model path {path} is not a directory (expected a diffusers Stable Diffusion folder)")
-    sdxl = model_family(path) == "sdxl"
-    for sub in SDXL_FOLDERS if sdxl else SD_FOLDERS:
-        if not (path / sub).is_dir():
-            kind = "SDXL" if sdxl else "Stable Diffusion"
-            raise UserError(f"model path {path} has no {sub}/ folder: not a diffusers {kind} pipeline")
+    sdxl = check_model_folder(path) == "sdxl"
     vae_path = check_vae(vae) if vae is not None else path / "vae"
     comps = Components(
         tokenizer=AutoTokenizer.from_pretrained(path / "tokenizer"),

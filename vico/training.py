@@ -32,8 +32,8 @@ from .data import list_images, load_images
 from .files import atomic_folder, atomic_write, describe_error, load_tensors_only, write_errors
 from .methods import get_method
 from .methods.base import Method, MethodConfig, MethodOptions, Stage, method_options, option_flag
-from .model import (Components, UnreadableFile, UserError, check_image_size, check_output_folder,
-                    check_placeholder, check_seed, check_vae, first_nonfinite, load_components, model_family, native_size,
+from .model import (Components, UnreadableFile, UserError, check_image_size, check_model_folder, check_output_folder,
+                    check_placeholder, check_seed, check_vae, first_nonfinite, load_components, native_size,
                     require_at_least_one, warn)
 
 if TYPE_CHECKING:
@@ -291,7 +291,7 @@ def check_inputs(cfg: TrainConfig, method_cls, options: MethodOptions) -> None:
     list_images(cfg.images)
     if not Path(cfg.model).is_dir():
         raise UserError(f"--model {cfg.model} is not a directory (expected a diffusers Stable Diffusion folder)")
-    method_cls.check_family(model_family(cfg.model), cfg.model)
+    method_cls.check_family(check_model_folder(cfg.model), cfg.model)
     if cfg.resolution is not None:
         check_image_size(cfg.resolution, cfg.model, "--resolution")
     method_cls.check_options_for_model(options, Path(cfg.model))

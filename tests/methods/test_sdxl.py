@@ -307,6 +307,7 @@ def test_an_sdxl_folder_without_text_encoder_2_is_one_line(sdxl_model_dir, image
     shutil.copytree(sdxl_model_dir, broken, ignore=shutil.ignore_patterns("text_encoder_2"))
     assert train(broken, images_dir, tmp_path / "out", "--steps", 1) == 2
     assert f"model path {broken} has no text_encoder_2/ folder: not a diffusers SDXL pipeline" in error_line(capsys)
+    assert not (tmp_path / "out").exists()  # refused before anything is written
 
 
 def test_another_pipeline_class_is_one_line(sdxl_model_dir, images_dir, tmp_path, capsys):
