@@ -43,28 +43,69 @@ from ..files import atomic_folder, atomic_write, load_tensors_only
 from . import world
 
 
-def make_models(seed: int = 0):
+ARCHS = ("sd", "sdxl")
+# The SDXL-shaped model: two text encoders whose penultimate states are concatenated (32 + 64 = 96 wide), the
+# second with a pooled projection (32), SDXL's added-condition embedding of that projection and the six time ids
+# (8 sinusoidal dims each), and depth-2 transformers in the low-resolution level of encoder and decoder.
+SDXL_TEXT_WIDTHS = (32, 64)
+SDXL_POOLED = 32
+SDXL_TIME_EMBED = 8
+
+
+def make_models(seed: int = 0, arch: str = "sd") -> dict:
+    """Seeded, untrained models of the toy world's pipeline: ``sd`` (StableDiffusionPipeline) or ``sdxl``
+    (StableDiffusionXLPipeline: + tokenizer_2 / text_encoder_2, added conditions, depth-2 transformers);
+    both share the autoencoder's architecture."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from ..word_tokenizer import make_tokenizer
 
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
     torch.manual_seed(seed)
     tokenizer = make_tokenizer(world.vocabulary())
+
+    def clip(cls, width: int, layers: int, **extra):
+        return cls(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
+            num_attention_heads=4, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **extra))
+
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(48, 96),
                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                         layers_per_block=1, norm_num_groups=16, sample_size=world.SIZE)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id))
-    unet = UNet2DConditionModel(
-        sample_size=world.SIZE // 2, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(64, 128),
-        down_block_types=("CrossAttnDownBlock2D",) * 2, up_block_types=("CrossAttnUpBlock2D",) * 2,
-        cross_attention_dim=64, attention_head_dim=4, norm_num_groups=16)
+    unet_shape = dict(sample_size=world.SIZE // 2, in_channels=4, out_channels=4, layers_per_block=1,
+                      block_out_channels=(64, 128), down_block_types=("CrossAttnDownBlock2D",) * 2,
+                      up_block_types=("CrossAttnUpBlock2D",) * 2, attention_head_dim=4, norm_num_groups=16)
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                               set_alpha_to_one=False, steps_offset=1)
-    return dict(tokenizer=tokenizer, vae=vae, text_encoder=text_encoder, unet=unet, scheduler=scheduler)
+    if arch == "sd":
+        return dict(tokenizer=tokenizer, vae=vae, text_encoder=clip(CLIPTextModel, 64, 2),
+                    unet=UNet2DConditionModel(cross_attention_dim=64, **unet_shape), scheduler=scheduler)
+    # SDXL reads the penultimate hidden states: three layers leave two that shape them
+    text_encoder = clip(CLIPTextModel, SDXL_TEXT_WIDTHS[0], 3)
+    text_encoder_2 = clip(CLIPTextModelWithProjection, SDXL_TEXT_WIDTHS[1], 3, projection_dim=SDXL_POOLED)
+    unet = UNet2DConditionModel(
+        cross_attention_dim=sum(SDXL_TEXT_WIDTHS), transformer_layers_per_block=(1, 2),
+        addition_embed_type="text_time", addition_time_embed_dim=SDXL_TIME_EMBED,
+        projection_class_embeddings_input_dim=SDXL_POOLED + 6 * SDXL_TIME_EMBED, **unet_shape)
+    return dict(tokenizer=tokenizer, tokenizer_2=tokenizer, vae=vae, text_encoder=text_encoder,
+                text_encoder_2=text_encoder_2, unet=unet, scheduler=scheduler)
+
+
+def trained_parts(models: dict) -> tuple[str, ...]:
+    """The names of the modules a base-training run trains and checkpoints (the VAE in stage 1)."""
+    return tuple(name for name in ("vae", "unet", "text_encoder", "text_encoder_2") if name in models)
+
+
+def components_of(models: dict):
+    """``make_models``'s dict as ``vico.model.Components`` (what ``encode_prompts`` reads)."""
+    from ..model import Components
+
+    return Components(tokenizer=models["tokenizer"], text_encoder=models["text_encoder"], vae=models["vae"],
+                      unet=models["unet"], scheduler=models["scheduler"], path="<toy world>",
+                      tokenizer_2=models.get("tokenizer_2"), text_encoder_2=models.get("text_encoder_2"))
 
 
 ATTN_WEIGHT = 0.05  # weight of the attention localisation term against the noise MSE
@@ -176,14 +217,18 @@ def load_checkpoint(out: Path) -> dict:
 
 
 def export(out: Path, models: dict, scaling: float) -> Path:
-    from diffusers import StableDiffusionPipeline
-
-    models["vae"].register_to_config(scaling_factor=scaling)
-    unet = models["unet"]
+    """OUT/pipeline: a StableDiffusionPipeline, or a StableDiffusionXLPipeline for the SDXL-shaped models (its
+    unconditional branch encodes "" as training did: ``force_zeros_for_empty_prompt`` off)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.models.attention_processor import AttnProcessor2_0
 
-    unet.set_attn_processor(AttnProcessor2_0())  # the saved model carries no processor of this project
-    pipe = StableDiffusionPipeline(**models, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    models["vae"].register_to_config(scaling_factor=scaling)
+    models["unet"].set_attn_processor(AttnProcessor2_0())  # the saved model carries no processor of this project
+    if "text_encoder_2" in models:
+        pipe = StableDiffusionXLPipeline(**models, force_zeros_for_empty_prompt=False)
+    else:
+        pipe = StableDiffusionPipeline(**models, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
     pipe.save_pretrained(out / "pipeline")
     return out / "pipeline"
 
@@ -206,11 +251,14 @@ def stage2_batch(rng: np.random.Generator, n: int, generic_fraction: float = GEN
 def train(out: Path, minutes: float, vae_steps: int, batch: int, checkpoint_every: int, resume: bool,
           seed: int = 0, max_steps: int | None = None, init_from: Path | None = None,
           generic_fraction: float = GENERIC_FRACTION, unet_lr: float = 5e-4,
-          free_texture_fraction: float = FREE_TEXTURE_FRACTION) -> Path | None:
-    """Stage 1 for ``vae_steps`` steps, then stage 2 until ``minutes`` of wall clock (both stages) or ``max_steps``."""
+          free_texture_fraction: float = FREE_TEXTURE_FRACTION, arch: str = "sd",
+          vae_from: Path | None = None) -> Path | None:
+    """Stage 1 for ``vae_steps`` steps, then stage 2 until ``minutes`` of wall clock (both stages) or ``max_steps``.
+    ``arch``: "sd" or "sdxl" (``make_models``); ``vae_from``: a pipeline whose autoencoder (and latent scale) is
+    used as it is, so stage 1 is skipped (the SDXL-shaped model re-uses the shipped SD model's)."""
     out.mkdir(parents=True, exist_ok=True)
-    run = _new_run(seed, unet_lr)
-    _restore(run, out, resume, init_from, vae_steps)
+    run = _new_run(seed, unet_lr, arch)
+    _restore(run, out, resume, init_from, vae_steps, vae_from)
     schedule = _Schedule(vae_steps, batch, checkpoint_every, minutes * 60, max_steps, unet_lr, generic_fraction,
                          free_texture_fraction)
     _train_steps(run, schedule, out)
@@ -232,8 +280,8 @@ class _ToyRun:
 
     def state(self) -> dict:
         """The checkpoint's contents (``save_checkpoint``)."""
-        m = self.models
-        return dict(vae=m["vae"].state_dict(), unet=m["unet"].state_dict(), text_encoder=m["text_encoder"].state_dict(),
+        weights = {name: self.models[name].state_dict() for name in trained_parts(self.models)}
+        return dict(weights, arch="sdxl" if "text_encoder_2" in self.models else "sd",
                     opt_vae=self.opt_vae.state_dict(), opt=self.opt.state_dict(), rng_state=self.rng.bit_generator.state,
                     gen=self.gen.get_state(), step=self.step, elapsed=self.elapsed, scaling=self.scaling,
                     unet_start=self.unet_start)
@@ -252,32 +300,37 @@ class _Schedule:
     free_texture_fraction: float
 
 
-def _new_run(seed: int, unet_lr: float) -> _ToyRun:
+def _new_run(seed: int, unet_lr: float, arch: str = "sd") -> _ToyRun:
     """Fresh seeded models (the UNet with this project's attention attached), optimizers and random streams."""
     import fused
 
-    models = make_models(seed)
+    models = make_models(seed, arch)
     fused.attach(models["unet"])
     opt_vae = torch.optim.AdamW(models["vae"].parameters(), lr=1e-3)
-    opt = torch.optim.AdamW(list(models["unet"].parameters()) + list(models["text_encoder"].parameters()), lr=unet_lr,
-                            weight_decay=1e-2)
+    stage2 = [p for name in trained_parts(models) if name != "vae" for p in models[name].parameters()]
+    opt = torch.optim.AdamW(stage2, lr=unet_lr, weight_decay=1e-2)
     return _ToyRun(models, opt_vae, opt, np.random.default_rng(seed), torch.Generator().manual_seed(seed))
 
 
-def _restore(run: _ToyRun, out: Path, resume: bool, init_from: Path | None, vae_steps: int) -> None:
-    """Continue from OUT's checkpoint (``resume``), or warm-start stage 2 from the pipeline ``init_from``."""
+def _restore(run: _ToyRun, out: Path, resume: bool, init_from: Path | None, vae_steps: int,
+             vae_from: Path | None = None) -> None:
+    """Continue from OUT's checkpoint (``resume``), or warm-start stage 2 from the pipeline ``init_from`` (every
+    model) or ``vae_from`` (its autoencoder only)."""
     if resume and (out / "checkpoint" / "state.pt").is_file():
         _load_run(run, out)
     elif resume:
         print(f"toyworld: nothing to resume in {out}; starting fresh", file=sys.stderr)
-    if init_from is not None and run.step == 0:
-        _warm_start(run, init_from, vae_steps)
+    if run.step == 0 and (init_from is not None or vae_from is not None):
+        _warm_start(run, init_from or vae_from, vae_steps, ("vae",) if init_from is None else trained_parts(run.models))
 
 
 def _load_run(run: _ToyRun, out: Path) -> None:
     """Load OUT's checkpoint into ``run``: weights, optimizers, random streams and counters."""
     st = load_checkpoint(out)
-    for name in ("vae", "unet", "text_encoder"):
+    if st.get("arch", "sd") != run_arch(run.models):
+        raise SystemExit(f"toyworld: {out} holds a run of the {st.get('arch', 'sd')} architecture; pass --arch "
+                         f"{st.get('arch', 'sd')} to resume it")
+    for name in trained_parts(run.models):
         run.models[name].load_state_dict(st[name])
     run.opt_vae.load_state_dict(st["opt_vae"])
     run.opt.load_state_dict(st["opt"])
@@ -287,15 +340,19 @@ def _load_run(run: _ToyRun, out: Path) -> None:
     print(f"toyworld: resumed at step {run.step} ({run.elapsed / 60:.1f} min)", file=sys.stderr)
 
 
-def _warm_start(run: _ToyRun, init_from: Path, vae_steps: int) -> None:
-    """A pipeline's weights and its latent scale, a fresh optimizer, straight to stage 2."""
+def run_arch(models: dict) -> str:
+    return "sdxl" if "text_encoder_2" in models else "sd"
+
+
+def _warm_start(run: _ToyRun, init_from: Path, vae_steps: int, parts: tuple[str, ...]) -> None:
+    """A pipeline's weights of ``parts`` and its latent scale, a fresh optimizer, straight to stage 2."""
     from ..model import load_pipeline
 
     pipe = load_pipeline(init_from)
-    for name in ("vae", "unet", "text_encoder"):
+    for name in parts:
         run.models[name].load_state_dict(getattr(pipe, name).state_dict())
     run.step, run.scaling, run.unet_start = vae_steps, float(pipe.vae.config.scaling_factor), 0.0
-    print(f"toyworld: warm start from {init_from} (stage 2)", file=sys.stderr)
+    print(f"toyworld: warm start of {', '.join(parts)} from {init_from} (stage 2)", file=sys.stderr)
 
 
 def _train_steps(run: _ToyRun, schedule: _Schedule, out: Path) -> None:
@@ -369,19 +426,20 @@ def _unet_loss(run: _ToyRun, x: torch.Tensor, captions: list[str], masks: torch.
     returns the loss, the MSE and the attention term."""
     import fused
 
-    vae, unet, text_encoder, tok, sched = (run.models[k] for k in ("vae", "unet", "text_encoder", "tokenizer",
-                                                                   "scheduler"))
+    from ..model import encode_prompts
+
+    vae, unet, sched = (run.models[k] for k in ("vae", "unet", "scheduler"))
     batch = len(captions)
     with torch.no_grad():
         latents = vae.encode(x).latent_dist.mean * run.scaling
     drop = (torch.rand(batch, generator=run.gen) < 0.1) | generic
     captions = ["" if d else c for c, d in zip(captions, drop)]
-    ids = tok(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    cond = encode_prompts(components_of(run.models), captions, size=world.SIZE)  # SDXL: + pooled text, time ids
     noise = torch.randn(latents.shape, generator=run.gen)
     t = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=run.gen)
     index, on_object = attention_targets(captions)
     request = fused.MapRequest(index)
-    pred = unet(sched.add_noise(latents, noise, t), t, text_encoder(ids)[0],
+    pred = unet(sched.add_noise(latents, noise, t), t, **cond.unet_kwargs(),
                 cross_attention_kwargs={"map_request": request}).sample
     mse = F.mse_loss(pred, noise)
     attn = attention_loss(request, masks, on_object, (~drop) & (t < ATTN_MAX_T))
@@ -528,8 +586,8 @@ def export_with_parts(pipeline: Path, out: Path, to: Path) -> Path:
 
 def load_models(out: Path, st: dict) -> dict:
     """The models of a checkpoint, with the fine-tuned decoder when there is one."""
-    models = make_models()
-    for name in ("vae", "unet", "text_encoder"):
+    models = make_models(arch=st.get("arch", "sd"))
+    for name in trained_parts(models):
         models[name].load_state_dict(st[name])
     load_parts(models["vae"], out)
     return models
@@ -572,6 +630,12 @@ def main(argv=None) -> int:
                    help="stage 3: the same for the VAE encoder, decoder frozen (so samples decode as before; "
                         "encoded images move slightly: run it after stage 2); with --finetune-decoder too, the "
                         "encoder goes first")
+    p.add_argument("--arch", choices=ARCHS, default="sd",
+                   help="sd: the shipped StableDiffusionPipeline's shape; sdxl: a StableDiffusionXLPipeline (two "
+                        "text encoders, added conditions, depth-2 transformers) (default sd)")
+    p.add_argument("--vae-from", type=Path, metavar="PIPELINE",
+                   help="use this pipeline's autoencoder and latent scale as they are and skip stage 1 (e.g. "
+                        "--arch sdxl --vae-from vico/toyworld/model)")
     p.add_argument("--export-only", type=Path, metavar="DIR",
                    help="write the latest checkpoint's pipeline under DIR/pipeline and exit (no training)")
     o = p.parse_args(argv)
@@ -594,7 +658,7 @@ def main(argv=None) -> int:
     if not 0 <= o.free_texture_fraction <= 1 - o.generic_fraction:
         p.error(f"--free-texture-fraction must be in [0, 1 - --generic-fraction], got {o.free_texture_fraction}")
     train(o.out, o.minutes, o.vae_steps, o.batch, o.checkpoint_every, o.resume, o.seed, o.max_steps, o.init_from,
-          o.generic_fraction, o.unet_lr, o.free_texture_fraction)
+          o.generic_fraction, o.unet_lr, o.free_texture_fraction, o.arch, o.vae_from)
     return 0
 
 
