@@ -140,6 +140,36 @@ def test_training_resumes_to_the_same_weights_and_exports_a_pipeline(tmp_path):
     assert hits / 2 == report["seen@cfg3"]["shape"]  # the confusion's diagonal is the accuracy
 
 
+def test_sdxl_shaped_training_keeps_the_shipped_autoencoder_resumes_exactly_and_exports_an_sdxl_pipeline(tmp_path):
+    import torch
+    from diffusers import AutoencoderKL
+
+    from vico.model import encode_prompts, load_components, model_family
+    from vico.toyworld import demo, train
+
+    shipped = demo.shipped_model()
+    full, split = tmp_path / "full", tmp_path / "split"
+    kw = dict(minutes=10, vae_steps=2, batch=2, checkpoint_every=100, seed=0, arch="sdxl", vae_from=shipped)
+    train.train(full, resume=False, max_steps=4, **kw)
+    train.train(split, resume=False, max_steps=3, **kw)
+    path = train.train(split, resume=True, max_steps=4, **kw)
+    a, b = train.load_checkpoint(full), train.load_checkpoint(split)
+    assert a["arch"] == "sdxl" and a["step"] == b["step"] == 4
+    for part in ("unet", "text_encoder", "text_encoder_2"):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+    assert model_family(path) == "sdxl"
+    comps = load_components(path)
+    want = AutoencoderKL.from_pretrained(shipped, subfolder="vae").state_dict()
+    assert all(torch.equal(comps.vae.state_dict()[k], want[k]) for k in want)  # stage 1 skipped, weights kept
+    assert comps.unet.config.addition_embed_type == "text_time"
+    assert list(comps.unet.config.transformer_layers_per_block) == [1, 2]
+    cond = encode_prompts(comps, ["a large red square on a white background"], size=comps.native_resolution)
+    assert cond.text.shape == (1, 77, sum(train.SDXL_TEXT_WIDTHS)) and cond.pooled.shape == (1, train.SDXL_POOLED)
+    assert sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) < 40e6
+    with pytest.raises(SystemExit, match="pass --arch sdxl"):
+        train.train(split, resume=True, max_steps=5, **dict(kw, arch="sd"))
+
+
 @pytest.mark.parametrize("part", ["decoder", "encoder"])
 def test_autoencoder_half_finetune_of_a_pipeline_moves_only_that_half(tmp_path, part):
     """Stage 3 from an exported pipeline (the shipped model has no training checkpoint): only the chosen half of
