@@ -3,7 +3,7 @@
     python benchmarks/toy_personalization.py --model vico/toyworld/model --out toy-bench
 
 Trains every method on every novel concept with its official recipe, a longer
-one and the toy world's recipe (and ViCo ablations of it on request), samples --samples images per (concept, background), prints a markdown
+one and the toy world's recipe (and ablations of it on request), samples --samples images per (concept, background), prints a markdown
 table for benchmarks/RESULTS.md and writes OUT/benchmark.json (resumable: rows
 already there are kept) and, when matplotlib is installed, OUT/benchmark.png
 (texture identity against text alignment, one point per method and setting).
@@ -59,7 +59,7 @@ def main(argv=None) -> int:
                    metavar="SETTING",
                    help=f"of: {'; '.join(repr(k) for k in benchmark.SETTINGS)} (default: 'default' = the official "
                    f"recipe, 'long' = {benchmark.LONG_FACTOR}x its steps, 'toy' = the demo's recipe; the 'toy, ...' "
-                   "ones are ViCo ablations of it, quote them)")
+                   "ones are ablations of it (ViCo's; AttnDreamBooth's LoRA), quote them)")
     p.add_argument("--concepts", type=int, default=len(CONCEPTS), help=f"the first N of {len(CONCEPTS)} concepts")
     p.add_argument("--sample-steps", type=int, default=30)
     p.add_argument("--guidance", type=float, default=5.0)

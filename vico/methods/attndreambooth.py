@@ -15,12 +15,17 @@ the fused op with ``head_reduce="none"`` (no attention matrix): per layer and
 batch row, the mean and unbiased variance over heads and positions;
 L = mean over layers of Σ_b λμ(μ_V − μ_C)² + λσ(σ²_V − σ²_C)², with
 (λμ, λσ) = (0.1, 0) in stage 1 and (2, 5) after. Sampling: DPM-Solver.
-The saved concept holds the embedding and the full fine-tuned UNet weights.
+The saved concept holds the embedding and the full fine-tuned UNet weights; with
+``unet_lora_rank`` R > 0 the UNet stages train one PEFT LoRA adapter of rank R
+instead (stage 2 its attn2 part, stage 3 all of it; ``LORA_TARGETS``) and the
+concept holds the embedding and the adapter, also written for plain diffusers
+(``LORA_FILE`` + ``learned_embeds.safetensors``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +33,7 @@ import torch.nn.functional as F
 import fused
 
 from ..data import attndreambooth_augment
+from ..files import atomic_write
 from ..model import Components, UserError, add_placeholder_token, token_positions
 from .base import Batch, Method, MethodConfig, MethodOptions, Stage, draw_noise, noise_and_target
 
@@ -39,6 +45,10 @@ STAGES = {  # name: (lr, steps, batch size, (lambda_mu, lambda_sigma))
 FAST_UNET = (1e-5, 200, 4, (2.0, 5.0))
 FAST_BATCH = 4  # the fast preset's batch size, every stage
 ROTATE_P = 0.75  # the official dataset's RandomApply([RandomRotation(45, expand=True)], p=0.75)
+# The LoRA variant adapts the attention projections of every transformer block, as diffusers'
+# examples/dreambooth/train_dreambooth_lora.py does (attn1 and attn2; stage 2 trains the attn2 ones).
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name: `pipe.load_lora_weights(folder)` finds it
 
 
 @dataclass(frozen=True)
@@ -47,11 +57,17 @@ class AttnDreamBoothOptions(MethodOptions):
                                                       "at lr 1e-5 for 200 steps"})
     rotate_p: float = field(default=ROTATE_P, metadata={
         "help": "probability of the official random rotation (up to 45 degrees) of a training image"})
+    unet_lora_rank: int = field(default=0, metadata={
+        "help": "rank of a LoRA adapter that stages 2 and 3 train instead of the UNet's weights (attn2 "
+                "projections, then every attention projection); the concept is then a few MB. 0: the "
+                "official full fine-tuning"})
 
     def check(self) -> None:
         super().check()
         if not 0 <= self.rotate_p <= 1:
             raise UserError(f"--rotate-p {self.rotate_p}: a probability must be in [0, 1]")
+        if self.unet_lora_rank < 0:
+            raise UserError(f"--unet-lora-rank {self.unet_lora_rank}: a rank must be 0 (full fine-tuning) or more")
 
 
 def mean_variance_regulariser(maps: dict[str, torch.Tensor], lam_mu: float, lam_sigma: float) -> torch.Tensor:
@@ -83,6 +99,8 @@ class AttnDreamBooth(Method):
         self.category_id = tok(config.init_word, add_special_tokens=False).input_ids[0]
         fused.attach(components.unet)
         self.layers = fused.cross_attention_layers(components.unet)
+        if self.options.unet_lora_rank:
+            add_unet_lora(components.unet, self.options.unet_lora_rank)
         self.stage = 0
         self._decoded = None  # (key, images) when the training images were decoded from latents
 
@@ -98,14 +116,20 @@ class AttnDreamBooth(Method):
 
     def begin_stage(self, index: int) -> None:
         self.stage = index
-        unet = self.components.unet
-        unet.requires_grad_(False)
+        self.components.unet.requires_grad_(False)
         self.embedding.learned.requires_grad_(index == 0)
-        if index == 1:
-            for name in self.layers:
-                unet.get_submodule(name).requires_grad_(True)
-        elif index == 2:
-            unet.requires_grad_(True)
+        for p in self._unet_params(index):
+            p.requires_grad_(True)
+
+    def _unet_params(self, stage: int) -> list[torch.nn.Parameter]:
+        """What a UNet stage trains: every attn2 parameter (stage 1) or the whole UNet (stage 2), or
+        with LoRA those parameters' adapter weights; nothing in stage 0."""
+        if stage == 0:
+            return []
+        prefixes = tuple(f"{name}." for name in self.layers) if stage == 1 else ("",)
+        lora = bool(self.options.unet_lora_rank)
+        return [p for n, p in self.components.unet.named_parameters()
+                if n.startswith(prefixes) and (not lora or ".lora_" in n)]
 
     @classmethod
     def learning_rate_names(cls) -> dict[str, float]:
@@ -115,10 +139,7 @@ class AttnDreamBooth(Method):
         lr = self.base_lr(list(STAGES)[stage], default=self._stage_table()[stage][0]) * lr_scale
         if stage == 0:
             return [{"name": "embedding", "params": [self.embedding.learned], "lr": lr}]
-        unet = self.components.unet
-        params = [p for n in self.layers for p in unet.get_submodule(n).parameters()] if stage == 1 \
-            else list(unet.parameters())
-        return [{"name": list(STAGES)[stage], "params": params, "lr": lr}]
+        return [{"name": list(STAGES)[stage], "params": self._unet_params(stage), "lr": lr}]
 
     def prompt(self, generator: torch.Generator) -> str:
         return f"a photo of a {self.concept_phrase(self.config.placeholder, self.config.init_word)}"
@@ -179,12 +200,47 @@ class AttnDreamBooth(Method):
         loss = mse + reg
         return loss, {"loss": loss.item(), "mse": mse.item(), "reg": float(reg.detach())}
 
+    def _unet_state(self) -> dict[str, torch.Tensor]:
+        """The UNet tensors a concept holds: all of them, or with LoRA the adapter's alone."""
+        unet = self.components.unet
+        if self.options.unet_lora_rank:
+            return {n: p for n, p in unet.named_parameters() if ".lora_" in n}
+        return unet.state_dict()
+
     def state_dict(self) -> dict[str, torch.Tensor]:
-        state = {"embedding": self.embedding.learned}
-        state.update({f"unet.{k}": v for k, v in self.components.unet.state_dict().items()})
-        return state
+        return {"embedding": self.embedding.learned} | {f"unet.{k}": v for k, v in self._unet_state().items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
             self.embedding.learned.copy_(state["embedding"])
-        self.components.unet.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("unet.")})
+            for name, tensor in self._unet_state().items():
+                tensor.copy_(state[f"unet.{name}"])
+
+    def save_extra(self, out: Path) -> None:
+        """With LoRA, the concept as plain diffusers loads it: ``pipe.load_lora_weights(out)`` and
+        ``pipe.load_textual_inversion(out / "learned_embeds.safetensors")``."""
+        if not self.options.unet_lora_rank:
+            return  # the full UNet: `vico export` writes the embedding, the UNet needs this project's loader
+        from diffusers import StableDiffusionPipeline
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        from .textual_inversion import save_learned_embeds
+
+        unet = self.components.unet
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+        layers = {k: v.detach().to("cpu").contiguous() for k, v in layers.items()}
+        metadata = unet.peft_config["default"].to_dict()  # rank and alpha, read back by load_lora_weights
+        atomic_write(out / LORA_FILE, lambda p: StableDiffusionPipeline.save_lora_weights(
+            p.parent, unet_lora_layers=layers, weight_name=p.name, unet_lora_adapter_metadata=metadata))
+        save_learned_embeds(out, self.config.placeholder, [self.embedding.learned])
+
+
+def add_unet_lora(unet: torch.nn.Module, rank: int) -> None:
+    """Add the LoRA adapter ("default", rank ``rank``, alpha = rank as diffusers' examples) to ``LORA_TARGETS``
+    of every attention layer of ``unet``; its B matrices start at zero, so the UNet's outputs do not change.
+    Its A matrices draw from torch's global generator (the trainer seeds it)."""
+    from peft import LoraConfig
+
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                target_modules=list(LORA_TARGETS)))

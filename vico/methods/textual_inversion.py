@@ -63,14 +63,19 @@ class TextualInversion(Method):
                 emb.learned.copy_(state[key])
 
     def save_extra(self, out: Path) -> None:
-        """``learned_embeds.safetensors``: on SD what diffusers' ``pipe.load_textual_inversion(path)`` reads; on
-        SDXL the ``clip_l``/``clip_g`` file A1111 and ComfyUI read (diffusers loads each tensor into its
-        encoder: docs/methods.md, SDXL)."""
-        from safetensors.torch import save_file
+        save_learned_embeds(out, self.config.placeholder, [emb.learned for emb in self.embeddings])
 
-        from ..export import tool_tensors
 
-        vectors = [emb.learned.detach().cpu().contiguous() for emb in self.embeddings]
-        fmt = "a1111" if len(vectors) > 1 else "diffusers"
-        tensors = tool_tensors(fmt, self.config.placeholder, vectors)
-        atomic_write(out / "learned_embeds.safetensors", lambda p: save_file(tensors, str(p)))
+def save_learned_embeds(out: Path, token: str, embeddings: list[torch.Tensor]) -> None:
+    """``out/learned_embeds.safetensors`` of ``embeddings`` (one [n_vectors, dim] tensor per text encoder, in the
+    pipeline's order): on SD what diffusers' ``pipe.load_textual_inversion(path)`` reads; on SDXL the
+    ``clip_l``/``clip_g`` file A1111 and ComfyUI read (diffusers loads each tensor into its encoder:
+    docs/methods.md, SDXL)."""
+    from safetensors.torch import save_file
+
+    from ..export import tool_tensors
+
+    vectors = [emb.detach().cpu().contiguous() for emb in embeddings]
+    fmt = "a1111" if len(vectors) > 1 else "diffusers"
+    tensors = tool_tensors(fmt, token, vectors)
+    atomic_write(out / "learned_embeds.safetensors", lambda p: save_file(tensors, str(p)))
