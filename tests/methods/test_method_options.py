@@ -56,6 +56,8 @@ def test_an_unknown_method_is_refused_by_the_parser(capsys):
     ("vico", {"layers": []}, "--layers: name at least one spatial transformer"),
     ("attndreambooth", {"fast": 1}, "--fast 1: expected true or false"),
     ("attndreambooth", {"rotate_p": -0.1}, "--rotate-p -0.1: a probability must be in [0, 1]"),
+    ("attndreambooth", {"unet_lora_rank": -1}, "--unet-lora-rank -1: a rank must be 0 (full fine-tuning) or more"),
+    ("attndreambooth", {"unet_lora_rank": 2.5}, "--unet-lora-rank 2.5: expected a whole number"),
     ("catversion", {"prefix_layers": []}, "--prefix-layers: name at least one text-encoder attention module"),
 ])
 def test_bad_options_are_one_line_naming_the_flag(method, given, message):
