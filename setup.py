@@ -29,6 +29,7 @@ setup(
         "pybind11>=2.12",
         "safetensors>=0.4",
         "diffusers>=0.42",
+        "peft>=0.17",  # AttnDreamBooth's --unet-lora-rank (diffusers' LoRA loading needs it too)
         "transformers>=5.0",
         "accelerate>=1.0",
         "pillow>=10",

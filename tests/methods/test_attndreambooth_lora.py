@@ -3,19 +3,16 @@ samples it as this project does, and exact resume."""
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 
-pytest.importorskip("peft")
-
-from safetensors import safe_open  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
-
-from tests import builders as tiny  # noqa: E402
-from tests.methods.test_method_interface import changed, components, run_steps, snapshot  # noqa: E402
-from vico.methods.attndreambooth import LORA_FILE, AttnDreamBooth, AttnDreamBoothOptions  # noqa: E402
-from vico.methods.base import WEIGHTS_FILE, MethodConfig  # noqa: E402
-from vico.model import encode_prompts  # noqa: E402
-from vico.pipeline import ViCoPipeline  # noqa: E402
-from vico.training import TrainConfig, train  # noqa: E402
+from tests import builders as tiny
+from tests.methods.test_method_interface import changed, components, run_steps, snapshot
+from vico.methods.attndreambooth import LORA_FILE, AttnDreamBooth, AttnDreamBoothOptions
+from vico.methods.base import WEIGHTS_FILE, MethodConfig
+from vico.model import encode_prompts
+from vico.pipeline import ViCoPipeline
+from vico.training import TrainConfig, train
 
 RANK = 2
 PROMPT = "a photo of a S* cat"
