@@ -34,7 +34,8 @@ EXPORT_TAG = "vico_export"  # safetensors metadata key: the file is vico's own, 
 EXPORTABLE = {
     "textual-inversion": None,
     "vico": "ViCo's image attention blocks (attention to a reference image)",
-    "attndreambooth": "AttnDreamBooth's fine-tuned UNet (the embedding was learned with it)",
+    "attndreambooth": "AttnDreamBooth's fine-tuned UNet (the embedding was learned with it; a --unet-lora-rank "
+                      "concept has it for diffusers in its pytorch_lora_weights.safetensors)",
 }
 NOT_EXPORTABLE = {"catversion": "CatVersion learns key/value prefixes of text-encoder layers, no token embedding"}
 
