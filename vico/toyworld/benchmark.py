@@ -11,7 +11,7 @@ world's recipe (``demo.TOY_RECIPES``: batch, steps, learning rates and method
 options, one per method; docs/methods.md §8) and ViCo ablations of that recipe
 (official image lr, 10x the toy image lr, image blocks in every second decoder layer as the method
 places them, embedding frozen, no regulariser; 1/4 and 4x the steps for every method) and AttnDreamBooth's
-UNet stages as a rank-4 LoRA (at the toy rates and 10x them). Results are appended to
+UNet stages as a LoRA (rank 4 at 1, 10 and 100x the toy rates; rank 16 at 10x). Results are appended to
 ``OUT/benchmark.json`` after every row, and finished rows are not recomputed on
 a rerun (the command resumes).
 """
@@ -61,11 +61,13 @@ def _vico_only(make):
     return _only("vico", make)
 
 
-def _lora_rank_4(method: str, lr_factor: float = 1.0) -> dict:
-    """AttnDreamBooth's toy recipe with its UNet stages training a rank-4 LoRA, at ``lr_factor`` x their rates."""
-    rates = TOY_RECIPES[method]["learning_rates"]
-    return _toy(method, options={"unet_lora_rank": 4},
-                learning_rates={k: lr_factor * rates[k] for k in ("cross-attention", "unet")})
+def _unet_lora(rank: int, lr_factor: float = 1.0):
+    """AttnDreamBooth's toy recipe with its UNet stages training a rank-``rank`` LoRA at ``lr_factor`` x their rates."""
+    def make(method: str) -> dict:
+        rates = TOY_RECIPES[method]["learning_rates"]
+        return _toy(method, options={"unet_lora_rank": rank},
+                    learning_rates={k: lr_factor * rates[k] for k in ("cross-attention", "unet")})
+    return _only("attndreambooth", make)
 
 
 # name -> (method -> TrainConfig overrides, or None where the setting does not apply to the method)
@@ -81,8 +83,10 @@ SETTINGS = {
     "toy, 1/4 steps": lambda m: _toy(m, steps=TOY_STEPS[m] // 4) if m in TOY_RECIPES else None,
     # the toy recipe puts ViCo's image blocks in every decoder transformer; this is the method's own placement
     "toy, blocks in every second decoder layer": _vico_only(lambda m: _toy(m, options={"layers": None})),
-    "toy, unet LoRA rank 4": _only("attndreambooth", _lora_rank_4),
-    "toy, unet LoRA rank 4, UNet lr x10": _only("attndreambooth", lambda m: _lora_rank_4(m, lr_factor=10)),
+    "toy, unet LoRA rank 4": _unet_lora(4),
+    "toy, unet LoRA rank 4, UNet lr x10": _unet_lora(4, lr_factor=10),
+    "toy, unet LoRA rank 4, UNet lr x100": _unet_lora(4, lr_factor=100),
+    "toy, unet LoRA rank 16, UNet lr x10": _unet_lora(16, lr_factor=10),
 }
 
 
