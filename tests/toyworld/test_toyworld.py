@@ -308,6 +308,21 @@ def test_toy_recipes_cover_every_benchmark_method():
     assert method.options.rotate_p == 0.0 and benchmark.SETTINGS["default"]("attndreambooth") == {}
 
 
+def test_unet_lora_settings_are_attndreamboths_toy_recipe_with_a_rank():
+    import pytest
+
+    from vico.toyworld import benchmark
+
+    for name, rank, factor in [("toy, unet LoRA rank 4", 4, 1), ("toy, unet LoRA rank 4, UNet lr x10", 4, 10),
+                               ("toy, unet LoRA rank 4, UNet lr x100", 4, 100),
+                               ("toy, unet LoRA rank 16, UNet lr x10", 16, 10)]:
+        setting = benchmark.SETTINGS[name]("attndreambooth")
+        assert setting["options"] == {"rotate_p": 0.0, "unet_lora_rank": rank} and setting["steps"] == 250
+        assert setting["learning_rates"] == pytest.approx({"embedding": 1e-3, "cross-attention": factor * 1e-4,
+                                                           "unet": factor * 1e-4})
+        assert [benchmark.SETTINGS[name](m) for m in benchmark.METHODS if m != "attndreambooth"] == [None] * 3
+
+
 def test_ablation_settings_for_lr_and_block_placement():
     from pathlib import Path
 
