@@ -74,12 +74,12 @@ def test_plain_diffusers_loads_the_concept_and_predicts_as_this_project(concept,
     g = torch.Generator().manual_seed(5)
     latents, t = torch.randn(2, 4, 16, 16, generator=g), torch.tensor([50, 800])
     c = ours.method.components
-    _, text = encode_prompts(c.tokenizer, c.text_encoder, [PROMPT] * 2)
+    text = encode_prompts(c, [PROMPT] * 2).text
     with torch.no_grad():
         before = untouched(latents, t, text).sample
         plain.load_lora_weights(str(concept))
         plain.load_textual_inversion(str(concept / "learned_embeds.safetensors"))
-        _, plain_text = encode_prompts(plain.tokenizer, plain.text_encoder, [PROMPT] * 2)
+        plain_text = plain.encode_prompt(PROMPT, "cpu", 2, do_classifier_free_guidance=False)[0]
         want = c.unet(latents, t, text).sample
         got = plain.unet(latents, t, plain_text).sample
     torch.testing.assert_close(plain_text, text, rtol=0, atol=0)
