@@ -1,5 +1,5 @@
 """SDXL pipelines: the conditioning equals StableDiffusionXLPipeline's, Textual Inversion, ViCo and CatVersion
-train and sample through the CLI, the saved embedding loads into diffusers' two encoders, ViCo's reference
+train and sample through the CLI (AttnDreamBooth: test_attndreambooth_sdxl.py), the saved embedding loads into diffusers' two encoders, ViCo's reference
 branch sees the noisy half's added conditions, CatVersion's prefixes sit in both encoders, resume is exact,
 --vae replaces the VAE, bad folders and options are one line. All on one tiny SDXL pipeline (session fixture)."""
 
@@ -320,7 +320,11 @@ def test_another_pipeline_class_is_one_line(sdxl_model_dir, images_dir, tmp_path
     assert "holds a FluxPipeline" in line and "StableDiffusionXLPipeline" in line
 
 
-def test_a_method_without_sdxl_support_is_refused_before_loading(sdxl_model_dir, images_dir, tmp_path, capsys):
+def test_a_method_without_sdxl_support_is_refused_before_loading(sdxl_model_dir, images_dir, tmp_path, capsys,
+                                                                 monkeypatch):
+    from vico.methods.attndreambooth import AttnDreamBooth
+
+    monkeypatch.setattr(AttnDreamBooth, "families", ("sd",))  # every method trains on SDXL now: pretend one does not
     assert train(sdxl_model_dir, images_dir, tmp_path / "out", "--method", "attndreambooth", "--steps", 1) == 2
     assert "--method attndreambooth does not support SDXL pipelines yet" in error_line(capsys)
     assert not (tmp_path / "out").exists()

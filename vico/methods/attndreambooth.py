@@ -15,7 +15,11 @@ the fused op with ``head_reduce="none"`` (no attention matrix): per layer and
 batch row, the mean and unbiased variance over heads and positions;
 L = mean over layers of Σ_b λμ(μ_V − μ_C)² + λσ(σ²_V − σ²_C)², with
 (λμ, λσ) = (0.1, 0) in stage 1 and (2, 5) after. Sampling: DPM-Solver.
-The saved concept holds the embedding and the full fine-tuned UNet weights; with
+On SDXL (docs/methods.md §10) [V] is added to both tokenizers and learned in both text encoders
+(``embedding``, ``embedding_2``, as Textual Inversion), the UNet stages train SDXL's UNet the same way, every
+UNet call gets the added conditions (pooled projection, time ids), and the maps' token positions come from
+the first tokenizer's ids (both tokenizers must put [V] and [category] at the same positions: checked).
+The saved concept holds the embedding(s) and the full fine-tuned UNet weights; with
 ``unet_lora_rank`` R > 0 the UNet stages train one PEFT LoRA adapter of rank R
 instead (stage 2 its attn2 part, stage 3 all of it; ``LORA_TARGETS``) and the
 concept holds the embedding and the adapter, also written for plain diffusers
@@ -34,8 +38,10 @@ import fused
 
 from ..data import attndreambooth_augment
 from ..files import atomic_write
-from ..model import Components, UserError, add_placeholder_token, token_positions
+from ..model import Components, UserError, token_positions
 from .base import Batch, Method, MethodConfig, MethodOptions, Stage, draw_noise, noise_and_target
+from .textual_inversion import (add_placeholder_embeddings, embeddings_state, load_embeddings_state,
+                                save_learned_embeds)
 
 STAGES = {  # name: (lr, steps, batch size, (lambda_mu, lambda_sigma))
     "embedding": (1e-3, 60, 8, (0.1, 0.0)),
@@ -87,22 +93,43 @@ class AttnDreamBooth(Method):
     default_steps = sum(s[1] for s in STAGES.values())
     default_batch_size = 8
     sampler = "dpm-solver"
+    families = ("sd", "sdxl")
     Options = AttnDreamBoothOptions
 
     def __init__(self, components: Components, config: MethodConfig):
         super().__init__(components, config)
         tok = components.tokenizer
-        if len(tok(config.init_word, add_special_tokens=False).input_ids) != 1:
-            raise UserError(f"category word {config.init_word!r} must be a single token")
-        self.embedding = add_placeholder_token(tok, components.text_encoder, config.placeholder, config.init_word)
+        for t, _ in components.text_encoders:
+            if len(t(config.init_word, add_special_tokens=False).input_ids) != 1:
+                raise UserError(f"category word {config.init_word!r} must be a single token")
+        self.embeddings = add_placeholder_embeddings(components, config.placeholder, config.init_word)
         self.token_id = tok.convert_tokens_to_ids(config.placeholder)
         self.category_id = tok(config.init_word, add_special_tokens=False).input_ids[0]
+        self._check_concept_positions()
         fused.attach(components.unet)
         self.layers = fused.cross_attention_layers(components.unet)
         if self.options.unet_lora_rank:
             add_unet_lora(components.unet, self.options.unet_lora_rank)
         self.stage = 0
         self._decoded = None  # (key, images) when the training images were decoded from latents
+
+    @property
+    def embedding(self):
+        """The first text encoder's [V] embedding (the only one on SD 1.x/2.x)."""
+        return self.embeddings[0]
+
+    def _check_concept_positions(self) -> None:
+        """The maps read [V] and [category] at their positions in the first tokenizer's ids; SDXL's UNet keys
+        concatenate both encoders' states position by position, so every tokenizer must put them there too
+        (SDXL's two share CLIP's BPE vocabulary: they do)."""
+        prompt, words = self.prompt(None), (self.config.placeholder, self.config.init_word)
+        positions = {}
+        for i, (tok, _) in enumerate(self.components.text_encoders):
+            ids = tok(prompt).input_ids
+            positions[i] = [ids.index(tok(w, add_special_tokens=False).input_ids[0]) for w in words]
+        if len(set(map(tuple, positions.values()))) > 1:
+            raise UserError(f"--init-word {self.config.init_word}: the tokenizers put {words} at different "
+                            f"positions of {prompt!r} ({positions}); the attention maps need one position each")
 
     def _stage_table(self):
         table = list(STAGES.values())
@@ -117,7 +144,8 @@ class AttnDreamBooth(Method):
     def begin_stage(self, index: int) -> None:
         self.stage = index
         self.components.unet.requires_grad_(False)
-        self.embedding.learned.requires_grad_(index == 0)
+        for emb in self.embeddings:
+            emb.learned.requires_grad_(index == 0)
         for p in self._unet_params(index):
             p.requires_grad_(True)
 
@@ -138,10 +166,10 @@ class AttnDreamBooth(Method):
     def param_groups(self, lr_scale: float = 1.0, stage: int = 0) -> list[dict]:
         lr = self.base_lr(list(STAGES)[stage], default=self._stage_table()[stage][0]) * lr_scale
         if stage == 0:
-            return [{"name": "embedding", "params": [self.embedding.learned], "lr": lr}]
+            return [{"name": "embedding", "params": [emb.learned for emb in self.embeddings], "lr": lr}]
         return [{"name": list(STAGES)[stage], "params": self._unet_params(stage), "lr": lr}]
 
-    def prompt(self, generator: torch.Generator) -> str:
+    def prompt(self, generator: torch.Generator | None) -> str:
         return f"a photo of a {self.concept_phrase(self.config.placeholder, self.config.init_word)}"
 
     @classmethod
@@ -208,32 +236,32 @@ class AttnDreamBooth(Method):
         return unet.state_dict()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"embedding": self.embedding.learned} | {f"unet.{k}": v for k, v in self._unet_state().items()}
+        return embeddings_state(self.embeddings) | {f"unet.{k}": v for k, v in self._unet_state().items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        load_embeddings_state(self.embeddings, state)
         with torch.no_grad():
-            self.embedding.learned.copy_(state["embedding"])
             for name, tensor in self._unet_state().items():
                 tensor.copy_(state[f"unet.{name}"])
 
     def save_extra(self, out: Path) -> None:
         """With LoRA, the concept as plain diffusers loads it: ``pipe.load_lora_weights(out)`` and
-        ``pipe.load_textual_inversion(out / "learned_embeds.safetensors")``."""
+        ``pipe.load_textual_inversion(out / "learned_embeds.safetensors")`` (SDXL: its ``clip_l`` and ``clip_g``
+        tensors, one call per encoder, docs/methods.md §10)."""
         if not self.options.unet_lora_rank:
             return  # the full UNet: `vico export` writes the embedding, the UNet needs this project's loader
-        from diffusers import StableDiffusionPipeline
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
-        from .textual_inversion import save_learned_embeds
-
         unet = self.components.unet
+        pipeline = StableDiffusionXLPipeline if self.components.is_sdxl else StableDiffusionPipeline
         layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
         layers = {k: v.detach().to("cpu").contiguous() for k, v in layers.items()}
         metadata = unet.peft_config["default"].to_dict()  # rank and alpha, read back by load_lora_weights
-        atomic_write(out / LORA_FILE, lambda p: StableDiffusionPipeline.save_lora_weights(
+        atomic_write(out / LORA_FILE, lambda p: pipeline.save_lora_weights(
             p.parent, unet_lora_layers=layers, weight_name=p.name, unet_lora_adapter_metadata=metadata))
-        save_learned_embeds(out, self.config.placeholder, [self.embedding.learned])
+        save_learned_embeds(out, self.config.placeholder, [emb.learned for emb in self.embeddings])
 
 
 def add_unet_lora(unet: torch.nn.Module, rank: int) -> None:

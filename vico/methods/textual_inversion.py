@@ -14,7 +14,7 @@ import torch
 import fused
 
 from ..data import IMAGENET_TEMPLATES_SMALL
-from ..model import Components, add_placeholder_token
+from ..model import Components, PlaceholderEmbedding, add_placeholder_token
 from ..files import atomic_write
 from .base import Method, MethodConfig
 
@@ -31,9 +31,7 @@ class TextualInversion(Method):
 
     def __init__(self, components: Components, config: MethodConfig):
         super().__init__(components, config)
-        # one learned row per text encoder, in the pipeline's order (EMBEDDING_KEYS names them)
-        self.embeddings = [add_placeholder_token(tok, encoder, config.placeholder, config.init_word)
-                           for tok, encoder in components.text_encoders]
+        self.embeddings = add_placeholder_embeddings(components, config.placeholder, config.init_word)
         self.token_id = components.tokenizer.convert_tokens_to_ids(config.placeholder)
         fused.attach(components.unet)
 
@@ -55,15 +53,32 @@ class TextualInversion(Method):
         return self.prompt_for(self.templates[i], self.config.placeholder, self.config.init_word)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {key: emb.learned for key, emb in zip(EMBEDDING_KEYS, self.embeddings)}
+        return embeddings_state(self.embeddings)
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for key, emb in zip(EMBEDDING_KEYS, self.embeddings):
-                emb.learned.copy_(state[key])
+        load_embeddings_state(self.embeddings, state)
 
     def save_extra(self, out: Path) -> None:
         save_learned_embeds(out, self.config.placeholder, [emb.learned for emb in self.embeddings])
+
+
+def add_placeholder_embeddings(components: Components, placeholder: str,
+                               init_word: str) -> list[PlaceholderEmbedding]:
+    """``placeholder`` added to every tokenizer, one learned row per text encoder initialised from ``init_word``'s
+    own embedding, in the pipeline's order (``EMBEDDING_KEYS`` names them): one on SD, two on SDXL."""
+    return [add_placeholder_token(tok, encoder, placeholder, init_word) for tok, encoder in components.text_encoders]
+
+
+def embeddings_state(embeddings: list[PlaceholderEmbedding]) -> dict[str, torch.Tensor]:
+    """The learned rows [n_vectors, dim] of ``add_placeholder_embeddings`` by their concept names."""
+    return {key: emb.learned for key, emb in zip(EMBEDDING_KEYS, embeddings)}
+
+
+def load_embeddings_state(embeddings: list[PlaceholderEmbedding], state: dict[str, torch.Tensor]) -> None:
+    """Copy ``state``'s rows (``embeddings_state``'s names) into ``embeddings``."""
+    with torch.no_grad():
+        for key, emb in zip(EMBEDDING_KEYS, embeddings):
+            emb.learned.copy_(state[key])
 
 
 def save_learned_embeds(out: Path, token: str, embeddings: list[torch.Tensor]) -> None:
