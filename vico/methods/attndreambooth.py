@@ -99,9 +99,7 @@ class AttnDreamBooth(Method):
     def __init__(self, components: Components, config: MethodConfig):
         super().__init__(components, config)
         tok = components.tokenizer
-        for t, _ in components.text_encoders:
-            if len(t(config.init_word, add_special_tokens=False).input_ids) != 1:
-                raise UserError(f"category word {config.init_word!r} must be a single token")
+        # one token in every tokenizer, or one line (add_placeholder_token checks the category word)
         self.embeddings = add_placeholder_embeddings(components, config.placeholder, config.init_word)
         self.token_id = tok.convert_tokens_to_ids(config.placeholder)
         self.category_id = tok(config.init_word, add_special_tokens=False).input_ids[0]
