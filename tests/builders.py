@@ -280,3 +280,28 @@ def vico(*argv) -> int:
 def vico_train(model, images, out, *extra) -> int:
     """``vico train`` with the init word "cat", quietly; ``extra`` adds or overrides options."""
     return vico("train", "--model", model, "--images", images, "--out", out, "--init-word", "cat", "--quiet", *extra)
+
+
+def train_interrupted_then_resumed(monkeypatch, method_cls, make_config, out: Path, interrupt_at: int) -> list[str]:
+    """Train ``make_config(out)`` (a ``TrainConfig``; ``make_config(out, resume=True)`` resumes it) with Ctrl-C
+    raised inside the ``interrupt_at``-th call of ``method_cls.training_loss``, then resume it to the end.
+    Returns the checkpoint names the interrupted run left (what the resume continued from)."""
+    import pytest
+
+    from vico.training import train
+
+    real_loss, calls = method_cls.training_loss, {"n": 0}
+
+    def interrupting(self, batch):
+        calls["n"] += 1
+        if calls["n"] == interrupt_at:
+            raise KeyboardInterrupt
+        return real_loss(self, batch)
+
+    monkeypatch.setattr(method_cls, "training_loss", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        train(make_config(out))
+    monkeypatch.setattr(method_cls, "training_loss", real_loss)
+    left = sorted(p.name for p in (Path(out) / "checkpoints").iterdir())
+    train(make_config(out, resume=True))
+    return left

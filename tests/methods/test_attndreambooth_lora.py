@@ -7,6 +7,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from tests import builders as tiny
+from tests.builders import train_interrupted_then_resumed
 from tests.methods.test_method_interface import changed, components, run_steps, snapshot
 from vico.methods.attndreambooth import LORA_FILE, AttnDreamBooth, AttnDreamBoothOptions
 from vico.methods.base import WEIGHTS_FILE, MethodConfig
@@ -99,21 +100,12 @@ def test_sampling_rebuilds_the_adapter_from_the_concept(concept, model_dir):
 
 
 def test_an_interrupted_lora_run_resumes_to_the_same_result(concept, model_dir, images_dir, tmp_path, monkeypatch):
-    real_loss = AttnDreamBooth.training_loss
-    calls = {"n": 0}
+    def config(out, resume=False):
+        return lora_config(model_dir, images_dir, out, resume)
 
-    def interrupting(self, batch):
-        calls["n"] += 1
-        if calls["n"] == 6:  # inside the second step of stage 3 (the whole UNet's adapter)
-            raise KeyboardInterrupt
-        return real_loss(self, batch)
-
-    monkeypatch.setattr(AttnDreamBooth, "training_loss", interrupting)
-    with pytest.raises(KeyboardInterrupt):
-        train(lora_config(model_dir, images_dir, tmp_path / "split"))
-    monkeypatch.setattr(AttnDreamBooth, "training_loss", real_loss)
-    assert [p.name for p in (tmp_path / "split" / "checkpoints").iterdir()] == ["step-000005"]
-    train(lora_config(model_dir, images_dir, tmp_path / "split", resume=True))
+    # Ctrl-C inside the second step of stage 3 (the whole UNet's adapter)
+    assert train_interrupted_then_resumed(monkeypatch, AttnDreamBooth, config, tmp_path / "split", 6) == [
+        "step-000005"]
     for name in (WEIGHTS_FILE, LORA_FILE):
         a, b = load_file(concept / name), load_file(tmp_path / "split" / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name

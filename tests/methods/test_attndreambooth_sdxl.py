@@ -11,7 +11,7 @@ pytest.importorskip("diffusers")
 from safetensors.torch import load_file  # noqa: E402
 
 from tests import builders as tiny  # noqa: E402
-from tests.builders import vico as run, vico_train  # noqa: E402
+from tests.builders import train_interrupted_then_resumed, vico as run, vico_train  # noqa: E402
 from tests.methods.test_method_interface import changed, run_steps  # noqa: E402
 from tests.methods.test_sdxl import diffusers_pipe, record_unet_calls  # noqa: E402
 from vico.methods.attndreambooth import LORA_FILE, AttnDreamBooth, AttnDreamBoothOptions  # noqa: E402
@@ -168,21 +168,12 @@ def test_plain_diffusers_sdxl_loads_the_lora_concept_and_predicts_as_this_projec
 
 def test_an_interrupted_sdxl_run_resumes_bit_identically(lora_concept, sdxl_model_dir, images_dir, tmp_path,
                                                          monkeypatch):
-    real_loss = AttnDreamBooth.training_loss
-    calls = {"n": 0}
+    def config(out, resume=False):
+        return lora_config(sdxl_model_dir, images_dir, out, resume)
 
-    def interrupting(self, batch):
-        calls["n"] += 1
-        if calls["n"] == 6:  # inside the second step of stage 3 (the whole UNet's adapter)
-            raise KeyboardInterrupt
-        return real_loss(self, batch)
-
-    monkeypatch.setattr(AttnDreamBooth, "training_loss", interrupting)
-    with pytest.raises(KeyboardInterrupt):
-        train(lora_config(sdxl_model_dir, images_dir, tmp_path / "split"))
-    monkeypatch.setattr(AttnDreamBooth, "training_loss", real_loss)
-    assert [p.name for p in (tmp_path / "split" / "checkpoints").iterdir()] == ["step-000005"]
-    train(lora_config(sdxl_model_dir, images_dir, tmp_path / "split", resume=True))
+    # Ctrl-C inside the second step of stage 3 (the whole UNet's adapter)
+    assert train_interrupted_then_resumed(monkeypatch, AttnDreamBooth, config, tmp_path / "split", 6) == [
+        "step-000005"]
     for name in (WEIGHTS_FILE, LORA_FILE, "learned_embeds.safetensors"):
         a, b = load_file(lora_concept / name), load_file(tmp_path / "split" / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name

@@ -206,22 +206,11 @@ def test_interrupted_multistage_run_resumes_to_the_same_result(model_dir, images
                            init_word="cat", steps=2, batch_size=1, progress=False, checkpoint_every=100,
                            resume=resume)
 
+    from tests.builders import train_interrupted_then_resumed
+
     train(cfg(tmp_path / "full"))
-    real_loss = AttnDreamBooth.training_loss
-    calls = {"n": 0}
-
-    def interrupting(self, batch):
-        calls["n"] += 1
-        if calls["n"] == 4:  # inside the second step of stage 2 (cross-attention)
-            raise KeyboardInterrupt
-        return real_loss(self, batch)
-
-    monkeypatch.setattr(AttnDreamBooth, "training_loss", interrupting)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg(tmp_path / "split"))
-    monkeypatch.setattr(AttnDreamBooth, "training_loss", real_loss)
-    assert [p.name for p in (tmp_path / "split" / "checkpoints").iterdir()] == ["step-000003"]
-    train(cfg(tmp_path / "split", resume=True))
+    # Ctrl-C inside the second step of stage 2 (cross-attention)
+    assert train_interrupted_then_resumed(monkeypatch, AttnDreamBooth, cfg, tmp_path / "split", 4) == ["step-000003"]
     a, b = load_file(tmp_path / "full" / "concept.safetensors"), load_file(tmp_path / "split" / "concept.safetensors")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.builders import vico_train
+from tests.builders import train_interrupted_then_resumed, vico_train
 from vico.methods import get_method
 from vico.training import load_trainer_state
 
@@ -127,20 +127,8 @@ def test_a_run_interrupted_between_accumulated_batches_resumes_to_the_uninterrup
                            progress=False, checkpoint_every=100, resume=resume)
 
     train(cfg(tmp_path / "full"))
-    real_loss, calls = ViCo.training_loss, {"n": 0}
-
-    def interrupting(self, batch):
-        calls["n"] += 1
-        if calls["n"] == 4:  # the second accumulated batch of step 2
-            raise KeyboardInterrupt
-        return real_loss(self, batch)
-
-    monkeypatch.setattr(ViCo, "training_loss", interrupting)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg(tmp_path / "split"))
-    monkeypatch.setattr(ViCo, "training_loss", real_loss)
-    assert [p.name for p in (tmp_path / "split" / "checkpoints").iterdir()] == ["step-000001"]
-    train(cfg(tmp_path / "split", resume=True))
+    # Ctrl-C in the second accumulated batch of step 2
+    assert train_interrupted_then_resumed(monkeypatch, ViCo, cfg, tmp_path / "split", 4) == ["step-000001"]
     assert max_diff(concept(tmp_path / "full"), concept(tmp_path / "split")) == 0.0
 
 
