@@ -5,6 +5,7 @@ docs/shapes.md §4), at one or more latent sizes, with ratios to the fused path.
     python benchmarks/bench_vico_step.py --model tiny --latent 16 --repeat 1          # a quick check
     python benchmarks/bench_vico_step.py --model sd15 --latent 32 48 64 --threads 2   # CPU: SD 1.5-sized UNet
     python benchmarks/bench_vico_step.py --model sd15 --latent 64 96 128 --device cuda # GPU (fp16)
+    python benchmarks/bench_vico_step.py --model sdxl --latent 32 --threads 2 --phases train  # SDXL base-sized
 
 The processors: `fused` (this project: maps, Otsu and the masked image attention
 in fused ops, SDPA elsewhere); `diffusers+maps` (SDPA, probabilities materialised
@@ -58,6 +59,15 @@ def build_components(model: str, device: str, dtype: torch.dtype = torch.float32
     from tests import builders as tiny
     from vico.model import Components
 
+    if model == "sdxl":  # SDXL base's UNet (2,567,463,684 parameters), CLIP-L and OpenCLIP-bigG, random weights
+        comps = tiny.make_tiny_sdxl_components()
+        comps["unet"] = unet_from_config(ROOT / "tests" / "configs" / "sdxl_unet.json")
+        comps["text_encoder"] = clip_text_encoder(comps["tokenizer"], 768, 12, 12, 3072)
+        comps["text_encoder_2"] = clip_text_encoder(comps["tokenizer_2"], 1280, 32, 20, 5120, projection_dim=1280)
+        c = Components(path="<sdxl>", **comps)
+        for m in (c.unet, c.text_encoder, c.text_encoder_2, c.vae):
+            m.requires_grad_(False).eval()
+        return c.to(device, dtype)
     comps = tiny.make_tiny_components()
     if model == "sd15":
         from diffusers import UNet2DConditionModel
@@ -74,6 +84,23 @@ def build_components(model: str, device: str, dtype: torch.dtype = torch.float32
     for m in (c.unet, c.text_encoder, c.vae):
         m.requires_grad_(False).eval()
     return c.to(device, dtype)
+
+
+def unet_from_config(config: Path):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_config(json.loads(config.read_text()))
+
+
+def clip_text_encoder(tok, width: int, layers: int, heads: int, intermediate: int, projection_dim: int | None = None):
+    """A CLIP text encoder of the given size on ``tok``'s vocabulary (with a projection when ``projection_dim``)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(vocab_size=len(tok), hidden_size=width, intermediate_size=intermediate,
+                            num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=77,
+                            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                            **({} if projection_dim is None else {"projection_dim": projection_dim}))
+    return (CLIPTextModel if projection_dim is None else CLIPTextModelWithProjection)(config)
 
 
 def limit_memory(gb: float | None) -> None:
@@ -99,7 +126,7 @@ def build_steps(processor: str, model: str, latent: int, device: str, dtype: tor
     reference_stop = processor == "fused" if reference_stop is None else reference_stop
     torch.manual_seed(0)
     comps = build_components(model, device, dtype)
-    method = ViCo(comps, MethodConfig(init_word="cat", resolution=latent * 8 if model == "sd15" else latent * 2))
+    method = ViCo(comps, MethodConfig(init_word="cat", resolution=latent * 8 if model in ("sd15", "sdxl") else latent * 2))
     method.reference_stop.enabled = reference_stop
     fused.attach(comps.unet, BASELINES[processor])
     g = torch.Generator().manual_seed(0)
@@ -118,8 +145,9 @@ def build_steps(processor: str, model: str, latent: int, device: str, dtype: tor
             p.grad = None
         sync()
 
-    cond = encode_prompts(comps, ["a photo of S*"]).detach()
-    uncond = encode_prompts(comps, [""]).detach()
+    size = method.config.resolution  # SDXL's time ids
+    cond = encode_prompts(comps, ["a photo of S*"], size=size).detach()
+    uncond = encode_prompts(comps, [""], size=size).detach()
     context = method.sampling_context(mean[:1], 1)
 
     @torch.no_grad()
@@ -235,8 +263,9 @@ def format_table(rows: list[dict], opts) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=["tiny", "sd15"], default="tiny",
-                   help="tiny pipeline, or an SD 1.5-sized UNet + CLIP-sized text encoder with random weights")
+    p.add_argument("--model", choices=["tiny", "sd15", "sdxl"], default="tiny",
+                   help="tiny pipeline, or an SD 1.5-sized UNet + CLIP-sized text encoder, or SDXL base's UNet + "
+                   "CLIP-L + OpenCLIP-bigG, with random weights")
     p.add_argument("--latent", type=int, nargs="+",
                    help="latent sides (default: 16 for tiny; 32 48 for sd15 on CPU, 64 96 128 on CUDA)")
     p.add_argument("--processors", nargs="+", choices=PROCESSORS, default=list(PROCESSORS),
