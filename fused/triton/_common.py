@@ -26,6 +26,28 @@ _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float
 
 
 @triton.jit
+def row_index(idx_ptr, T, HAS_MAPS: tl.constexpr, BLOCK_T: tl.constexpr):
+    """A batch row's chosen columns: (index with 0 for -1 slots, which slots are live,
+    whether the row wants any map); all slots -1 without maps (``idx_ptr`` unread)."""
+    offs_t = tl.arange(0, BLOCK_T)
+    if HAS_MAPS:
+        idx = tl.load(idx_ptr + offs_t, mask=offs_t < T, other=-1)
+    else:
+        idx = tl.full([BLOCK_T], -1, tl.int64)
+    idx_ok = idx >= 0
+    return tl.where(idx_ok, idx, 0), idx_ok, tl.max(idx, axis=0) >= 0
+
+
+@triton.jit
+def row_attends_uniformly(any_visible_ptr, b, HAS_MASK: tl.constexpr):
+    """Whether batch row ``b`` hides every key (it then attends uniformly, docs/ops.md §4.3); False without a mask."""
+    uniform = False
+    if HAS_MASK:
+        uniform = tl.load(any_visible_ptr + b) == 0
+    return uniform
+
+
+@triton.jit
 def chosen_probabilities(s_sel, lse2, idx_ok, idx_safe, mask_row, uniform, HAS_MASK: tl.constexpr):
     """The chosen columns' probabilities [BLOCK_N, BLOCK_T] from their base-2 scores ``s_sel`` and the rows'
     base-2 lse ``lse2`` [BLOCK_N]: 0 in -1 slots (``idx_ok`` false) and, with a key mask (row ``mask_row``),

@@ -18,7 +18,7 @@ import triton.language as tl
 
 from ..reference import accumulation_dtype
 from ._common import (INTERPRET, INTERPRET_META, LOG2E, LOG2E_C, autotuned_by_head_dim, chosen_probabilities, launcher,
-                      needs_int64_offsets, next_pow2, tl_dtype)
+                      needs_int64_offsets, next_pow2, row_attends_uniformly, row_index, tl_dtype)
 from .attention_fwd import precision
 
 
@@ -111,21 +111,15 @@ def _attention_bwd_rowterm_kernel(
     delta = tl.sum(o * do, axis=1)
     if HAS_MAPS:
         offs_t = tl.arange(0, BLOCK_T)
-        idx = tl.load(Index + b * T + offs_t, mask=offs_t < T, other=-1)
-        if tl.max(idx, axis=0) >= 0:
-            idx_ok = idx >= 0
+        idx_safe, idx_ok, wants_maps = row_index(Index + b * T, T, HAS_MAPS, BLOCK_T)
+        if wants_maps:
             q = tl.load(Q + b * sqb + h * sqh + offs_n[:, None] * sqn + offs_d[None, :] * sqd, mask=tile, other=0.0)
-            k_sel = tl.load(
-                K + b * skb + h * skh + tl.where(idx_ok, idx, 0)[:, None] * skl + offs_d[None, :] * skd,
-                mask=idx_ok[:, None] & (offs_d[None, :] < D), other=0.0,
-            )
+            k_sel = tl.load(K + b * skb + h * skh + idx_safe[:, None] * skl + offs_d[None, :] * skd,
+                            mask=idx_ok[:, None] & (offs_d[None, :] < D), other=0.0)
             lse2 = tl.load(Lse + bh * N + offs_n, mask=row_ok, other=0.0) * LOG2E_C
             s_sel = tl.dot(q, tl.trans(k_sel), input_precision=PRECISION).to(ACC) * qk_scale
-            uniform = False
-            if HAS_MASK:
-                uniform = tl.load(AnyVisible + b) == 0  # every key hidden: attended uniformly
-            p_sel = chosen_probabilities(s_sel, lse2, idx_ok, tl.where(idx_ok, idx, 0), KeyMask + b * L, uniform,
-                                         HAS_MASK)
+            uniform = row_attends_uniformly(AnyVisible, b, HAS_MASK)
+            p_sel = chosen_probabilities(s_sel, lse2, idx_ok, idx_safe, KeyMask + b * L, uniform, HAS_MASK)
             if HEAD_MEAN:
                 dm_ptrs = DMaps + (b * T + offs_t[None, :]) * N + offs_n[:, None]
             else:
@@ -154,9 +148,7 @@ def _attention_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     col_ok = cols < L
     d_ok = offs_d < D
-    uniform = False
-    if HAS_MASK:
-        uniform = tl.load(AnyVisible + b) == 0
+    uniform = row_attends_uniformly(AnyVisible, b, HAS_MASK)
     k_ok, v_ok = _key_rows_ok(cols, L, b, KeyMask, uniform, HAS_MASK)
     k = tl.load(K + b * skb + h * skh + cols[:, None] * skl + offs_d[None, :] * skd,
                 mask=k_ok[:, None] & d_ok[None, :], other=0.0)
@@ -206,9 +198,7 @@ def _attention_bwd_dq_kernel(
     do = tl.load(DOut + (bh * N + offs_n[:, None]) * D + offs_d[None, :], mask=tile, other=0.0)
     lse2 = tl.load(Lse + bh * N + offs_n, mask=row_ok, other=0.0) * LOG2E_C
     delta = tl.load(Delta + bh * N + offs_n, mask=row_ok, other=0.0)
-    uniform = False
-    if HAS_MASK:
-        uniform = tl.load(AnyVisible + b) == 0
+    uniform = row_attends_uniformly(AnyVisible, b, HAS_MASK)
     dq = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
     for j0 in range(0, L, BLOCK_L):
         cols = j0 + tl.arange(0, BLOCK_L)

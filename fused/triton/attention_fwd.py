@@ -37,20 +37,7 @@ import triton.language as tl
 
 from ..reference import accumulation_dtype
 from ._common import (INTERPRET, INTERPRET_META, LN2, LOG2E, autotuned_by_head_dim, chosen_probabilities, launcher,
-                      needs_int64_offsets, next_pow2, tl_dtype)
-
-
-@triton.jit
-def _row_index(idx_ptr, T, HAS_MAPS: tl.constexpr, BLOCK_T: tl.constexpr):
-    """A batch row's chosen columns: (index with 0 for -1 slots, which slots are live,
-    whether the row wants any map); all slots -1 without maps (``idx_ptr`` unread)."""
-    offs_t = tl.arange(0, BLOCK_T)
-    if HAS_MAPS:
-        idx = tl.load(idx_ptr + offs_t, mask=offs_t < T, other=-1)
-    else:
-        idx = tl.full([BLOCK_T], -1, tl.int64)
-    idx_ok = idx >= 0
-    return tl.where(idx_ok, idx, 0), idx_ok, tl.max(idx, axis=0) >= 0
+                      needs_int64_offsets, next_pow2, row_attends_uniformly, row_index, tl_dtype)
 
 
 @triton.jit
@@ -154,10 +141,8 @@ def _attention_fwd_kernel(
     if WIDE:  # int64 batch/head bases for tensors past 2**31 elements (needs_int64_offsets)
         b = b.to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    idx_safe, idx_ok, wants_maps = _row_index(Index + b * T, T, HAS_MAPS, BLOCK_T)
-    uniform = False
-    if HAS_MASK:
-        uniform = tl.load(AnyVisible + b) == 0  # every key hidden: attend uniformly
+    idx_safe, idx_ok, wants_maps = row_index(Index + b * T, T, HAS_MAPS, BLOCK_T)
+    uniform = row_attends_uniformly(AnyVisible, b, HAS_MASK)
     maps_acc = tl.zeros([BLOCK_N, BLOCK_T], dtype=ACC)
     for h in range(H):
         hh = h
@@ -199,10 +184,8 @@ def _attention_fwd_heads_kernel(
     b = bh // H
     h = bh % H
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    idx_safe, idx_ok, wants_maps = _row_index(Index + b * T, T, HAS_MAPS, BLOCK_T)
-    uniform = False
-    if HAS_MASK:
-        uniform = tl.load(AnyVisible + b) == 0  # every key hidden: attend uniformly
+    idx_safe, idx_ok, wants_maps = row_index(Index + b * T, T, HAS_MAPS, BLOCK_T)
+    uniform = row_attends_uniformly(AnyVisible, b, HAS_MASK)
     p_sel = _attend_one_head(
         Q + b * sqb + h * sqh, K + b * skb + h * skh, V + b * svb + h * svh, Out + bh * N * D, Lse + bh * N,
         Index + b * T, KeyMask + b * L, sqn, sqd, skl, skd, svl, svd, offs_n, N, L, D, T, qk_scale,
