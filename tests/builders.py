@@ -305,3 +305,10 @@ def train_interrupted_then_resumed(monkeypatch, method_cls, make_config, out: Pa
     left = sorted(p.name for p in (Path(out) / "checkpoints").iterdir())
     train(make_config(out, resume=True))
     return left
+
+
+def error_line(capsys) -> str:
+    """The one ``vico: error: ...`` line a failed command wrote to stderr (asserted to be exactly one)."""
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.startswith("vico: error")]
+    assert len(err) == 1, err
+    return err[0]

@@ -12,18 +12,13 @@ pytest.importorskip("accelerate")
 
 from PIL import Image  # noqa: E402
 
-from tests.builders import vico as run, vico_train  # noqa: E402
+from tests.builders import error_line, vico as run, vico_train  # noqa: E402
 from vico.model import UserError  # noqa: E402
 
 
 
 
 
-
-def error_line(capsys) -> str:
-    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.startswith("vico: error")]
-    assert len(err) == 1, err
-    return err[0]
 
 
 def train(model_dir, images_dir, out, *extra):

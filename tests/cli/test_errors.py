@@ -20,7 +20,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 from tests import builders as tiny  # noqa: E402
 from vico import cli  # noqa: E402
-from tests.builders import vico as run, vico_train as train  # noqa: E402
+from tests.builders import error_line, vico as run, vico_train as train  # noqa: E402
 from vico.data import load_image  # noqa: E402
 
 
@@ -34,11 +34,6 @@ def sample(concept, out, *extra, prompt="a photo of S*"):
     return run("sample", "--concept", concept, "--prompt", prompt, "--out", out, "--num-images", 1, "--steps", 1,
                "--quiet", *extra)
 
-
-def one_error_line(capsys) -> str:
-    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.startswith("vico: error")]
-    assert len(err) == 1, err
-    return err[0]
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +93,7 @@ def test_sample_names_a_missing_model_or_image_folder_and_overrides_work(trained
     meta["base_model"] = str(tmp_path / "moved-away-sd")
     (concept / "concept.json").write_text(json.dumps(meta))
     assert sample(concept, tmp_path / "s1") == 2
-    line = one_error_line(capsys)
+    line = error_line(capsys)
     assert str(tmp_path / "moved-away-sd") in line and "--model" in line
     assert sample(concept, tmp_path / "s2", "--model", model_dir) == 0
 
@@ -107,7 +102,7 @@ def test_sample_names_a_missing_model_or_image_folder_and_overrides_work(trained
     (concept / "train_config.json").write_text(json.dumps(cfg))
     capsys.readouterr()
     assert sample(concept, tmp_path / "s3", "--model", model_dir) == 2
-    line = one_error_line(capsys)
+    line = error_line(capsys)
     assert str(tmp_path / "moved-away-images") in line and "--reference" in line
     reference = sorted(Path(images_dir).iterdir())[0]
     assert sample(concept, tmp_path / "s4", "--model", model_dir, "--reference", reference) == 0
@@ -184,7 +179,7 @@ def test_full_disk_or_read_only_checkpoint_is_one_line(fault, model_dir, images_
         monkeypatch.setattr(safetensors.torch, "save_file", broken)
     out = tmp_path / "run"
     assert train(model_dir, images_dir, out, "--steps", 2, "--checkpoint-every", 1) == 2
-    line = one_error_line(capsys)
+    line = error_line(capsys)
     assert str(out / "checkpoints") in line and "--resume" in line
     assert "Traceback" not in line
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
@@ -241,7 +236,7 @@ def test_resume_with_every_checkpoint_corrupt_is_one_line(trained, model_dir, im
     for ckpt in (out / "checkpoints").iterdir():
         (ckpt / "trainer.pt").write_bytes(b"garbage")
     assert train(model_dir, images_dir, out, "--steps", 3, "--resume") == 2
-    assert "no readable checkpoint" in one_error_line(capsys)
+    assert "no readable checkpoint" in error_line(capsys)
 
 
 # --- 12: one-line errors, checked before any work -------------------------------------------------------
@@ -251,14 +246,14 @@ def test_resume_with_every_checkpoint_corrupt_is_one_line(trained, model_dir, im
 def test_bad_step_counts_are_one_line_before_loading_anything(value, tmp_path, capsys):
     missing = tmp_path / "no-such-model"  # were the model loaded first, the error would name it
     assert run("train", "--model", missing, "--images", tmp_path, "--out", tmp_path / "o", "--steps", value) == 2
-    assert f"--steps must be at least 1, got {value}" in one_error_line(capsys)
+    assert f"--steps must be at least 1, got {value}" in error_line(capsys)
     assert run("sample", "--concept", tmp_path, "--prompt", "S*", "--out", tmp_path / "s", "--steps", value) == 2
-    assert "--steps must be at least 1" in one_error_line(capsys)
+    assert "--steps must be at least 1" in error_line(capsys)
     assert run("sample", "--concept", tmp_path, "--prompt", "S*", "--out", tmp_path / "s",
                "--num-images", value) == 2
-    assert "--num-images must be at least 1" in one_error_line(capsys)
+    assert "--num-images must be at least 1" in error_line(capsys)
     assert run("demo", "--out", tmp_path / "d", "--steps", value) == 2
-    assert "--steps must be at least 1" in one_error_line(capsys)
+    assert "--steps must be at least 1" in error_line(capsys)
 
 
 @pytest.mark.parametrize("case", ["truncated-weights", "garbage-weights", "truncated-json", "json-list",
@@ -279,7 +274,7 @@ def test_garbage_concept_files_are_one_line(case, trained, tmp_path, capsys):
         meta["config"]["not_a_field"] = 1
         config.write_text(json.dumps(meta))
     assert sample(concept, tmp_path / "s") == 2
-    line = one_error_line(capsys)
+    line = error_line(capsys)
     name = "concept.safetensors" if "weights" in case else "concept.json"
     assert str(concept / name) in line
     assert {"truncated-weights": "truncated", "garbage-weights": "not a safetensors file",
@@ -299,13 +294,13 @@ def test_out_that_is_a_file_is_refused_before_any_work(trained, model_dir, image
     afile = tmp_path / "a-file"
     afile.write_text("mine")
     assert train(model_dir, images_dir, afile, "--steps", 1) == 2
-    assert "is an existing file" in one_error_line(capsys)
+    assert "is an existing file" in error_line(capsys)
     assert sample(trained, afile) == 2
-    assert "is an existing file" in one_error_line(capsys)
+    assert "is an existing file" in error_line(capsys)
     assert run("demo", "--out", afile, "--model", model_dir, "--images", images_dir) == 2
-    assert "is an existing file" in one_error_line(capsys)
+    assert "is an existing file" in error_line(capsys)
     assert train(model_dir, images_dir, afile / "sub", "--steps", 1) == 2
-    assert "is a file, not a folder" in one_error_line(capsys)
+    assert "is a file, not a folder" in error_line(capsys)
     assert afile.read_text() == "mine"
 
 
@@ -323,11 +318,11 @@ def test_eval_with_an_empty_or_wrong_encoder_folder_is_one_line(tmp_path, capsys
     ]
     for extra, message in cases:
         assert run(*base, *extra) == 2
-        assert message in one_error_line(capsys), extra
+        assert message in error_line(capsys), extra
     (tmp_path / "nowt").mkdir()
     shutil.copy(clip / "config.json", tmp_path / "nowt" / "config.json")
     assert run(*base, "--clip", tmp_path / "nowt") == 2
-    assert "has no weights" in one_error_line(capsys)
+    assert "has no weights" in error_line(capsys)
 
 
 # --- 13: no silent surprises ------------------------------------------------------------------------------
@@ -392,15 +387,15 @@ def test_demo_never_deletes_a_folder_it_did_not_write(model_dir, images_dir, tmp
     (out / "concept").mkdir(parents=True)
     (out / "concept" / "precious.txt").write_text("keep me")
     assert run("demo", "--out", out, "--model", model_dir, "--images", images_dir, "--steps", 1, "--quiet") == 2
-    assert "which vico did not write there" in one_error_line(capsys)
+    assert "which vico did not write there" in error_line(capsys)
     assert (out / "concept" / "precious.txt").read_text() == "keep me"
 
 
 def test_demo_options_that_would_be_ignored_are_refused(model_dir, tmp_path, capsys):
     assert run("demo", "--out", tmp_path / "d", "--init-word", "dog") == 2
-    assert "--init-word and --num-images apply with --model" in one_error_line(capsys)
+    assert "--init-word and --num-images apply with --model" in error_line(capsys)
     assert run("demo", "--out", tmp_path / "d", "--model", model_dir) == 2
-    assert "--model and --images go together" in one_error_line(capsys)
+    assert "--model and --images go together" in error_line(capsys)
     assert not (tmp_path / "d").exists()
 
 

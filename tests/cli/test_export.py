@@ -13,7 +13,7 @@ pytest.importorskip("accelerate")
 
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from tests.builders import vico as run, vico_train as train  # noqa: E402
+from tests.builders import error_line, vico as run, vico_train as train  # noqa: E402
 from vico import export  # noqa: E402
 from vico.methods import available_methods  # noqa: E402
 
@@ -37,11 +37,6 @@ def learned(concept: Path) -> torch.Tensor:
 def export_to(concept: Path, fmt: str, out: Path) -> int:
     return run("export", "--concept", concept, "--format", fmt, "--out", out)
 
-
-def error_line(capsys) -> str:
-    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.startswith("vico: error")]
-    assert len(err) == 1, err
-    return err[0]
 
 
 # --- the tools' readers, mirrored from their source ------------------------------------------------------------

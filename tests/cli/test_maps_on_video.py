@@ -20,6 +20,7 @@ pytest.importorskip("diffusers")
 from PIL import Image  # noqa: E402
 
 from fused import maps as fused_maps  # noqa: E402
+from tests.builders import error_line  # noqa: E402
 from vico import cli  # noqa: E402
 
 FRAMES, H, W = 3, 32, 48
@@ -122,11 +123,6 @@ def test_video_maps_with_a_vae_save_the_frames_under_the_maps(wan_vae_dir, tmp_p
     assert Image.open(out / "grid.png").size == (FRAMES * W, 3 * H)  # frames, map, mask
 
 
-def one_error_line(capsys) -> str:
-    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.startswith("vico: error")]
-    assert len(err) == 1, err
-    return err[0]
-
 
 def fake_folder(path, index):
     path.mkdir()
@@ -142,36 +138,36 @@ def test_bad_inputs_are_one_line_before_loading(wan_dir, tmp_path, monkeypatch, 
 
     monkeypatch.setattr(model, "load_pipeline", must_not_load)
     assert maps(wan_dir, tmp_path / "o", "--words", "dog") == 2
-    line = one_error_line(capsys)
+    line = error_line(capsys)
     assert "--words" in line and "word 'dog' does not occur in the prompt" in line
     pixart = fake_folder(tmp_path / "pixart", {"_class_name": "PixArtAlphaPipeline",
                                                "transformer": ["diffusers", "PixArtTransformer2DModel"]})
     assert maps(pixart, tmp_path / "o", "--words", "cat") == 2
-    line = one_error_line(capsys)
+    line = error_line(capsys)
     assert "--model" in line and "PixArtTransformer2DModel" in line and "not a pipeline vico maps supports" in line
     i2v = fake_folder(tmp_path / "i2v", {"_class_name": "WanImageToVideoPipeline",
                                          "transformer": ["diffusers", "WanTransformer3DModel"]})
     assert maps(i2v, tmp_path / "o", "--words", "cat") == 2
-    assert "--model" in (line := one_error_line(capsys)) and "needs an input image" in line
+    assert "--model" in (line := error_line(capsys)) and "needs an input image" in line
     sd = fake_folder(tmp_path / "sd", {"_class_name": "StableDiffusionPipeline",
                                        "unet": ["diffusers", "UNet2DConditionModel"]})
     assert maps(sd, tmp_path / "o", "--words", "cat") == 2  # ARGS pass --frames
-    assert "--frames applies to video pipelines only" in one_error_line(capsys)
+    assert "--frames applies to video pipelines only" in error_line(capsys)
     assert maps(tmp_path, tmp_path / "o", "--words", "cat") == 2
-    assert "no model_index.json" in one_error_line(capsys)
+    assert "no model_index.json" in error_line(capsys)
     assert maps(wan_dir, tmp_path / "o", "--words", "cat", "--frames", "0") == 2
-    assert "--frames must be at least 1" in one_error_line(capsys)
+    assert "--frames must be at least 1" in error_line(capsys)
     assert not (tmp_path / "o").exists()
 
 
 def test_token_level_errors_name_their_argument(wan_dir, tmp_path, capsys):
     # "ca" is in the prompt's text but is no token of it: trace refuses it after loading, before generating
     assert maps(wan_dir, tmp_path / "o", "--words", "ca") == 2
-    assert one_error_line(capsys).startswith("vico: error: --words: word 'ca' does not occur")
+    assert error_line(capsys).startswith("vico: error: --words: word 'ca' does not occur")
     assert maps(wan_dir, tmp_path / "o", "--words", "cat", "--occurrence", "3") == 2
-    assert "--occurrence: word 'cat' occurs 1 time(s)" in one_error_line(capsys)
+    assert "--occurrence: word 'cat' occurs 1 time(s)" in error_line(capsys)
     assert maps(wan_dir, tmp_path / "o", "--words", "cat", "--layers", "blocks.9") == 2
-    assert "--layers: no attention layer matches ['blocks.9']" in one_error_line(capsys)
+    assert "--layers: no attention layer matches ['blocks.9']" in error_line(capsys)
 
 
 def test_the_cli_supports_the_video_transformers_trace_does():
@@ -188,7 +184,7 @@ def test_image_pipelines_write_what_they_did(model_dir, tmp_path, capsys):
     assert "map frames" not in capsys.readouterr().out
     assert cli.main(["maps", "--model", str(model_dir), "--prompt", "a photo of a cat", "--words", "dog",
                      "--out", str(out), "--steps", "2"]) == 2
-    assert "--words: word 'dog' does not occur in the prompt" in one_error_line(capsys)
+    assert "--words: word 'dog' does not occur in the prompt" in error_line(capsys)
 
 
 def test_cogvideox_maps_are_strips_too(tmp_path):

@@ -14,7 +14,7 @@ import pytest
 pytest.importorskip("diffusers")
 pytest.importorskip("accelerate")
 
-from tests.builders import vico as run  # noqa: E402
+from tests.builders import error_line, vico as run  # noqa: E402
 from vico.files import LOCK_FILE, WRITTEN_FILE, output_folder  # noqa: E402
 from vico.model import UserError  # noqa: E402
 
@@ -22,11 +22,6 @@ from vico.model import UserError  # noqa: E402
 
 
 
-
-def error_line(capsys) -> str:
-    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.startswith("vico: error")]
-    assert len(err) == 1, err
-    return err[0]
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ pytest.importorskip("accelerate")
 
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from tests.builders import vico as run, vico_train as train  # noqa: E402
+from tests.builders import error_line, vico as run, vico_train as train  # noqa: E402
 
 
 
@@ -21,11 +21,6 @@ from tests.builders import vico as run, vico_train as train  # noqa: E402
 
 
 
-
-def error_line(capsys) -> str:
-    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.startswith("vico: error")]
-    assert len(err) == 1, err
-    return err[0]
 
 
 @pytest.fixture(scope="module")
