@@ -12,6 +12,7 @@ of the installed package (it was ``vico.tiny`` before).
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -312,3 +313,16 @@ def error_line(capsys) -> str:
     err = [line for line in capsys.readouterr().err.strip().splitlines() if line.startswith("vico: error")]
     assert len(err) == 1, err
     return err[0]
+
+
+@contextlib.contextmanager
+def signal_handlers_kept():
+    """Within the block ``vico train`` may install its SIGINT/SIGTERM handlers; pytest's are put back after."""
+    import signal
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)

@@ -2,7 +2,6 @@ import atexit
 import importlib.util
 import os
 import shutil
-import signal
 import tempfile
 
 import torch
@@ -118,7 +117,7 @@ def images_dir(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _restore_signal_handlers():
     """`vico train` installs SIGINT/SIGTERM handlers in the process that runs it; put pytest's back."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    for s, handler in saved.items():
-        signal.signal(s, handler)
+    from tests.builders import signal_handlers_kept
+
+    with signal_handlers_kept():
+        yield

@@ -1,7 +1,6 @@
 """Edge values of the CLI's options give one-line errors before any model loads (or a correct result), never a
 traceback, a silently changed size or a run that writes nothing."""
 
-import signal
 
 import numpy as np
 import pytest
@@ -12,7 +11,7 @@ pytest.importorskip("accelerate")
 
 from PIL import Image  # noqa: E402
 
-from tests.builders import error_line, vico as run, vico_train  # noqa: E402
+from tests.builders import signal_handlers_kept, error_line, vico as run, vico_train  # noqa: E402
 from vico.model import UserError  # noqa: E402
 
 
@@ -28,12 +27,8 @@ def train(model_dir, images_dir, out, *extra):
 @pytest.fixture(scope="module")
 def concept(model_dir, images_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("edges") / "c"
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with signal_handlers_kept():
         assert train(model_dir, images_dir, out, "--method", "textual-inversion") == 0
-    finally:
-        for s, handler in saved.items():
-            signal.signal(s, handler)
     return out
 
 

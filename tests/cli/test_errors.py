@@ -20,7 +20,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 from tests import builders as tiny  # noqa: E402
 from vico import cli  # noqa: E402
-from tests.builders import error_line, vico as run, vico_train as train  # noqa: E402
+from tests.builders import signal_handlers_kept, error_line, vico as run, vico_train as train  # noqa: E402
 from vico.data import load_image  # noqa: E402
 
 
@@ -41,27 +41,21 @@ def trained(model_dir, images_dir, tmp_path_factory):
     """A ViCo concept trained with *relative* --model/--images paths (2 steps, a checkpoint each step)."""
     work = tmp_path_factory.mktemp("work")
     cwd = os.getcwd()
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     os.chdir(work)
     try:
-        assert train(os.path.relpath(model_dir), os.path.relpath(images_dir), "concept", "--steps", 2,
-                     "--checkpoint-every", 1) == 0
+        with signal_handlers_kept():
+            assert train(os.path.relpath(model_dir), os.path.relpath(images_dir), "concept", "--steps", 2,
+                         "--checkpoint-every", 1) == 0
     finally:
         os.chdir(cwd)
-        for s, handler in saved.items():
-            signal.signal(s, handler)
     return work / "concept"
 
 
 @pytest.fixture(scope="module")
 def ti_concept(model_dir, images_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("ti") / "concept"
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with signal_handlers_kept():
         assert train(model_dir, images_dir, out, "--method", "textual-inversion", "--steps", 1) == 0
-    finally:
-        for s, handler in saved.items():
-            signal.signal(s, handler)
     return out
 
 

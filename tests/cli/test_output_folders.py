@@ -14,7 +14,7 @@ import pytest
 pytest.importorskip("diffusers")
 pytest.importorskip("accelerate")
 
-from tests.builders import error_line, vico as run  # noqa: E402
+from tests.builders import signal_handlers_kept, error_line, vico as run  # noqa: E402
 from vico.files import LOCK_FILE, WRITTEN_FILE, output_folder  # noqa: E402
 from vico.model import UserError  # noqa: E402
 
@@ -27,13 +27,9 @@ from vico.model import UserError  # noqa: E402
 @pytest.fixture(scope="module")
 def concept(model_dir, images_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("concept") / "c"
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with signal_handlers_kept():
         assert run("train", "--model", model_dir, "--images", images_dir, "--out", out, "--init-word", "cat",
                    "--steps", 1, "--quiet") == 0
-    finally:
-        for s, handler in saved.items():
-            signal.signal(s, handler)
     return out
 
 

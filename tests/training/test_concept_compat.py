@@ -3,7 +3,6 @@ naming the file or option, never a torch traceback or a silent default."""
 
 import json
 import shutil
-import signal
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ pytest.importorskip("accelerate")
 
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from tests.builders import error_line, vico as run, vico_train as train  # noqa: E402
+from tests.builders import signal_handlers_kept, error_line, vico as run, vico_train as train  # noqa: E402
 
 
 
@@ -26,12 +25,8 @@ from tests.builders import error_line, vico as run, vico_train as train  # noqa:
 @pytest.fixture(scope="module")
 def concept(model_dir, images_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("compat") / "c"
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with signal_handlers_kept():
         assert train(model_dir, images_dir, out, "--method", "textual-inversion", "--steps", 1) == 0
-    finally:
-        for s, handler in saved.items():
-            signal.signal(s, handler)
     return out
 
 
@@ -98,12 +93,8 @@ def test_a_missing_or_extra_tensor_names_the_file(concept, tmp_path, capsys):
 def run_dir(model_dir, images_dir, tmp_path_factory):
     """A ViCo run of 1 step with its checkpoint (what a refused resume must leave as it is)."""
     out = tmp_path_factory.mktemp("resume") / "run"
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with signal_handlers_kept():
         assert train(model_dir, images_dir, out, "--steps", 1, "--checkpoint-every", 1) == 0
-    finally:
-        for s, handler in saved.items():
-            signal.signal(s, handler)
     return out
 
 

@@ -1,7 +1,6 @@
 """NaN and inf are stopped where numbers enter or leave: CLI floats, the training loss and weights at every
 checkpoint, concept tensors on load, sampled latents before decoding."""
 
-import signal
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ pytest.importorskip("accelerate")
 
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from tests.builders import vico as run, vico_train  # noqa: E402
+from tests.builders import signal_handlers_kept, vico as run, vico_train  # noqa: E402
 from vico.model import UserError  # noqa: E402
 
 
@@ -26,12 +25,8 @@ def train(model_dir, images_dir, out, *extra):
 @pytest.fixture(scope="module")
 def concept(model_dir, images_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("finite") / "c"
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with signal_handlers_kept():
         assert train(model_dir, images_dir, out, "--steps", 1) == 0
-    finally:
-        for s, handler in saved.items():
-            signal.signal(s, handler)
     return out
 
 
