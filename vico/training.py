@@ -705,13 +705,14 @@ def _train_stage(run: _Run, index: int, stage: Stage, optimization: tuple, steps
     share = stage.batch_size * accumulate
     global_batch, rows = share * world, slice(rank * share, (rank + 1) * share)
     gen_state, step = generator.get_state(), -1  # -1: no step of this stage begun
+    trained = _trained_modules(run.comps)  # fixed for the stage (``_begin_stage``)
     try:
         for step in steps:
             gen_state, started = generator.get_state(), time.perf_counter()
             batch = method.make_batch(*run.latents, generator, global_batch, rows=rows)
             parts = []
             for j in range(accumulate):
-                with accelerator.accumulate(*_trained_modules(run.comps)):
+                with accelerator.accumulate(*trained):
                     with accelerator.autocast():
                         loss, logs = method.training_loss(
                             batch.select(slice(j * stage.batch_size, (j + 1) * stage.batch_size)))
@@ -748,9 +749,13 @@ def _train_stage(run: _Run, index: int, stage: Stage, optimization: tuple, steps
     return completed, diverged_at
 
 
+def _trains(module: torch.nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters())
+
+
 def _trained_modules(comps: Components) -> list[torch.nn.Module]:
     """The modules (maybe DDP-wrapped) with something to train in this stage."""
-    return [m for m in _trained_components(comps).values() if any(p.requires_grad for p in m.parameters())]
+    return [m for m in _trained_components(comps).values() if _trains(m)]
 
 
 def _log_step(run: _Run, optimizer, logs: dict[str, float], step: int, seconds: float) -> None:
@@ -830,7 +835,7 @@ def _wrap_trainable(accelerator, comps) -> None:
     """Hand accelerate the modules that train in this stage (DDP on several processes). A module
     with nothing to train stays plain: DDP refuses one, and it needs no gradient averaging."""
     for name, module in _trained_components(comps).items():
-        if any(p.requires_grad for p in module.parameters()):
+        if _trains(module):
             setattr(comps, name, accelerator.prepare(module))
 
 
