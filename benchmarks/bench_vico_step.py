@@ -59,30 +59,22 @@ def build_components(model: str, device: str, dtype: torch.dtype = torch.float32
     from tests import builders as tiny
     from vico.model import Components
 
+    configs = ROOT / "tests" / "configs"
     if model == "sdxl":  # SDXL base's UNet (2,567,463,684 parameters), CLIP-L and OpenCLIP-bigG, random weights
         comps = tiny.make_tiny_sdxl_components()
-        comps["unet"] = unet_from_config(ROOT / "tests" / "configs" / "sdxl_unet.json")
+        comps["unet"] = unet_from_config(configs / "sdxl_unet.json")
+    else:
+        comps = tiny.make_tiny_components()
+        if model == "sd15":
+            comps["unet"] = unet_from_config(configs / "sd15_unet.json")
+    if model in ("sd15", "sdxl"):  # CLIP-L sized
         comps["text_encoder"] = clip_text_encoder(comps["tokenizer"], 768, 12, 12, 3072)
+    if model == "sdxl":  # OpenCLIP-bigG sized, with its projection
         comps["text_encoder_2"] = clip_text_encoder(comps["tokenizer_2"], 1280, 32, 20, 5120, projection_dim=1280)
-        c = Components(path="<sdxl>", **comps)
-        for m in (c.unet, c.text_encoder, c.text_encoder_2, c.vae):
-            m.requires_grad_(False).eval()
-        return c.to(device, dtype)
-    comps = tiny.make_tiny_components()
-    if model == "sd15":
-        from diffusers import UNet2DConditionModel
-        from transformers import CLIPTextConfig, CLIPTextModel
-
-        cfg = json.loads((ROOT / "tests" / "configs" / "sd15_unet.json").read_text())
-        comps["unet"] = UNet2DConditionModel.from_config(cfg)
-        tok = comps["tokenizer"]
-        comps["text_encoder"] = CLIPTextModel(CLIPTextConfig(
-            vocab_size=len(tok), hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-            num_attention_heads=12, max_position_embeddings=77, bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
     c = Components(path=f"<{model}>", **comps)
-    for m in (c.unet, c.text_encoder, c.vae):
-        m.requires_grad_(False).eval()
+    for m in (c.unet, c.text_encoder, c.text_encoder_2, c.vae):
+        if m is not None:
+            m.requires_grad_(False).eval()
     return c.to(device, dtype)
 
 
