@@ -19,7 +19,8 @@ setup(
     packages=find_packages(include=["fused", "fused.*", "vico", "vico.*"]) + ["fused.csrc"],
     package_dir={"fused.csrc": "csrc"},
     package_data={"fused.csrc": ["*.cpp", "*.h", "*.cu"],
-                  "vico": ["prompts/*.txt", "toyworld/model/*.json", "toyworld/model/*/*"]},
+                  "vico": ["prompts/*.txt", "toyworld/model/*.json", "toyworld/model/*/*",
+                           "toyworld/model_sdxl/*.json", "toyworld/model_sdxl/*/*"]},
     include_package_data=False,
     # Floors are the versions this project was tested with (see docs/install.md).
     install_requires=[

@@ -172,6 +172,7 @@ def _demo_parser(sub) -> None:
                        "of a novel concept (a red checkered square), sample both on every background, and write "
                        "OUT/grid.png (training images, samples, ViCo's S* maps and Otsu masks) and "
                        "OUT/metrics.json (identity and text alignment scored by the toy world's checker). "
+                       "--arch sdxl runs the same demo on the SDXL-shaped toy model. "
                        "With --model PATH --images DIR it runs on a local Stable Diffusion folder instead: it "
                        "trains ViCo on your images and writes OUT/concept and OUT/samples (images, grid.png, S* "
                        "maps and masks). Running it again with the same --out replaces its own previous output "
@@ -181,8 +182,10 @@ def _demo_parser(sub) -> None:
     p.add_argument("--steps", type=int, help="training steps of both methods (default on the toy model: 800 for ViCo, 300 for Textual Inversion, batch 4; 30 with --model)")
     p.add_argument("--sample-steps", type=int, default=20, help="DDIM steps (default 20)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--arch", choices=("sd", "sdxl"), help="which shipped toy model: sd (SD 1.5-shaped, the default) "
+                   "or sdxl (SDXL-shaped: two text encoders, pooled-text and time-id conditions)")
     own = p.add_argument_group("a local Stable Diffusion folder instead of the toy world (all with --model)")
-    own.add_argument("--model", help="local diffusers Stable Diffusion folder (SD 1.x/2.x); needs --images")
+    own.add_argument("--model", help="local diffusers Stable Diffusion folder (SD 1.x/2.x or SDXL); needs --images")
     own.add_argument("--images", help="folder with your training images (3-10 photos of one object)")
     own.add_argument("--init-word", help="class word of your object (default object)")
     own.add_argument("--num-images", type=int, help="images to sample (default 4)")
@@ -204,10 +207,13 @@ def cmd_demo(args) -> int:
         if args.init_word is not None or args.num_images is not None:
             raise UserError("--init-word and --num-images apply with --model PATH --images DIR only; the toy-world "
                             "demo fixes its concept and samples")
-        if toy_demo.shipped_model() is None:
-            raise UserError("this install has no toy-world model (vico/toyworld/model/model_index.json); "
+        arch = args.arch or "sd"
+        model = toy_demo.shipped_model(arch)
+        if model is None:
+            raise UserError(f"this install has no {arch} toy-world model "
+                            f"(vico/toyworld/{toy_demo.SHIPPED_MODELS[arch]}/model_index.json); "
                             "reinstall vico, or pass --model PATH --images DIR")
-        metrics = toy_demo.run(toy_demo.shipped_model(), out, steps=args.steps or toy_demo.VICO_STEPS,
+        metrics = toy_demo.run(model, out, steps=args.steps or toy_demo.VICO_STEPS,
                                ti_steps=args.steps or toy_demo.TI_STEPS, sample_steps=args.sample_steps,
                                quiet=args.quiet)
         print(f"vico demo: {metrics['concept']} (a texture the base model never saw) -> {out}/grid.png, "
@@ -217,6 +223,9 @@ def cmd_demo(args) -> int:
             print(f"  {method:18s} identity shape {m['identity_shape']:.2f} colour {m['identity_colour']:.2f} "
                   f"texture {m['identity_texture']:.2f}, text (background) {m['text_background']:.2f}{iou}")
         return 0
+    if args.arch is not None:
+        raise UserError("--arch picks a shipped toy model; with --model PATH the folder's own model_index.json says "
+                        "whether it is SD or SDXL")
     if args.model is None or args.images is None:
         raise UserError("--model and --images go together: a local Stable Diffusion folder and your training "
                         "images (without both, the demo runs the shipped toy-world model)")

@@ -390,6 +390,17 @@ def test_demo_options_that_would_be_ignored_are_refused(model_dir, tmp_path, cap
     assert "--init-word and --num-images apply with --model" in error_line(capsys)
     assert run("demo", "--out", tmp_path / "d", "--model", model_dir) == 2
     assert "--model and --images go together" in error_line(capsys)
+    assert run("demo", "--out", tmp_path / "d", "--model", model_dir, "--images", tmp_path, "--arch", "sdxl") == 2
+    assert "--arch picks a shipped toy model" in error_line(capsys)
+    assert not (tmp_path / "d").exists()
+
+
+def test_demo_without_the_shipped_model_of_its_arch_is_one_line(tmp_path, capsys, monkeypatch):
+    from vico.toyworld import demo
+
+    monkeypatch.setitem(demo.SHIPPED_MODELS, "sdxl", "no-such-model")
+    assert run("demo", "--out", tmp_path / "d", "--arch", "sdxl") == 2
+    assert "no sdxl toy-world model (vico/toyworld/no-such-model/model_index.json)" in error_line(capsys)
     assert not (tmp_path / "d").exists()
 
 

@@ -234,6 +234,21 @@ def test_toy_demo_writes_grid_and_metrics_and_reruns(barely_trained_model, tmp_p
     assert (foreign / "notes.txt").read_text() == "keep me"
 
 
+def test_toy_demo_runs_on_an_sdxl_shaped_model(tmp_path):
+    """The demo's two methods train, sample and score on an SDXL-shaped toy model (two encoders, added conditions)."""
+    from vico.model import model_family
+    from vico.toyworld import demo, train
+
+    model = train.train(tmp_path / "toy", minutes=10, vae_steps=0, batch=2, checkpoint_every=100, resume=False,
+                        max_steps=1, arch="sdxl", vae_from=demo.shipped_model())
+    assert model_family(model) == "sdxl"
+    metrics = demo.run(model, tmp_path / "demo", steps=1, ti_steps=1, sample_steps=1, samples=1, quiet=True)
+    for entry in metrics["methods"].values():
+        assert entry["steps"] == 1 and len(entry["samples"]) == len(demo.world.BACKGROUNDS)
+    assert 0.0 <= metrics["methods"]["vico"]["reference_mask_iou"] <= 1.0
+    assert (tmp_path / "demo" / "vico" / "learned_embeds.safetensors").is_file()
+
+
 def test_upsampled_masks_and_iou():
     from vico.toyworld import demo
 

@@ -238,7 +238,12 @@ def save_grid(path: Path, concept_images: np.ndarray, grid_rows: dict[str, dict]
     canvas.save(path)
 
 
-def shipped_model() -> Path | None:
-    """The trained toy model inside the package, when this install has one."""
-    path = Path(__file__).resolve().parent / "model"
+# The toy models inside the package, by architecture: SD 1.5-shaped and SDXL-shaped (two text encoders, pooled
+# and time-id conditions, depth-2 transformers; the same world, captions and autoencoder).
+SHIPPED_MODELS = {"sd": "model", "sdxl": "model_sdxl"}
+
+
+def shipped_model(arch: str = "sd") -> Path | None:
+    """The trained toy model of ``arch`` (a key of ``SHIPPED_MODELS``) inside the package, when this install has it."""
+    path = Path(__file__).resolve().parent / SHIPPED_MODELS[arch]
     return path if (path / "model_index.json").is_file() else None
