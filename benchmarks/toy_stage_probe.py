@@ -108,6 +108,7 @@ def main(argv=None) -> int:
                    help="method option by field name, e.g. rotate_p=0 (repeatable)")
     p.add_argument("--every", type=int, help="checkpoint spacing for single-stage methods (default: steps / 4)")
     p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--lr-scheduler", default="constant", help="a diffusers get_scheduler name, over each stage")
     o = p.parse_args(argv)
     concept = CONCEPTS[o.concept]
     lrs = {k: float(v) for k, v in (s.split("=", 1) for s in o.lr)}
@@ -122,7 +123,7 @@ def main(argv=None) -> int:
     run = o.out / "run"
     train(TrainConfig(model=str(o.model), images=str(images), out=str(run), method=o.method, init_word=concept.shape,
                       steps=o.steps, batch_size=o.batch_size, learning_rates=lrs, options=options, checkpoint_every=every,
-                      checkpoints_total_limit=0, progress=False, resume=True,
+                      checkpoints_total_limit=0, progress=False, resume=True, lr_scheduler=o.lr_scheduler,
                       scale_lr=None if o.scale_lr is None else o.scale_lr == "yes"))
     from vico.methods.base import read_concept
 
@@ -137,7 +138,8 @@ def main(argv=None) -> int:
         print(json.dumps(entry), flush=True)
         before = after
     (o.out / "probe.json").write_text(json.dumps(dict(concept=concept.name, method=o.method, steps=stage_steps,
-                                                      lrs=lrs, options=options, batch_size=o.batch_size, report=report), indent=1))
+                                                      lrs=lrs, options=options, batch_size=o.batch_size,
+                                                      lr_scheduler=o.lr_scheduler, report=report), indent=1))
     return 0
 
 

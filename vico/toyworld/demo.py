@@ -33,9 +33,11 @@ class Concept:
         return f"{self.colour} {self.texture} {self.shape}"
 
 
-# The demo's concept first; the benchmark uses all (novel textures; blue circle is also a held-out pair).
+# The demo's concept first; the benchmark uses all. Each has a texture the base model never saw; the yellow
+# triangle is also a shape/colour pair it never saw (``world.HELD_OUT``).
 CONCEPTS = (Concept("square", "red", "checkered"), Concept("circle", "green", "dotted"),
-            Concept("triangle", "blue", "diagonal"))
+            Concept("triangle", "blue", "diagonal"), Concept("triangle", "yellow", "checkered"),
+            Concept("square", "green", "diagonal"))
 CONCEPT = CONCEPTS[0]
 DEMO_METHODS = ("textual-inversion", "vico")
 VICO_STEPS = 800  # the demo's budgets (``vico demo --steps`` sets both); ViCo's image blocks need the longer run
