@@ -61,10 +61,13 @@ def main(argv=None) -> int:
                    f"recipe, 'long' = {benchmark.LONG_FACTOR}x its steps, 'toy' = the demo's recipe; the 'toy, ...' "
                    "ones are ablations of it (ViCo's; AttnDreamBooth's LoRA), quote them)")
     p.add_argument("--concepts", type=int, default=len(CONCEPTS), help=f"the first N of {len(CONCEPTS)} concepts")
+    p.add_argument("--concept-index", type=int, nargs="+", choices=range(len(CONCEPTS)), metavar="I",
+                   help=f"these concepts instead (indices into demo.CONCEPTS, 0..{len(CONCEPTS) - 1})")
     p.add_argument("--sample-steps", type=int, default=30)
     p.add_argument("--guidance", type=float, default=5.0)
     o = p.parse_args(argv)
-    rows = benchmark.run(o.model, o.out, concepts=CONCEPTS[:o.concepts], methods=o.methods, settings=o.settings,
+    concepts = [CONCEPTS[i] for i in o.concept_index] if o.concept_index else CONCEPTS[:o.concepts]
+    rows = benchmark.run(o.model, o.out, concepts=concepts, methods=o.methods, settings=o.settings,
                          samples=o.samples, sample_steps=o.sample_steps, guidance=o.guidance, quiet=False)
     print(benchmark.table(rows))
     if plot(rows, o.out / "benchmark.png"):

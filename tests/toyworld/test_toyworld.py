@@ -351,6 +351,12 @@ def test_ablation_settings_for_lr_and_block_placement():
     assert benchmark.SETTINGS["toy"]("vico")["options"]["layers"] == demo.EVERY_DECODER_LAYER
     second = benchmark.SETTINGS["toy, blocks in every second decoder layer"]
     assert second("textual-inversion") is None and second("vico")["options"]["layers"] is None  # the default
+    assert benchmark.SETTINGS["toy"]("vico")["lr_scheduler"] == "cosine"
+    before = benchmark.SETTINGS["toy, 800 steps, constant lr"]
+    assert before("textual-inversion") is None and (before("vico")["steps"], before("vico")["lr_scheduler"]) == (
+        800, "constant")
+    assert benchmark.SETTINGS["toy, constant lr"]("vico")["steps"] == demo.VICO_STEPS
+    assert benchmark.SETTINGS["toy, 800 steps"]("vico")["lr_scheduler"] == "cosine"
     quarter = benchmark.SETTINGS["toy, 1/4 steps"]
     assert [quarter(m)["steps"] for m in ("vico", "textual-inversion")] == [
         demo.VICO_STEPS // 4, demo.TI_STEPS // 4]

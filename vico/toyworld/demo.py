@@ -40,7 +40,7 @@ CONCEPTS = (Concept("square", "red", "checkered"), Concept("circle", "green", "d
             Concept("square", "green", "diagonal"))
 CONCEPT = CONCEPTS[0]
 DEMO_METHODS = ("textual-inversion", "vico")
-VICO_STEPS = 800  # the demo's budgets (``vico demo --steps`` sets both); ViCo's image blocks need the longer run
+VICO_STEPS = 1600  # the demo's budgets (``vico demo --steps`` sets both); ViCo's image blocks need the longer run
 TI_STEPS = 300
 # The toy world's training recipe (docs/methods.md §8). The official rates were set for SD-sized
 # models at thousands of steps; on the toy model, at the demo's budget, they leave ViCo's freshly
@@ -58,7 +58,7 @@ TOY_STEPS = {"textual-inversion": TI_STEPS, "vico": VICO_STEPS, "attndreambooth"
 TOY_RECIPES: dict[str, dict] = {
     "textual-inversion": dict(batch_size=4, scale_lr=False, learning_rates={"embedding": 1e-3}),
     "vico": dict(batch_size=4, scale_lr=False, learning_rates={"embedding": 1e-3, "image": 1e-3},
-                 options={"layers": EVERY_DECODER_LAYER}),
+                 lr_scheduler="cosine", options={"layers": EVERY_DECODER_LAYER}),
     "attndreambooth": dict(batch_size=4, scale_lr=False,
                            learning_rates={"embedding": 1e-3, "cross-attention": 1e-4, "unet": 1e-4},
                            options={"rotate_p": 0.0}),
