@@ -277,7 +277,7 @@ def test_personalization_benchmark_runs_every_method_and_resumes(barely_trained_
         "config"]["options"]["reg_weight"] == 0.0
     for r in rows:
         assert 0 <= r["identity_texture"] <= 1 and 0 <= r["text_background"] <= 1 and r["samples"] == 3
-    assert "reference_mask_iou" in rows[0] and "| red checkered square | vico | default | 1 |" in benchmark.table(rows)
+    assert "reference_mask_iou" in rows[0] and "| red checkered square | vico | default | 1 | 3 |" in benchmark.table(rows)
     calls = []
     monkeypatch.setattr(benchmark, "sample_and_score", lambda *a, **k: calls.append(a) or ([], {}))
     assert benchmark.run(barely_trained_model, out, concepts=demo.CONCEPTS[:1], settings=tuple(one_step), samples=1,
@@ -297,6 +297,16 @@ def test_long_setting_doubles_each_methods_default():
     assert benchmark.SETTINGS["toy, embedding frozen"]("textual-inversion") is None
     assert benchmark.method_steps("vico", "long") == 2 * get_method("vico").default_steps
     assert benchmark.method_steps("attndreambooth", "long") * 3 == 2 * get_method("attndreambooth").default_steps
+
+
+def test_benchmark_rates_carry_their_binomial_standard_error():
+    from vico.toyworld import benchmark
+
+    assert benchmark.rate({"identity_texture": 0.75, "samples": 24}, "identity_texture") == "0.75 ± 0.09"
+    assert benchmark.rate({"text_background": 1.0, "samples": 24}, "text_background") == "1.00 ± 0.00"
+    row = dict(concept="c", method="vico", setting="toy", steps=8, samples=4, identity_shape=1.0, identity_colour=0.5,
+               identity_texture=0.25, text_background=0.0)
+    assert "| c | vico | toy | 8 | 4 | 1.00 ± 0.00 | 0.50 ± 0.25 | 0.25 ± 0.22 | 0.00 ± 0.00 | — |" in benchmark.table([row])
 
 
 def test_toy_recipes_cover_every_benchmark_method():

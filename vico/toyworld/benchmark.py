@@ -19,6 +19,7 @@ a rerun (the command resumes).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from .demo import CONCEPTS, TOY_RECIPES, TOY_STEPS, Concept, concept_scenes, for_model, \
@@ -134,11 +135,20 @@ def run(model: Path, out: Path, concepts=CONCEPTS, methods=METHODS, settings=("d
     return rows
 
 
+def rate(row: dict, key: str) -> str:
+    """``row[key]`` (a share of ``row["samples"]`` samples) with its binomial standard error, sqrt(p(1-p)/n)."""
+    p, n = row[key], row["samples"]
+    return f"{p:.2f} ± {math.sqrt(p * (1 - p) / n):.2f}"
+
+
 def table(rows: list[dict]) -> str:
-    lines = ["| concept | method | setting | steps | identity: shape | colour | **texture** | text: background | "
-             "ViCo ref. mask IoU |", "|---|---|---|---|---|---|---|---|---|"]
+    """A markdown table of benchmark rows; every rate with its binomial standard error over the row's samples."""
+    lines = ["| concept | method | setting | steps | n | identity: shape | colour | **texture** | text: background | "
+             "ViCo ref. mask IoU |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         iou = f"{r['reference_mask_iou']:.2f}" if "reference_mask_iou" in r else "—"
-        lines.append(f"| {r['concept']} | {r['method']} | {r['setting']} | {r['steps']} | {r['identity_shape']:.2f} | "
-                     f"{r['identity_colour']:.2f} | {r['identity_texture']:.2f} | {r['text_background']:.2f} | {iou} |")
+        rates = " | ".join(rate(r, k) for k in ("identity_shape", "identity_colour", "identity_texture",
+                                                "text_background"))
+        lines.append(f"| {r['concept']} | {r['method']} | {r['setting']} | {r['steps']} | {r['samples']} | {rates} | "
+                     f"{iou} |")
     return "\n".join(lines)
