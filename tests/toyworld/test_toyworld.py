@@ -234,6 +234,20 @@ def test_toy_demo_writes_grid_and_metrics_and_reruns(barely_trained_model, tmp_p
     assert (foreign / "notes.txt").read_text() == "keep me"
 
 
+def test_shipped_sdxl_toy_model_is_an_sdxl_pipeline_on_the_sd_models_autoencoder():
+    from vico.model import load_components, model_family
+    from vico.toyworld import demo
+
+    sd, sdxl = demo.shipped_model("sd"), demo.shipped_model("sdxl")
+    assert model_family(sdxl) == "sdxl" and model_family(sd) == "sd"
+    assert sum(f.stat().st_size for f in sdxl.rglob("*") if f.is_file()) < 40e6
+    vae = "vae/diffusion_pytorch_model.safetensors"
+    assert (sdxl / vae).read_bytes() == (sd / vae).read_bytes()  # the same latents: one world, two architectures
+    comps = load_components(sdxl)
+    assert comps.text_encoder_2 is not None and comps.unet.config.addition_embed_type == "text_time"
+    assert max(comps.unet.config.transformer_layers_per_block) >= 2
+
+
 def test_toy_demo_runs_on_an_sdxl_shaped_model(tmp_path):
     """The demo's two methods train, sample and score on an SDXL-shaped toy model (two encoders, added conditions)."""
     from vico.model import model_family
