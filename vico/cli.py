@@ -179,7 +179,7 @@ def _demo_parser(sub) -> None:
                        "there (what vico recorded writing in OUT/.vico-written); a folder holding anything else "
                        "is refused.")
     p.add_argument("--out", default="vico-demo", help="output folder (default vico-demo)")
-    p.add_argument("--steps", type=int, help="training steps of both methods (default on the toy model: 1600 for ViCo, 300 for Textual Inversion, batch 4; 30 with --model)")
+    p.add_argument("--steps", type=int, help="training steps of both methods (default on the toy model: 800 for ViCo, 300 for Textual Inversion, batch 4; 30 with --model)")
     p.add_argument("--sample-steps", type=int, default=20, help="DDIM steps (default 20)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--arch", choices=("sd", "sdxl"), help="which shipped toy model: sd (SD 1.5-shaped, the default) "

@@ -379,11 +379,12 @@ def test_ablation_settings_for_lr_and_block_placement():
     before = benchmark.SETTINGS["toy, 800 steps, constant lr"]
     assert before("textual-inversion") is None and (before("vico")["steps"], before("vico")["lr_scheduler"]) == (
         800, "constant")
-    assert benchmark.SETTINGS["toy, constant lr"]("vico")["steps"] == demo.VICO_STEPS
+    assert benchmark.SETTINGS["toy, constant lr"]("vico")["steps"] == demo.TOY_STEPS["vico"] == 2 * demo.VICO_STEPS
+    assert demo.DEMO_RECIPES["vico"] == dict(demo.TOY_RECIPES["vico"], lr_scheduler="constant")
     assert benchmark.SETTINGS["toy, 800 steps"]("vico")["lr_scheduler"] == "cosine"
     quarter = benchmark.SETTINGS["toy, 1/4 steps"]
     assert [quarter(m)["steps"] for m in ("vico", "textual-inversion")] == [
-        demo.VICO_STEPS // 4, demo.TI_STEPS // 4]
+        demo.TOY_STEPS["vico"] // 4, demo.TI_STEPS // 4]
     model = Path(__file__).resolve().parents[2] / "vico" / "toyworld" / "model"
     names = demo.decoder_layers(model)
     assert demo.for_model({"options": {"layers": demo.EVERY_DECODER_LAYER, "reg_weight": 0}}, model) == {
