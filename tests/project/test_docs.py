@@ -17,6 +17,8 @@ import os
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
 SKIP_DIRS = {".git", ".venv", "venv", ".pytest_cache", ".benchmarks", "__pycache__", "build", "dist",
@@ -151,11 +153,12 @@ def test_readme_reads_in_five_minutes():
     assert lines <= 250, f"README.md has {lines} lines; keep it to 250 and move the rest to docs/"
 
 
-def test_readme_states_the_shipped_model_size():
-    model = ROOT / "vico" / "toyworld" / "model"
+@pytest.mark.parametrize("folder", ["model", "model_sdxl"])
+def test_readme_states_the_shipped_model_size(folder):
+    model = ROOT / "vico" / "toyworld" / folder
     megabytes = round(sum(f.stat().st_size for f in model.rglob("*") if f.is_file()) / 1e6)
-    stated = re.findall(r"`vico/toyworld/model`, (\d+) MB", read(README))
-    assert stated, "README.md should give the shipped model's size as `vico/toyworld/model`, <n> MB"
+    stated = re.findall(rf"`vico/toyworld/{folder}`, (\d+) MB", read(README))
+    assert stated, f"README.md should give the shipped model's size as `vico/toyworld/{folder}`, <n> MB"
     assert stated == [str(megabytes)] * len(stated), f"the shipped model is {megabytes} MB, README says {stated}"
 
 
@@ -164,10 +167,10 @@ def test_readme_states_the_demo_budget_of_the_code():
 
     text = " ".join(read(README).split())
     samples = inspect.signature(demo.run).parameters["samples"].default
-    batches = {recipe["batch_size"] for recipe in demo.TOY_RECIPES.values()}
+    batches = {recipe["batch_size"] for recipe in demo.DEMO_RECIPES.values()}
     assert len(batches) == 1, f"the demo's methods train at different batches {batches}: say which in README.md"
     expected = [
-        f"Textual Inversion ({demo.TOY_STEPS['textual-inversion']} steps) and ViCo ({demo.TOY_STEPS['vico']} steps)",
+        f"Textual Inversion ({demo.TI_STEPS} steps) and ViCo ({demo.VICO_STEPS} steps)",
         f"batch {batches.pop()}",
         f"{samples} samples on each of the {len(world.BACKGROUNDS)} backgrounds ({', '.join(world.BACKGROUNDS)})",
     ]
