@@ -1,7 +1,6 @@
 """Edge values of the CLI's options give one-line errors before any model loads (or a correct result), never a
 traceback, a silently changed size or a run that writes nothing."""
 
-
 import numpy as np
 import pytest
 import torch
@@ -11,13 +10,8 @@ pytest.importorskip("accelerate")
 
 from PIL import Image  # noqa: E402
 
-from tests.builders import signal_handlers_kept, error_line, vico as run, vico_train  # noqa: E402
+from tests.builders import error_line, signal_handlers_kept, vico as run, vico_train  # noqa: E402
 from vico.model import UserError  # noqa: E402
-
-
-
-
-
 
 
 def train(model_dir, images_dir, out, *extra):

@@ -20,20 +20,13 @@ from safetensors.torch import load_file  # noqa: E402
 
 from tests import builders as tiny  # noqa: E402
 from vico import cli  # noqa: E402
-from tests.builders import signal_handlers_kept, error_line, vico as run, vico_train as train  # noqa: E402
+from tests.builders import error_line, signal_handlers_kept, vico as run, vico_train as train  # noqa: E402
 from vico.data import load_image  # noqa: E402
-
-
-
-
-
-
 
 
 def sample(concept, out, *extra, prompt="a photo of S*"):
     return run("sample", "--concept", concept, "--prompt", prompt, "--out", out, "--num-images", 1, "--steps", 1,
                "--quiet", *extra)
-
 
 
 @pytest.fixture(scope="module")

@@ -38,7 +38,6 @@ def export_to(concept: Path, fmt: str, out: Path) -> int:
     return run("export", "--concept", concept, "--format", fmt, "--out", out)
 
 
-
 # --- the tools' readers, mirrored from their source ------------------------------------------------------------
 
 def a1111_load_from_file(path: Path) -> tuple[str, torch.Tensor]:

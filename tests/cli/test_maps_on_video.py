@@ -123,7 +123,6 @@ def test_video_maps_with_a_vae_save_the_frames_under_the_maps(wan_vae_dir, tmp_p
     assert Image.open(out / "grid.png").size == (FRAMES * W, 3 * H)  # frames, map, mask
 
 
-
 def fake_folder(path, index):
     path.mkdir()
     (path / "model_index.json").write_text(json.dumps(index))

@@ -14,14 +14,9 @@ import pytest
 pytest.importorskip("diffusers")
 pytest.importorskip("accelerate")
 
-from tests.builders import signal_handlers_kept, error_line, vico as run  # noqa: E402
+from tests.builders import error_line, signal_handlers_kept, vico as run  # noqa: E402
 from vico.files import LOCK_FILE, WRITTEN_FILE, output_folder  # noqa: E402
 from vico.model import UserError  # noqa: E402
-
-
-
-
-
 
 
 @pytest.fixture(scope="module")

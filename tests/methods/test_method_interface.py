@@ -17,7 +17,6 @@ from vico.pipeline import ViCoPipeline  # noqa: E402
 from vico.training import TrainConfig, train  # noqa: E402
 
 
-
 def components(seed=0):
     c = Components(path="<tiny>", **tiny.make_tiny_components(seed))
     for m in (c.unet, c.text_encoder, c.vae):

@@ -12,14 +12,7 @@ pytest.importorskip("accelerate")
 
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from tests.builders import signal_handlers_kept, error_line, vico as run, vico_train as train  # noqa: E402
-
-
-
-
-
-
-
+from tests.builders import error_line, signal_handlers_kept, vico as run, vico_train as train  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -14,10 +14,6 @@ from tests.builders import signal_handlers_kept, vico as run, vico_train  # noqa
 from vico.model import UserError  # noqa: E402
 
 
-
-
-
-
 def train(model_dir, images_dir, out, *extra):
     return vico_train(model_dir, images_dir, out, "--method", "textual-inversion", *extra)
 
