@@ -279,9 +279,8 @@ def test_personalization_benchmark_runs_every_method_and_resumes(barely_trained_
     from vico.toyworld import benchmark, demo
 
     no_reg = benchmark.SETTINGS["toy, no regulariser"]
-    one_step = {"default": lambda method, family: {"steps": 1},
-                "toy, no regulariser": lambda method, family: no_reg(method, family) and dict(no_reg(method, family),
-                                                                                              steps=1)}
+    one_step = {"default": lambda method: {"steps": 1},
+                "toy, no regulariser": lambda method: no_reg(method) and dict(no_reg(method), steps=1)}
     monkeypatch.setattr(benchmark, "SETTINGS", one_step)
     out = tmp_path / "bench"
     rows = benchmark.run(barely_trained_model, out, concepts=demo.CONCEPTS[:1], settings=tuple(one_step), samples=1,
@@ -305,11 +304,11 @@ def test_long_setting_doubles_each_methods_default():
     from vico.toyworld import benchmark, demo
 
     for method in benchmark.METHODS:
-        assert benchmark.method_steps(method, "default") is None and benchmark.SETTINGS["default"](method, "sd") == {}
-        assert (benchmark.SETTINGS["toy"](method, "sd") is None) == (method not in demo.TOY_RECIPES)
-    assert benchmark.SETTINGS["toy, official image lr"]("vico", "sd")["learning_rates"] == dict(
+        assert benchmark.method_steps(method, "default") is None and benchmark.SETTINGS["default"](method) == {}
+        assert (benchmark.SETTINGS["toy"](method) is None) == (method not in demo.TOY_RECIPES)
+    assert benchmark.SETTINGS["toy, official image lr"]("vico")["learning_rates"] == dict(
         demo.TOY_RECIPES["vico"]["learning_rates"], image=1e-5)
-    assert benchmark.SETTINGS["toy, embedding frozen"]("textual-inversion", "sd") is None
+    assert benchmark.SETTINGS["toy, embedding frozen"]("textual-inversion") is None
     assert benchmark.method_steps("vico", "long") == 2 * get_method("vico").default_steps
     assert benchmark.method_steps("attndreambooth", "long") * 3 == 2 * get_method("attndreambooth").default_steps
 
@@ -335,45 +334,17 @@ def test_toy_recipes_cover_every_benchmark_method():
 
     assert set(demo.TOY_RECIPES) == set(demo.TOY_STEPS) == set(benchmark.METHODS)
     for method in benchmark.METHODS:
-        toy = benchmark.SETTINGS["toy"](method, "sd")
+        toy = benchmark.SETTINGS["toy"](method)
         assert toy["steps"] == demo.TOY_STEPS[method] and toy["batch_size"] == 4 and toy["scale_lr"] is False
         check_learning_rates(get_method(method), toy["learning_rates"])  # every rate names a group of the method
         assert TrainConfig(model="m", images="i", out="o", method=method, **toy).learning_rates == toy["learning_rates"]
     # AttnDreamBooth's three stages get the toy rates and lose the rotation; the official recipe keeps both
-    adb = benchmark.SETTINGS["toy"]("attndreambooth", "sd")
+    adb = benchmark.SETTINGS["toy"]("attndreambooth")
     comps = Components(path="<tiny>", **tiny.make_tiny_components(0))
     method = get_method("attndreambooth")(comps, MethodConfig(init_word="cat", resolution=32, options=AttnDreamBoothOptions(**adb["options"]),
                                                               learning_rates=adb["learning_rates"]))
     assert [g["lr"] for s in range(3) for g in method.param_groups(stage=s)] == [1e-3, 1e-4, 1e-4]
-    assert method.options.rotate_p == 0.0 and benchmark.SETTINGS["default"]("attndreambooth", "sd") == {}
-
-
-def test_sdxl_toy_model_gets_vicos_own_steps_and_the_benchmark_reads_the_family(tmp_path, monkeypatch):
-    import pytest
-
-    import vico.training
-    from vico.toyworld import benchmark, demo
-
-    sd, sdxl = demo.toy_recipe("vico", "sd"), demo.toy_recipe("vico", "sdxl")
-    assert sdxl["steps"] == 2 * sd["steps"] == 3200 and dict(sdxl, steps=0) == dict(sd, steps=0)
-    for method in benchmark.METHODS[1:]:
-        assert demo.toy_recipe(method, "sdxl") == demo.toy_recipe(method, "sd")
-    assert benchmark.SETTINGS["toy, 4x steps"]("vico", "sdxl")["steps"] == 4 * 3200
-    assert benchmark.SETTINGS["toy, 800 steps"]("vico", "sdxl")["steps"] == 800  # a named count stays that count
-
-    class Stop(Exception):
-        pass
-
-    def capture(config):
-        raise Stop(config)
-
-    monkeypatch.setattr(vico.training, "train", capture)
-    for arch, steps in (("sd", 1600), ("sdxl", 3200)):
-        with pytest.raises(Stop) as stopped:
-            benchmark.run(demo.shipped_model(arch), tmp_path / arch, concepts=demo.CONCEPTS[:1], methods=("vico",),
-                          settings=("toy",))
-        config = stopped.value.args[0]
-        assert config.steps == steps and config.options["layers"] == demo.decoder_layers(demo.shipped_model(arch))
+    assert method.options.rotate_p == 0.0 and benchmark.SETTINGS["default"]("attndreambooth") == {}
 
 
 def test_unet_lora_settings_are_attndreamboths_toy_recipe_with_a_rank():
@@ -384,11 +355,11 @@ def test_unet_lora_settings_are_attndreamboths_toy_recipe_with_a_rank():
     for name, rank, factor in [("toy, unet LoRA rank 4", 4, 1), ("toy, unet LoRA rank 4, UNet lr x10", 4, 10),
                                ("toy, unet LoRA rank 4, UNet lr x100", 4, 100),
                                ("toy, unet LoRA rank 16, UNet lr x10", 16, 10)]:
-        setting = benchmark.SETTINGS[name]("attndreambooth", "sd")
+        setting = benchmark.SETTINGS[name]("attndreambooth")
         assert setting["options"] == {"rotate_p": 0.0, "unet_lora_rank": rank} and setting["steps"] == 250
         assert setting["learning_rates"] == pytest.approx({"embedding": 1e-3, "cross-attention": factor * 1e-4,
                                                            "unet": factor * 1e-4})
-        assert [benchmark.SETTINGS[name](m, "sd") for m in benchmark.METHODS if m != "attndreambooth"] == [None] * 3
+        assert [benchmark.SETTINGS[name](m) for m in benchmark.METHODS if m != "attndreambooth"] == [None] * 3
 
 
 def test_ablation_settings_for_lr_and_block_placement():
@@ -397,22 +368,22 @@ def test_ablation_settings_for_lr_and_block_placement():
     from vico.image_attention import default_image_attention_layers, inject_image_attention
     from vico.toyworld import benchmark, demo
 
-    x10 = benchmark.SETTINGS["toy, image lr x10"]("vico", "sd")["learning_rates"]
+    x10 = benchmark.SETTINGS["toy, image lr x10"]("vico")["learning_rates"]
     assert x10["image"] == 10 * demo.TOY_RECIPES["vico"]["learning_rates"]["image"] == 1e-2
     assert x10["embedding"] == demo.TOY_RECIPES["vico"]["learning_rates"]["embedding"]
     assert demo.TOY_RECIPES["vico"]["options"]["layers"] == demo.EVERY_DECODER_LAYER  # the toy recipe: every one
-    assert benchmark.SETTINGS["toy"]("vico", "sd")["options"]["layers"] == demo.EVERY_DECODER_LAYER
+    assert benchmark.SETTINGS["toy"]("vico")["options"]["layers"] == demo.EVERY_DECODER_LAYER
     second = benchmark.SETTINGS["toy, blocks in every second decoder layer"]
-    assert second("textual-inversion", "sd") is None and second("vico", "sd")["options"]["layers"] is None  # the default
-    assert benchmark.SETTINGS["toy"]("vico", "sd")["lr_scheduler"] == "cosine"
+    assert second("textual-inversion") is None and second("vico")["options"]["layers"] is None  # the default
+    assert benchmark.SETTINGS["toy"]("vico")["lr_scheduler"] == "cosine"
     before = benchmark.SETTINGS["toy, 800 steps, constant lr"]
-    assert before("textual-inversion", "sd") is None
-    assert (before("vico", "sd")["steps"], before("vico", "sd")["lr_scheduler"]) == (800, "constant")
-    assert benchmark.SETTINGS["toy, constant lr"]("vico", "sd")["steps"] == demo.TOY_STEPS["vico"] == 2 * demo.VICO_STEPS
+    assert before("textual-inversion") is None and (before("vico")["steps"], before("vico")["lr_scheduler"]) == (
+        800, "constant")
+    assert benchmark.SETTINGS["toy, constant lr"]("vico")["steps"] == demo.TOY_STEPS["vico"] == 2 * demo.VICO_STEPS
     assert demo.DEMO_RECIPES["vico"] == dict(demo.TOY_RECIPES["vico"], lr_scheduler="constant")
-    assert benchmark.SETTINGS["toy, 800 steps"]("vico", "sd")["lr_scheduler"] == "cosine"
+    assert benchmark.SETTINGS["toy, 800 steps"]("vico")["lr_scheduler"] == "cosine"
     quarter = benchmark.SETTINGS["toy, 1/4 steps"]
-    assert [quarter(m, "sd")["steps"] for m in ("vico", "textual-inversion")] == [
+    assert [quarter(m)["steps"] for m in ("vico", "textual-inversion")] == [
         demo.TOY_STEPS["vico"] // 4, demo.TI_STEPS // 4]
     model = Path(__file__).resolve().parents[2] / "vico" / "toyworld" / "model"
     names = demo.decoder_layers(model)

@@ -7,8 +7,8 @@ Identity = the concept's shape, colour and texture read back; text alignment =
 the prompt's background read back; for ViCo also the IoU of its reference-branch
 Otsu object mask with the true mask. Settings (``SETTINGS``): each method's
 official defaults, a longer run (``LONG_FACTOR`` times the steps), the toy
-world's recipe (``demo.toy_recipe``: batch, steps, learning rates and method
-options, one per method and model family; docs/methods.md §8) and ViCo ablations of that recipe
+world's recipe (``demo.TOY_RECIPES``: batch, steps, learning rates and method
+options, one per method; docs/methods.md §8) and ViCo ablations of that recipe
 (official image lr, 10x the toy image lr, image blocks in every second decoder layer as the method
 places them, embedding frozen, no regulariser; 1/4 and 4x the steps for every method) and AttnDreamBooth's
 UNet stages as a LoRA (rank 4 at 1, 10 and 100x the toy rates; rank 16 at 10x). Results are appended to
@@ -22,8 +22,8 @@ import json
 import math
 from pathlib import Path
 
-from .demo import CONCEPTS, TOY_RECIPES, Concept, concept_scenes, for_model, reference_mask_iou, sample_and_score, \
-    summary, toy_recipe, with_changes, write_concept_images
+from .demo import CONCEPTS, TOY_RECIPES, TOY_STEPS, Concept, concept_scenes, for_model, \
+    reference_mask_iou, sample_and_score, summary, write_concept_images
 
 METHODS = ("vico", "textual-inversion", "attndreambooth", "catversion")
 LONG_FACTOR = 2
@@ -44,19 +44,18 @@ def method_steps(method: str, setting: str) -> int | None:
     return LONG_FACTOR * cls.default_steps // n_stages
 
 
-def _toy(method: str, family: str, **changes) -> dict | None:
-    """The toy recipe of ``method`` for ``family`` with ``changes`` (learning_rates and options merged); None when
-    it has none."""
-    return with_changes(toy_recipe(method, family), changes) if method in TOY_RECIPES else None
-
-
-def _toy_steps(factor: float):
-    """The toy recipe at ``factor`` times its steps."""
-    return lambda m, f: _toy(m, f, steps=int(factor * toy_recipe(m, f)["steps"])) if m in TOY_RECIPES else None
+def _toy(method: str, **changes) -> dict | None:
+    """The toy recipe of ``method`` with ``changes`` (learning_rates merged); None when it has none."""
+    if method not in TOY_RECIPES:
+        return None
+    recipe = dict(TOY_RECIPES[method], steps=TOY_STEPS[method])
+    lrs = dict(recipe.get("learning_rates", {}), **changes.pop("learning_rates", {}))
+    options = dict(recipe.get("options", {}), **changes.pop("options", {}))
+    return dict(recipe, learning_rates=lrs, options=options, **changes)
 
 
 def _only(name: str, make):
-    return lambda method, family: make(method, family) if method == name else None
+    return lambda method: make(method) if method == name else None
 
 
 def _vico_only(make):
@@ -65,31 +64,30 @@ def _vico_only(make):
 
 def _unet_lora(rank: int, lr_factor: float = 1.0):
     """AttnDreamBooth's toy recipe with its UNet stages training a rank-``rank`` LoRA at ``lr_factor`` x their rates."""
-    def make(method: str, family: str) -> dict:
-        rates = toy_recipe(method, family)["learning_rates"]
-        return _toy(method, family, options={"unet_lora_rank": rank},
+    def make(method: str) -> dict:
+        rates = TOY_RECIPES[method]["learning_rates"]
+        return _toy(method, options={"unet_lora_rank": rank},
                     learning_rates={k: lr_factor * rates[k] for k in ("cross-attention", "unet")})
     return _only("attndreambooth", make)
 
 
-# name -> ((method, model family) -> TrainConfig overrides, or None where the setting does not apply to the method)
+# name -> (method -> TrainConfig overrides, or None where the setting does not apply to the method)
 SETTINGS = {
-    "default": lambda m, f: {},
-    "long": lambda m, f: {"steps": method_steps(m, "long")},
+    "default": lambda method: {},
+    "long": lambda method: {"steps": method_steps(method, "long")},
     "toy": _toy,
-    "toy, 4x steps": _toy_steps(4),
-    "toy, official image lr": _vico_only(lambda m, f: _toy(m, f, learning_rates={"image": 1e-5})),
-    "toy, embedding frozen": _vico_only(lambda m, f: _toy(m, f, learning_rates={"embedding": FROZEN_LR})),
-    "toy, no regulariser": _vico_only(lambda m, f: _toy(m, f, options={"reg_weight": 0.0})),
-    "toy, image lr x10": _vico_only(
-        lambda m, f: _toy(m, f, learning_rates={"image": 10 * toy_recipe(m, f)["learning_rates"]["image"]})),
-    "toy, 1/4 steps": _toy_steps(1 / 4),
+    "toy, 4x steps": lambda m: _toy(m, steps=4 * TOY_STEPS[m]) if m in TOY_RECIPES else None,
+    "toy, official image lr": _vico_only(lambda m: _toy(m, learning_rates={"image": 1e-5})),
+    "toy, embedding frozen": _vico_only(lambda m: _toy(m, learning_rates={"embedding": FROZEN_LR})),
+    "toy, no regulariser": _vico_only(lambda m: _toy(m, options={"reg_weight": 0.0})),
+    "toy, image lr x10": _vico_only(lambda m: _toy(m, learning_rates={"image": 10 * TOY_RECIPES[m]["learning_rates"]["image"]})),
+    "toy, 1/4 steps": lambda m: _toy(m, steps=TOY_STEPS[m] // 4) if m in TOY_RECIPES else None,
     # ViCo's toy recipe before its cosine schedule and doubled steps (the 2026-12-04 rows), and each change alone
-    "toy, 800 steps, constant lr": _vico_only(lambda m, f: _toy(m, f, steps=800, lr_scheduler="constant")),
-    "toy, constant lr": _vico_only(lambda m, f: _toy(m, f, lr_scheduler="constant")),
-    "toy, 800 steps": _vico_only(lambda m, f: _toy(m, f, steps=800)),
+    "toy, 800 steps, constant lr": _vico_only(lambda m: _toy(m, steps=800, lr_scheduler="constant")),
+    "toy, constant lr": _vico_only(lambda m: _toy(m, lr_scheduler="constant")),
+    "toy, 800 steps": _vico_only(lambda m: _toy(m, steps=800)),
     # the toy recipe puts ViCo's image blocks in every decoder transformer; this is the method's own placement
-    "toy, blocks in every second decoder layer": _vico_only(lambda m, f: _toy(m, f, options={"layers": None})),
+    "toy, blocks in every second decoder layer": _vico_only(lambda m: _toy(m, options={"layers": None})),
     "toy, unet LoRA rank 4": _unet_lora(4),
     "toy, unet LoRA rank 4, UNet lr x10": _unet_lora(4, lr_factor=10),
     "toy, unet LoRA rank 4, UNet lr x100": _unet_lora(4, lr_factor=100),
@@ -106,9 +104,6 @@ def run(model: Path, out: Path, concepts=CONCEPTS, methods=METHODS, settings=("d
     from ..pipeline import ViCoPipeline
     from ..training import TrainConfig, train
 
-    from ..model import model_family
-
-    family = model_family(model)
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "benchmark.json"
     rows = json.loads(results_path.read_text()) if results_path.is_file() else []
@@ -118,7 +113,7 @@ def run(model: Path, out: Path, concepts=CONCEPTS, methods=METHODS, settings=("d
         images = write_concept_images(out / slug(concept) / "images", scenes)
         for method in methods:
             for setting in settings:
-                overrides = SETTINGS[setting](method, family)
+                overrides = SETTINGS[setting](method)
                 if overrides is None or (concept.name, method, setting) in done:
                     continue
                 overrides = for_model(overrides, model)

@@ -64,28 +64,10 @@ TOY_RECIPES: dict[str, dict] = {
                            options={"rotate_p": 0.0}),
     "catversion": dict(batch_size=4, scale_lr=False, learning_rates={"prefix": 2e-2}),
 }
-# Where a model family needs more than the SD toy model's recipe (``toy_recipe``): the SDXL-shaped toy model's ViCo
-# runs twice the steps on the same cosine schedule (red checkered square texture 0.33 at 1600 steps, 0.67 at 3200,
-# text 1.00 for both; benchmarks/history/2026.md).
-TOY_FAMILY_CHANGES: dict[str, dict[str, dict]] = {"sdxl": {"vico": {"steps": 3200}}}
 # The demo runs ViCo for half its toy steps, to stay within five minutes on 2 CPU cores, and so at a constant
 # rate: a cosine schedule over 800 steps decays before the image blocks have learned (texture 0.17 vs 0.46).
 DEMO_RECIPES = {"textual-inversion": TOY_RECIPES["textual-inversion"],
                 "vico": dict(TOY_RECIPES["vico"], lr_scheduler="constant")}
-
-
-def with_changes(recipe: dict, changes: dict) -> dict:
-    """``recipe`` (TrainConfig overrides) with ``changes``; ``learning_rates`` and ``options`` are merged key by key."""
-    lrs = dict(recipe.get("learning_rates", {}), **changes.get("learning_rates", {}))
-    options = dict(recipe.get("options", {}), **changes.get("options", {}))
-    return {**recipe, **changes, "learning_rates": lrs, "options": options}
-
-
-def toy_recipe(method: str, family: str = "sd") -> dict:
-    """The toy world's recipe of ``method`` (TrainConfig overrides, ``steps`` included) for a model family's toy
-    model: "sd" (``vico/toyworld/model``) or "sdxl" (``vico/toyworld/model_sdxl``)."""
-    recipe = dict(TOY_RECIPES[method], steps=TOY_STEPS[method])
-    return with_changes(recipe, TOY_FAMILY_CHANGES.get(family, {}).get(method, {}))
 
 
 def decoder_layers(model: Path) -> list[str]:
