@@ -129,6 +129,15 @@ def decoder_transformers(unet: nn.Module) -> list[str]:
     return names
 
 
+def spatial_transformers(unet: nn.Module) -> list[str]:
+    """Names of every spatial transformer of the UNet: encoder, middle block and decoder, in forward order."""
+    names = []
+    for i, block in enumerate(getattr(unet, "down_blocks", [])):
+        names += [f"down_blocks.{i}.attentions.{j}" for j, _ in enumerate(getattr(block, "attentions", None) or [])]
+    mid = getattr(getattr(unet, "mid_block", None), "attentions", None) or []
+    return names + [f"mid_block.attentions.{j}" for j, _ in enumerate(mid)] + decoder_transformers(unet)
+
+
 def default_image_attention_layers(unet: nn.Module) -> list[str]:
     """Every second spatial transformer of the decoder, as ViCo places them.
 

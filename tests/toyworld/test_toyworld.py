@@ -371,8 +371,10 @@ def test_ablation_settings_for_lr_and_block_placement():
     x10 = benchmark.SETTINGS["toy, image lr x10"]("vico")["learning_rates"]
     assert x10["image"] == 10 * demo.TOY_RECIPES["vico"]["learning_rates"]["image"] == 1e-2
     assert x10["embedding"] == demo.TOY_RECIPES["vico"]["learning_rates"]["embedding"]
-    assert demo.TOY_RECIPES["vico"]["options"]["layers"] == demo.EVERY_DECODER_LAYER  # the toy recipe: every one
-    assert benchmark.SETTINGS["toy"]("vico")["options"]["layers"] == demo.EVERY_DECODER_LAYER
+    assert demo.TOY_RECIPES["vico"]["options"]["layers"] == demo.EVERY_TRANSFORMER  # the toy recipe: every one
+    assert benchmark.SETTINGS["toy"]("vico")["options"]["layers"] == demo.EVERY_TRANSFORMER
+    assert benchmark.SETTINGS["toy, blocks in every decoder layer"]("vico")["options"]["layers"] == \
+        demo.EVERY_DECODER_LAYER
     second = benchmark.SETTINGS["toy, blocks in every second decoder layer"]
     assert second("textual-inversion") is None and second("vico")["options"]["layers"] is None  # the default
     assert benchmark.SETTINGS["toy"]("vico")["lr_scheduler"] == "cosine"
@@ -396,6 +398,14 @@ def test_ablation_settings_for_lr_and_block_placement():
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(model / "unet"))
     assert default_image_attention_layers(unet) == names[1::2]  # the default: every second one
     assert len(inject_image_attention(unet, names)) == 4  # every name is a real spatial transformer
+    everywhere = demo.for_model({"options": {"layers": demo.EVERY_TRANSFORMER}}, model)["options"]["layers"]
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(model / "unet"))
+    assert sorted(everywhere) == sorted(n for n, m in unet.named_modules() if isinstance(m, Transformer2DModel))
+    assert everywhere == ["down_blocks.0.attentions.0", "down_blocks.1.attentions.0", "mid_block.attentions.0", *names]
+    assert len(inject_image_attention(unet, everywhere)) == 7
 
 
 def test_trace_mask_iou_on_a_model(barely_trained_model):
@@ -505,3 +515,27 @@ def test_free_texture_fraction_is_checked_before_training(tmp_path, capsys):
         assert "--free-texture-fraction must be in" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
+
+
+def test_vico_object_masks_come_from_the_highest_resolution_layer_nearest_the_output():
+    """With image blocks in the encoder too, two flagged layers run at 16x16; the reported mask is the decoder's."""
+    from vico.methods.base import MethodConfig
+    from vico.methods.vico import ViCo, ViCoOptions
+    from vico.model import load_components
+    from vico.toyworld import demo
+
+    model = demo.shipped_model()
+    comps = load_components(model)
+    layers = demo.for_model({"options": {"layers": demo.EVERY_TRANSFORMER}}, model)["options"]["layers"]
+    method = ViCo(comps, MethodConfig(init_word="square", resolution=32, options=ViCoOptions(layers=layers)))
+    requests = []
+    make = method.map_request
+    method.map_request = lambda *a, **k: requests.append(make(*a, **k)) or requests[-1]
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        masks = method.object_masks(latents)
+    (request,) = requests
+    nearest = "up_blocks.1.attentions.1.transformer_blocks.0.attn2"
+    assert method.source_layers[0].startswith("down_blocks.0.") and nearest in method.source_layers
+    assert torch.equal(masks, request.masks[nearest][2:, 0].reshape(2, 16, 16))
+    assert not torch.equal(masks, request.masks[method.source_layers[0]][2:, 0].reshape(2, 16, 16))

@@ -198,7 +198,8 @@ class ViCo(TextualInversion):
     @torch.no_grad()
     def object_masks(self, latents: torch.Tensor, timestep: int = 500) -> torch.Tensor:
         """Otsu object masks [B, h, w] of real images from the reference branch: the S*
-        map of the highest-resolution flagged layer, as in training (the image is both halves)."""
+        map of the highest-resolution flagged layer nearest the output (with blocks in the
+        encoder too, its own masks are looser), as in training (the image is both halves)."""
         c = self.components
         B = latents.shape[0]
         cond = self.encode([f"a photo of {self.config.placeholder}"] * B)
@@ -207,6 +208,6 @@ class ViCo(TextualInversion):
         c.unet(torch.cat([latents, latents]), t, **Conditioning.cat([cond, cond]).unet_kwargs(),
                cross_attention_kwargs={"map_request": request})
         masks = {layer: request.masks[layer][B:, MASK_SLOT] for layer in self.source_layers}
-        layer = max(masks, key=lambda k: masks[k].shape[-1])
+        layer = max(reversed(list(masks)), key=lambda k: masks[k].shape[-1])  # the first maximum: the latest
         side = int(round(masks[layer].shape[-1] ** 0.5))
         return masks[layer].reshape(B, side, side)

@@ -10,7 +10,7 @@ official defaults, a longer run (``LONG_FACTOR`` times the steps), the toy
 world's recipe (``demo.TOY_RECIPES``: batch, steps, learning rates and method
 options, one per method; docs/methods.md §8) and ViCo ablations of that recipe
 (official image lr, 10x the toy image lr, image blocks in every second decoder layer as the method
-places them, embedding frozen, no regulariser; 1/4 and 4x the steps for every method) and AttnDreamBooth's
+places them or in every decoder layer, embedding frozen, no regulariser; 1/4 and 4x the steps for every method) and AttnDreamBooth's
 UNet stages as a LoRA (rank 4 at 1, 10 and 100x the toy rates; rank 16 at 10x). Results are appended to
 ``OUT/benchmark.json`` after every row, and finished rows are not recomputed on
 a rerun (the command resumes).
@@ -22,7 +22,7 @@ import json
 import math
 from pathlib import Path
 
-from .demo import CONCEPTS, TOY_RECIPES, TOY_STEPS, Concept, concept_scenes, for_model, \
+from .demo import CONCEPTS, EVERY_DECODER_LAYER, TOY_RECIPES, TOY_STEPS, Concept, concept_scenes, for_model, \
     reference_mask_iou, sample_and_score, summary, write_concept_images
 
 METHODS = ("vico", "textual-inversion", "attndreambooth", "catversion")
@@ -86,8 +86,10 @@ SETTINGS = {
     "toy, 800 steps, constant lr": _vico_only(lambda m: _toy(m, steps=800, lr_scheduler="constant")),
     "toy, constant lr": _vico_only(lambda m: _toy(m, lr_scheduler="constant")),
     "toy, 800 steps": _vico_only(lambda m: _toy(m, steps=800)),
-    # the toy recipe puts ViCo's image blocks in every decoder transformer; this is the method's own placement
+    # the toy recipe puts ViCo's image blocks in every spatial transformer; the method's own placement (every
+    # second decoder one) and the toy recipe's before 2026-12-06 (every decoder one)
     "toy, blocks in every second decoder layer": _vico_only(lambda m: _toy(m, options={"layers": None})),
+    "toy, blocks in every decoder layer": _vico_only(lambda m: _toy(m, options={"layers": EVERY_DECODER_LAYER})),
     "toy, unet LoRA rank 4": _unet_lora(4),
     "toy, unet LoRA rank 4, UNet lr x10": _unet_lora(4, lr_factor=10),
     "toy, unet LoRA rank 4, UNet lr x100": _unet_lora(4, lr_factor=100),
