@@ -382,7 +382,8 @@ def test_ablation_settings_for_lr_and_block_placement():
     assert before("textual-inversion") is None and (before("vico")["steps"], before("vico")["lr_scheduler"]) == (
         800, "constant")
     assert benchmark.SETTINGS["toy, constant lr"]("vico")["steps"] == demo.TOY_STEPS["vico"] == 2 * demo.VICO_STEPS
-    assert demo.DEMO_RECIPES["vico"] == dict(demo.TOY_RECIPES["vico"], lr_scheduler="constant")
+    assert demo.DEMO_RECIPES["vico"] == dict(demo.TOY_RECIPES["vico"], lr_scheduler="constant",
+                                             options={"layers": demo.EVERY_DECODER_LAYER})
     assert benchmark.SETTINGS["toy, 800 steps"]("vico")["lr_scheduler"] == "cosine"
     quarter = benchmark.SETTINGS["toy, 1/4 steps"]
     assert [quarter(m)["steps"] for m in ("vico", "textual-inversion")] == [
