@@ -365,7 +365,8 @@ def test_unet_lora_settings_are_attndreamboths_toy_recipe_with_a_rank():
 def test_ablation_settings_for_lr_and_block_placement():
     from pathlib import Path
 
-    from vico.image_attention import default_image_attention_layers, inject_image_attention
+    from vico.image_attention import decoder_transformers, default_image_attention_layers, inject_image_attention
+    from vico.model import meta_unet
     from vico.toyworld import benchmark, demo
 
     x10 = benchmark.SETTINGS["toy, image lr x10"]("vico")["learning_rates"]
@@ -389,7 +390,7 @@ def test_ablation_settings_for_lr_and_block_placement():
     assert [quarter(m)["steps"] for m in ("vico", "textual-inversion")] == [
         demo.TOY_STEPS["vico"] // 4, demo.TI_STEPS // 4]
     model = Path(__file__).resolve().parents[2] / "vico" / "toyworld" / "model"
-    names = demo.decoder_layers(model)
+    names = decoder_transformers(meta_unet(model))
     assert demo.for_model({"options": {"layers": demo.EVERY_DECODER_LAYER, "reg_weight": 0}}, model) == {
         "options": {"layers": names, "reg_weight": 0}}
     assert names == [f"up_blocks.{i}.attentions.{j}" for i in range(2) for j in range(2)]
@@ -517,7 +518,6 @@ def test_free_texture_fraction_is_checked_before_training(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
-
 def test_vico_object_masks_come_from_the_highest_resolution_layer_nearest_the_output():
     """With image blocks in the encoder too, two flagged layers run at 16x16; the reported mask is the decoder's."""
     from vico.methods.base import MethodConfig
@@ -526,17 +526,23 @@ def test_vico_object_masks_come_from_the_highest_resolution_layer_nearest_the_ou
     from vico.toyworld import demo
 
     model = demo.shipped_model()
-    comps = load_components(model)
     layers = demo.for_model({"options": {"layers": demo.EVERY_TRANSFORMER}}, model)["options"]["layers"]
-    method = ViCo(comps, MethodConfig(init_word="square", resolution=32, options=ViCoOptions(layers=layers)))
-    requests = []
-    make = method.map_request
-    method.map_request = lambda *a, **k: requests.append(make(*a, **k)) or requests[-1]
-    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        masks = method.object_masks(latents)
-    (request,) = requests
     nearest = "up_blocks.1.attentions.1.transformer_blocks.0.attn2"
-    assert method.source_layers[0].startswith("down_blocks.0.") and nearest in method.source_layers
-    assert torch.equal(masks, request.masks[nearest][2:, 0].reshape(2, 16, 16))
-    assert not torch.equal(masks, request.masks[method.source_layers[0]][2:, 0].reshape(2, 16, 16))
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    for listed in (layers, layers[::-1]):  # forward order, then its reverse: the UNet's order decides, not the list's
+        method = ViCo(load_components(model), MethodConfig(init_word="square", resolution=32,
+                                                           options=ViCoOptions(layers=listed)))
+        requests = []
+        make = method.map_request
+        method.map_request = lambda *a, **k: requests.append(make(*a, **k)) or requests[-1]
+        with torch.no_grad():
+            masks = method.object_masks(latents)
+        (request,) = requests
+        encoder = "down_blocks.0.attentions.0.transformer_blocks.0.attn2"
+        assert {encoder, nearest} <= set(method.source_layers)
+        assert torch.equal(masks, request.masks[nearest][2:, 0].reshape(2, 16, 16))
+        assert not torch.equal(masks, request.masks[encoder][2:, 0].reshape(2, 16, 16))
+    assert method.sharpest_nearest_output({"mid_block.attentions.0": 64, "up_blocks.0.attentions.1": 64,
+                                           "down_blocks.0.attentions.0": 256}) == "down_blocks.0.attentions.0"
+    assert method.sharpest_nearest_output({"up_blocks.0.attentions.0": 64, "mid_block.attentions.0": 64}) == \
+        "up_blocks.0.attentions.0"  # the middle block runs before the decoder, though the UNet registers it after

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 import fused
 
 from ..data import VICO_TEMPLATES
-from ..image_attention import MASK_SLOT, ReferenceEarlyStop, image_block_sources, inject_image_attention
+from ..image_attention import MASK_SLOT, ReferenceEarlyStop, image_block_sources, inject_image_attention, \
+    spatial_transformers
 from ..model import Components, Conditioning, UserError, check_layers, token_positions
 from .base import Batch, MethodConfig, MethodOptions, guide, noise_and_target
 from .textual_inversion import TextualInversion
@@ -198,8 +199,7 @@ class ViCo(TextualInversion):
     @torch.no_grad()
     def object_masks(self, latents: torch.Tensor, timestep: int = 500) -> torch.Tensor:
         """Otsu object masks [B, h, w] of real images from the reference branch: the S*
-        map of the highest-resolution flagged layer nearest the output (with blocks in the
-        encoder too, its own masks are looser), as in training (the image is both halves)."""
+        map of ``sharpest_nearest_output``'s layer, as in training (the image is both halves)."""
         c = self.components
         B = latents.shape[0]
         cond = self.encode([f"a photo of {self.config.placeholder}"] * B)
@@ -208,6 +208,17 @@ class ViCo(TextualInversion):
         c.unet(torch.cat([latents, latents]), t, **Conditioning.cat([cond, cond]).unet_kwargs(),
                cross_attention_kwargs={"map_request": request})
         masks = {layer: request.masks[layer][B:, MASK_SLOT] for layer in self.source_layers}
-        layer = max(reversed(list(masks)), key=lambda k: masks[k].shape[-1])  # the first maximum: the latest
+        layer = self.sharpest_nearest_output({k: m.shape[-1] for k, m in masks.items()})
         side = int(round(masks[layer].shape[-1] ** 0.5))
         return masks[layer].reshape(B, side, side)
+
+    def sharpest_nearest_output(self, positions: dict[str, int]) -> str:
+        """Of flagged layers (spatial transformers or modules inside one) -> their map's positions, the one
+        with the most positions, on a tie the latest in the UNet's forward order: the map a report shows.
+        With image blocks in the encoder too, the encoder's 16x16 mask is looser than the decoder's."""
+        order = spatial_transformers(self.components.unet)
+
+        def forward_index(name: str) -> int:
+            return next(i for i, t in enumerate(order) if name == t or name.startswith(t + "."))
+
+        return max(positions, key=lambda k: (positions[k], forward_index(k)))

@@ -11,9 +11,9 @@ world's recipe (``demo.TOY_RECIPES``: batch, steps, learning rates and method
 options, one per method; docs/methods.md §8) and ViCo ablations of that recipe
 (official image lr, 10x the toy image lr, image blocks in every second decoder layer as the method
 places them or in every decoder layer, embedding frozen, no regulariser; 1/4 and 4x the steps for every
-method) and AttnDreamBooth's UNet stages as a LoRA (rank 4 at 1, 10 and 100x the toy rates; rank 16 at 10x). Results are appended to
-``OUT/benchmark.json`` after every row, and finished rows are not recomputed on
-a rerun (the command resumes).
+method) and AttnDreamBooth's UNet stages as a LoRA (rank 4 at 1, 10 and 100x the toy rates; rank 16 at
+10x). Results are appended to ``OUT/benchmark.json`` after every row, and finished rows are not recomputed
+on a rerun (the command resumes).
 """
 
 from __future__ import annotations

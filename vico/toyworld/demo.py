@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..image_attention import decoder_transformers, spatial_transformers
 from . import checker, world
 
 @dataclass(frozen=True)
@@ -76,32 +77,18 @@ DEMO_RECIPES = {"textual-inversion": TOY_RECIPES["textual-inversion"],
                              options={**TOY_RECIPES["vico"]["options"], "layers": EVERY_DECODER_LAYER})}
 
 
-def decoder_layers(model: Path) -> list[str]:
-    """Names of every spatial transformer in the decoder of ``model``'s UNet (built on the meta device)."""
-    from ..image_attention import decoder_transformers
-    from ..model import meta_unet
-
-    return decoder_transformers(meta_unet(model))
-
-
-def transformer_layers(model: Path) -> list[str]:
-    """Names of every spatial transformer of ``model``'s UNet: encoder, middle block and decoder."""
-    from ..image_attention import spatial_transformers
-    from ..model import meta_unet
-
-    return spatial_transformers(meta_unet(model))
-
-
-# a recipe's symbolic options["layers"] -> the names it stands for in a model (``for_model``)
-LAYER_SETS = {EVERY_DECODER_LAYER: decoder_layers, EVERY_TRANSFORMER: transformer_layers}
+# a recipe's symbolic options["layers"] -> the function that names them in a UNet (``for_model``)
+LAYER_SETS = {EVERY_DECODER_LAYER: decoder_transformers, EVERY_TRANSFORMER: spatial_transformers}
 
 
 def for_model(recipe: dict, model: Path) -> dict:
     """``recipe`` (TrainConfig overrides) with a symbolic ``options["layers"]`` resolved against ``model``'s UNet."""
+    from ..model import meta_unet
+
     options = recipe.get("options", {})
     layers = options.get("layers")
     if isinstance(layers, str) and layers in LAYER_SETS:
-        return dict(recipe, options=dict(options, layers=LAYER_SETS[layers](model)))
+        return dict(recipe, options=dict(options, layers=LAYER_SETS[layers](meta_unet(model))))
     return recipe
 
 
@@ -163,7 +150,7 @@ def sample_and_score(pipe, concept: Concept, reference, samples: int, sample_ste
         maps = pipe.method.sampled_maps(context) if reference is not None else {}
         heat = mask = None
         if maps:
-            layer = max(reversed(list(maps)), key=lambda k: maps[k][0].shape[-1])  # sharpest, nearest the output
+            layer = pipe.method.sharpest_nearest_output({k: m.shape[-1] * m.shape[-2] for k, (m, _) in maps.items()})
             heat, mask = (m.float().cpu().numpy() for m in maps[layer])
         for j, img in enumerate(images):
             got = checker.read(img)
