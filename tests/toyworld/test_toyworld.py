@@ -382,7 +382,8 @@ def test_ablation_settings_for_lr_and_block_placement():
     before = benchmark.SETTINGS["toy, 800 steps, constant lr"]
     assert before("textual-inversion") is None and (before("vico")["steps"], before("vico")["lr_scheduler"]) == (
         800, "constant")
-    assert benchmark.SETTINGS["toy, constant lr"]("vico")["steps"] == demo.TOY_STEPS["vico"] == 2 * demo.VICO_STEPS
+    assert benchmark.SETTINGS["toy, constant lr"]("vico")["steps"] == demo.TOY_STEPS["vico"] == 4 * demo.VICO_STEPS
+    assert benchmark.SETTINGS["toy, 1600 steps"]("vico")["steps"] == 1600
     assert demo.DEMO_RECIPES["vico"] == dict(demo.TOY_RECIPES["vico"], lr_scheduler="constant",
                                              options={"layers": demo.EVERY_DECODER_LAYER})
     assert benchmark.SETTINGS["toy, 800 steps"]("vico")["lr_scheduler"] == "cosine"

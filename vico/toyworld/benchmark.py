@@ -82,8 +82,10 @@ SETTINGS = {
     "toy, no regulariser": _vico_only(lambda m: _toy(m, options={"reg_weight": 0.0})),
     "toy, image lr x10": _vico_only(lambda m: _toy(m, learning_rates={"image": 10 * TOY_RECIPES[m]["learning_rates"]["image"]})),
     "toy, 1/4 steps": lambda m: _toy(m, steps=TOY_STEPS[m] // 4) if m in TOY_RECIPES else None,
-    # ViCo's toy recipe before its cosine schedule and doubled steps (the 2026-12-04 rows), and each change alone
+    # ViCo's toy recipe at the demo's budget (800 steps at a constant rate, the 2026-12-04 rows), at 1600 steps
+    # (until 2026-12-07), and each of its schedule and step count alone
     "toy, 800 steps, constant lr": _vico_only(lambda m: _toy(m, steps=800, lr_scheduler="constant")),
+    "toy, 1600 steps": _vico_only(lambda m: _toy(m, steps=1600)),
     "toy, constant lr": _vico_only(lambda m: _toy(m, lr_scheduler="constant")),
     "toy, 800 steps": _vico_only(lambda m: _toy(m, steps=800)),
     # the toy recipe puts ViCo's image blocks in every spatial transformer; the method's own placement (every

@@ -49,16 +49,18 @@ TI_STEPS = 300
 # x batch) to three times the norm of any word. Batch 4 without lr scaling, one rate per group, and ViCo's
 # image blocks in every spatial transformer, encoder and middle block included (in every second decoder one,
 # as the method places them, the red checkered square's texture read 0.00 even at 1200 steps; in every decoder
-# one the diagonal and yellow checkered triangles read 0.38 and 0.33, in every one 0.58 and 0.71; docs/methods.md
-# §8). A recipe's options["layers"] names such a placement by what it is, resolved per model by ``for_model``:
+# one the diagonal and yellow checkered triangles read 0.38 and 0.33 at 1600 steps, in every one 0.58 and 0.71),
+# for 3200 steps on a cosine schedule (at 1600 the red square and the diagonal triangle read 0.58, the green
+# diagonal square 0.50; at 3200, 0.88 / 0.88 / 0.62; docs/methods.md §8). A recipe's options["layers"] names
+# such a placement by what it is, resolved per model by ``for_model``:
 EVERY_DECODER_LAYER = "every decoder layer"
 EVERY_TRANSFORMER = "every spatial transformer"
 # AttnDreamBooth: 250 steps in each of its three stages, both UNet stages at 1e-4, which moves the toy UNet
 # (the official 2e-5 / 2e-6 moved it 1.6% / 0.5% and left the red square blue), and no rotation augmentation
 # (a nearest-neighbour rotation of a 32-pixel render aliases a 2-4 pixel pattern into diagonal bands).
-# CatVersion: the official rate at the toy batch (5e-3 x 4, 1000 steps); no rate or batch tried bound the
-# red square's colour better (benchmarks/history/toy-recipes-2026-12-06.md).
-TOY_STEPS = {"textual-inversion": TI_STEPS, "vico": 1600, "attndreambooth": 250, "catversion": 1000}
+# CatVersion: the official rate at the toy batch (5e-3 x 4, 1000 steps); no rate, batch, schedule or step count
+# tried bound the red square's colour better (benchmarks/history/toy-recipes-2026-12-06.md, 2026.md).
+TOY_STEPS = {"textual-inversion": TI_STEPS, "vico": 3200, "attndreambooth": 250, "catversion": 1000}
 TOY_RECIPES: dict[str, dict] = {
     "textual-inversion": dict(batch_size=4, scale_lr=False, learning_rates={"embedding": 1e-3}),
     "vico": dict(batch_size=4, scale_lr=False, learning_rates={"embedding": 1e-3, "image": 1e-3},
@@ -68,8 +70,9 @@ TOY_RECIPES: dict[str, dict] = {
                            options={"rotate_p": 0.0}),
     "catversion": dict(batch_size=4, scale_lr=False, learning_rates={"prefix": 2e-2}),
 }
-# The demo runs ViCo for half its toy steps, to stay within five minutes on 2 CPU cores, and so at a constant
-# rate: a cosine schedule over 800 steps decays before the image blocks have learned (texture 0.17 vs 0.46).
+# The demo runs ViCo for a quarter of its toy steps, to stay within five minutes on 2 CPU cores, and so at a
+# constant rate: a cosine schedule over 800 steps decays before the image blocks have learned (texture 0.17 vs
+# 0.46).
 # For the same budget its image blocks stay in the decoder: in every transformer its 800 steps took 236 s
 # instead of ~180 s, the main job 6 min 11 s with the install (texture 0.67 instead of 0.50).
 DEMO_RECIPES = {"textual-inversion": TOY_RECIPES["textual-inversion"],
