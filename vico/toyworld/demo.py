@@ -59,7 +59,7 @@ EVERY_TRANSFORMER = "every spatial transformer"
 # (the official 2e-5 / 2e-6 moved it 1.6% / 0.5% and left the red square blue), and no rotation augmentation
 # (a nearest-neighbour rotation of a 32-pixel render aliases a 2-4 pixel pattern into diagonal bands).
 # CatVersion: the official rate at the toy batch (5e-3 x 4, 1000 steps); no rate, batch, schedule, step count or
-# prefix initialisation tried bound the red square's colour (at most 0.75 of 0.9) without costing text alignment
+# prefix initialisation tried bound the red square's colour (0.75 at best, target 0.9) without costing text alignment
 # (benchmarks/history/toy-recipes-2026-12-06.md, 2026.md).
 TOY_STEPS = {"textual-inversion": TI_STEPS, "vico": 3200, "attndreambooth": 250, "catversion": 1000}
 TOY_RECIPES: dict[str, dict] = {
