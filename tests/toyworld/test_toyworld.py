@@ -395,17 +395,13 @@ def test_ablation_settings_for_lr_and_block_placement():
     assert demo.for_model({"options": {"layers": demo.EVERY_DECODER_LAYER, "reg_weight": 0}}, model) == {
         "options": {"layers": names, "reg_weight": 0}}
     assert names == [f"up_blocks.{i}.attentions.{j}" for i in range(2) for j in range(2)]
-    from diffusers import UNet2DConditionModel
-
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(model / "unet"))
+    unet = meta_unet(model)
     assert default_image_attention_layers(unet) == names[1::2]  # the default: every second one
     assert len(inject_image_attention(unet, names)) == 4  # every name is a real spatial transformer
     everywhere = demo.for_model({"options": {"layers": demo.EVERY_TRANSFORMER}}, model)["options"]["layers"]
     from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(model / "unet"))
+    unet = meta_unet(model)  # a fresh one: the blocks injected above would change its modules
     assert sorted(everywhere) == sorted(n for n, m in unet.named_modules() if isinstance(m, Transformer2DModel))
     assert everywhere == ["down_blocks.0.attentions.0", "down_blocks.1.attentions.0", "mid_block.attentions.0", *names]
     assert len(inject_image_attention(unet, everywhere)) == 7
