@@ -201,6 +201,17 @@ def test_autoencoder_finetune_rejects_an_unknown_part(tmp_path):
         train.finetune_autoencoder(tmp_path, 1, part="unet")
 
 
+def test_autoencoder_part_file_with_weights_the_autoencoder_lacks_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    from vico.toyworld import train
+
+    vae = train.make_models()["vae"]
+    save_file({"decoder.up_blocks.0.resnets.9.conv2.weight": torch.zeros(1)}, str(tmp_path / train.DECODER_FILE))
+    with pytest.raises(ValueError, match=r"decoder.safetensors holds weights this autoencoder does not have"):
+        train.load_parts(vae, tmp_path)
+
+
 @pytest.fixture(scope="module")
 def barely_trained_model(tmp_path_factory):
     from vico.toyworld import train

@@ -486,7 +486,9 @@ def load_parts(vae, out: Path) -> None:
 
     for name in PART_FILES.values():
         if (out / name).is_file():
-            vae.load_state_dict(load_file(out / name), strict=False)
+            unexpected = vae.load_state_dict(load_file(out / name), strict=False).unexpected_keys
+            if unexpected:
+                raise ValueError(f"{out / name} holds weights this autoencoder does not have, e.g. {unexpected[0]}")
 
 
 PART_LR = {"decoder": 3e-4, "encoder": 5e-4}  # peak, cosine decay
