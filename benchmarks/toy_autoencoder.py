@@ -34,7 +34,7 @@ def main(argv=None) -> int:
         with o.csv.open("w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["model", "pattern", "object_mae"])
-            w.writerows([m, name, f"{v:.2f}"] for m, r in rows.items() for name, v in r.items())
+            w.writerows([m, name, f"{v:.4f}"] for m, r in rows.items() for name, v in r.items())
     return 0
 
 
