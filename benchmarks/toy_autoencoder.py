@@ -23,6 +23,11 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--csv", type=Path, help="also write model,pattern,object_mae rows here")
     o = p.parse_args(argv)
+    for m in o.model:
+        if not (m / "vae" / "config.json").is_file():
+            p.error(f"--model {m}: no vae/config.json there (a diffusers pipeline folder is expected)")
+    if o.n < 1:
+        p.error(f"--n must be at least 1, got {o.n}")
     from diffusers import AutoencoderKL
 
     rows = {str(m): {name: object_mae(AutoencoderKL.from_pretrained(m, subfolder="vae"), name, o.n, o.seed)

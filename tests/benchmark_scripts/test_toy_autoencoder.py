@@ -55,3 +55,16 @@ def test_benchmark_writes_one_row_per_pattern(tmp_path, capsys):
     assert [r["pattern"] for r in rows] == list(FINE_PATTERNS)
     assert all(0 <= float(r["object_mae"]) < 255 for r in rows)
     assert "| checker 2px |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [(["--model", "no-such-folder"], "--model no-such-folder: no vae/config.json"),
+                                           (["--n", "0"], "--n must be at least 1")])
+def test_benchmark_refuses_bad_arguments_in_one_line(argv, message, capsys):
+    from benchmarks import toy_autoencoder
+    from vico.toyworld import demo
+
+    if "--model" not in argv:
+        argv = ["--model", str(demo.shipped_model())] + argv
+    with pytest.raises(SystemExit):
+        toy_autoencoder.main(argv)
+    assert message in capsys.readouterr().err
