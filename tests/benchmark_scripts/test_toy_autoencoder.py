@@ -26,10 +26,6 @@ class _GrayAutoencoder(torch.nn.Module):
         super().__init__()
         self.identity = identity
 
-    @property
-    def dtype(self):
-        return torch.float32
-
     def encode(self, x):
         return types.SimpleNamespace(latent_dist=types.SimpleNamespace(mean=x))
 

@@ -64,12 +64,7 @@ def heldout_set(pattern: str, n: int, seed: int = 0) -> tuple[np.ndarray, np.nda
 def object_mae(vae, pattern: str, n: int, seed: int = 0) -> float:
     """Mean |x - decode(encode(x))| over each render's object pixels, in 0-255 units, for ``vae`` (an
     ``AutoencoderKL`` on [-1, 1] images; the posterior mean is decoded, as the methods encode)."""
-    import torch
+    from vico.toyworld.evaluate import object_error, vae_roundtrip
 
     images, masks = heldout_set(pattern, n, seed)
-    with torch.no_grad():
-        x = torch.from_numpy(images).permute(0, 3, 1, 2).to(vae.dtype) / 127.5 - 1
-        y = vae.decode(vae.encode(x).latent_dist.mean).sample
-    recon = ((y.clamp(-1, 1) + 1) * 127.5).round().permute(0, 2, 3, 1).float().numpy()
-    err = np.abs(images.astype(np.float32) - recon).mean(-1)
-    return float(np.mean([e[m].mean() for e, m in zip(err, masks)]))
+    return object_error(images, vae_roundtrip(vae, images), masks)

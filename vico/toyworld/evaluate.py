@@ -122,22 +122,27 @@ PROBE_PATTERNS = {
 
 
 @torch.no_grad()
+def vae_roundtrip(vae, images: np.ndarray) -> np.ndarray:
+    """uint8 [n, H, W, 3] -> ``vae``'s decoding of its posterior mean (as the methods encode), uint8 [n, H, W, 3]."""
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    y = vae.decode(vae.encode(x).latent_dist.mean).sample
+    return ((y.clamp(-1, 1) + 1) * 127.5).round().permute(0, 2, 3, 1).numpy().astype(np.uint8)
+
+
+def object_error(images: np.ndarray, recon: np.ndarray, masks) -> float:
+    """Mean over images of |images - recon| on each image's object pixels (bool masks [H, W]), in 0-255 units."""
+    err = np.abs(images.astype(np.float32) - recon.astype(np.float32)).mean(-1)
+    return float(np.mean([e[m].mean() for e, m in zip(err, masks)]))
+
+
+@torch.no_grad()
 def vae_report(vae, n: int = 48, seed: int = 0) -> dict:
     """Per texture: mean |x - decode(encode(x))| on object pixels (0-255 units) and, for the world's textures,
     the checker's accuracy on the reconstructions."""
-    def roundtrip(images: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
-        y = vae.decode(vae.encode(x).latent_dist.mean).sample
-        return ((y.clamp(-1, 1) + 1) * 127.5).round().permute(0, 2, 3, 1).numpy().astype(np.uint8)
-
-    def object_error(images, recon, masks):
-        err = np.abs(images.astype(np.float32) - recon.astype(np.float32)).mean(-1)
-        return float(np.mean([e[m].mean() for e, m in zip(err, masks)]))
-
     report = {}
     for texture in world.ALL_TEXTURES:
         images, scenes = world.dataset(n, seed=seed, texture=texture)
-        recon = roundtrip(images)
+        recon = vae_roundtrip(vae, images)
         report[texture] = {"novel": texture in world.NOVEL_TEXTURES,
                            "object_mae": object_error(images, recon, [s.mask() for s in scenes]),
                            **checker.accuracy(recon, scenes)}
@@ -148,7 +153,7 @@ def vae_report(vae, n: int = 48, seed: int = 0) -> dict:
         for img, s in zip(images, scenes):
             m = s.mask() & dark
             img[m] = (img[m] * world.DARK_SHADE).astype(np.uint8)
-        report[f"probe: {name}"] = {"novel": True, "object_mae": object_error(images, roundtrip(images),
+        report[f"probe: {name}"] = {"novel": True, "object_mae": object_error(images, vae_roundtrip(vae, images),
                                                                                 [s.mask() for s in scenes])}
     return report
 
