@@ -111,6 +111,26 @@ def test_generic_family_has_block_dots_on_rectangular_grids():
     assert len(pitches) >= 4 and any(p != q for p, q in pitches)
 
 
+def test_fine_family_draws_2px_diagonals_at_every_phase_and_2px_block_noise():
+    """``fine_pattern`` is binary, and among its draws are 2-px bands along both diagonals at each of their four
+    phases on the pixel grid and noise in 2-px blocks: the fine detail the autoencoder's stage 3 trains on."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:32, :32]
+    wanted = {f"diagonal {p}": ((yy + xx + p) // 2) % 2 for p in range(4)}
+    wanted |= {f"anti-diagonal {p}": ((yy - xx + 64 + p) // 2) % 2 for p in range(4)}
+    found, block_noise = set(), 0
+    for _ in range(3000):
+        t = world.fine_pattern(rng, yy.astype(float), xx.astype(float))
+        assert t.shape == (32, 32) and set(np.unique(t)) <= {0.0, 1.0}
+        found |= {name for name, w in wanted.items() if np.array_equal(t, w)}
+        cells = t[::2, ::2]
+        is_blocks = np.array_equal(t, np.kron(cells, np.ones((2, 2))))
+        block_noise += is_blocks and not any(np.array_equal(cells[p:], cells[:-p]) for p in (1, 2, 4))
+    assert found == set(wanted) and block_noise > 50
+    images = np.stack([world.fine_image(rng) for _ in range(16)])
+    assert images.shape == (16, 32, 32, 3) and images.dtype == np.uint8
+
+
 def test_checker_on_an_empty_image():
     blank = np.full((32, 32, 3), 128, np.uint8)
     got = checker.read(blank)
@@ -192,6 +212,38 @@ def test_autoencoder_half_finetune_of_a_pipeline_moves_only_that_half(tmp_path, 
     assert not (tmp_path / train.PART_FILES[{"decoder": "encoder", "encoder": "decoder"}[part]]).exists()
     unet = "unet/diffusion_pytorch_model.safetensors"
     assert (tmp_path / "pipeline" / unet).read_bytes() == (shipped / unet).read_bytes()
+
+
+def test_autoencoder_finetune_of_both_halves_moves_both_and_resumes_exactly_after_ctrl_c(tmp_path, monkeypatch):
+    """``--finetune-autoencoder`` trains encoder and decoder; stopped by Ctrl-C after two of four steps and run
+    again, it ends on the same weights as four steps in one go (optimizer, step and generators restored)."""
+    from diffusers import AutoencoderKL
+    from safetensors.torch import load_file
+
+    from vico.toyworld import demo, train
+
+    shipped = demo.shipped_model()
+    args = ["--finetune-autoencoder", "4", "--batch", "8", "--init-from", str(shipped)]
+    assert train.main(["--out", str(tmp_path / "whole"), *args]) == 0
+    real, calls = train._stage3_loss, []
+
+    def stopped_after_two(*a):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a)
+
+    monkeypatch.setattr(train, "_stage3_loss", stopped_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(["--out", str(tmp_path / "split"), *args])
+    assert train.load_checkpoint(tmp_path / "split", "autoencoder-checkpoint")["step"] == 2
+    monkeypatch.setattr(train, "_stage3_loss", real)
+    assert train.main(["--out", str(tmp_path / "split"), *args]) == 0
+    whole, split = (load_file(tmp_path / run / train.PART_FILES["autoencoder"]) for run in ("whole", "split"))
+    assert whole.keys() == split.keys() and all(torch.equal(whole[k], split[k]) for k in whole)
+    before = AutoencoderKL.from_pretrained(shipped, subfolder="vae").state_dict()
+    moved = {k for k in whole if not torch.equal(before[k], whole[k])}
+    assert any(k.startswith("encoder.") for k in moved) and any(k.startswith("decoder.") for k in moved)
 
 
 def test_autoencoder_finetune_rejects_an_unknown_part(tmp_path):

@@ -23,7 +23,9 @@ state, step and elapsed time are written atomically to ``OUT/checkpoint``;
 ``--resume`` continues from there. The result is a diffusers folder at
 ``OUT/pipeline`` that ``StableDiffusionPipeline.from_pretrained`` loads.
 Stage 3 (``--finetune-decoder``, ``--finetune-encoder``) fine-tunes one half
-of the autoencoder with the other frozen, of a checkpoint or of a pipeline.
+of the autoencoder with the other frozen, of a checkpoint or of a pipeline;
+``--finetune-autoencoder`` both halves on fine patterns, the latents of
+toy-world scenes held where they were.
 """
 
 from __future__ import annotations
@@ -194,8 +196,8 @@ def cosine_lr(base: float, progress: float) -> float:
     return float(base * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * min(max(progress, 0.0), 1.0)))))
 
 
-def save_checkpoint(out: Path, state: dict) -> None:
-    """Atomic (``atomic_folder``): tensors and plain data only, loadable with weights_only."""
+def save_checkpoint(out: Path, state: dict, name: str = "checkpoint") -> None:
+    """OUT/``name``, atomically (``atomic_folder``): tensors and plain data only, loadable with weights_only."""
     state = dict(state)
     rng_state = state.pop("rng_state", None)  # numpy's 128-bit integers: JSON
 
@@ -203,15 +205,15 @@ def save_checkpoint(out: Path, state: dict) -> None:
         torch.save(state, tmp / "state.pt")
         (tmp / "rng.json").write_text(json.dumps(rng_state))
 
-    atomic_folder(out / "checkpoint", fill)
+    atomic_folder(out / name, fill)
 
 
-def load_checkpoint(out: Path) -> dict:
-    """The checkpoint's state; never unpickles code (``load_tensors_only``)."""
+def load_checkpoint(out: Path, name: str = "checkpoint") -> dict:
+    """OUT/``name``'s state; never unpickles code (``load_tensors_only``)."""
     from ..model import UnreadableFile, UserError
 
     try:
-        return load_tensors_only(out / "checkpoint" / "state.pt", "checkpoint")
+        return load_tensors_only(out / name / "state.pt", "checkpoint")
     except (UnreadableFile, UserError) as exc:  # a crafted or truncated file: refuse, one line
         raise SystemExit(f"toyworld: {exc}") from None
 
@@ -473,52 +475,38 @@ def _export_run(run: _ToyRun, out: Path) -> Path | None:
     return path
 
 
-# Stage 3: one half of the autoencoder fine-tuned with the other frozen (``finetune_autoencoder``). Its weights,
-# in OUT/<part>.safetensors, are used by every later export.
+# Stage 3: the autoencoder fine-tuned after stage 1 (``finetune_autoencoder``): one half with the other frozen, or
+# both halves with the encoder anchored. Its weights, in OUT/<part>.safetensors, are used by every later export;
+# its optimizer, step and generators in OUT/<part>-checkpoint, so a stopped run resumes exactly.
 PART_PREFIXES = {"decoder": ("decoder.", "post_quant_conv."), "encoder": ("encoder.", "quant_conv.")}
+PART_PREFIXES["autoencoder"] = PART_PREFIXES["encoder"] + PART_PREFIXES["decoder"]
 PART_FILES = {part: f"{part}.safetensors" for part in PART_PREFIXES}
 DECODER_FILE, ENCODER_FILE = PART_FILES["decoder"], PART_FILES["encoder"]
 
 
-def load_parts(vae, out: Path) -> None:
-    """Load OUT's fine-tuned autoencoder halves (stage 3) into ``vae``, where there are any."""
+def load_parts(vae, out: Path, parts: tuple[str, ...] = tuple(PART_FILES)) -> None:
+    """Load OUT's fine-tuned autoencoder weights (stage 3) of ``parts`` into ``vae``, where there are any."""
     from safetensors.torch import load_file
 
-    for name in PART_FILES.values():
-        if (out / name).is_file():
-            unexpected = vae.load_state_dict(load_file(out / name), strict=False).unexpected_keys
+    for part in parts:
+        path = out / PART_FILES[part]
+        if path.is_file():
+            unexpected = vae.load_state_dict(load_file(path), strict=False).unexpected_keys
             if unexpected:
-                raise ValueError(f"{out / name} holds weights this autoencoder does not have, e.g. {unexpected[0]}")
+                raise ValueError(f"{path} holds weights this autoencoder does not have, e.g. {unexpected[0]}")
 
 
-PART_LR = {"decoder": 3e-4, "encoder": 5e-4}  # peak, cosine decay
+PART_LR = {"decoder": 3e-4, "encoder": 5e-4, "autoencoder": 5e-4}  # peak, cosine decay
+# ``autoencoder``: the share of each batch's broad-family images replaced by ``world.fine_image``, how many
+# toy-world scenes each batch holds, and the weight of the MSE that holds the encoder's latents of those
+# scenes where they were (what the UNet was trained on) while the rest of the batch moves it.
+FINE_SHARE = 0.75
+ANCHOR_SCENES = 8
+ANCHOR_WEIGHT = 1.0
 
 
-def finetune_autoencoder(out: Path, steps: int, part: str = "decoder", batch: int = 32, seed: int = 1,
-                         lr: float | None = None, pipeline: Path | None = None) -> Path:
-    """Stage 3, any time after stage 1: fine-tune one half of the VAE (``part``) with the other frozen.
-
-    ``decoder``: the latents the UNet learns from come from the frozen encoder,
-    so this can run beside stage 2 (or after it) without invalidating it, as
-    SD's released decoder fine-tunes did; L1 + MSE on the posterior mean's
-    decoding. ``encoder``: the frozen decoder fixes what every latent means (so
-    the UNet's samples decode as before); the encoder learns to invert it more
-    closely, with stage 1's objective (a posterior sample decoded, the same
-    small KL term, so the posterior's spread stays what the methods' reference
-    latents were drawn with) plus L1. A small encoder amortises the inversion:
-    fitting latents one image at a time decodes fine detail (2-px dots) that
-    its one-pass encoding smears. Both train on the broad family, resume from
-    ``OUT/<part>.safetensors`` and write it atomically every 50 steps. With
-    ``pipeline`` (an exported pipeline folder, e.g. the shipped model) the VAE
-    starts from that folder's instead of OUT's checkpoint, and OUT/pipeline is
-    written at the end: a copy of it with the fine-tuned half.
-    """
-    from safetensors.torch import save_file
-    from tqdm.auto import tqdm
-
-    if part not in PART_PREFIXES:
-        raise ValueError(f"part must be one of {sorted(PART_PREFIXES)}, got {part!r}")
-    lr = PART_LR[part] if lr is None else lr
+def _start_vae(out: Path, pipeline: Path | None):
+    """Stage 3's starting autoencoder: the pipeline folder's or OUT's checkpoint's."""
     vae = make_models()["vae"]
     if pipeline is not None:
         from diffusers import AutoencoderKL
@@ -526,8 +514,89 @@ def finetune_autoencoder(out: Path, steps: int, part: str = "decoder", batch: in
         vae.load_state_dict(AutoencoderKL.from_pretrained(pipeline, subfolder="vae").state_dict())
     else:
         vae.load_state_dict(load_checkpoint(out)["vae"])
+    return vae
+
+
+def _anchor_scenes(rng: np.random.Generator, n: int) -> torch.Tensor:
+    """n toy-world renders in every texture, a fifth of them held-out pairs (what the methods encode)."""
+    names = list(world.ALL_TEXTURES)
+    return to_tensor(np.stack([world.render(world.random_scene(rng, held_out=rng.random() < 0.2,
+                                                               texture=names[rng.integers(len(names))]))
+                               for _ in range(n)]))
+
+
+def _stage3_loss(vae, part: str, rng: np.random.Generator, gen: torch.Generator, batch: int, anchor) -> torch.Tensor:
+    """One stage-3 batch's loss (``finetune_autoencoder`` says which objective each part has)."""
+    if part == "decoder":
+        x = generic_batch(rng, batch)
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.mean
+        recon = vae.decode(z).sample
+        return F.l1_loss(recon, x) + F.mse_loss(recon, x)
+    scenes = torch.zeros(0, 3, world.SIZE, world.SIZE)
+    if part == "autoencoder":
+        n_scenes = min(ANCHOR_SCENES, batch // 4)
+        n_fine = round(FINE_SHARE * (batch - n_scenes))
+        scenes = _anchor_scenes(rng, n_scenes)
+        images = [world.generic_image(rng) for _ in range(batch - n_scenes - n_fine)]
+        images += [world.fine_image(rng) for _ in range(n_fine)]
+        x = torch.cat([to_tensor(np.stack(images)), scenes])
+    else:
+        x = generic_batch(rng, batch)
+    post = vae.encode(x).latent_dist
+    recon = vae.decode(post.mean + post.std * torch.randn(post.mean.shape, generator=gen)).sample
+    loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + 1e-4 * post.kl().mean() / x[0].numel()
+    if len(scenes):
+        with torch.no_grad():
+            held = anchor(scenes)
+        loss = loss + ANCHOR_WEIGHT * F.mse_loss(post.mean[-len(scenes):], held)
+    return loss
+
+
+def finetune_autoencoder(out: Path, steps: int, part: str = "decoder", batch: int = 32, seed: int = 1,
+                         lr: float | None = None, pipeline: Path | None = None) -> Path:
+    """Stage 3, any time after stage 1: fine-tune the VAE's ``part`` for ``steps`` steps in all.
+
+    ``decoder`` (encoder frozen): the latents the UNet learns from come from
+    the frozen encoder, so this can run beside stage 2 (or after it) without
+    invalidating it, as SD's released decoder fine-tunes did; L1 + MSE on the
+    posterior mean's decoding, on the broad family. ``encoder`` (decoder
+    frozen): the frozen decoder fixes what every latent means (so the UNet's
+    samples decode as before); the encoder learns to invert it more closely,
+    with stage 1's objective (a posterior sample decoded, the same small KL
+    term, so the posterior's spread stays what the methods' reference latents
+    were drawn with) plus L1. ``autoencoder`` (both halves): stage 1's
+    objective on batches whose broad-family images are ``FINE_SHARE``
+    ``world.fine_image`` (1-3-px bands on both diagonals, 1-2-px checkers,
+    small dots) and which hold ``ANCHOR_SCENES`` toy-world scenes, whose
+    latents an MSE (``ANCHOR_WEIGHT``) holds at the starting encoder's: the
+    decoder learns fine detail the 2x2 latent cells must carry, and the
+    latents the UNet was trained on stay where they were.
+
+    Weights go to ``OUT/<part>.safetensors``, the optimizer, step and
+    generators to ``OUT/<part>-checkpoint``, atomically every 50 steps and on
+    Ctrl-C; a second call with the same OUT continues from there (``steps``
+    is the total). With ``pipeline`` (an exported pipeline folder, e.g. the
+    shipped model) the VAE starts from that folder's instead of OUT's
+    checkpoint, and OUT/pipeline is written at the end: a copy of it with the
+    fine-tuned weights.
+    """
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    if part not in PART_PREFIXES:
+        raise ValueError(f"part must be one of {sorted(PART_PREFIXES)}, got {part!r}")
+    lr = PART_LR[part] if lr is None else lr
+    vae = _start_vae(out, pipeline)
     out.mkdir(parents=True, exist_ok=True)
-    load_parts(vae, out)  # the other half's fine-tune, if any, and this half's for a resume
+    load_parts(vae, out, tuple(p for p in PART_FILES if p != part))  # the other halves' fine-tunes, if any
+    anchor = None
+    if part == "autoencoder":
+        import copy
+
+        frozen = copy.deepcopy(vae).requires_grad_(False)
+        anchor = lambda x: frozen.encode(x).latent_dist.mean  # noqa: E731
+    load_parts(vae, out, (part,))  # this part's weights, for a resume
     trained = [p for n, p in vae.named_parameters() if n.startswith(PART_PREFIXES[part])]
     vae.requires_grad_(False)
     for p in trained:
@@ -535,34 +604,37 @@ def finetune_autoencoder(out: Path, steps: int, part: str = "decoder", batch: in
     opt = torch.optim.AdamW(trained, lr=lr)
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
+    state_dir = out / f"{part}-checkpoint"
+    start = 0
+    if (state_dir / "state.pt").is_file():
+        st = load_checkpoint(out, state_dir.name)
+        opt.load_state_dict(st["optimizer"])
+        gen.set_state(st["generator"])
+        rng.bit_generator.state = json.loads((state_dir / "rng.json").read_text())
+        start = st["step"]
 
-    def save():
-        state = {n: p.detach().contiguous() for n, p in vae.named_parameters() if p.requires_grad}
-        atomic_write(out / PART_FILES[part], lambda p: save_file(state, str(p)))
+    def save(step: int) -> None:
+        weights = {n: p.detach().contiguous() for n, p in vae.named_parameters() if p.requires_grad}
+        atomic_write(out / PART_FILES[part], lambda p: save_file(weights, str(p)))
+        save_checkpoint(out, dict(step=step, optimizer=opt.state_dict(), generator=gen.get_state(),
+                                  rng_state=rng.bit_generator.state), state_dir.name)
 
+    step = start
     try:
-        for step in tqdm(range(steps), desc=part, file=sys.stderr):
+        for step in tqdm(range(start, steps), desc=part, file=sys.stderr, initial=start, total=steps):
             for group in opt.param_groups:
                 group["lr"] = cosine_lr(lr, step / max(steps, 1))
-            x = generic_batch(rng, batch)
-            if part == "decoder":
-                with torch.no_grad():
-                    z = vae.encode(x).latent_dist.mean
-                recon = vae.decode(z).sample
-                loss = F.l1_loss(recon, x) + F.mse_loss(recon, x)
-            else:
-                post = vae.encode(x).latent_dist
-                recon = vae.decode(post.mean + post.std * torch.randn(post.mean.shape, generator=gen)).sample
-                loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + 1e-4 * post.kl().mean() / x[0].numel()
+            loss = _stage3_loss(vae, part, rng, gen, batch, anchor)
             opt.zero_grad()
             loss.backward()
             opt.step()
             if (step + 1) % 50 == 0:
-                save()
+                save(step + 1)
+        step = max(steps, start)
     except KeyboardInterrupt:
-        save()
+        save(step)
         raise
-    save()
+    save(step)
     if pipeline is not None:
         return export_with_parts(pipeline, out, out / "pipeline")
     return out / PART_FILES[part]
@@ -632,6 +704,10 @@ def main(argv=None) -> int:
                    help="stage 3: the same for the VAE encoder, decoder frozen (so samples decode as before; "
                         "encoded images move slightly: run it after stage 2); with --finetune-decoder too, the "
                         "encoder goes first")
+    p.add_argument("--finetune-autoencoder", type=int, metavar="STEPS",
+                   help="stage 3: both halves, on batches three quarters fine pixel-aligned patterns (1-3-px bands "
+                        "on both diagonals, 1-2-px checkers, small dots) with the encoder's latents of toy-world "
+                        "scenes held where they were (so the UNet stays valid); resumable: run it again to continue")
     p.add_argument("--arch", choices=ARCHS, default="sd",
                    help="sd: the shipped StableDiffusionPipeline's shape; sdxl: a StableDiffusionXLPipeline (two "
                         "text encoders, added conditions, depth-2 transformers) (default sd)")
@@ -641,11 +717,12 @@ def main(argv=None) -> int:
     p.add_argument("--export-only", type=Path, metavar="DIR",
                    help="write the latest checkpoint's pipeline under DIR/pipeline and exit (no training)")
     o = p.parse_args(argv)
-    if o.finetune_encoder or o.finetune_decoder:
+    if o.finetune_encoder or o.finetune_decoder or o.finetune_autoencoder:
         from ..training import save_on_signals
 
         save_on_signals()
-        for part, steps in (("encoder", o.finetune_encoder), ("decoder", o.finetune_decoder)):
+        for part, steps in (("encoder", o.finetune_encoder), ("decoder", o.finetune_decoder),
+                            ("autoencoder", o.finetune_autoencoder)):
             if steps:
                 finetune_autoencoder(o.out, steps, part, batch=o.batch, pipeline=o.init_from)
         return 0

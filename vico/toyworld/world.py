@@ -233,6 +233,45 @@ def _two_colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     return a, b
 
 
+def fine_pattern(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+    """A float map in {0, 1} of one pixel-aligned fine pattern at a random phase: bands 1-3 px wide along
+    either axis or either diagonal, a checker of 1-4-px cells, dots of 1 to q-1 px on a q = 3-5-px lattice,
+    or two-tone noise in 1- or 2-px blocks. Finer than most of ``_generic_pattern``'s draws, and the
+    diagonals on the pixel grid, which it never draws: the autoencoder's stage 3
+    (``--finetune-autoencoder``) trains on these so that fine detail outside the world's own textures
+    survives the 2x2 latent cells."""
+    yy, xx = yy.astype(int), xx.astype(int)
+    kind = rng.integers(4)
+    if kind == 0:
+        w = int(rng.integers(1, 4))
+        d = (yy, xx, yy + xx, yy - xx + 2 * SIZE)[rng.integers(4)]
+        return ((d + rng.integers(2 * w)) // w % 2).astype(float)
+    if kind == 1:
+        c = int(rng.integers(1, 5))
+        return (((yy + rng.integers(2 * c)) // c + (xx + rng.integers(2 * c)) // c) % 2).astype(float)
+    if kind == 2:
+        q = int(rng.integers(3, 6))
+        s = int(rng.integers(1, q))
+        return ((((yy + rng.integers(q)) % q) < s) & (((xx + rng.integers(q)) % q) < s)).astype(float)
+    c = int(rng.integers(1, 3))
+    return np.kron(rng.random((SIZE // c + 1, SIZE // c + 1)) < 0.5, np.ones((c, c)))[:SIZE, :SIZE].astype(float)
+
+
+def fine_image(rng: np.random.Generator) -> np.ndarray:
+    """uint8 [32, 32, 3]: a background in one colour or wearing ``fine_pattern`` (half each) and 1-2 shapes
+    wearing ``fine_pattern``, each in two colours."""
+    yy, xx = np.mgrid[:SIZE, :SIZE].astype(float)
+    a, b = _two_colours(rng)
+    t = fine_pattern(rng, yy, xx) if rng.random() < 0.5 else np.zeros((SIZE, SIZE))
+    img = a * (1 - t[..., None]) + b * t[..., None]
+    for _ in range(rng.integers(1, 3)):
+        mask = _generic_shape(rng, yy, xx)
+        a, b = _two_colours(rng)
+        t = fine_pattern(rng, yy, xx)[..., None]
+        img[mask] = (a * (1 - t) + b * t)[mask]
+    return img.clip(0, 255).astype(np.uint8)
+
+
 def generic_image(rng: np.random.Generator) -> np.ndarray:
     """uint8 [32, 32, 3] from the broad family: a patterned background and 0-3 patterned shapes.
 
