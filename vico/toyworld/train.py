@@ -31,6 +31,7 @@ toy-world scenes held where they were.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -526,7 +527,8 @@ def _anchor_scenes(rng: np.random.Generator, n: int) -> torch.Tensor:
 
 
 def _stage3_loss(vae, part: str, rng: np.random.Generator, gen: torch.Generator, batch: int, anchor) -> torch.Tensor:
-    """One stage-3 batch's loss (``finetune_autoencoder`` says which objective each part has)."""
+    """One stage-3 batch's loss (``finetune_autoencoder`` says which objective each part has); ``anchor`` is the
+    starting autoencoder (``autoencoder`` only), whose latents of the batch's toy-world scenes are held."""
     if part == "decoder":
         x = generic_batch(rng, batch)
         with torch.no_grad():
@@ -548,7 +550,7 @@ def _stage3_loss(vae, part: str, rng: np.random.Generator, gen: torch.Generator,
     loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + 1e-4 * post.kl().mean() / x[0].numel()
     if len(scenes):
         with torch.no_grad():
-            held = anchor(scenes)
+            held = anchor.encode(scenes).latent_dist.mean
         loss = loss + ANCHOR_WEIGHT * F.mse_loss(post.mean[-len(scenes):], held)
     return loss
 
@@ -590,12 +592,7 @@ def finetune_autoencoder(out: Path, steps: int, part: str = "decoder", batch: in
     vae = _start_vae(out, pipeline)
     out.mkdir(parents=True, exist_ok=True)
     load_parts(vae, out, tuple(p for p in PART_FILES if p != part))  # the other halves' fine-tunes, if any
-    anchor = None
-    if part == "autoencoder":
-        import copy
-
-        frozen = copy.deepcopy(vae).requires_grad_(False)
-        anchor = lambda x: frozen.encode(x).latent_dist.mean  # noqa: E731
+    anchor = copy.deepcopy(vae).requires_grad_(False) if part == "autoencoder" else None  # the latents to hold
     load_parts(vae, out, (part,))  # this part's weights, for a resume
     trained = [p for n, p in vae.named_parameters() if n.startswith(PART_PREFIXES[part])]
     vae.requires_grad_(False)
