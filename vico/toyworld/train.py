@@ -569,8 +569,8 @@ def finetune_autoencoder(out: Path, steps: int, part: str = "decoder", batch: in
     term, so the posterior's spread stays what the methods' reference latents
     were drawn with) plus L1. ``autoencoder`` (both halves): stage 1's
     objective on batches whose broad-family images are ``FINE_SHARE``
-    ``world.fine_image`` (1-3-px bands on both diagonals, 1-2-px checkers,
-    small dots) and which hold ``ANCHOR_SCENES`` toy-world scenes, whose
+    ``world.fine_image`` (1-3-px bands on both axes and both diagonals, 1-4-px
+    checkers, small dots, 1-2-px noise) and which hold ``ANCHOR_SCENES`` toy-world scenes, whose
     latents an MSE (``ANCHOR_WEIGHT``) holds at the starting encoder's: the
     decoder learns fine detail the 2x2 latent cells must carry, and the
     latents the UNet was trained on stay where they were.
@@ -703,7 +703,7 @@ def main(argv=None) -> int:
                         "encoder goes first")
     p.add_argument("--finetune-autoencoder", type=int, metavar="STEPS",
                    help="stage 3: both halves, on batches three quarters fine pixel-aligned patterns (1-3-px bands "
-                        "on both diagonals, 1-2-px checkers, small dots) with the encoder's latents of toy-world "
+                        "on both axes and diagonals, 1-4-px checkers, small dots, 1-2-px noise) with the encoder's latents of toy-world "
                         "scenes held where they were (so the UNet stays valid); resumable: run it again to continue")
     p.add_argument("--arch", choices=ARCHS, default="sd",
                    help="sd: the shipped StableDiffusionPipeline's shape; sdxl: a StableDiffusionXLPipeline (two "

@@ -264,10 +264,17 @@ def fine_image(rng: np.random.Generator) -> np.ndarray:
     a, b = _two_colours(rng)
     t = fine_pattern(rng, yy, xx) if rng.random() < 0.5 else np.zeros((SIZE, SIZE))
     img = a * (1 - t[..., None]) + b * t[..., None]
-    for _ in range(rng.integers(1, 3)):
+    return _paint_shapes(rng, img, rng.integers(1, 3), fine_pattern)
+
+
+def _paint_shapes(rng: np.random.Generator, img: np.ndarray, n: int, pattern) -> np.ndarray:
+    """``img`` (float [32, 32, 3]) with ``n`` ``_generic_shape``s painted on, each in two colours of
+    ``pattern(rng, yy, xx)``, as uint8."""
+    yy, xx = np.mgrid[:SIZE, :SIZE].astype(float)
+    for _ in range(n):
         mask = _generic_shape(rng, yy, xx)
         a, b = _two_colours(rng)
-        t = fine_pattern(rng, yy, xx)[..., None]
+        t = pattern(rng, yy, xx)[..., None]
         img[mask] = (a * (1 - t) + b * t)[mask]
     return img.clip(0, 255).astype(np.uint8)
 
@@ -286,9 +293,4 @@ def generic_image(rng: np.random.Generator) -> np.ndarray:
     plain = rng.random() < 0.6
     t = np.zeros((SIZE, SIZE)) if plain else _generic_pattern(rng, yy, xx)
     img = a * (1 - t[..., None]) + b * t[..., None]
-    for _ in range(rng.integers(0, 4)):
-        mask = _generic_shape(rng, yy, xx)
-        a, b = _two_colours(rng)
-        t = _generic_pattern(rng, yy, xx)
-        img[mask] = (a * (1 - t[..., None]) + b * t[..., None])[mask]
-    return img.clip(0, 255).astype(np.uint8)
+    return _paint_shapes(rng, img, rng.integers(0, 4), _generic_pattern)
